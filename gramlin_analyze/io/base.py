@@ -1,0 +1,172 @@
+"""The reader interface: list tensors without reading bytes, read one on request."""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "TensorInfo",
+    "CheckpointMeta",
+    "CheckpointReader",
+    "CheckpointHandle",
+    "to_numpy",
+    "converted_shape",
+]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a reader knows about a tensor before reading its bytes.
+
+    ``shape`` is already in the gramlin convention ``(out, in, *kernel)``;
+    ``dtype`` is the dtype as stored in the file (``"bfloat16"`` included).
+    ``source_layout`` records the framework's own convention: ``"out_in"``
+    (PyTorch, ONNX Gemm with transB=1) or ``"in_out"`` (Keras/Flax dense
+    kernels ``(in, out)``, conv kernels ``(*kernel, in, out)``), which the
+    reader undoes in :meth:`CheckpointReader.read_tensor`.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    source_layout: str = "out_in"
+
+    @property
+    def nbytes(self) -> int:
+        itemsize = 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+
+
+def converted_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """Shape in ``(out, in, *kernel)`` order of a tensor stored in ``layout``."""
+    shape = tuple(int(s) for s in shape)
+    if layout == "in_out" and len(shape) >= 2:
+        *kernel, d_in, d_out = shape
+        return (d_out, d_in, *kernel)
+    return shape
+
+
+@dataclass
+class CheckpointMeta:
+    """Metadata a checkpoint carries about itself (all optional)."""
+
+    step: int | None = None
+    epoch: float | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def to_numpy(tensor_like: Any, *, layout: str = "out_in") -> np.ndarray:
+    """Convert a framework tensor to a NumPy array in ``(out, in, *kernel)`` order.
+
+    bfloat16 becomes float32 (NumPy has no native bfloat16); other float
+    dtypes are kept.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        torch = None
+    if torch is not None and isinstance(tensor_like, torch.Tensor):
+        t = tensor_like.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.to(torch.float32)
+        arr = t.cpu().numpy()
+    else:
+        arr = np.asarray(tensor_like)
+        if arr.dtype.name == "bfloat16":
+            arr = arr.astype(np.float32)
+    if layout == "in_out" and arr.ndim >= 2:
+        nk = arr.ndim - 2
+        arr = np.transpose(arr, (arr.ndim - 1, arr.ndim - 2, *range(nk)))
+    return np.ascontiguousarray(arr)
+
+
+class CheckpointReader(abc.ABC):
+    """A checkpoint format.
+
+    Subclasses set :attr:`name` (the registry key, also stored in
+    ``/steps.format``), :attr:`suffixes` and :attr:`is_directory_format`, and
+    implement the three methods. ``path`` is a file, or a directory for
+    directory formats (Hugging Face ``checkpoint-N/``, orbax steps, sharded
+    safetensors' index file's directory). Readers must never execute code
+    from the file (no unrestricted unpickling).
+    """
+
+    name: str = ""
+    suffixes: tuple[str, ...] = ()
+    is_directory_format: bool = False
+    #: Optional framework needed, and the pip extra that installs it.
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
+
+    def guess_can_read(self, path: str | os.PathLike) -> bool:
+        """Cheap test (name, a few header bytes) whether this reader applies."""
+        p = Path(path)
+        return p.is_file() and any(p.name.endswith(s) for s in self.suffixes)
+
+    @abc.abstractmethod
+    def list_tensors(self, path: str | os.PathLike) -> dict[str, TensorInfo]:
+        """Names, shapes and dtypes of every tensor, without reading tensor bytes
+        where the format allows it."""
+
+    @abc.abstractmethod
+    def read_tensor(self, path: str | os.PathLike, name: str) -> np.ndarray:
+        """Read one tensor as NumPy, converted to ``(out, in, *kernel)`` order."""
+
+    def read_metadata(self, path: str | os.PathLike) -> CheckpointMeta:
+        """Step, epoch, learning rate... when the checkpoint stores them."""
+        return CheckpointMeta()
+
+    def files(self, path: str | os.PathLike) -> list[Path]:
+        """Every file that belongs to this checkpoint (for fingerprints and sizes)."""
+        p = Path(path)
+        if p.is_dir():
+            return sorted(f for f in p.rglob("*") if f.is_file())
+        return [p]
+
+    def open(self, path: str | os.PathLike) -> CheckpointHandle:
+        """A handle that reads many tensors of one checkpoint efficiently.
+
+        The default re-dispatches to :meth:`read_tensor`; formats that must
+        load the whole file (pickles, msgpack) override it to load once.
+        """
+        return CheckpointHandle(self, path)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class CheckpointHandle:
+    """An open checkpoint; use as a context manager."""
+
+    def __init__(self, reader: CheckpointReader, path: str | os.PathLike):
+        self.reader = reader
+        self.path = Path(path)
+        self._tensors: dict[str, TensorInfo] | None = None
+
+    def list_tensors(self) -> dict[str, TensorInfo]:
+        if self._tensors is None:
+            self._tensors = self.reader.list_tensors(self.path)
+        return self._tensors
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        return self.reader.read_tensor(self.path, name)
+
+    def read_metadata(self) -> CheckpointMeta:
+        return self.reader.read_metadata(self.path)
+
+    def close(self) -> None:
+        self._tensors = None
+
+    def __enter__(self) -> CheckpointHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
