@@ -74,10 +74,14 @@ def known_readers() -> list[str]:
     return list(_registry)
 
 
-def get_reader(name: str) -> CheckpointReader:
-    """The reader registered under ``name``, imported on first use."""
+def get_reader(name: str, **options: object) -> CheckpointReader:
+    """The reader registered under ``name``, imported on first use.
+
+    ``options`` go to the reader's constructor (e.g. ``state_dict_key`` of
+    the PyTorch reader); without options a shared instance is returned.
+    """
     _load_entry_points()
-    if name in _instances:
+    if name in _instances and not options:
         return _instances[name]
     try:
         target, hint = _registry[name]
@@ -95,6 +99,8 @@ def get_reader(name: str) -> CheckpointReader:
             + (f"; {hint}" if hint else "")
         ) from err
     cls = getattr(module, attr)
+    if options:
+        return cls(**options)
     reader = cls()
     _instances[name] = reader
     return reader
