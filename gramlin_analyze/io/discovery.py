@@ -1,0 +1,336 @@
+"""Discovery: find the checkpoints of a run directory and the step of each.
+
+``scan`` walks a directory, groups the files that form one checkpoint
+(sharded safetensors, Hugging Face ``checkpoint-N/`` directories, orbax step
+directories), finds each checkpoint's step from its name or, failing that,
+its metadata, and fingerprints it. It reads no tensor bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gramlin_analyze.errors import (
+    CheckpointFormatError,
+    MissingDependencyError,
+    StepDiscoveryError,
+    UsageError,
+)
+from gramlin_analyze.io.base import CheckpointMeta, CheckpointReader
+from gramlin_analyze.io.registry import get_reader, known_readers
+
+__all__ = ["CheckpointSource", "ScanResult", "scan", "step_from_name", "fingerprint_files", "ORDERS"]
+
+ORDERS = ("name", "mtime")
+
+# Step patterns, most specific first. Each is searched in one path component.
+_STEP_PATTERNS = [
+    re.compile(r"(?:^|[^a-z])(?:global_)?step[=_-]?(\d+)", re.IGNORECASE),
+    re.compile(r"checkpoint[=_-](\d+)", re.IGNORECASE),
+    re.compile(r"(?:^|[^a-z])(?:ckpt|iter|iteration|it)[=_-]?(\d+)", re.IGNORECASE),
+]
+_PLAIN_INT = re.compile(r"^(\d+)$")
+# Lightning appends -v1, -v2 to a name that already exists; the version is not a step.
+_VERSION_SUFFIX = re.compile(r"-v\d+$")
+_SUFFIXES = re.compile(
+    r"(\.safetensors\.index\.json|\.bin\.index\.json|\.weights\.h5|\.safetensors|\.ckpt|\.pth|\.pt"
+    r"|\.bin|\.npz|\.msgpack|\.flax|\.onnx|\.h5)$",
+    re.IGNORECASE,
+)
+
+# Names of files and directories that are still being written or are scratch.
+_TEMP_NAME = re.compile(
+    r"(\.orbax-checkpoint-tmp.*|\.tmp\d*|\.temp|\.part|\.partial|\.incomplete|\.lock|~)$"
+    r"|^(tmp-|tmp_|\.)",
+    re.IGNORECASE,
+)
+
+# Sidecar files that belong to a checkpoint but are not weights.
+_NOT_WEIGHTS = re.compile(
+    r"^(optimizer|scheduler|rng_state|scaler|training_args|trainer_state)\b|\.json$|\.txt$|\.md$|\.yaml$|\.yml$",
+    re.IGNORECASE,
+)
+
+_SAMPLE = 64 * 1024
+_N_SAMPLES = 16
+
+
+@dataclass
+class CheckpointSource:
+    """One checkpoint of a run, as found by :func:`scan`."""
+
+    path: Path
+    format: str
+    files: list[Path]
+    step: int | None
+    step_origin: str
+    bytes: int
+    fingerprint: str
+    mtime: float
+    meta: CheckpointMeta = field(default_factory=CheckpointMeta)
+
+    @property
+    def source_path(self) -> str:
+        return str(self.path)
+
+
+def step_from_name(path: str | os.PathLike, root: str | os.PathLike | None = None) -> int | None:
+    """The step a checkpoint's name gives, or None.
+
+    The checkpoint's own name is tried first, then its parent directories up
+    to ``root`` (``run/step_100/model.safetensors`` is step 100).
+
+    >>> step_from_name("epoch=3-step=1200-v1.ckpt")
+    1200
+    >>> step_from_name("checkpoint-500")
+    500
+    >>> step_from_name("step1000-tokens2B")
+    1000
+    >>> step_from_name("ckpt_000120.pt")
+    120
+    >>> step_from_name("runs/orbax/300")
+    300
+    """
+    p = Path(path)
+    parts = [p.name]
+    if root is not None:
+        try:
+            rel = p.parent.relative_to(root)
+            parts += [q for q in reversed(rel.parts)]
+        except ValueError:
+            pass
+    for part in parts:
+        stem = _VERSION_SUFFIX.sub("", _SUFFIXES.sub("", part))
+        m = _PLAIN_INT.match(stem)
+        if m:
+            return int(m.group(1))
+        for pat in _STEP_PATTERNS:
+            m = pat.search(stem)
+            if m:
+                return int(m.group(1))
+    return None
+
+
+def fingerprint_files(files: list[Path], root: Path | None = None) -> str:
+    """A content fingerprint that tells a changed checkpoint from an unchanged one.
+
+    Hashing every byte costs as much as reading the file (sha256 of 1 GB took
+    3 s here, longer than copying it), so the fingerprint is blake2b over each
+    file's size and 16 evenly spaced 64 KiB samples (all of a file up to
+    1 MiB). Training rewrites essentially every weight, so a changed
+    checkpoint changes the samples; renaming or copying a run does not change
+    its fingerprint (mtime is deliberately not part of it).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        rel = f.relative_to(root) if root is not None and f.is_relative_to(root) else Path(f.name)
+        size = f.stat().st_size
+        h.update(f"{rel.as_posix()}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= _SAMPLE * _N_SAMPLES:
+                h.update(fh.read())
+            else:
+                stride = (size - _SAMPLE) // (_N_SAMPLES - 1)
+                for i in range(_N_SAMPLES):
+                    fh.seek(i * stride)
+                    h.update(fh.read(_SAMPLE))
+    return "blake2b-sampled:" + h.hexdigest()
+
+
+def _readers(format: str | None, reader_options: dict | None) -> list[CheckpointReader]:
+    if format is not None:
+        return [get_reader(format, **(reader_options or {}))]
+    out = []
+    for name in known_readers():
+        try:
+            if reader_options and name in ("torch", "lightning"):
+                out.append(get_reader(name, **reader_options))
+            else:
+                out.append(get_reader(name))
+        except MissingDependencyError:
+            continue
+    return out
+
+
+def _claim(readers: list[CheckpointReader], path: Path, *, directory: bool) -> CheckpointReader | None:
+    for r in readers:
+        if r.is_directory_format != directory:
+            continue
+        try:
+            if r.guess_can_read(path):
+                return r
+        except OSError:
+            continue
+    return None
+
+
+def _walk(root: Path, readers: list[CheckpointReader]) -> list[tuple[Path, CheckpointReader]]:
+    found: list[tuple[Path, CheckpointReader]] = []
+    if root.is_file():
+        r = _claim(readers, root, directory=False)
+        if r is None:
+            raise CheckpointFormatError(
+                f"{root}: no checkpoint reader recognizes this file; pass --format NAME"
+            )
+        return [(root, r)]
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not _TEMP_NAME.search(n))
+        r = _claim(readers, d, directory=True)
+        if r is not None:
+            found.append((d, r))
+            dirnames[:] = []
+            continue
+        claimed: set[str] = set()
+        for name in sorted(filenames):
+            if name.endswith(".index.json"):
+                p = d / name
+                r = _claim(readers, p, directory=False)
+                if r is not None:
+                    found.append((p, r))
+                    claimed.update(f.name for f in r.files(p))
+        for name in sorted(filenames):
+            if name in claimed or _TEMP_NAME.search(name) or _NOT_WEIGHTS.search(name):
+                continue
+            p = d / name
+            r = _claim(readers, p, directory=False)
+            if r is not None:
+                found.append((p, r))
+    return found
+
+
+def scan(
+    root: str | os.PathLike,
+    *,
+    format: str | None = None,
+    order: str | None = None,
+    reader_options: dict | None = None,
+    settle_seconds: float = 0.0,
+) -> list[CheckpointSource]:
+    """Find every checkpoint under ``root``, sorted by step.
+
+    Parameters
+    ----------
+    root
+        A run directory (searched recursively) or a single checkpoint.
+    format
+        Use only this reader (a registry name); by default each file is
+        claimed by the first reader that recognizes it.
+    order
+        How to resolve ambiguity: ``"name"`` or ``"mtime"``. When several
+        checkpoints claim one step, the last in this order is kept (so
+        Lightning's ``-v1`` copy or the newest file wins) and the others are
+        reported in ``skipped``; when no checkpoint has a step, steps are
+        their rank in this order. Without it, ambiguity is an error.
+    reader_options
+        Options for the PyTorch readers (``state_dict_key``).
+    settle_seconds
+        Skip files modified less than this many seconds ago (they may still
+        be being written).
+
+    Raises
+    ------
+    StepDiscoveryError
+        Two checkpoints claim one step, or a checkpoint has no step, and
+        ``order`` was not given. The message lists the files.
+    """
+    if order is not None and order not in ORDERS:
+        raise UsageError(f"order must be one of {ORDERS}, not {order!r}")
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"{root}: no such file or directory")
+    readers = _readers(format, reader_options)
+    now = time.time()
+    sources: list[CheckpointSource] = []
+    for path, reader in _walk(root, readers):
+        files = reader.files(path)
+        if not files:
+            continue
+        stats = [f.stat() for f in files]
+        mtime = max(s.st_mtime for s in stats)
+        if settle_seconds and now - mtime < settle_seconds:
+            continue
+        step = step_from_name(path, root if root.is_dir() else None)
+        origin = "name"
+        meta = CheckpointMeta()
+        if step is None:
+            try:
+                meta = reader.read_metadata(path)
+            except (CheckpointFormatError, OSError, KeyError, ValueError):
+                meta = CheckpointMeta()
+            step, origin = meta.step, "metadata"
+        sources.append(
+            CheckpointSource(
+                path=path,
+                format=reader.name,
+                files=files,
+                step=step,
+                step_origin=origin if step is not None else "none",
+                bytes=sum(s.st_size for s in stats),
+                fingerprint=fingerprint_files(files, path if path.is_dir() else path.parent),
+                mtime=mtime,
+                meta=meta,
+            )
+        )
+    return _resolve_steps(sources, order)
+
+
+def _order_key(order: str):
+    if order == "mtime":
+        return lambda s: (s.mtime, str(s.path))
+    return lambda s: str(s.path)
+
+
+class ScanResult(list):
+    """The checkpoints found, sorted by step; ``skipped`` holds ``(path, why)`` pairs."""
+
+    def __init__(self, sources=(), skipped=()):
+        super().__init__(sources)
+        self.skipped: list[tuple[Path, str]] = list(skipped)
+
+
+def _resolve_steps(sources: list[CheckpointSource], order: str | None) -> ScanResult:
+    missing = [s for s in sources if s.step is None]
+    if missing and len(missing) == len(sources) and order is not None:
+        for i, s in enumerate(sorted(sources, key=_order_key(order))):
+            s.step, s.step_origin = i, f"order:{order}"
+        return ScanResult(sorted(sources, key=lambda s: s.step))
+    if missing:
+        listing = "\n  ".join(str(s.path) for s in missing)
+        if order is None:
+            raise StepDiscoveryError(
+                f"no step number found for {len(missing)} checkpoint(s) (not in the name nor "
+                f"in the metadata):\n  {listing}\nrename them (e.g. step_100.pt), or pass "
+                "--order name|mtime to number all checkpoints by their order"
+            )
+        raise StepDiscoveryError(
+            f"no step number found for {len(missing)} checkpoint(s), while others have one:"
+            f"\n  {listing}\nmove or rename them"
+        )
+    by_step: dict[int, list[CheckpointSource]] = defaultdict(list)
+    for s in sources:
+        by_step[s.step].append(s)
+    dups = {k: v for k, v in by_step.items() if len(v) > 1}
+    if dups and order is None:
+        lines = [
+            f"step {k}: " + ", ".join(str(s.path) for s in sorted(v, key=lambda s: str(s.path)))
+            for k, v in sorted(dups.items())
+        ]
+        raise StepDiscoveryError(
+            "several checkpoints claim the same step:\n  "
+            + "\n  ".join(lines)
+            + "\npass --order name (keep the last by name, e.g. Lightning's -v1 copy) or "
+            "--order mtime (keep the newest), or remove the extra files"
+        )
+    out = ScanResult()
+    for k, v in sorted(by_step.items()):
+        ranked = sorted(v, key=_order_key(order)) if len(v) > 1 else v
+        out.append(ranked[-1])
+        out.skipped += [(s.path, f"step {k} also claimed by {ranked[-1].path}") for s in ranked[:-1]]
+    return out

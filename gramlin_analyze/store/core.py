@@ -1,0 +1,372 @@
+"""The gramlin store: a Zarr v3 hierarchy that xarray opens as a DataTree.
+
+Only this package knows the on-disk layout (see ``layout.py`` and
+``schemas/``). Writers hold the store lock (``lock.py``); readers never block.
+
+Consolidated metadata is written deliberately after every structural change
+(Zarr v3 warns that it is not yet in the v3 spec; we silence that one warning
+at the write, because without it ``xarray.open_datatree`` warns on every
+open and lists every group over the network). A writer re-consolidates as its
+first act, so a store left by a killed writer is consistent again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import zarr
+
+from gramlin_analyze._version import __version__
+from gramlin_analyze.errors import StoreError, UsageError
+from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.lock import StoreLock, is_remote
+
+__all__ = ["GramlinStore", "zarr_store"]
+
+_BIG_MOVE_BYTES = 64 * 2**20
+
+
+def zarr_store(url: str | os.PathLike, *, storage_options: dict | None = None, read_only=False):
+    """A zarr ``Store`` for a local path or any fsspec URL."""
+    url = str(url)
+    if is_remote(url):
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+    from zarr.storage import LocalStore
+
+    return LocalStore(url.removeprefix("file://"), read_only=read_only)
+
+
+@contextmanager
+def _quiet_consolidated() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        yield
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class GramlinStore:
+    """Handle on one store.
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL (``s3://bucket/run.zarr``).
+    mode
+        ``"r"`` to read, ``"a"`` to create or update (take the lock with
+        :meth:`lock` before writing).
+    storage_options
+        Passed to fsspec for remote stores.
+    """
+
+    def __init__(self, url: str | os.PathLike, *, mode: str = "r", storage_options: dict | None = None):
+        self.url = str(url)
+        self.mode = mode
+        self.storage_options = storage_options or {}
+        self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
+        try:
+            if mode == "r":
+                self.root = zarr.open_group(self._zstore, mode="r", zarr_format=3, use_consolidated=False)
+            else:
+                self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+            raise StoreError(
+                f"{self.url}: not a gramlin store (no Zarr group there); create one with "
+                "`gramlin-analyze ingest DIR --store " + self.url + "`"
+            ) from err
+        if mode == "r" and "gramlin_schema_version" not in self.root.attrs:
+            raise StoreError(f"{self.url}: a Zarr group, but not a gramlin store (no gramlin_schema_version)")
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def lock(self, *, break_lock: bool = False) -> StoreLock:
+        return StoreLock(self.url, storage_options=self.storage_options, break_lock=break_lock)
+
+    def initialize(self, *, source: str, run_name: str | None = None) -> None:
+        """Write root attributes and the empty ``/steps`` group if they are missing."""
+        attrs = dict(self.root.attrs)
+        if "gramlin_schema_version" not in attrs:
+            self.root.attrs.update(
+                {
+                    "gramlin_schema_version": L.SCHEMA_VERSION,
+                    "created_at": _now(),
+                    "creation_library": "gramlin-analyze",
+                    "creation_library_version": __version__,
+                    "source": str(source),
+                    "run_name": run_name or os.path.basename(str(source).rstrip("/")) or "run",
+                    "title": "gramlin-analyze checkpoint store",
+                }
+            )
+        if L.STEPS not in self.root:
+            g = self.root.create_group(L.STEPS)
+            g.attrs.update({"description": "manifest: one row per ingested checkpoint"})
+            self._create_step_coord(g, 0)
+            for name, (dtype, fill, long_name, units) in L.MANIFEST.items():
+                self._create_manifest_array(g, name, 0)
+        else:
+            g = self.root[L.STEPS]
+            n = g["step"].shape[0]
+            for name in L.MANIFEST:  # stores from older versions gain new fields
+                if name not in g:
+                    self._create_manifest_array(g, name, n)
+        if L.LAYERS not in self.root:
+            self.root.create_group(L.LAYERS).attrs.update({"description": "one group per layer"})
+        self.touch()
+        self.consolidate()
+
+    def touch(self) -> None:
+        self.root.attrs.update({"modified_at": _now(), "creation_library_version": __version__})
+
+    def consolidate(self) -> None:
+        with _quiet_consolidated():
+            zarr.consolidate_metadata(self._zstore, zarr_format=3)
+        self.root = zarr.open_group(self._zstore, mode="a" if self.mode != "r" else "r",
+                                    zarr_format=3, use_consolidated=False)
+
+    # -- arrays ----------------------------------------------------------------------
+
+    @staticmethod
+    def _create_step_coord(group: zarr.Group, n: int) -> zarr.Array:
+        arr = group.create_array(
+            "step", shape=(n,), dtype="int64", chunks=(L.MANIFEST_CHUNK,),
+            dimension_names=["step"], fill_value=-1, overwrite=True,
+        )
+        arr.attrs.update({"long_name": "optimizer step", "units": "steps"})
+        return arr
+
+    @staticmethod
+    def _create_manifest_array(group: zarr.Group, name: str, n: int) -> zarr.Array:
+        dtype, fill, long_name, units = L.MANIFEST[name]
+        kw: dict[str, Any] = {}
+        if dtype is not str:
+            kw["fill_value"] = fill
+        arr = group.create_array(
+            name, shape=(n,), dtype=dtype, chunks=(L.MANIFEST_CHUNK,),
+            dimension_names=["step"], overwrite=True, **kw,
+        )
+        arr.attrs.update({"long_name": long_name, **({"units": units} if units else {})})
+        return arr
+
+    def group(self, path: str) -> zarr.Group:
+        return self.root[path]
+
+    def steps(self) -> np.ndarray:
+        return np.asarray(self.root[L.STEPS]["step"][:], dtype=np.int64)
+
+    def manifest(self) -> dict[str, np.ndarray]:
+        g = self.root[L.STEPS]
+        out = {"step": self.steps()}
+        for name in L.MANIFEST:
+            if name in g:
+                v = g[name][:]
+                out[name] = np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
+        return out
+
+    def layer_names(self) -> list[str]:
+        if L.LAYERS not in self.root:
+            return []
+        return sorted(k for k, _ in self.root[L.LAYERS].groups())
+
+    def layer(self, name: str) -> zarr.Group:
+        return self.root[L.LAYERS][name]
+
+    def _step_arrays(self) -> list[tuple[str, zarr.Array]]:
+        """Every array whose first dim is ``step`` (coords excluded), with its path."""
+        out = []
+
+        def visit(group: zarr.Group, prefix: str) -> None:
+            for name, arr in group.arrays():
+                dims = arr.metadata.dimension_names or ()
+                if dims and dims[0] == "step" and name != "step":
+                    out.append((prefix + name, arr))
+            for name, sub in group.groups():
+                visit(sub, prefix + name + "/")
+
+        visit(self.root, "")
+        return out
+
+    def _step_coords(self) -> list[zarr.Array]:
+        out = []
+
+        def visit(group: zarr.Group) -> None:
+            if "step" in group and isinstance(group["step"], zarr.Array):
+                out.append(group["step"])
+            for _, sub in group.groups():
+                visit(sub)
+
+        visit(self.root)
+        return out
+
+    # -- the step axis ------------------------------------------------------------------
+
+    def set_step_axis(self, new_steps: np.ndarray) -> dict[int, int]:
+        """Make ``new_steps`` (sorted, unique) the step axis of every group.
+
+        Rows whose status is ``ok`` keep their data: it is moved to the new
+        position when steps are inserted before it. A moved row is marked
+        ``pending`` before its data moves and ``ok`` only after, so a kill at
+        any moment leaves no ``ok`` row pointing at the wrong data. Returns
+        ``{step: index}``.
+        """
+        new_steps = np.asarray(new_steps, dtype=np.int64)
+        if np.any(np.diff(new_steps) <= 0):
+            raise UsageError("steps must be sorted and unique")
+        man = self.manifest()
+        old_steps = man["step"]
+        status = man["status"]
+        n_old, n_new = len(old_steps), len(new_steps)
+        pos = {int(s): i for i, s in enumerate(new_steps)}
+        moves = {}
+        for i, (s, st) in enumerate(zip(old_steps, status, strict=True)):
+            if st == "ok" and int(s) in pos and pos[int(s)] != i:
+                moves[i] = pos[int(s)]
+        same = n_old == n_new and np.array_equal(old_steps, new_steps)
+        if same:
+            return pos
+        g = self.root[L.STEPS]
+        if moves:
+            st = np.asarray(status, dtype=object).copy()
+            for i in moves:
+                st[i] = "pending"
+            g["status"][:] = st
+        step_arrays = self._step_arrays()
+        if n_new > n_old:
+            for _, arr in step_arrays:
+                arr.resize((n_new, *arr.shape[1:]))
+            for c in self._step_coords():
+                c.resize((n_new,))
+        manifest_paths = {f"{L.STEPS}/{k}" for k in L.MANIFEST}
+        for path, arr in step_arrays:
+            if path in manifest_paths:
+                continue
+            self._move_rows(arr, moves)
+        # The manifest: permuted rows, new rows pending, moved rows ok last.
+        new_man: dict[str, np.ndarray] = {}
+        keep = {pos[int(s)]: i for i, s in enumerate(old_steps) if int(s) in pos and status[i] != ""}
+        for name, (dtype, fill, _, _) in L.MANIFEST.items():
+            old = man.get(name)
+            if dtype is str:
+                col = np.full(n_new, "", dtype=object)
+            else:
+                col = np.full(n_new, fill, dtype=np.dtype(dtype))
+            if old is not None:
+                for j, i in keep.items():
+                    col[j] = old[i]
+            new_man[name] = col
+        for j in range(n_new):
+            if j not in keep:
+                new_man["status"][j] = "pending"
+        final_status = new_man["status"].copy()
+        for j in moves.values():
+            new_man["status"][j] = "pending"
+        for name, col in new_man.items():
+            if name == "status":
+                continue
+            if g[name].shape[0] != n_new:
+                g[name].resize((n_new,))
+            g[name][:] = col
+        if g["status"].shape[0] != n_new:
+            g["status"].resize((n_new,))
+        g["status"][:] = new_man["status"]
+        for c in self._step_coords():
+            if c.shape[0] != n_new:
+                c.resize((n_new,))
+            c[:] = new_steps
+        if moves:
+            g["status"][:] = final_status
+        if n_new < n_old:
+            for _, arr in step_arrays:
+                arr.resize((n_new, *arr.shape[1:]))
+        self.touch()
+        self.consolidate()
+        return pos
+
+    @staticmethod
+    def _move_rows(arr: zarr.Array, moves: dict[int, int]) -> None:
+        if not moves:
+            return
+        if arr.nbytes <= _BIG_MOVE_BYTES:
+            data = arr[:]
+            out = data.copy()
+            for i, j in moves.items():
+                out[j] = data[i]
+            arr[:] = out
+            return
+        up = sorted((i for i, j in moves.items() if j > i), reverse=True)
+        down = sorted(i for i, j in moves.items() if j < i)
+        for i in up + down:
+            arr[moves[i]] = arr[i]
+
+    # -- manifest rows ----------------------------------------------------------------
+
+    def write_rows(self, index: int | list[int], **fields: Any) -> None:
+        """Write manifest fields of one or more rows; ``status`` is written last."""
+        g = self.root[L.STEPS]
+        idx = [index] if isinstance(index, int) else list(index)
+        status = fields.pop("status", None)
+        for name, value in fields.items():
+            if name not in L.MANIFEST:
+                raise KeyError(f"unknown manifest field {name!r}")
+            values = value if isinstance(value, list | tuple | np.ndarray) and len(idx) > 1 else [value] * len(idx)
+            for i, v in zip(idx, values, strict=True):
+                g[name][i] = _coerce(name, v)
+        if status is not None:
+            values = status if isinstance(status, list | tuple) else [status] * len(idx)
+            for i, v in zip(idx, values, strict=True):
+                if v not in L.STATUSES:
+                    raise ValueError(f"bad status {v!r}")
+                g["status"][i] = v
+
+    # -- layers -----------------------------------------------------------------------
+
+    def declare_layer(
+        self,
+        name: str,
+        *,
+        weight_shape: tuple[int, ...],
+        dtype: np.dtype,
+        bias: bool,
+        attrs: dict[str, Any],
+    ) -> zarr.Group:
+        """Create ``/layers/<name>`` with ``weight`` (and ``bias``) for the current step axis."""
+        n = self.root[L.STEPS]["step"].shape[0]
+        grp = self.root[L.LAYERS].create_group(name, overwrite=True)
+        grp.attrs.update(attrs)
+        c = self._create_step_coord(grp, n)
+        c[:] = self.steps()
+        shape = (n, *weight_shape)
+        w = grp.create_array(
+            "weight", shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
+            dimension_names=["step", "out", "in"], fill_value=np.nan, compressors=None,
+        )
+        w.attrs.update({"long_name": f"weight of {name}, (out, in) order", "units": "1"})
+        if bias:
+            b = grp.create_array(
+                "bias", shape=(n, weight_shape[0]), dtype=dtype, chunks=(1, weight_shape[0]),
+                dimension_names=["step", "out"], fill_value=np.nan, compressors=None,
+            )
+            b.attrs.update({"long_name": f"bias of {name}", "units": "1"})
+        nf = grp.create_array(
+            "nonfinite", shape=(n,), dtype="int64", chunks=(1,), dimension_names=["step"], fill_value=-1,
+        )
+        nf.attrs.update({"long_name": f"NaN/Inf values in weight and bias of {name}"})
+        return grp
+
+
+def _coerce(name: str, v: Any) -> Any:
+    dtype = L.MANIFEST[name][0]
+    if dtype is str:
+        return "" if v is None else str(v)
+    if v is None:
+        return L.MANIFEST[name][1]
+    return np.dtype(dtype).type(v)

@@ -1,0 +1,78 @@
+"""The on-disk layout: group names, dims, manifest fields, chunk sizes.
+
+This module is the single place that knows names and shapes on disk; the
+JSON Schemas in ``schemas/`` describe the same contract for other readers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SCHEMA_VERSION = "1.0"
+
+STEPS = "steps"
+LAYERS = "layers"
+PROBE = "probe"
+METRICS = "metrics"
+
+#: Manifest variables of ``/steps``: name -> (zarr dtype, fill value, long_name, units)
+MANIFEST: dict[str, tuple[object, object, str, str | None]] = {
+    "source_path": (str, "", "checkpoint path (file or directory)", None),
+    "format": (str, "", "checkpoint reader that read it", None),
+    "fingerprint": (str, "", "content fingerprint (size + sampled blake2b)", None),
+    "bytes": ("int64", -1, "checkpoint size on disk", "bytes"),
+    "lr": ("float64", np.nan, "learning rate at this checkpoint", None),
+    "epoch": ("float64", np.nan, "training epoch at this checkpoint", None),
+    "status": (str, "", "ingest status: ok | pending | failed", None),
+    "error": (str, "", "why the step failed (empty when ok)", None),
+    "nonfinite": ("int64", -1, "number of NaN/Inf values stored for this step", None),
+    "lr_source": (str, "", "where lr came from: metadata | constant | schedule | none", None),
+    "optimizer": (str, "", "optimizer family when the checkpoint says it", None),
+}
+
+STATUSES = ("ok", "pending", "failed")
+
+#: chunk length of the manifest arrays along ``step`` (one driver writes them)
+MANIFEST_CHUNK = 512
+
+#: target bytes of one chunk of a weight or activation array
+TARGET_CHUNK_BYTES = 32 * 2**20
+
+
+def matrix_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks for a ``(step, rows, cols)`` array: one step per chunk, rows tiled.
+
+    One step per chunk means parallel writers of different steps never share
+    a chunk; rows are tiled so that a chunk stays under about 32 MiB.
+    """
+    rest = shape[2:]
+    row_bytes = max(1, int(np.prod(rest, dtype=np.int64)) * itemsize)
+    rows = max(1, min(shape[1], TARGET_CHUNK_BYTES // row_bytes)) if len(shape) > 1 else 1
+    return (1, rows, *rest)
+
+
+def sample_chunks(shape: tuple[int, int, int], itemsize: int) -> tuple[int, int, int]:
+    """Chunks for ``(step, sample, in)`` activations: one step, samples tiled."""
+    _, n, d = shape
+    rows = max(1, min(n, TARGET_CHUNK_BYTES // max(1, d * itemsize)))
+    # Equal-sized chunks read better than one big and one small.
+    nchunks = math.ceil(n / rows)
+    rows = math.ceil(n / nchunks) if n else 1
+    return (1, rows, d)
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """float32/float16/float64 are kept; bfloat16 (and other floats) become float32."""
+    if dtype in ("float16", "float32", "float64"):
+        return np.dtype(dtype)
+    return np.dtype("float32")
+
+
+def layer_kind(layer: str, shape: tuple[int, ...]) -> str:
+    if len(shape) > 2:
+        return "conv"
+    if "embed" in layer.lower() or "wte" in layer.lower() or "wpe" in layer.lower():
+        return "embedding"
+    return "linear"

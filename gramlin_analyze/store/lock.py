@@ -1,0 +1,106 @@
+"""One writer per store: a lock beside the store.
+
+A local store is locked with ``flock`` on ``<store>.lock``: the kernel drops
+the lock when the process dies, so a ``kill -9`` never leaves a stale lock.
+A remote store (``s3://…``) gets a lock object ``<store>.lock`` written with
+the writer's host, pid and time; a writer that died leaves it behind, and
+``break_lock=True`` (``--break-lock``) removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from gramlin_analyze.errors import StoreLockedError
+
+__all__ = ["StoreLock", "is_remote"]
+
+
+def is_remote(url: str | os.PathLike) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+class StoreLock:
+    """Context manager holding the single-writer lock of a store."""
+
+    def __init__(
+        self, url: str | os.PathLike, *, storage_options: dict | None = None, break_lock: bool = False
+    ):
+        self.url = str(url).rstrip("/")
+        self.lock_url = self.url + ".lock"
+        self.storage_options = storage_options or {}
+        self.break_lock = break_lock
+        self._fh = None
+        self._fs = None
+
+    def acquire(self) -> StoreLock:
+        if is_remote(self.url):
+            self._acquire_remote()
+        else:
+            self._acquire_local()
+        return self
+
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        path = Path(self.lock_url.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreLockedError(
+                f"{self.url}: another ingest or analyze is writing to this store ({holder}); "
+                "wait for it to finish (readers are never blocked)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
+        fh.flush()
+        self._fh = fh
+
+    def _acquire_remote(self) -> None:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.lock_url, **self.storage_options)
+        self._fs, self._path = fs, path
+        if fs.exists(path):
+            if not self.break_lock:
+                try:
+                    holder = fs.cat_file(path).decode()
+                except OSError:
+                    holder = "unknown writer"
+                raise StoreLockedError(
+                    f"{self.url}: the store is locked by {holder}; if that writer is no longer "
+                    "running, re-run with --break-lock"
+                )
+            fs.rm_file(path)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()}
+        fs.pipe_file(path, json.dumps(info).encode())
+
+    def release(self) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+        if self._fs is not None:
+            try:
+                self._fs.rm_file(self._path)
+            except FileNotFoundError:
+                pass
+            self._fs = None
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
