@@ -1,0 +1,327 @@
+"""Shared machinery of the reducers: non-finite handling, streamed sums, apply_ufunc.
+
+Every reducer is a float64 NumPy kernel whose reduced axes come last, plus a
+thin xarray wrapper. Quantities that sum over samples (or over the rows of a
+weight) are computed from *sufficient statistics*: a kernel maps one block of
+samples to a flat float64 vector of partial sums, the partial sums of all
+blocks are added (a Dask tree reduction when the samples are chunked), and a
+second kernel turns the summed statistics into the measurement. Only
+additive statistics are used, so blocks can be summed in any order.
+
+Non-finite inputs never crash a reducer and are never skipped: a NaN or Inf
+anywhere in the data a result depends on makes that result NaN (for a batch
+entry such as one step, the whole matrix or scalar of that entry).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import xarray as xr
+
+try:
+    import dask.array as dask_array
+except ImportError:  # pragma: no cover - dask is a hard dependency of the package
+    dask_array = None
+
+__all__ = ["nonfinite"]
+
+FloatArray = npt.NDArray[np.float64]
+F = TypeVar("F", bound=Callable[..., Any])
+STAT_DIM = "_gramlin_stat"
+EPS = float(np.finfo(np.float64).eps)
+
+
+def nonfinite(x: npt.ArrayLike, *, axis: int | tuple[int, ...] | None = None) -> Any:
+    """Whether any value is NaN or infinite.
+
+    Parameters
+    ----------
+    x : array_like
+        Values to check (any numeric dtype; integers are always finite).
+    axis : int or tuple of int, optional
+        Axes to reduce over; by default all of them (a single bool).
+
+    Returns
+    -------
+    bool or numpy.ndarray of bool
+        True where at least one value along ``axis`` is NaN or +-Inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> nonfinite(np.array([[1.0, np.nan], [2.0, 3.0]]), axis=-1)
+    array([ True, False])
+    """
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.inexact):
+        return np.zeros(arr.shape, dtype=bool).any(axis=axis)
+    return np.logical_not(np.isfinite(arr)).any(axis=axis)
+
+
+def quiet(func: F) -> F:
+    """Silence floating-point warnings: NaN/Inf results are intended and documented."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def batch_bad(x: np.ndarray, core_ndim: int) -> np.ndarray:
+    """Boolean over the leading (batch) axes: True where the core block has a NaN/Inf."""
+    return np.asarray(nonfinite(x, axis=tuple(range(np.ndim(x) - core_ndim, np.ndim(x)))))
+
+
+def poison(out: FloatArray, bad: np.ndarray, core_ndim: int) -> FloatArray:
+    """Set the core blocks of ``out`` whose batch entry is ``bad`` to NaN (in place)."""
+    bad = np.asarray(bad, dtype=bool)
+    if not bad.any():
+        return out
+    batch = out.shape[: out.ndim - core_ndim]
+    mask = np.broadcast_to(bad, batch)
+    out[mask] = np.nan
+    return out
+
+
+def sanitize(x: FloatArray, core_ndim: int, fill: float = 0.0) -> tuple[FloatArray, np.ndarray]:
+    """Replace batch entries holding NaN/Inf by ``fill`` so LAPACK never sees them.
+
+    Returns the cleaned copy (or ``x`` itself when all is finite) and the bad mask;
+    callers poison their outputs with the mask afterwards.
+    """
+    bad = batch_bad(x, core_ndim)
+    if not np.any(bad):
+        return x, bad
+    clean = np.array(x, dtype=np.float64, copy=True)
+    clean[np.broadcast_to(bad, clean.shape[: clean.ndim - core_ndim])] = fill
+    return clean, bad
+
+
+def as_float64(x: npt.ArrayLike) -> FloatArray:
+    """``x`` as a float64 ndarray (no copy when it already is one)."""
+    return np.asarray(x, dtype=np.float64)
+
+
+def sym(a: FloatArray) -> FloatArray:
+    """Symmetric part over the last two axes (removes round-off asymmetry)."""
+    return 0.5 * (a + np.swapaxes(a, -1, -2))
+
+
+def eigh_desc(a: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Batched ``eigh`` of symmetric matrices, eigenvalues descending; NaN for non-finite input."""
+    clean, bad = sanitize(as_float64(a), 2)
+    w, v = np.linalg.eigh(sym(clean))
+    w = np.ascontiguousarray(w[..., ::-1])
+    v = np.ascontiguousarray(v[..., ::-1])
+    return poison(w, bad, 1), poison(v, bad, 2)
+
+
+def default_rtol(n: int) -> float:
+    """Relative eigenvalue cutoff of pseudo-inverses of ``n x n`` PSD matrices.
+
+    ``eigh`` resolves eigenvalues only to about ``n * eps * max|lambda|``;
+    anything below that is indistinguishable from an exact zero, so it is
+    dropped (a pseudo-inverse, never a jitter). The factor 10 is headroom
+    for the round-off of forming the matrix from streamed sums.
+    """
+    return 10.0 * max(n, 1) * EPS
+
+
+def pinvh(a: FloatArray, *, rtol: float | None = None) -> FloatArray:
+    """Batched pseudo-inverse of symmetric PSD matrices by ``eigh`` with a relative cutoff."""
+    w, v = eigh_desc(a)
+    n = a.shape[-1]
+    tol = (default_rtol(n) if rtol is None else rtol) * np.abs(w[..., :1])
+    inv = np.where(w > tol, 1.0 / np.where(w > tol, w, 1.0), 0.0)
+    return (v * inv[..., None, :]) @ np.swapaxes(v, -1, -2)
+
+
+# ----------------------------------------------------------------------------
+# xarray / Dask plumbing
+# ----------------------------------------------------------------------------
+
+
+def is_dask(x: Any) -> bool:
+    data = x.data if isinstance(x, xr.DataArray) else x
+    return dask_array is not None and isinstance(data, dask_array.Array)
+
+
+def require_dims(da: xr.DataArray, dims: Sequence[Hashable], what: str) -> None:
+    """Raise a ValueError naming the missing dims of ``da``."""
+    missing = [d for d in dims if d not in da.dims]
+    if missing:
+        raise ValueError(
+            f"{what} needs dims {list(dims)} but has {list(da.dims)} (missing {missing}); "
+            "pass the dim names as keyword arguments if yours differ"
+        )
+
+
+def stream_sum(
+    kernel: Callable[..., FloatArray],
+    arrays: Sequence[xr.DataArray],
+    *,
+    reduce_dim: Hashable,
+    core_dims: Sequence[Sequence[Hashable]],
+    size: int,
+    constants: Sequence[xr.DataArray] = (),
+    constant_core_dims: Sequence[Sequence[Hashable]] = (),
+    split_every: int | None = None,
+) -> xr.DataArray:
+    """Sum ``kernel`` over blocks of ``reduce_dim``: a mergeable sufficient statistic.
+
+    ``kernel(*blocks, *constants)`` receives each array with axes
+    ``(*leading, reduce_dim, *core)`` (leading axes broadcastable, size 1
+    where an array lacks a leading dim) and each constant with axes
+    ``(*leading, *core)``; it returns the partial statistics of that block,
+    shape ``(*leading, size)``. NumPy-backed inputs are passed whole; with a
+    Dask-backed input each block of ``reduce_dim`` gets its own task and the
+    partial sums are added by a tree reduction, so no task holds more than
+    one block of samples.
+
+    Returns a DataArray of dims ``(*leading, STAT_DIM)``.
+    """
+    every = list(arrays) + list(constants)
+    every_core = [list(c) for c in core_dims] + [list(c) for c in constant_core_dims]
+    for arr, core in zip(arrays, core_dims, strict=True):
+        require_dims(arr, [reduce_dim, *core], "input")
+    for arr, core in zip(constants, constant_core_dims, strict=True):
+        require_dims(arr, core, "input")
+    exclude = {d for core in every_core for d in core}
+    aligned = xr.align(*every, join="exact", exclude=exclude)
+    leading: list[Hashable] = []
+    for arr, core in zip(aligned, every_core, strict=True):
+        for d in arr.dims:
+            if d != reduce_dim and d not in core and d not in leading:
+                leading.append(d)
+    sizes: dict[Hashable, int] = {}
+    for arr in aligned:
+        for d in arr.dims:
+            if d in leading:
+                if sizes.setdefault(d, arr.sizes[d]) != arr.sizes[d]:
+                    raise ValueError(f"dim {d!r} has sizes {sizes[d]} and {arr.sizes[d]}")
+
+    datas = []
+    n_arrays = len(arrays)
+    for j, (arr, core) in enumerate(zip(aligned, every_core, strict=True)):
+        own = [d for d in leading if d in arr.dims]
+        tail = ([reduce_dim] if j < n_arrays else []) + list(core)
+        data = arr.transpose(*own, *tail).data
+        index = tuple(slice(None) if d in arr.dims else None for d in leading)
+        data = data[index + (Ellipsis,)] if len(own) != len(leading) else data
+        datas.append(data)
+
+    coords = {}
+    for arr in aligned:
+        for name, coord in arr.coords.items():
+            if name not in coords and set(coord.dims) <= set(leading):
+                coords[name] = coord.variable
+    out_dims = [*leading, STAT_DIM]
+
+    if not any(is_dask(d) for d in datas):
+        stats = kernel(*[np.asarray(d) for d in datas])
+        return xr.DataArray(stats, dims=out_dims, coords=coords)
+
+    letters = iter("abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    lead_idx = "".join(next(letters) for _ in leading)
+    blockwise_args: list[Any] = []
+    for j, (data, core) in enumerate(zip(datas, every_core, strict=True)):
+        data = dask_array.asarray(data)
+        n_lead = len(leading)
+        keep_whole = {ax: -1 for ax in range(n_lead, data.ndim)}
+        if j < n_arrays:
+            keep_whole.pop(n_lead)
+        data = data.rechunk(keep_whole)
+        idx = lead_idx + ("r" if j < n_arrays else "") + "".join(next(letters) for _ in core)
+        blockwise_args += [data, idx]
+
+    def block_kernel(*blocks: np.ndarray) -> FloatArray:
+        return np.asarray(kernel(*blocks), dtype=np.float64)[..., None, :]
+
+    partial = dask_array.blockwise(
+        block_kernel,
+        lead_idx + "rZ",
+        *blockwise_args,
+        new_axes={"Z": size},
+        adjust_chunks={"r": 1},
+        dtype=np.float64,
+        concatenate=True,
+        meta=np.empty((0,) * (len(leading) + 2), dtype=np.float64),
+    )
+    stats = partial.sum(axis=len(leading), split_every=split_every)
+    return xr.DataArray(stats, dims=out_dims, coords=coords)
+
+
+def apply(
+    func: Callable[..., Any],
+    *args: Any,
+    input_core_dims: Sequence[Sequence[Hashable]],
+    output_core_dims: Sequence[Sequence[Hashable]] = ((),),
+    output_sizes: dict[Hashable, int] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    join: str = "exact",
+) -> Any:
+    """``xr.apply_ufunc`` with the reducers' defaults (float64, Dask parallelized).
+
+    Core dims that are chunked are merged into one chunk (``allow_rechunk``):
+    a kernel sees whole matrices, blocked only along leading dims.
+    """
+    n_out = len(output_core_dims)
+    return xr.apply_ufunc(
+        func,
+        *args,
+        input_core_dims=[list(c) for c in input_core_dims],
+        output_core_dims=[list(c) for c in output_core_dims],
+        kwargs=kwargs or {},
+        dask="parallelized",
+        output_dtypes=[np.float64] * n_out,
+        dask_gufunc_kwargs={"output_sizes": output_sizes or {}, "allow_rechunk": True},
+        keep_attrs=False,
+        join=join,
+    )
+
+
+def unpack(
+    stats: FloatArray, layout: Sequence[tuple[str, tuple[int, ...]]]
+) -> dict[str, FloatArray]:
+    """Split a flat statistics vector (last axis) into named arrays of the given core shapes."""
+    out: dict[str, FloatArray] = {}
+    start = 0
+    lead = stats.shape[:-1]
+    for name, shape in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        out[name] = stats[..., start : start + n].reshape(*lead, *shape)
+        start += n
+    if start != stats.shape[-1]:
+        raise ValueError(f"statistics vector has length {stats.shape[-1]}, layout needs {start}")
+    return out
+
+
+def layout_size(layout: Sequence[tuple[str, tuple[int, ...]]]) -> int:
+    return int(sum(np.prod(shape, dtype=np.int64) for _, shape in layout))
+
+
+def pack(
+    parts: dict[str, np.ndarray],
+    layout: Sequence[tuple[str, tuple[int, ...]]],
+    lead: tuple[int, ...],
+) -> FloatArray:
+    """Inverse of :func:`unpack`: broadcast each part to ``lead + shape`` and concatenate."""
+    flat = [
+        np.broadcast_to(np.asarray(parts[name], dtype=np.float64), lead + shape).reshape(*lead, -1)
+        for name, shape in layout
+    ]
+    return np.concatenate(flat, axis=-1)
+
+
+def gamma_array(gamma: Any) -> Any:
+    """A learning rate given as a number or a DataArray (e.g. ``/steps`` ``lr``)."""
+    if isinstance(gamma, xr.DataArray):
+        return gamma.astype(np.float64)
+    return float(gamma)

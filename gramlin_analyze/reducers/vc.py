@@ -1,0 +1,597 @@
+"""Virtual covariance (VC), its shift (VCS), and the Feature Learning Equation terms.
+
+For a layer with input ``h`` and gradient ``g = W^T dL/dz`` (both with dims
+``(..., "sample", "in")``) and learning rate ``gamma``:
+
+* ``VC  = sum_i (h_i - gamma g_i)(h_i - gamma g_i)^T`` (uncentered),
+* ``VCS = VC - sum_i h_i h_i^T = -gamma sum_i (g_i h_i^T + h_i g_i^T) + gamma^2 sum_i g_i g_i^T``,
+
+both computed from the streamed sufficient statistics ``sum h h^T``,
+``sum g h^T`` and ``sum g g^T`` (summed over sample blocks). Square results
+have dims ``("in_i", "in_j")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xarray as xr
+
+from gramlin_analyze.reducers._common import (
+    STAT_DIM,
+    FloatArray,
+    apply,
+    as_float64,
+    batch_bad,
+    gamma_array,
+    pack,
+    poison,
+    quiet,
+    require_dims,
+    stream_sum,
+    sym,
+    unpack,
+)
+from gramlin_analyze.reducers.gram import check_steps
+
+__all__ = [
+    "vc_stats_np",
+    "virtual_covariance_np",
+    "vcs_np",
+    "weight_gradient_np",
+    "second_order_term_np",
+    "fle_residual_np",
+    "accumulate_trapezoid_np",
+    "vc_stats",
+    "virtual_covariance",
+    "virtual_covariance_shift",
+    "accumulated_vcs",
+    "interval_vcs",
+    "weight_gradient",
+    "second_order_term",
+    "fle_residual",
+]
+
+SQUARE = ("in_i", "in_j")
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, -1, -2)
+
+
+def _gamma(gamma: Any) -> FloatArray:
+    return as_float64(gamma)[..., None, None]
+
+
+@quiet
+def vc_stats_np(h: npt.ArrayLike, g: npt.ArrayLike) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Sufficient statistics of the virtual covariance over the sample axis.
+
+    Parameters
+    ----------
+    h, g : array_like, shape (..., n_samples, d)
+        Layer inputs and their gradients through the layer.
+
+    Returns
+    -------
+    sum_hh, sum_gh, sum_gg : numpy.ndarray, shape (..., d, d)
+        ``sum_i h_i h_i^T``, ``sum_i g_i h_i^T`` (entry ``[a, b] = sum_i g_ia h_ib``)
+        and ``sum_i g_i g_i^T``; all NaN for a batch entry holding a NaN/Inf.
+
+    Examples
+    --------
+    >>> hh, gh, gg = vc_stats_np([[1.0, 0.0]], [[0.0, 2.0]])
+    >>> gh
+    array([[0., 0.],
+           [2., 0.]])
+    """
+    h, g = as_float64(h), as_float64(g)
+    bad = batch_bad(h, 2) | batch_bad(g, 2)
+    hh = poison(sym(_t(h) @ h), bad, 2)
+    gh = poison(_t(g) @ h, bad, 2)
+    gg = poison(sym(_t(g) @ g), bad, 2)
+    return hh, gh, gg
+
+
+@quiet
+def virtual_covariance_np(
+    sum_hh: npt.ArrayLike, sum_gh: npt.ArrayLike, sum_gg: npt.ArrayLike, gamma: npt.ArrayLike
+) -> FloatArray:
+    """``VC = sum_hh - gamma (sum_gh + sum_gh^T) + gamma^2 sum_gg``.
+
+    ``gamma`` broadcasts against the leading (batch) axes.
+
+    Examples
+    --------
+    >>> virtual_covariance_np([[1.0]], [[2.0]], [[3.0]], 0.5)
+    array([[-0.25]])
+    """
+    return as_float64(sum_hh) + vcs_np(sum_gh, sum_gg, gamma)
+
+
+@quiet
+def vcs_np(
+    sum_gh: npt.ArrayLike,
+    sum_gg: npt.ArrayLike,
+    gamma: npt.ArrayLike,
+    *,
+    gg_scale: npt.ArrayLike = 1.0,
+) -> FloatArray:
+    """``VCS = -gamma (sum_gh + sum_gh^T) + gg_scale gamma^2 sum_gg``.
+
+    ``gg_scale = N / b`` gives the expected per-step VCS of minibatch
+    training with batch size ``b`` (see :func:`virtual_covariance_shift`).
+
+    Examples
+    --------
+    >>> vcs_np([[2.0]], [[3.0]], 0.5)
+    array([[-1.25]])
+    """
+    gh, gg = as_float64(sum_gh), as_float64(sum_gg)
+    gam = _gamma(gamma)
+    return -gam * (gh + _t(gh)) + _gamma(gg_scale) * gam**2 * gg
+
+
+@quiet
+def weight_gradient_np(dz: npt.ArrayLike, h: npt.ArrayLike) -> FloatArray:
+    """``G = dL/dW = sum_i (dL/dz_i) h_i^T`` over the sample axis.
+
+    Parameters
+    ----------
+    dz : array_like, shape (..., n_samples, d_out)
+        Gradient of the loss at the layer's output (with the loss reduction
+        already applied, e.g. the ``1/N`` of a mean).
+    h : array_like, shape (..., n_samples, d_in)
+        Layer inputs.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., d_out, d_in)
+
+    Examples
+    --------
+    >>> weight_gradient_np([[1.0], [2.0]], [[1.0, 0.0], [0.0, 1.0]])
+    array([[1., 2.]])
+    """
+    dz, h = as_float64(dz), as_float64(h)
+    return poison(_t(dz) @ h, batch_bad(dz, 2) | batch_bad(h, 2), 2)
+
+
+@quiet
+def second_order_term_np(
+    G: npt.ArrayLike, sum_gg: npt.ArrayLike, gamma: npt.ArrayLike
+) -> FloatArray:
+    """Exact second-order FLE term ``gamma^2 (G^T G - sum_i g_i g_i^T)``.
+
+    ``W+^T W+ - W^T W = VCS + second_order_term`` for one plain gradient step
+    ``W+ = W - gamma G``.
+
+    Examples
+    --------
+    >>> second_order_term_np([[2.0]], [[1.0]], 0.5)
+    array([[0.75]])
+    """
+    G, gg = as_float64(G), as_float64(sum_gg)
+    return _gamma(gamma) ** 2 * (sym(_t(G) @ G) - gg)
+
+
+@quiet
+def fle_residual_np(dgram: npt.ArrayLike, vcs: npt.ArrayLike) -> FloatArray:
+    """``||dGram - VCS||_F / ||dGram||_F`` over the last two axes.
+
+    NaN when ``dGram`` is zero (0/0) or a NaN/Inf is present.
+
+    Examples
+    --------
+    >>> float(fle_residual_np([[3.0, 0.0], [0.0, 4.0]], [[3.0, 0.0], [0.0, 3.0]]))
+    0.2
+    """
+    d, v = as_float64(dgram), as_float64(vcs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(np.sum((d - v) ** 2, axis=(-2, -1)) / np.sum(d * d, axis=(-2, -1)))
+
+
+@quiet
+def accumulate_trapezoid_np(y: npt.ArrayLike, x: npt.ArrayLike) -> FloatArray:
+    """Cumulative trapezoid rule along the last axis, 0 at the first point.
+
+    For consecutive points ``a < b`` adds ``(x_b - x_a) (y_a + y_b) / 2``.
+    A NaN/Inf at one point makes every later value NaN (never skipped).
+
+    Examples
+    --------
+    >>> accumulate_trapezoid_np([1.0, 3.0, 3.0], [0, 10, 30])
+    array([ 0., 20., 80.])
+    """
+    return _cumulative_trapezoid(as_float64(y), as_float64(x))
+
+
+def _cumulative_trapezoid(y: Any, x: FloatArray) -> Any:
+    # NumPy functions only, so a Dask array stays lazy (``__array_function__``).
+    inc = 0.5 * (y[..., 1:] + y[..., :-1]) * np.diff(x)
+    return np.concatenate([np.zeros_like(y[..., :1]), np.cumsum(inc, axis=-1)], axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# xarray wrappers
+# ----------------------------------------------------------------------------
+
+
+def _layout(d: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [("sum_hh", (d, d)), ("sum_gh", (d, d)), ("sum_gg", (d, d))]
+
+
+def _vc_block(h: np.ndarray, g: np.ndarray) -> FloatArray:
+    hh, gh, gg = vc_stats_np(h, g)
+    d = h.shape[-1]
+    return pack({"sum_hh": hh, "sum_gh": gh, "sum_gg": gg}, _layout(d), hh.shape[:-2])
+
+
+def _square(
+    data: Any,
+    stats: xr.DataArray,
+    dims: tuple[Hashable, Hashable],
+    h: xr.DataArray,
+    in_dim: Hashable,
+) -> xr.DataArray:
+    lead = [x for x in stats.dims if x != STAT_DIM]
+    coords = {k: v for k, v in stats.coords.items() if STAT_DIM not in v.dims}
+    out = xr.DataArray(data, dims=[*lead, *dims], coords=coords)
+    if in_dim in h.coords:
+        out = out.assign_coords({dims[0]: h[in_dim].values, dims[1]: h[in_dim].values})
+    return out
+
+
+def vc_stats(
+    h: xr.DataArray,
+    g: xr.DataArray,
+    *,
+    sample_dim: Hashable = "sample",
+    in_dim: Hashable = "in",
+    dims: tuple[Hashable, Hashable] = SQUARE,
+    split_every: int | None = None,
+) -> xr.Dataset:
+    """Streamed sufficient statistics ``sum h h^T``, ``sum g h^T``, ``sum g g^T``.
+
+    Parameters
+    ----------
+    h, g : xarray.DataArray
+        Layer inputs and gradients, dims ``(..., sample_dim, in_dim)``; NumPy
+        or Dask backed. With Dask, each sample chunk is reduced on its own and
+        the partial sums are added by a tree reduction (``split_every``).
+    dims : tuple of two hashables
+        Dims of the square results.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``sum_hh``, ``sum_gh`` (entry ``[a, b] = sum_i g_ia h_ib``) and ``sum_gg``.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> h = xr.DataArray([[1.0, 0.0], [0.0, 1.0]], dims=("sample", "in"))
+    >>> vc_stats(h, 2 * h).sum_gh.values
+    array([[2., 0.],
+           [0., 2.]])
+    """
+    require_dims(h, [sample_dim, in_dim], "h")
+    require_dims(g, [sample_dim, in_dim], "g")
+    d = h.sizes[in_dim]
+    if g.sizes[in_dim] != d:
+        raise ValueError(f"h and g have {d} and {g.sizes[in_dim]} features")
+    stats = stream_sum(
+        _vc_block,
+        [h, g],
+        reduce_dim=sample_dim,
+        core_dims=[[in_dim], [in_dim]],
+        size=3 * d * d,
+        split_every=split_every,
+    )
+    parts = unpack(stats.data, _layout(d))
+    long = {"sum_hh": "sum_i h_i h_i^T", "sum_gh": "sum_i g_i h_i^T", "sum_gg": "sum_i g_i g_i^T"}
+    ds = xr.Dataset({k: _square(v, stats, dims, h, in_dim) for k, v in parts.items()})
+    for k in ds:
+        ds[k].attrs["long_name"] = long[str(k)]
+    return ds
+
+
+def virtual_covariance(
+    h: xr.DataArray,
+    g: xr.DataArray,
+    gamma: float | xr.DataArray,
+    *,
+    sample_dim: Hashable = "sample",
+    in_dim: Hashable = "in",
+    dims: tuple[Hashable, Hashable] = SQUARE,
+) -> xr.DataArray:
+    """Uncentered virtual covariance ``sum_i (h_i - gamma g_i)(h_i - gamma g_i)^T``.
+
+    Parameters
+    ----------
+    h, g : xarray.DataArray
+        Layer inputs and gradients ``g = W^T dL/dz``, dims ``(..., sample, in)``.
+    gamma : float or xarray.DataArray
+        Learning rate; a DataArray (e.g. ``lr`` along ``step``) broadcasts
+        against the leading dims.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> h = xr.DataArray([[1.0, 0.0], [0.0, 1.0]], dims=("sample", "in"))
+    >>> virtual_covariance(h, h, 0.5).values
+    array([[0.25, 0.  ],
+           [0.  , 0.25]])
+    """
+    s = vc_stats(h, g, sample_dim=sample_dim, in_dim=in_dim, dims=dims)
+    out = apply(
+        virtual_covariance_np,
+        s.sum_hh,
+        s.sum_gh,
+        s.sum_gg,
+        gamma_array(gamma),
+        input_core_dims=[dims, dims, dims, []],
+        output_core_dims=[dims],
+    )
+    out.attrs["long_name"] = "virtual covariance sum_i (h_i - gamma g_i)(h_i - gamma g_i)^T"
+    return out
+
+
+def virtual_covariance_shift(
+    h: xr.DataArray,
+    g: xr.DataArray,
+    gamma: float | xr.DataArray,
+    *,
+    batch_size: int | None = None,
+    n_samples: int | None = None,
+    sample_dim: Hashable = "sample",
+    in_dim: Hashable = "in",
+    dims: tuple[Hashable, Hashable] = SQUARE,
+) -> xr.DataArray:
+    """Virtual covariance shift ``-gamma sum (g h^T + h g^T) + gamma^2 sum g g^T``.
+
+    Parameters
+    ----------
+    h, g : xarray.DataArray
+        Layer inputs and gradients, dims ``(..., sample, in)``.
+    gamma : float or xarray.DataArray
+        Learning rate (broadcast against the leading dims).
+    batch_size : int, optional
+        Training batch size ``b``. When given, the second-order term is scaled
+        by ``N / b``: ``gamma^2 (N/b) sum g g^T`` is the expected per-step
+        second-order term of a minibatch step (mean-reduced loss), so the
+        result estimates the expected VCS of one minibatch step.
+    n_samples : int, optional
+        ``N`` for that scaling; default the size of ``sample_dim`` (the probe
+        set should then be the training set or a sample of it).
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> h = xr.DataArray([[1.0], [1.0]], dims=("sample", "in"))
+    >>> float(virtual_covariance_shift(h, h, 0.5).squeeze())
+    -1.5
+    >>> float(virtual_covariance_shift(h, h, 0.5, batch_size=1).squeeze())
+    -1.0
+    """
+    s = vc_stats(h, g, sample_dim=sample_dim, in_dim=in_dim, dims=dims)
+    scale = 1.0
+    if batch_size is not None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n = h.sizes[sample_dim] if n_samples is None else int(n_samples)
+        scale = n / batch_size
+    out = apply(
+        vcs_np,
+        s.sum_gh,
+        s.sum_gg,
+        gamma_array(gamma),
+        input_core_dims=[dims, dims, []],
+        output_core_dims=[dims],
+        kwargs={"gg_scale": scale},
+    )
+    out.attrs["long_name"] = "virtual covariance shift"
+    if batch_size is not None:
+        out.attrs["second_order_scale"] = scale
+        out.attrs["batch_size"] = int(batch_size)
+    return out
+
+
+def _step_pairs(da: xr.DataArray, step_dim: Hashable) -> tuple[xr.DataArray, Any, Any, FloatArray]:
+    """``(template labelled by interval end, data at b, data at a, b - a)`` along ``step_dim``."""
+    steps = check_steps(da, step_dim)
+    n = da.sizes[step_dim]
+    upper = da.isel({step_dim: slice(1, None)})
+    lower = da.isel({step_dim: slice(None, n - 1)})
+    labels = da[step_dim].values if step_dim in da.coords else np.arange(n)
+    upper = upper.assign_coords(
+        {f"{step_dim}_start": (step_dim, labels[:-1]), f"{step_dim}_end": (step_dim, labels[1:])}
+    )
+    width = np.diff(steps).reshape([-1 if d == step_dim else 1 for d in da.dims])
+    return upper, upper.data, lower.data, width
+
+
+def interval_vcs(vcs: xr.DataArray, *, step_dim: Hashable = "step") -> xr.DataArray:
+    """Trapezoid estimate ``(b - a)(VCS_a + VCS_b)/2`` of the VCS summed over each interval.
+
+    One entry per interval of consecutive steps ``a < b``, labelled by ``b``,
+    with non-dim coordinates ``{step_dim}_start`` and ``{step_dim}_end``.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> v = xr.DataArray([1.0, 3.0, 3.0], dims="step", coords={"step": [0, 10, 30]})
+    >>> interval_vcs(v).values
+    array([20., 60.])
+    """
+    template, b, a, width = _step_pairs(vcs, step_dim)
+    out = template.copy(data=0.5 * (a + b) * width)
+    out.attrs = {
+        "long_name": "VCS summed over the interval (trapezoid estimate)",
+        "estimate": "trapezoid rule over checkpoint steps: (b - a)(VCS_a + VCS_b)/2",
+    }
+    return out
+
+
+def accumulated_vcs(vcs: xr.DataArray, *, step_dim: Hashable = "step") -> xr.DataArray:
+    """VCS accumulated over the trajectory by the trapezoid rule (an estimate).
+
+    The value at step ``s`` is the sum over consecutive checkpoints ``a < b <= s``
+    of ``(b - a)(VCS_a + VCS_b)/2``; 0 at the first step. It estimates the
+    VCS summed over every optimizer step, which the paper compares with
+    ``W^T W`` (``attrs["estimate"]`` says so). A NaN at one step makes every
+    later value NaN.
+
+    Parameters
+    ----------
+    vcs : xarray.DataArray
+        VCS per step, dims ``(step_dim, ...)``; the step coordinate must be
+        strictly increasing. Dask-backed input stays lazy.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> v = xr.DataArray([1.0, 3.0, 3.0], dims="step", coords={"step": [0, 10, 30]})
+    >>> accumulated_vcs(v).values
+    array([ 0., 20., 80.])
+    """
+    steps = check_steps(vcs, step_dim)
+    moved = vcs.transpose(..., step_dim)
+    data = moved.data if hasattr(moved.data, "dask") else as_float64(moved.data)
+    out = moved.copy(data=_cumulative_trapezoid(data, steps)).transpose(*vcs.dims)
+    out.attrs = {
+        "long_name": "accumulated virtual covariance shift",
+        "estimate": "trapezoid rule over checkpoint steps of the per-step VCS on the probe set; "
+        "an estimate of the VCS summed over every optimizer step",
+    }
+    return out
+
+
+def weight_gradient(
+    dz: xr.DataArray,
+    h: xr.DataArray,
+    *,
+    sample_dim: Hashable = "sample",
+    out_dim: Hashable = "out",
+    in_dim: Hashable = "in",
+) -> xr.DataArray:
+    """``G = dL/dW = sum_i (dL/dz_i) h_i^T``, streamed over sample blocks.
+
+    Parameters
+    ----------
+    dz : xarray.DataArray
+        Gradient at the layer output, dims ``(..., sample_dim, out_dim)``
+        (loss reduction included).
+    h : xarray.DataArray
+        Layer inputs, dims ``(..., sample_dim, in_dim)``.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``(..., out_dim, in_dim)``.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> dz = xr.DataArray([[1.0], [2.0]], dims=("sample", "out"))
+    >>> h = xr.DataArray([[1.0, 0.0], [0.0, 1.0]], dims=("sample", "in"))
+    >>> weight_gradient(dz, h).values
+    array([[1., 2.]])
+    """
+    require_dims(dz, [sample_dim, out_dim], "dz")
+    require_dims(h, [sample_dim, in_dim], "h")
+    d_out, d_in = dz.sizes[out_dim], h.sizes[in_dim]
+
+    def block(z: np.ndarray, x: np.ndarray) -> FloatArray:
+        G = weight_gradient_np(z, x)
+        return G.reshape(*G.shape[:-2], -1)
+
+    stats = stream_sum(
+        block, [dz, h], reduce_dim=sample_dim, core_dims=[[out_dim], [in_dim]], size=d_out * d_in
+    )
+    lead = [x for x in stats.dims if x != STAT_DIM]
+    coords = {k: v for k, v in stats.coords.items() if STAT_DIM not in v.dims}
+    out = xr.DataArray(
+        stats.data.reshape(*stats.shape[:-1], d_out, d_in),
+        dims=[*lead, out_dim, in_dim],
+        coords=coords,
+    )
+    out.attrs["long_name"] = "dL/dW"
+    return out
+
+
+def second_order_term(
+    G: xr.DataArray,
+    sum_gg: xr.DataArray,
+    gamma: float | xr.DataArray,
+    *,
+    out_dim: Hashable = "out",
+    in_dim: Hashable = "in",
+    dims: tuple[Hashable, Hashable] = SQUARE,
+) -> xr.DataArray:
+    """Analytic second-order FLE term ``gamma^2 (G^T G - sum_i g_i g_i^T)``.
+
+    For one plain gradient step ``W+ = W - gamma G`` from a checkpoint,
+    ``W+^T W+ - W^T W = VCS + second_order_term`` exactly.
+
+    Parameters
+    ----------
+    G : xarray.DataArray
+        ``dL/dW``, dims ``(..., out_dim, in_dim)`` (e.g. :func:`weight_gradient`).
+    sum_gg : xarray.DataArray
+        ``sum_i g_i g_i^T``, dims ``(..., *dims)`` (``vc_stats(...).sum_gg``).
+    gamma : float or xarray.DataArray
+        Learning rate.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> G = xr.DataArray([[2.0]], dims=("out", "in"))
+    >>> gg = xr.DataArray([[1.0]], dims=("in_i", "in_j"))
+    >>> second_order_term(G, gg, 0.5).values
+    array([[0.75]])
+    """
+    require_dims(G, [out_dim, in_dim], "G")
+    require_dims(sum_gg, dims, "sum_gg")
+    out = apply(
+        second_order_term_np,
+        G,
+        sum_gg,
+        gamma_array(gamma),
+        input_core_dims=[[out_dim, in_dim], dims, []],
+        output_core_dims=[dims],
+    )
+    out.attrs["long_name"] = "second-order FLE term gamma^2 (G^T G - sum g g^T)"
+    return out
+
+
+def fle_residual(
+    dgram: xr.DataArray,
+    vcs: xr.DataArray,
+    *,
+    dims: tuple[Hashable, Hashable] = SQUARE,
+) -> xr.DataArray:
+    """FLE residual ``||dGram - VCS||_F / ||dGram||_F``.
+
+    Entries are paired by their coordinates (inner join on leading dims such
+    as ``step``): compute ``dgram`` with ``gram_change(W, label="lower")`` so
+    that each one-step change sits at the step where the VCS was measured.
+    Adding :func:`second_order_term` to ``vcs`` must bring the residual to
+    round-off for full-batch gradient descent.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> a = xr.DataArray([[3.0, 0.0], [0.0, 4.0]], dims=SQUARE)
+    >>> b = xr.DataArray([[3.0, 0.0], [0.0, 3.0]], dims=SQUARE)
+    >>> float(fle_residual(a, b))
+    0.2
+    """
+    require_dims(dgram, dims, "dgram")
+    require_dims(vcs, dims, "vcs")
+    out = apply(fle_residual_np, dgram, vcs, input_core_dims=[dims, dims], join="inner")
+    out.attrs["long_name"] = "FLE residual ||dGram - VCS||_F / ||dGram||_F"
+    return out
