@@ -145,7 +145,10 @@ def cmd_info(args) -> int:
 def cmd_validate(args) -> int:
     from gramlin_analyze.store.validate import validate_store
 
-    problems = validate_store(args.store)
+    notes: list[str] = []
+    problems = validate_store(args.store, notes=notes)
+    for n in notes:
+        _console(args.quiet).print(f"note: {n}", soft_wrap=True, markup=False)
     if problems:
         err = _console()
         for p in problems:

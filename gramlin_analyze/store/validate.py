@@ -58,10 +58,18 @@ def _required_chunks(path: str, arr: zarr.Array, index: int) -> list[str]:
     return keys
 
 
-def validate_store(url: str | os.PathLike, *, storage_options: dict | None = None) -> list[str]:
-    """Every problem found, one line each; an empty list means valid."""
+def validate_store(
+    url: str | os.PathLike, *, storage_options: dict | None = None, notes: list[str] | None = None
+) -> list[str]:
+    """Every problem found, one line each; an empty list means valid.
+
+    ``notes`` (when given) collects observations that are not problems, such
+    as consolidated metadata lagging behind a writer that was interrupted:
+    readers then see the previous consistent state until the next ingest.
+    """
     url = str(url)
     problems: list[str] = []
+    notes = notes if notes is not None else []
     try:
         gs = GramlinStore(url, mode="r", storage_options=storage_options)
     except Exception as err:  # noqa: BLE001 - report any failure to open as a problem
@@ -86,12 +94,14 @@ def validate_store(url: str | os.PathLike, *, storage_options: dict | None = Non
         for path, arr in _walk_arrays(root):
             carr = cons[path]
             if carr.shape != arr.shape:
-                problems.append(
-                    f"{path}: consolidated metadata says shape {carr.shape}, the array has {arr.shape}; "
-                    "re-run ingest to repair"
+                notes.append(
+                    f"{path}: consolidated metadata shows shape {carr.shape}, the array has {arr.shape} "
+                    "(a writer was interrupted; readers see the previous state until the next ingest)"
                 )
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        problems.append(f"consolidated metadata missing or stale ({err}); re-run ingest to repair")
+    except KeyError as err:
+        notes.append(f"consolidated metadata lags behind the store ({err}); the next ingest refreshes it")
+    except (ValueError, FileNotFoundError) as err:
+        problems.append(f"consolidated metadata missing or unreadable ({err}); re-run ingest to repair")
 
     layer_schema = load_schema("layer")
     ok_rows = [i for i, s in enumerate(man["status"]) if s == "ok"]
