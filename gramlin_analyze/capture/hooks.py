@@ -1,0 +1,160 @@
+"""Recording ``h`` and ``dL/dz`` of eager PyTorch layers with hooks.
+
+A forward hook on each selected module stores its input ``h`` (as sample
+rows: unfolded patches for convolutions) and registers a tensor hook on its
+output ``z`` that records the gradient arriving at ``z``. The gradient is
+taken at the layer's own output, never from ``h.grad``, which with skip
+connections or weight tying also holds other paths. Tensor hooks registered
+on ``z`` before an in-place op (``ReLU(inplace=True)``) still receive the
+gradient of ``z`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gramlin_analyze.capture.layers import eager_layers, output_rows, patches
+from gramlin_analyze.errors import ModelError
+
+__all__ = ["EagerRunner"]
+
+
+class EagerRunner:
+    """Runs an eager ``nn.Module`` and records the selected layers.
+
+    Use as a context manager: hooks are registered (and the selected layers'
+    parameters made to require grad) inside, and removed on exit.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : sequence of str or None
+        Globs over Linear/Conv1d/Conv2d layer names (all when None).
+    extra_layers : sequence of str
+        Globs adding other modules with a 2-D weight computing ``h @ W.T + b``.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Sequence[str] | None, extra_layers: Sequence[str]
+    ) -> None:
+        self.model = model
+        self.layers, self._modules = eager_layers(model, layers, extra_layers)
+        self._by_name = {layer.name: layer for layer in self.layers}
+        self.h: dict[str, torch.Tensor] = {}
+        self.z_shapes: dict[str, torch.Size] = {}
+        self._dz: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = []
+        self._verify = False
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The layer's weight as a detached ``(d_out, d_in)`` matrix."""
+        weight = self._modules[name].weight.detach()
+        return weight.reshape(weight.shape[0], -1)
+
+    def __enter__(self) -> EagerRunner:
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        for p in self._params():
+            self._saved_requires_grad.append((p, p.requires_grad))
+            p.requires_grad_(True)
+        return self
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        unique = {id(p): p for m in self._modules.values() for p in m.parameters()}
+        return list(unique.values())
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for p, flag in self._saved_requires_grad:
+            p.requires_grad_(flag)
+        self._saved_requires_grad.clear()
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        layer = self._by_name[name]
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name in self.h:
+                raise ModelError(
+                    f"layer {name!r} runs more than once per forward pass (weight reuse); "
+                    "its samples would be ambiguous, so leave it out of the layer selection"
+                )
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise ModelError(f"layer {name!r} was called without a tensor input")
+            h = args[0].detach()
+            if layer.conv is not None:
+                rows = patches(h, layer.conv)
+            else:
+                rows = h.reshape(-1, h.shape[-1]).clone()
+            if self._verify and layer.conv is None and not isinstance(module, nn.Linear):
+                self._check_linear(name, module, h, output)
+            self.h[name] = rows
+            self.z_shapes[name] = output.shape
+            if output.requires_grad:
+
+                def record(grad: torch.Tensor) -> None:
+                    self._dz[name] = grad.detach()
+
+                output.register_hook(record)
+
+        return hook
+
+    @staticmethod
+    def _check_linear(name: str, module: nn.Module, h: torch.Tensor, z: torch.Tensor) -> None:
+        expected = F.linear(h, module.weight.detach(), getattr(module, "bias", None))
+        tol = 1e-4 if z.dtype == torch.float32 else 1e-10
+        if expected.shape != z.shape or not torch.allclose(
+            expected, z.detach(), rtol=tol, atol=tol
+        ):
+            raise ModelError(
+                f"extra layer {name!r} ({type(module).__name__}) does not compute "
+                "h @ weight.T + bias; capture needs z = W h (+ b) with weight of shape "
+                "(out, in) (a transposed (in, out) weight, as in Hugging Face Conv1D, is not "
+                "supported)"
+            )
+
+    def forward(self, x: torch.Tensor, *, verify: bool = False) -> torch.Tensor:
+        """Run the model on one batch, recording ``h`` of every selected layer.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            The batch.
+        verify : bool
+            Check that extra layers compute ``h @ W.T + b``.
+        """
+        self.h.clear()
+        self.z_shapes.clear()
+        self._verify = verify
+        out = self.model(x)
+        missing = [layer.name for layer in self.layers if layer.name not in self.h]
+        if missing:
+            raise ModelError(
+                f"layers {missing} did not run in the forward pass; leave them out of the "
+                "layer selection"
+            )
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(
+                f"model returned a {type(out).__name__}; capture needs a tensor of outputs "
+                "(wrap the model so that forward returns the logits)"
+            )
+        return out
+
+    def grads(self, objective: torch.Tensor, *, retain_graph: bool) -> dict[str, torch.Tensor]:
+        """``d objective / dz`` of every selected layer as ``(samples, d_out)`` rows."""
+        self._dz.clear()
+        torch.autograd.grad(objective, self._params(), retain_graph=retain_graph, allow_unused=True)
+        out = {}
+        for layer in self.layers:
+            dz = self._dz.get(layer.name)
+            if dz is None:
+                # The objective does not depend on this layer's output.
+                dz = torch.zeros(self.z_shapes[layer.name], dtype=objective.dtype)
+            out[layer.name] = output_rows(dz, layer)
+        return out

@@ -1,0 +1,466 @@
+"""Model sources for capture: a user factory, a TorchScript archive, or a rebuilt MLP.
+
+Capture needs the architecture, which weights alone do not give. Three sources:
+
+- :func:`load_factory`: ``"pkg.module:build"`` or ``"path/to/file.py:build"``
+  names a callable returning a ``torch.nn.Module``; it is called with the
+  checkpoint's config dict when it takes one argument, else with none.
+  Importing the factory runs the user's own code, which they named.
+- :func:`load_torchscript`: a ``torch.jit`` archive. Such archives contain
+  code that runs when the model runs, so loading one needs the explicit
+  ``allow_code=True`` (CLI: a loudly named flag); never loaded by default.
+- :func:`rebuild_mlp`: for a plain state dict that is a chain of linear
+  layers, an MLP whose linear submodules keep the checkpoint's layer names.
+
+:func:`load_state_dict_strict` loads checkpoint tensors into a model,
+tolerating wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``) on
+either side and explaining every mismatch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gramlin_analyze.errors import ModelError, UnsafeCheckpointError
+from gramlin_analyze.io.names import common_wrapper_prefix, split_param_name
+
+__all__ = [
+    "ACTIVATIONS",
+    "StateDictDiff",
+    "RebuiltMLP",
+    "load_factory",
+    "load_state_dict_strict",
+    "load_torchscript",
+    "rebuild_mlp",
+]
+
+#: Activation names accepted by :func:`rebuild_mlp`.
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "identity": nn.Identity,
+}
+
+_MAX_LISTED = 10
+
+
+def _import_target(spec: str) -> Any:
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise ModelError(
+            f"model factory {spec!r} is not of the form 'pkg.module:function' or "
+            "'path/to/file.py:function'"
+        )
+    is_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+    try:
+        if is_file:
+            path = Path(module_part).expanduser().resolve()
+            if not path.is_file():
+                raise ModelError(f"model factory {spec!r}: file {str(path)!r} does not exist")
+            mod_name = f"_gramlin_factory_{abs(hash(str(path)))}"
+            mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if mod_spec is None or mod_spec.loader is None:
+                raise ModelError(f"model factory {spec!r}: {str(path)!r} is not a Python file")
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_name] = module
+            try:
+                mod_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(mod_name, None)
+                raise
+        else:
+            module = importlib.import_module(module_part)
+    except ModelError:
+        raise
+    except Exception as err:
+        raise ModelError(
+            f"model factory {spec!r}: importing {module_part!r} failed with "
+            f"{type(err).__name__}: {err} (check the module path and that it imports on its own)"
+        ) from err
+    try:
+        return getattr(module, attr)
+    except AttributeError as err:
+        public = sorted(n for n in dir(module) if not n.startswith("_"))[:_MAX_LISTED]
+        raise ModelError(
+            f"model factory {spec!r}: module {module_part!r} has no attribute {attr!r} "
+            f"(it defines e.g. {public})"
+        ) from err
+
+
+def _takes_one_argument(fn: Any) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    params = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return bool(params)
+
+
+def load_factory(spec: str, config: Mapping[str, Any] | None = None) -> nn.Module:
+    """Import a model factory and call it.
+
+    Parameters
+    ----------
+    spec : str
+        ``"pkg.module:build"`` (importable module) or ``"path/to/file.py:build"``.
+    config : Mapping, optional
+        The checkpoint's config dict, passed as the single positional argument
+        when the factory accepts one (an empty dict when None); factories
+        taking no argument are called without it.
+
+    Returns
+    -------
+    torch.nn.Module
+        The model, in eval mode.
+
+    Raises
+    ------
+    ModelError
+        If the import fails, the attribute is missing or not callable, the
+        factory raises, or it returns something other than a ``torch.nn.Module``.
+    """
+    factory = _import_target(spec)
+    if not callable(factory):
+        raise ModelError(
+            f"model factory {spec!r} is a {type(factory).__name__}, not a callable; "
+            "name a function or class that returns a torch.nn.Module"
+        )
+    try:
+        model = factory(dict(config or {})) if _takes_one_argument(factory) else factory()
+    except Exception as err:
+        raise ModelError(
+            f"model factory {spec!r} raised {type(err).__name__}: {err} "
+            "(a factory takes the checkpoint config dict as its single argument, or none)"
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"model factory {spec!r} returned a {type(model).__name__}, expected a "
+            "torch.nn.Module; return the model itself (not a state dict or a tuple)"
+        )
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class StateDictDiff:
+    """Keys compared between a model and checkpoint tensors (prefixes stripped)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        """A readable summary listing at most ten entries of each kind."""
+
+        def listed(items: list[Any]) -> str:
+            more = len(items) - _MAX_LISTED
+            return ", ".join(map(str, items[:_MAX_LISTED])) + (
+                f", … ({more} more)" if more > 0 else ""
+            )
+
+        parts = []
+        if self.missing:
+            parts.append(
+                f"missing from the checkpoint ({len(self.missing)}): {listed(self.missing)}"
+            )
+        if self.unexpected:
+            parts.append(
+                f"in the checkpoint but not the model ({len(self.unexpected)}): "
+                f"{listed(self.unexpected)}"
+            )
+        if self.mismatched:
+            shapes = [
+                f"{k} model {tuple(m)} vs checkpoint {tuple(c)}" for k, m, c in self.mismatched
+            ]
+            parts.append(f"shape mismatches ({len(shapes)}): {listed(shapes)}")
+        return "; ".join(parts)
+
+
+def _to_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    arr = np.asarray(value)
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(arr.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    tensors: Mapping[str, np.ndarray | torch.Tensor],
+    *,
+    strict: bool = True,
+) -> StateDictDiff:
+    """Load checkpoint tensors into ``model`` (in place), explaining any mismatch.
+
+    Wrapper prefixes shared by every name (``module.``, ``model.``,
+    ``_orig_mod.``) are stripped on both sides before matching; values are
+    cast to the model's dtypes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to fill.
+    tensors : Mapping of str to numpy.ndarray or torch.Tensor
+        Checkpoint tensors by name.
+    strict : bool, default True
+        When False, missing and unexpected keys are tolerated (and returned);
+        shape mismatches are always an error.
+
+    Returns
+    -------
+    StateDictDiff
+        Empty after a strict load; otherwise the tolerated differences.
+
+    Raises
+    ------
+    ModelError
+        On mismatch, listing missing keys, unexpected keys and shape
+        mismatches (at most ten of each).
+    """
+    model_sd = model.state_dict()
+    m_prefix = common_wrapper_prefix(model_sd)
+    t_prefix = common_wrapper_prefix(tensors)
+    model_keys = {k[len(m_prefix) :]: k for k in model_sd}
+    ckpt_keys = {k[len(t_prefix) :]: k for k in tensors}
+    missing = sorted(set(model_keys) - set(ckpt_keys))
+    unexpected = sorted(set(ckpt_keys) - set(model_keys))
+    mismatched = []
+    for key in sorted(set(model_keys) & set(ckpt_keys)):
+        m_shape = tuple(model_sd[model_keys[key]].shape)
+        c_shape = tuple(np.shape(tensors[ckpt_keys[key]]))
+        if m_shape != c_shape:
+            mismatched.append((key, m_shape, c_shape))
+    diff = StateDictDiff(missing=missing, unexpected=unexpected, mismatched=mismatched)
+    if mismatched or (strict and diff):
+        raise ModelError(
+            f"checkpoint tensors do not fit the model {type(model).__name__}: {diff.describe()} "
+            "(check that the model factory builds the architecture that was trained, "
+            "with the same sizes)"
+        )
+    remapped = {
+        model_keys[k]: _to_tensor(tensors[ckpt_keys[k]]) for k in set(model_keys) & set(ckpt_keys)
+    }
+    model.load_state_dict(remapped, strict=False)
+    return diff
+
+
+def load_torchscript(path: str | Path, *, allow_code: bool = False) -> torch.jit.ScriptModule:
+    """Load a TorchScript archive on the CPU.
+
+    TorchScript archives contain code (the compiled ``forward`` and every
+    method) that runs when the model runs. Loading one is therefore the
+    user's explicit choice: ``allow_code=True`` (on the CLI a loudly named
+    flag). Only archives from a trusted source should be loaded.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The ``torch.jit.save`` archive.
+    allow_code : bool, default False
+        Must be True; the default refuses.
+
+    Returns
+    -------
+    torch.jit.ScriptModule
+        The module, in eval mode. Capture runs it through its inlined graph
+        (hooks are not available on script modules).
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        Without ``allow_code=True``.
+    ModelError
+        If the file is missing or not a TorchScript archive.
+    """
+    path = Path(path)
+    if not allow_code:
+        raise UnsafeCheckpointError(
+            f"TorchScript archive {str(path)!r} contains code that runs with the model; "
+            "load it only if you trust its source, by passing allow_code=True "
+            "(CLI: --allow-torchscript-code)"
+        )
+    if not path.is_file():
+        raise ModelError(f"TorchScript archive {str(path)!r} does not exist")
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as err:
+        raise ModelError(
+            f"{str(path)!r} is not a loadable TorchScript archive ({err}); "
+            "save the model with torch.jit.save(torch.jit.script(model), path)"
+        ) from err
+    return module.eval()
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name)]
+
+
+def _chain_by_shapes(shapes: dict[str, tuple[int, int]]) -> list[str] | None:
+    """The unique order in which each layer's input size is the previous output size."""
+    remaining = dict(shapes)
+    outs = [s[0] for s in shapes.values()]
+    starts = [n for n, (_, d_in) in shapes.items() if d_in not in outs]
+    if len(starts) != 1:
+        return None
+    order = [starts[0]]
+    del remaining[starts[0]]
+    while remaining:
+        d_out = shapes[order[-1]][0]
+        nxt = [n for n, (_, d_in) in remaining.items() if d_in == d_out]
+        if len(nxt) != 1:
+            return None
+        order.append(nxt[0])
+        del remaining[nxt[0]]
+    return order
+
+
+class RebuiltMLP(nn.Module):
+    """A chain of ``nn.Linear`` layers under their checkpoint names.
+
+    Linear submodules sit at their original dotted paths (``encoder.fc1`` is
+    ``self.encoder.fc1``), so capture's layer names equal the store's. The
+    activation runs between linear layers, not after the last. Inputs with
+    more than two dimensions are flattened per sample.
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Linear]], activation: str) -> None:
+        super().__init__()
+        self.layer_names = [name for name, _ in layers]
+        self.activation_name = activation
+        self._act = ACTIVATIONS[activation]()
+        for name, linear in layers:
+            parent: nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in parent._modules:
+                    self._check_free(parent, part, name)
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]
+            self._check_free(parent, leaf, name)
+            parent.add_module(leaf, linear)
+
+    @staticmethod
+    def _check_free(parent: nn.Module, part: str, name: str) -> None:
+        if part in parent._modules or hasattr(parent, part):
+            raise ModelError(
+                f"cannot rebuild an MLP: layer name {name!r} collides with the attribute "
+                f"{part!r} of {type(parent).__name__}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the chain; flatten per-sample inputs of rank > 1 first."""
+        if x.dim() > 2:
+            x = x.flatten(1)
+        last = len(self.layer_names) - 1
+        for i, name in enumerate(self.layer_names):
+            x = self.get_submodule(name)(x)
+            if i < last:
+                x = self._act(x)
+        return x
+
+
+def rebuild_mlp(
+    tensors: Mapping[str, np.ndarray | torch.Tensor], *, activation: str = "relu"
+) -> RebuiltMLP:
+    """Rebuild an MLP from a plain state dict of linear layers.
+
+    Layers are ordered by the natural order of their names (``layers.2``
+    before ``layers.10``); when that order does not chain (each layer's input
+    size equal to the previous layer's output size), the unique chain by
+    shapes is used. Wrapper prefixes are stripped; weights are in the
+    PyTorch ``(out, in)`` orientation that every gramlin reader produces.
+
+    Parameters
+    ----------
+    tensors : Mapping of str to numpy.ndarray or torch.Tensor
+        ``<layer>.weight`` (2-D) and optional ``<layer>.bias`` (1-D) entries only.
+    activation : {"relu", "gelu", "tanh", "sigmoid", "silu", "identity"}
+        Applied between linear layers, not after the last.
+
+    Returns
+    -------
+    RebuiltMLP
+        In eval mode, with the dtype of the weights.
+
+    Raises
+    ------
+    ModelError
+        If the tensors are not a chain of linear layers, or the activation is unknown.
+    """
+    if activation not in ACTIVATIONS:
+        raise ModelError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    if not tensors:
+        raise ModelError("cannot rebuild an MLP from an empty state dict")
+    prefix = common_wrapper_prefix(tensors)
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        layer, role = split_param_name(name, prefix)
+        if role not in ("weight", "bias"):
+            raise ModelError(
+                f"cannot rebuild an MLP: tensor {name!r} is neither a weight nor a bias; "
+                "pass a model factory for architectures other than a plain linear chain"
+            )
+        params.setdefault(layer, {})[role] = _to_tensor(value)
+    shapes = {}
+    for layer, p in params.items():
+        weight, bias = p.get("weight"), p.get("bias")
+        if weight is None or weight.dim() != 2:
+            raise ModelError(
+                f"cannot rebuild an MLP: layer {layer!r} has "
+                + (
+                    "no weight"
+                    if weight is None
+                    else f"a {weight.dim()}-D weight {tuple(weight.shape)}"
+                )
+                + "; only 2-D linear weights chain into an MLP (use a model factory)"
+            )
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ModelError(
+                f"cannot rebuild an MLP: layer {layer!r} has bias {tuple(bias.shape)} for "
+                f"weight {tuple(weight.shape)}"
+            )
+        shapes[layer] = (int(weight.shape[0]), int(weight.shape[1]))
+    order = sorted(params, key=_natural_key)
+    if any(shapes[a][0] != shapes[b][1] for a, b in zip(order, order[1:], strict=False)):
+        order = _chain_by_shapes(shapes)
+        if order is None:
+            raise ModelError(
+                "cannot rebuild an MLP: the linear layers do not form one chain "
+                f"(layer -> (out, in): {shapes}); pass a model factory instead"
+            )
+    layers = []
+    for layer in order:
+        weight = params[layer]["weight"]
+        bias = params[layer].get("bias")
+        linear = nn.Linear(shapes[layer][1], shapes[layer][0], bias=bias is not None)
+        # Capture computes in float32 or float64; half-precision weights are widened.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        linear = linear.to(dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        layers.append((layer, linear))
+    return RebuiltMLP(layers, activation).eval()
