@@ -1,0 +1,177 @@
+"""Hugging Face ``Trainer`` checkpoint directories (``checkpoint-N/``).
+
+``transformers.Trainer`` saves each checkpoint as a directory holding the
+model weights in one of four layouts (``model.safetensors``, sharded
+safetensors with ``model.safetensors.index.json``, ``pytorch_model.bin``,
+or sharded ``pytorch_model.bin.index.json``) beside ``trainer_state.json``
+(``global_step``, ``epoch``, ``log_history``) and the optimizer, scheduler
+and RNG states. Only the weights and ``trainer_state.json`` are read; the
+weights go through the safetensors and PyTorch readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from gramlin_analyze.errors import CheckpointFormatError
+from gramlin_analyze.io.base import CheckpointHandle, CheckpointMeta, CheckpointReader, TensorInfo
+from gramlin_analyze.io.safetensors import (
+    SafetensorsReader,
+    ShardedIndexReader,
+    ShardedSafetensorsReader,
+)
+from gramlin_analyze.io.torch_pickle import TorchPickleReader, as_float, as_int
+
+__all__ = ["HFTrainerReader", "TRAINER_STATE", "read_trainer_state"]
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class _ShardedTorchReader(ShardedIndexReader):
+    """Sharded ``pytorch_model-0000k-of-0000n.bin`` files listed by their index."""
+
+    name = "torch-sharded"
+    index_name = "pytorch_model.bin.index.json"
+    index_suffix = ".bin.index.json"
+    shard_reader = TorchPickleReader()
+
+
+#: Weight layouts, in the order transformers prefers them when loading.
+_WEIGHT_LAYOUTS: tuple[tuple[str, CheckpointReader], ...] = (
+    ("model.safetensors", SafetensorsReader()),
+    ("model.safetensors.index.json", ShardedSafetensorsReader()),
+    ("pytorch_model.bin", TorchPickleReader()),
+    ("pytorch_model.bin.index.json", _ShardedTorchReader()),
+)
+
+
+def read_trainer_state(path: os.PathLike | str) -> dict | None:
+    """The parsed ``trainer_state.json`` of a checkpoint directory, None when absent."""
+    state_file = Path(path) / TRAINER_STATE
+    try:
+        doc = json.loads(state_file.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointFormatError(
+            f"{state_file}: not valid JSON ({err}); the file is truncated or corrupt; re-copy "
+            "the checkpoint directory"
+        ) from err
+    if not isinstance(doc, Mapping):
+        raise CheckpointFormatError(
+            f"{state_file}: expected a JSON object as written by transformers' TrainerState, "
+            f"found {type(doc).__name__}; re-copy the checkpoint directory"
+        )
+    return dict(doc)
+
+
+def _learning_rate(state: Mapping, step: int | None) -> float | None:
+    """Learning rate of the last ``log_history`` entry logged at or before ``step``."""
+    history = state.get("log_history")
+    if not isinstance(history, list):
+        return None
+    for entry in reversed(history):
+        if not isinstance(entry, Mapping) or "learning_rate" not in entry:
+            continue
+        logged_at = as_int(entry.get("step"))
+        if step is None or logged_at is None or logged_at <= step:
+            return as_float(entry["learning_rate"])
+    return None
+
+
+class HFTrainerHandle(CheckpointHandle):
+    """An open ``checkpoint-N/`` directory, delegating to the handle of its weights."""
+
+    def __init__(self, reader: HFTrainerReader, path: os.PathLike | str):
+        super().__init__(reader, path)
+        self.reader: HFTrainerReader = reader
+        self._weights: CheckpointHandle | None = None
+
+    def _opened(self) -> CheckpointHandle:
+        if self._weights is None:
+            weights_reader, weights_path = self.reader.weights(self.path)
+            self._weights = weights_reader.open(weights_path)
+        return self._weights
+
+    def list_tensors(self) -> dict[str, TensorInfo]:
+        return self._opened().list_tensors()
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        return self._opened().read_tensor(name)
+
+    def close(self) -> None:
+        if self._weights is not None:
+            self._weights.close()
+            self._weights = None
+        super().close()
+
+
+class HFTrainerReader(CheckpointReader):
+    """Reader for ``transformers.Trainer`` checkpoint directories.
+
+    ``path`` is the ``checkpoint-N/`` directory. Weights are read from
+    ``model.safetensors``, a sharded safetensors index, ``pytorch_model.bin``
+    or a sharded ``pytorch_model.bin`` index, preferred in that order.
+
+    Notes
+    -----
+    Metadata comes from ``trainer_state.json``: ``global_step`` as the step,
+    ``epoch``, and the ``learning_rate`` of the last ``log_history`` entry
+    logged at or before that step. :meth:`files` lists the weight files and
+    ``trainer_state.json``, not the optimizer, scheduler or RNG states.
+    """
+
+    name = "hf-trainer"
+    is_directory_format = True
+
+    def weights(self, path: os.PathLike | str) -> tuple[CheckpointReader, Path]:
+        """The reader and path of the model weights in a checkpoint directory."""
+        directory = Path(path)
+        for filename, reader in _WEIGHT_LAYOUTS:
+            if (directory / filename).is_file():
+                return reader, directory / filename
+        looked_for = ", ".join(filename for filename, _ in _WEIGHT_LAYOUTS)
+        raise CheckpointFormatError(
+            f"{directory}: no model weights found (looked for {looked_for}); pass the "
+            "checkpoint directory that holds them, or save the model with trainer.save_model()"
+        )
+
+    def guess_can_read(self, path: os.PathLike | str) -> bool:
+        directory = Path(path)
+        return (
+            directory.is_dir()
+            and (directory / TRAINER_STATE).is_file()
+            and any((directory / filename).is_file() for filename, _ in _WEIGHT_LAYOUTS)
+        )
+
+    def open(self, path: os.PathLike | str) -> HFTrainerHandle:
+        return HFTrainerHandle(self, path)
+
+    def list_tensors(self, path: os.PathLike | str) -> dict[str, TensorInfo]:
+        with self.open(path) as handle:
+            return handle.list_tensors()
+
+    def read_tensor(self, path: os.PathLike | str, name: str) -> np.ndarray:
+        with self.open(path) as handle:
+            return handle.read_tensor(name)
+
+    def read_metadata(self, path: os.PathLike | str) -> CheckpointMeta:
+        state = read_trainer_state(path)
+        if state is None:
+            return CheckpointMeta()
+        step = as_int(state.get("global_step"))
+        return CheckpointMeta(
+            step=step, epoch=as_float(state.get("epoch")), lr=_learning_rate(state, step)
+        )
+
+    def files(self, path: os.PathLike | str) -> list[Path]:
+        """The weight files and ``trainer_state.json``."""
+        weights_reader, weights_path = self.weights(path)
+        state_file = Path(path) / TRAINER_STATE
+        extra = [state_file] if state_file.is_file() else []
+        return [*weights_reader.files(weights_path), *extra]

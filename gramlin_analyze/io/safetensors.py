@@ -1,0 +1,282 @@
+"""Safetensors checkpoints: one ``.safetensors`` file, or shards listed by an index.
+
+Names, dtypes and shapes come from the file header through
+:func:`safetensors.safe_open`, without reading tensor bytes; one tensor's
+bytes are read when asked for. Sharded checkpoints follow the Hugging Face
+layout: ``model.safetensors.index.json`` maps every tensor name to the shard
+file holding it (``weight_map``); :class:`ShardedIndexReader` implements that
+layout for any shard format and is reused for sharded ``pytorch_model.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from gramlin_analyze.errors import CheckpointFormatError
+from gramlin_analyze.io.base import CheckpointHandle, CheckpointReader, TensorInfo
+from gramlin_analyze.io.torch_pickle import missing_tensor_error, tensor_to_numpy
+
+__all__ = [
+    "SafetensorsReader",
+    "ShardedSafetensorsReader",
+    "ShardedIndexReader",
+    "ShardIndex",
+    "read_shard_index",
+]
+
+#: safetensors dtype codes -> the dtype names TensorInfo records (torch's names).
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "C64": "complex64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"{path}: not a readable safetensors file ({err}); the file is truncated or corrupt; "
+        "re-save or re-copy the checkpoint"
+    )
+
+
+class SafetensorsHandle(CheckpointHandle):
+    """An open ``.safetensors`` file: the header is parsed once, tensors read on request."""
+
+    def __init__(self, reader: CheckpointReader, path: os.PathLike | str):
+        super().__init__(reader, path)
+        self._file = None
+
+    def _opened(self):
+        if self._file is None:
+            try:
+                self._file = safe_open(str(self.path), framework="pt")
+            except SafetensorError as err:
+                raise _unreadable(self.path, err) from err
+        return self._file
+
+    def list_tensors(self) -> dict[str, TensorInfo]:
+        if self._tensors is None:
+            f = self._opened()
+            infos = {}
+            for name in f.keys():
+                header = f.get_slice(name)
+                dtype = header.get_dtype()
+                infos[name] = TensorInfo(
+                    name=name,
+                    shape=tuple(int(s) for s in header.get_shape()),
+                    dtype=_DTYPES.get(dtype, dtype.lower()),
+                )
+            self._tensors = infos
+        return self._tensors
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        infos = self.list_tensors()
+        if name not in infos:
+            raise missing_tensor_error(name, self.path, list(infos))
+        try:
+            tensor = self._opened().get_tensor(name)
+        except SafetensorError as err:
+            raise _unreadable(self.path, err) from err
+        # get_tensor copies the bytes out of the memory map, so no second copy is needed.
+        return tensor_to_numpy(tensor, copy=False)
+
+    def close(self) -> None:
+        self._file = None
+        super().close()
+
+
+class SafetensorsReader(CheckpointReader):
+    """Reader for a single ``.safetensors`` file.
+
+    Listing tensors reads only the header. bfloat16 and float8 tensors are
+    returned as float32 (NumPy has no such dtypes); :class:`TensorInfo` keeps
+    the stored dtype.
+    """
+
+    name = "safetensors"
+    suffixes = (".safetensors",)
+
+    def open(self, path: os.PathLike | str) -> SafetensorsHandle:
+        return SafetensorsHandle(self, path)
+
+    def list_tensors(self, path: os.PathLike | str) -> dict[str, TensorInfo]:
+        with self.open(path) as handle:
+            return handle.list_tensors()
+
+    def read_tensor(self, path: os.PathLike | str, name: str) -> np.ndarray:
+        with self.open(path) as handle:
+            return handle.read_tensor(name)
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A parsed shard index: the index file and, per tensor name, its shard."""
+
+    path: Path
+    weight_map: dict[str, Path]
+
+    @property
+    def shards(self) -> list[Path]:
+        """Every shard file, each once, in the order the index first names it."""
+        return list(dict.fromkeys(self.weight_map.values()))
+
+
+def read_shard_index(index_path: os.PathLike | str) -> ShardIndex:
+    """Parse a Hugging Face ``*.index.json`` (``{"metadata": ..., "weight_map": {...}}``)."""
+    index_path = Path(index_path)
+    fix = "re-copy the index file together with its shards"
+    try:
+        doc = json.loads(index_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointFormatError(
+            f"{index_path}: not a valid shard index ({err}); it is truncated or corrupt; {fix}"
+        ) from err
+    weight_map = doc.get("weight_map") if isinstance(doc, Mapping) else None
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointFormatError(
+            f"{index_path}: not a shard index: it has no 'weight_map' naming each tensor's "
+            f"shard file; {fix}"
+        )
+    resolved: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        # Shards sit beside their index; a path elsewhere is malformed (or an attempt
+        # to make the reader open an unrelated file).
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise CheckpointFormatError(
+                f"{index_path}: weight_map entry {name!r} -> {shard!r} is not a file name in "
+                f"the index's directory; {fix}"
+            )
+        resolved[str(name)] = index_path.parent / shard
+    return ShardIndex(index_path, resolved)
+
+
+class ShardedHandle(CheckpointHandle):
+    """An open sharded checkpoint: the index is parsed once, each shard opened on first use."""
+
+    def __init__(self, reader: ShardedIndexReader, path: os.PathLike | str):
+        super().__init__(reader, path)
+        self.reader: ShardedIndexReader = reader
+        self._index: ShardIndex | None = None
+        self._shards: dict[Path, CheckpointHandle] = {}
+
+    @property
+    def index(self) -> ShardIndex:
+        if self._index is None:
+            self._index = read_shard_index(self.reader.index_path(self.path))
+        return self._index
+
+    def _shard(self, shard: Path) -> CheckpointHandle:
+        if shard not in self._shards:
+            if not shard.is_file():
+                raise CheckpointFormatError(
+                    f"{self.index.path}: shard {shard.name} named in the index is missing from "
+                    f"{shard.parent}; re-copy the complete checkpoint"
+                )
+            self._shards[shard] = self.reader.shard_reader.open(shard)
+        return self._shards[shard]
+
+    def list_tensors(self) -> dict[str, TensorInfo]:
+        if self._tensors is None:
+            by_shard: dict[Path, dict[str, TensorInfo]] = {}
+            for shard in self.index.shards:
+                by_shard[shard] = self._shard(shard).list_tensors()
+            infos = {}
+            for name, shard in self.index.weight_map.items():
+                if name not in by_shard[shard]:
+                    raise CheckpointFormatError(
+                        f"{self.index.path}: the index puts {name!r} in {shard.name}, which does "
+                        "not hold it; the shards do not belong to this index; re-copy the "
+                        "complete checkpoint"
+                    )
+                infos[name] = by_shard[shard][name]
+            self._tensors = infos
+        return self._tensors
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        shard = self.index.weight_map.get(name)
+        if shard is None:
+            raise missing_tensor_error(name, self.index.path, list(self.index.weight_map))
+        return self._shard(shard).read_tensor(name)
+
+    def close(self) -> None:
+        for handle in self._shards.values():
+            handle.close()
+        self._shards.clear()
+        self._index = None
+        super().close()
+
+
+class ShardedIndexReader(CheckpointReader):
+    """Weights split over shard files by a Hugging Face index (``weight_map``).
+
+    ``path`` is the index file or the directory holding :attr:`index_name`.
+    Subclasses set :attr:`index_name`, :attr:`index_suffix` and
+    :attr:`shard_reader`, the reader of one shard.
+    """
+
+    is_directory_format = True
+    index_name: str = ""
+    index_suffix: str = ""
+    shard_reader: CheckpointReader
+
+    def index_path(self, path: os.PathLike | str) -> Path:
+        """The index file of a checkpoint given as the index or its directory."""
+        p = Path(path)
+        return p / self.index_name if p.is_dir() else p
+
+    def guess_can_read(self, path: os.PathLike | str) -> bool:
+        p = Path(path)
+        if p.is_dir():
+            return (p / self.index_name).is_file()
+        return p.is_file() and p.name.endswith(self.index_suffix)
+
+    def open(self, path: os.PathLike | str) -> ShardedHandle:
+        return ShardedHandle(self, path)
+
+    def list_tensors(self, path: os.PathLike | str) -> dict[str, TensorInfo]:
+        with self.open(path) as handle:
+            return handle.list_tensors()
+
+    def read_tensor(self, path: os.PathLike | str, name: str) -> np.ndarray:
+        with self.open(path) as handle:
+            return handle.read_tensor(name)
+
+    def files(self, path: os.PathLike | str) -> list[Path]:
+        """The index and every shard it names."""
+        index = read_shard_index(self.index_path(path))
+        return [index.path, *index.shards]
+
+
+class ShardedSafetensorsReader(ShardedIndexReader):
+    """Reader for sharded safetensors (``model.safetensors.index.json`` + shards).
+
+    ``path`` is the ``*.safetensors.index.json`` file or a directory holding
+    ``model.safetensors.index.json``. Listing reads each shard's header only.
+    """
+
+    name = "safetensors-sharded"
+    index_name = "model.safetensors.index.json"
+    index_suffix = ".safetensors.index.json"
+    shard_reader = SafetensorsReader()
