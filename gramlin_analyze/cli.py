@@ -89,7 +89,7 @@ def cmd_scan(args) -> int:
     sources = scan(args.directory, format=args.format, order=args.order, reader_options=opts)
     table = Table(title=f"{len(sources)} checkpoints in {args.directory}")
     for col in ("step", "format", "files", "size", "#tensors", "path"):
-        table.add_column(col, justify="right" if col in ("step", "files", "size", "#tensors") else "left")
+        table.add_column(col, justify="right" if col in ("step", "files", "size", "#tensors") else "left", overflow="fold", no_wrap=col != "path")
     failed = 0
     for s in sources:
         try:

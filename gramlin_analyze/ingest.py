@@ -139,6 +139,15 @@ def _check_against(layers: dict[str, LayerSpec], template: dict) -> str | None:
 # -- the task ----------------------------------------------------------------------
 
 
+def count_nonfinite(a: np.ndarray) -> int:
+    """NaN/Inf count; a sum is ~15x cheaper than ``isfinite`` and is finite
+    exactly when every value is (barring overflow, which falls back to the count)."""
+    with np.errstate(all="ignore"):
+        if np.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)):
+            return 0
+    return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
 def _file_state(files: list[str]) -> list[tuple[int, int]]:
     out = []
     for f in files:
@@ -189,12 +198,12 @@ def ingest_one(
                         f"{path}: tensor {spec.weight!r} read with shape {w.shape}, listed as {shape}"
                     )
                 w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
-                nonfinite = int(w.size - np.count_nonzero(np.isfinite(w)))
+                nonfinite = count_nonfinite(w)
                 grp["weight"][index] = w
                 del w
                 if has_bias:
                     b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
-                    nonfinite += int(b.size - np.count_nonzero(np.isfinite(b)))
+                    nonfinite += count_nonfinite(b)
                     grp["bias"][index] = b
                 grp["nonfinite"][index] = nonfinite
                 total_nonfinite += nonfinite
@@ -403,13 +412,16 @@ def ingest(
         pos = gs.set_step_axis(np.asarray(new_steps, dtype=np.int64))
         stored_dtypes = {n: dict(gs.layer(n).attrs)["stored_dtype"] for n in gs.layer_names()}
 
-        for src in todo:
-            gs.write_rows(
-                pos[src.step], source_path=str(src.path), format=src.format,
-                fingerprint=src.fingerprint, bytes=src.bytes, status="pending",
-            )
+        gs.write_rows(
+            [pos[s.step] for s in todo],
+            source_path=[str(s.path) for s in todo], format=[s.format for s in todo],
+            fingerprint=[s.fingerprint for s in todo], bytes=[s.bytes for s in todo],
+            status="pending",
+        )
+        gs.write_rows(
+            [pos[s] for s in plan_errors], error=list(plan_errors.values()), status="failed"
+        )
         for step, msg in plan_errors.items():
-            gs.write_rows(pos[step], error=msg, status="failed")
             report.failed[step] = msg
             if on_error:
                 on_error(msg)

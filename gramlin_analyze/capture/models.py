@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,7 +305,10 @@ def load_torchscript(path: str | Path, *, allow_code: bool = False) -> torch.jit
     if not path.is_file():
         raise ModelError(f"TorchScript archive {str(path)!r} does not exist")
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch 2.9+ deprecates TorchScript; the user chose this source explicitly.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+            module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError, OSError) as err:
         raise ModelError(
             f"{str(path)!r} is not a loadable TorchScript archive ({err}); "

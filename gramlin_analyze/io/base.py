@@ -39,8 +39,19 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        itemsize = 2 if self.dtype == "bfloat16" else np.dtype(self.dtype).itemsize
-        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element, including dtypes NumPy lacks (bfloat16, float8_*)."""
+    if dtype == "bfloat16":
+        return 2
+    if dtype.startswith("float8"):
+        return 1
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:
+        return 4
 
 
 def converted_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:

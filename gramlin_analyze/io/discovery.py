@@ -281,10 +281,22 @@ def scan(
     return _resolve_steps(sources, order)
 
 
+_VERSIONED = re.compile(r"-v(\d+)(?=(\.[^/]*)?$)")
+
+
+def _name_key(s: CheckpointSource) -> tuple[str, int]:
+    """Sort key by name where Lightning's ``x-v1.ckpt`` comes after ``x.ckpt``."""
+    path = str(s.path)
+    m = _VERSIONED.search(path)
+    if m:
+        return (path[: m.start()] + path[m.end() :], int(m.group(1)))
+    return (path, 0)
+
+
 def _order_key(order: str):
     if order == "mtime":
-        return lambda s: (s.mtime, str(s.path))
-    return lambda s: str(s.path)
+        return lambda s: (s.mtime, _name_key(s))
+    return _name_key
 
 
 class ScanResult(list):

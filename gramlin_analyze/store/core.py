@@ -310,22 +310,35 @@ class GramlinStore:
     # -- manifest rows ----------------------------------------------------------------
 
     def write_rows(self, index: int | list[int], **fields: Any) -> None:
-        """Write manifest fields of one or more rows; ``status`` is written last."""
+        """Write manifest fields of one or more rows; ``status`` is written last.
+
+        Each field is a value for every row, or a sequence with one value per
+        row. Columns are rewritten whole: the manifest is small, and one write
+        per column beats one read-modify-write per row.
+        """
         g = self.root[L.STEPS]
-        idx = [index] if isinstance(index, int) else list(index)
+        idx = [index] if isinstance(index, int | np.integer) else list(index)
+        if not idx:
+            return
         status = fields.pop("status", None)
-        for name, value in fields.items():
+        items = list(fields.items()) + ([("status", status)] if status is not None else [])
+        for name, value in items:
             if name not in L.MANIFEST:
                 raise KeyError(f"unknown manifest field {name!r}")
-            values = value if isinstance(value, list | tuple | np.ndarray) and len(idx) > 1 else [value] * len(idx)
+            if isinstance(value, list | tuple | np.ndarray):
+                if len(value) != len(idx):
+                    raise ValueError(f"{name}: {len(value)} values for {len(idx)} rows")
+                values = list(value)
+            else:
+                values = [value] * len(idx)
+            if name == "status" and any(v not in L.STATUSES for v in values):
+                raise ValueError(f"bad status in {values!r}")
+            arr = g[name]
+            col = arr[:]
+            col = np.asarray(col, dtype=object) if L.MANIFEST[name][0] is str else np.array(col)
             for i, v in zip(idx, values, strict=True):
-                g[name][i] = _coerce(name, v)
-        if status is not None:
-            values = status if isinstance(status, list | tuple) else [status] * len(idx)
-            for i, v in zip(idx, values, strict=True):
-                if v not in L.STATUSES:
-                    raise ValueError(f"bad status {v!r}")
-                g["status"][i] = v
+                col[i] = _coerce(name, v)
+            arr[:] = col
 
     # -- layers -----------------------------------------------------------------------
 

@@ -1,0 +1,527 @@
+"""Target Linearity (TL), its null baseline, and the TL surrogate / kernel-target alignment.
+
+``TL_lambda(H, Y) = 1 - ||Y_c - H B||_F^2 / ||Y_c||_F^2`` with
+``B = (H^T H + lambda I)^+ H^T Y_c``: the pooled R^2 of a linear (ridge)
+regression of the column-centered targets on the layer input ``H`` (uncentered,
+no intercept by default, as in the paper).
+
+Everything is computed from float64 sufficient statistics summed over sample
+blocks in one pass: ``N``, ``sum H``, ``sum Y``, ``H^T H``, ``H^T Y`` and
+``Y^T Y``. Centering of the targets (and, as an option, of the features) is an
+algebraic correction of those sums, e.g. ``H^T Y_c = H^T Y - (sum H)(sum Y)^T / N``;
+the ``N x N`` kernel is never formed.
+
+Inputs: features ``h`` with dims ``(..., "sample", "in")``; either integer
+class ``labels`` with dims ``("sample",)`` (one-hot encoded, ``C`` classes) or
+real ``targets`` with dims ``("sample", "target")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xarray as xr
+
+from gramlin_analyze.reducers._common import (
+    STAT_DIM,
+    FloatArray,
+    apply,
+    as_float64,
+    batch_bad,
+    default_rtol,
+    eigh_desc,
+    is_dask,
+    layout_size,
+    pack,
+    poison,
+    quiet,
+    require_dims,
+    stream_sum,
+    sym,
+    unpack,
+)
+
+__all__ = [
+    "one_hot_np",
+    "tl_stats_np",
+    "target_linearity_from_stats_np",
+    "target_linearity_np",
+    "target_linearity",
+    "tl_null",
+    "tl_surrogate",
+]
+
+STAT_NAMES = ("n", "sum_h", "sum_y", "hh", "hy", "yy")
+
+
+def _layout(d: int, c: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [
+        ("n", (1,)),
+        ("sum_h", (d,)),
+        ("sum_y", (c,)),
+        ("hh", (d, d)),
+        ("hy", (d, c)),
+        ("yy", (c, c)),
+    ]
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    return np.swapaxes(a, -1, -2)
+
+
+@quiet
+def one_hot_np(labels: npt.ArrayLike, n_classes: int) -> FloatArray:
+    """One-hot rows for integer class labels; a row of NaN for an invalid label.
+
+    Labels must be integers in ``[0, n_classes)``; anything else (negative,
+    too large, fractional, NaN) gives NaN so that results depending on it are
+    NaN rather than silently wrong.
+
+    Examples
+    --------
+    >>> one_hot_np([0, 2, 5], 3)
+    array([[ 1.,  0.,  0.],
+           [ 0.,  0.,  1.],
+           [nan, nan, nan]])
+    """
+    lab = np.asarray(labels)
+    if np.issubdtype(lab.dtype, np.integer):
+        valid = (lab >= 0) & (lab < n_classes)
+        idx = np.where(valid, lab, 0).astype(np.intp)
+    else:
+        labf = lab.astype(np.float64)
+        valid = np.isfinite(labf) & (labf >= 0) & (labf < n_classes) & (labf == np.round(labf))
+        idx = np.where(valid, labf, 0).astype(np.intp)
+    out = (idx[..., None] == np.arange(n_classes)).astype(np.float64)
+    out[~valid] = np.nan
+    return out
+
+
+@quiet
+def tl_stats_np(h: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
+    """Additive sufficient statistics of TL over the sample axis.
+
+    Parameters
+    ----------
+    h : array_like, shape (..., n_samples, d)
+        Features (layer inputs).
+    y : array_like, shape (..., n_samples, c)
+        Targets (one-hot labels or real targets), not centered.
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``n`` (..., 1), ``sum_h`` (..., d), ``sum_y`` (..., c), ``hh = H^T H``
+        (..., d, d), ``hy = H^T Y`` (..., d, c), ``yy = Y^T Y`` (..., c, c).
+        Summing the statistics of sample blocks gives those of their union.
+        All NaN for a batch entry with a NaN/Inf.
+
+    Examples
+    --------
+    >>> s = tl_stats_np([[1.0], [2.0]], [[0.0], [1.0]])
+    >>> float(s["n"][0]), s["hy"]
+    (2.0, array([[2.]]))
+    """
+    h, y = as_float64(h), as_float64(y)
+    lead = np.broadcast_shapes(h.shape[:-2], y.shape[:-2])
+    bad = np.broadcast_to(batch_bad(h, 2) | batch_bad(y, 2), lead)
+    parts = {
+        "n": np.full(lead + (1,), float(h.shape[-2])),
+        "sum_h": h.sum(axis=-2),
+        "sum_y": y.sum(axis=-2),
+        "hh": sym(_t(h) @ h),
+        "hy": _t(h) @ y,
+        "yy": sym(_t(y) @ y),
+    }
+    out = {}
+    for name, value in parts.items():
+        core = _core(name)
+        full = np.array(np.broadcast_to(value, lead + value.shape[value.ndim - core :]))
+        out[name] = poison(full, bad, core)
+    return out
+
+
+def _core(name: str) -> int:
+    return 2 if name in ("hh", "hy", "yy") else 1
+
+
+def _pca_project(hh: FloatArray, sh: FloatArray, hy: FloatArray, n: FloatArray, k: int):
+    """Features ``H P``: ``P`` = top-``k`` principal axes of the centered features."""
+    cov = hh - sh[..., :, None] * sh[..., None, :] / n[..., None, None]
+    _, vecs = eigh_desc(cov)
+    p = vecs[..., :, :k]
+    return sym(_t(p) @ hh @ p), (_t(p) @ sh[..., :, None])[..., 0], _t(p) @ hy
+
+
+@quiet
+def target_linearity_from_stats_np(
+    stats: Mapping[str, npt.ArrayLike],
+    *,
+    lam: float = 0.0,
+    center_features: bool = False,
+    intercept: bool = False,
+    pca_components: int | None = None,
+    rcond: float | None = None,
+) -> FloatArray:
+    """TL from the summed statistics of :func:`tl_stats_np`.
+
+    ``RSS = ||Y_c||^2 - 2 tr(B^T H^T Y_c) + tr(B^T H^T H B)`` with
+    ``B = (H^T H + lambda I)^+ H^T Y_c``. The system is Jacobi-scaled (unit
+    diagonal) and solved by ``eigh`` with eigenvalues below
+    ``rcond * max eigenvalue`` treated as zero: a pseudo-inverse for
+    rank-deficient ``H^T H`` (e.g. features that are linear combinations of
+    others, or ``d >= N``), never an added jitter.
+
+    Parameters
+    ----------
+    stats : mapping
+        ``n, sum_h, sum_y, hh, hy, yy`` with shared leading (batch) axes.
+    lam : float
+        Ridge penalty ``lambda >= 0`` (on the feature weights, not the intercept).
+    center_features : bool
+        Regress on ``H`` minus its column means.
+    intercept : bool
+        Append an unpenalized constant feature. With centered targets this
+        gives the same TL as ``center_features``.
+    pca_components : int, optional
+        Replace ``H`` by ``H P`` with ``P`` its top principal axes (of the
+        centered features) before the regression, as the paper's code does
+        for wide layers.
+    rcond : float, optional
+        Relative eigenvalue cutoff; default ``10 * d * eps``.
+
+    Returns
+    -------
+    numpy.ndarray
+        TL per batch entry; NaN when ``||Y_c|| = 0`` or a statistic is NaN/Inf.
+        Not clipped: round-off may put it a few ulps outside ``[0, 1]``.
+
+    Examples
+    --------
+    >>> h = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.5]]
+    >>> y = [[1.0], [0.0], [1.0], [2.0]]
+    >>> round(float(target_linearity_from_stats_np(tl_stats_np(h, y))), 6)
+    0.763158
+    """
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    s = {k: as_float64(stats[k]) for k in STAT_NAMES}
+    lead = s["hh"].shape[:-2]
+    bad = np.zeros(lead, dtype=bool)
+    for k in STAT_NAMES:
+        bad = bad | batch_bad(s[k], _core(k))
+        s[k] = np.where(np.broadcast_to(bad[(...,) + (None,) * _core(k)], s[k].shape), 0.0, s[k])
+    n = np.where(bad, 1.0, s["n"][..., 0])
+    hh, sh, hy = s["hh"], s["sum_h"], s["hy"]
+    if pca_components is not None and pca_components < hh.shape[-1]:
+        hh, sh, hy = _pca_project(hh, sh, hy, n, int(pca_components))
+    mean_y = s["sum_y"] / n[..., None]
+    b = hy - sh[..., :, None] * mean_y[..., None, :]
+    tss = np.trace(s["yy"], axis1=-2, axis2=-1) - np.sum(s["sum_y"] ** 2, axis=-1) / n
+    a = hh
+    d = a.shape[-1]
+    if center_features:
+        a = sym(a - sh[..., :, None] * sh[..., None, :] / n[..., None, None])
+        sh = np.zeros_like(sh)
+    penalty = np.full(d, float(lam))
+    if intercept:
+        top = np.concatenate([a, sh[..., :, None]], axis=-1)
+        bottom = np.concatenate([sh[..., None, :], n[..., None, None]], axis=-1)
+        a = np.concatenate([top, bottom], axis=-2)
+        b = np.concatenate([b, np.zeros(b.shape[:-2] + (1, b.shape[-1]))], axis=-2)
+        penalty = np.append(penalty, 0.0)
+    m = a + np.diag(penalty)
+    diag = np.diagonal(m, axis1=-2, axis2=-1)
+    scale = np.sqrt(np.where(diag > 0, diag, 1.0))
+    m_s = m / (scale[..., :, None] * scale[..., None, :])
+    w, v = eigh_desc(m_s)
+    tol = (default_rtol(m.shape[-1]) if rcond is None else rcond) * w[..., :1]
+    inv = np.where(w > tol, 1.0 / np.where(w > tol, w, 1.0), 0.0)
+    coef = (v @ (inv[..., :, None] * (_t(v) @ (b / scale[..., :, None])))) / scale[..., :, None]
+    rss = tss - 2.0 * np.sum(coef * b, axis=(-2, -1)) + np.sum(coef * (a @ coef), axis=(-2, -1))
+    tl = 1.0 - rss / tss
+    return np.where(bad, np.nan, tl)
+
+
+def target_linearity_np(
+    h: npt.ArrayLike,
+    y: npt.ArrayLike,
+    *,
+    lam: float = 0.0,
+    center_features: bool = False,
+    intercept: bool = False,
+    pca_components: int | None = None,
+    rcond: float | None = None,
+) -> FloatArray:
+    """TL of features ``h`` (..., n, d) for targets ``y`` (..., n, c) in one call.
+
+    Same options as :func:`target_linearity_from_stats_np`.
+
+    Examples
+    --------
+    >>> round(float(target_linearity_np([[1.0], [2.0], [3.0]], [[0.0], [1.0], [2.0]])), 6)
+    0.142857
+    """
+    return target_linearity_from_stats_np(
+        tl_stats_np(h, y),
+        lam=lam,
+        center_features=center_features,
+        intercept=intercept,
+        pca_components=pca_components,
+        rcond=rcond,
+    )
+
+
+# ----------------------------------------------------------------------------
+# xarray wrappers
+# ----------------------------------------------------------------------------
+
+
+def _targets(
+    labels: xr.DataArray | None,
+    targets: xr.DataArray | None,
+    n_classes: int | None,
+    sample_dim: Hashable,
+    target_dim: Hashable,
+) -> tuple[xr.DataArray, list[Hashable], int, bool]:
+    """``(array, its core dims, number of target columns, is_labels)``."""
+    if (labels is None) == (targets is None):
+        raise ValueError("pass exactly one of labels= (class indices) or targets= (real values)")
+    if labels is not None:
+        require_dims(labels, [sample_dim], "labels")
+        if n_classes is None:
+            top = labels.max()
+            n_classes = int((top.compute() if is_dask(top) else top).item()) + 1
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        return labels, [], int(n_classes), True
+    assert targets is not None
+    require_dims(targets, [sample_dim], "targets")
+    if target_dim not in targets.dims:
+        targets = targets.expand_dims(target_dim, axis=-1)
+    return targets, [target_dim], targets.sizes[target_dim], False
+
+
+def _streamed_stats(
+    h: xr.DataArray,
+    labels: xr.DataArray | None,
+    targets: xr.DataArray | None,
+    n_classes: int | None,
+    sample_dim: Hashable,
+    in_dim: Hashable,
+    target_dim: Hashable,
+) -> tuple[xr.DataArray, list[tuple[str, tuple[int, ...]]]]:
+    require_dims(h, [sample_dim, in_dim], "h")
+    y, y_core, c, is_labels = _targets(labels, targets, n_classes, sample_dim, target_dim)
+    d = h.sizes[in_dim]
+    layout = _layout(d, c)
+
+    def block(hb: np.ndarray, yb: np.ndarray) -> FloatArray:
+        yv = one_hot_np(yb, c) if is_labels else yb
+        parts = tl_stats_np(hb, yv)
+        return pack(parts, layout, parts["n"].shape[:-1])
+
+    stats = stream_sum(
+        block, [h, y], reduce_dim=sample_dim, core_dims=[[in_dim], y_core], size=layout_size(layout)
+    )
+    return stats, layout
+
+
+def _finalize_tl(stats: np.ndarray, layout: list[tuple[str, tuple[int, ...]]], **options: Any) -> FloatArray:
+    return target_linearity_from_stats_np(unpack(as_float64(stats), layout), **options)
+
+
+def _pca_k(d: int, pca: bool, pca_components: int, pca_cap: int) -> int | None:
+    if pca and d > pca_cap:
+        return int(pca_components)
+    return None
+
+
+def target_linearity(
+    h: xr.DataArray,
+    *,
+    labels: xr.DataArray | None = None,
+    targets: xr.DataArray | None = None,
+    n_classes: int | None = None,
+    lam: float = 0.0,
+    center_features: bool = False,
+    intercept: bool = False,
+    pca: bool = False,
+    pca_components: int = 256,
+    pca_cap: int = 1000,
+    rcond: float | None = None,
+    sample_dim: Hashable = "sample",
+    in_dim: Hashable = "in",
+    target_dim: Hashable = "target",
+) -> xr.DataArray:
+    """Target Linearity of a layer's input features.
+
+    Parameters
+    ----------
+    h : xarray.DataArray
+        Features, dims ``(..., sample_dim, in_dim)``; NumPy or Dask backed
+        (chunked along samples: one pass, one task per chunk).
+    labels : xarray.DataArray, optional
+        Integer class indices, dims ``(sample_dim,)``; one-hot encoded with
+        ``n_classes`` columns (default ``max(labels) + 1``). Invalid labels give NaN.
+    targets : xarray.DataArray, optional
+        Real targets, dims ``(sample_dim, target_dim)`` or ``(sample_dim,)``.
+    lam : float
+        Ridge penalty (default 0: least squares, pseudo-inverse when rank deficient).
+    center_features, intercept : bool
+        Regression options (default off: uncentered ``H``, no intercept, the paper's).
+    pca : bool
+        When True and ``d > pca_cap``, regress on the projection of ``H`` onto
+        its top ``pca_components`` principal axes (the paper's code: cap 1000,
+        256 components). Recorded in ``attrs``.
+    rcond : float, optional
+        Relative eigenvalue cutoff of the pseudo-inverse.
+
+    Returns
+    -------
+    xarray.DataArray
+        TL over the leading dims of ``h``, with ``attrs`` recording the
+        options and ``tl_null = min(1, d/N)``. Equal to 1 (up to round-off)
+        when ``d >= N`` and ``H`` has rank ``N``. NaN for constant targets.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> h = xr.DataArray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.5]],
+    ...                  dims=("sample", "in"))
+    >>> labels = xr.DataArray([0, 1, 1, 0], dims="sample")
+    >>> round(float(target_linearity(h, labels=labels)), 6)
+    0.907895
+    """
+    stats, layout = _streamed_stats(h, labels, targets, n_classes, sample_dim, in_dim, target_dim)
+    d, n = h.sizes[in_dim], h.sizes[sample_dim]
+    k = _pca_k(d, pca, pca_components, pca_cap)
+    options = dict(lam=float(lam), center_features=bool(center_features), intercept=bool(intercept),
+                   pca_components=k, rcond=rcond)
+    out = apply(_finalize_tl, stats, input_core_dims=[[STAT_DIM]], kwargs={"layout": layout, **options})
+    d_eff = d if k is None else min(k, d)
+    out.attrs.update(
+        long_name="target linearity",
+        lam=float(lam),
+        center_features=int(center_features),
+        intercept=int(intercept),
+        pca_applied=int(k is not None),
+        n_features=int(d_eff),
+        n_samples=int(n),
+        tl_null=_null(d_eff, n),
+    )
+    if k is not None:
+        out.attrs["pca_components"] = int(k)
+    return out
+
+
+def _null(d: int, n: int) -> float:
+    return 1.0 if n == 0 else min(1.0, d / n)
+
+
+def tl_null(
+    h: xr.DataArray,
+    *,
+    pca: bool = False,
+    pca_components: int = 256,
+    pca_cap: int = 1000,
+    sample_dim: Hashable = "sample",
+    in_dim: Hashable = "in",
+) -> xr.DataArray:
+    """Null baseline of TL at ``lambda = 0``: ``min(1, d / N)``.
+
+    Features unrelated to the targets give about ``d/N``. ``d`` counts the
+    regression features (after the PCA option, if it applies).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> float(tl_null(xr.DataArray(np.ones((10, 3)), dims=("sample", "in"))))
+    0.3
+    """
+    require_dims(h, [sample_dim, in_dim], "h")
+    d = h.sizes[in_dim]
+    k = _pca_k(d, pca, pca_components, pca_cap)
+    d_eff = d if k is None else min(k, d)
+    out = xr.DataArray(_null(d_eff, h.sizes[sample_dim]))
+    out.attrs["long_name"] = "TL null baseline min(1, d/N)"
+    return out
+
+
+@quiet
+def _surrogate_np(stats: np.ndarray, w: np.ndarray, layout: list) -> tuple[FloatArray, FloatArray]:
+    s = unpack(as_float64(stats), layout)
+    n = s["n"][..., 0]
+    w = as_float64(w)
+    c = s["sum_y"].shape[-1]
+    b = s["hy"] - s["sum_h"][..., :, None] * (s["sum_y"] / n[..., None])[..., None, :]
+    zy = w @ b
+    zz = w @ s["hh"] @ _t(w)
+    yc = s["yy"] - s["sum_y"][..., :, None] * s["sum_y"][..., None, :] / n[..., None, None]
+    num = np.sum(zy * zy, axis=(-2, -1))
+    kta = num / (np.sqrt(np.sum(zz * zz, axis=(-2, -1))) * np.sqrt(np.sum(yc * yc, axis=(-2, -1))))
+    bad = batch_bad(w, 2)
+    return np.where(bad, np.nan, num / c), np.where(bad, np.nan, kta)
+
+
+def tl_surrogate(
+    h: xr.DataArray,
+    W: xr.DataArray,
+    *,
+    labels: xr.DataArray | None = None,
+    targets: xr.DataArray | None = None,
+    n_classes: int | None = None,
+    sample_dim: Hashable = "sample",
+    in_dim: Hashable = "in",
+    out_dim: Hashable = "out",
+    target_dim: Hashable = "target",
+) -> xr.Dataset:
+    """TL surrogate ``S = ||Z^T Y_c||_F^2 / C`` and kernel-target alignment, ``Z = H W^T``.
+
+    ``Z`` is the pre-activation computed by ``W`` from ``H`` (no bias).
+    Kernel-target alignment is the scale-free variant
+    ``||Z^T Y_c||_F^2 / (||Z^T Z||_F ||Y_c^T Y_c||_F)``. Both come from the
+    same streamed statistics as TL (``Z^T Y_c = W H^T Y_c``,
+    ``Z^T Z = W H^T H W^T``); the ``N x N`` kernel is never built.
+
+    Parameters
+    ----------
+    h : xarray.DataArray
+        Layer inputs, dims ``(..., sample_dim, in_dim)``.
+    W : xarray.DataArray
+        The weight applied to ``h``, dims ``(..., out_dim, in_dim)``.
+    labels, targets, n_classes
+        As in :func:`target_linearity`.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``tl_surrogate`` and ``kernel_target_alignment``.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> h = xr.DataArray([[1.0, 0.0], [0.0, 1.0]], dims=("sample", "in"))
+    >>> W = xr.DataArray([[2.0, 0.0]], dims=("out", "in"))
+    >>> res = tl_surrogate(h, W, labels=xr.DataArray([0, 1], dims="sample"))
+    >>> float(res.tl_surrogate), float(res.kernel_target_alignment)
+    (1.0, 0.5)
+    """
+    require_dims(W, [out_dim, in_dim], "W")
+    if W.sizes[in_dim] != h.sizes.get(in_dim):
+        raise ValueError(f"W has {W.sizes[in_dim]} inputs, h has {h.sizes.get(in_dim)} features")
+    stats, layout = _streamed_stats(h, labels, targets, n_classes, sample_dim, in_dim, target_dim)
+    s, kta = apply(
+        _surrogate_np,
+        stats,
+        W,
+        input_core_dims=[[STAT_DIM], [out_dim, in_dim]],
+        output_core_dims=[[], []],
+        kwargs={"layout": layout},
+    )
+    s.attrs["long_name"] = "TL surrogate ||Z^T Y_c||_F^2 / C"
+    kta.attrs["long_name"] = "kernel-target alignment ||Z^T Y_c||^2 / (||Z^T Z|| ||Y_c^T Y_c||)"
+    return xr.Dataset({"tl_surrogate": s, "kernel_target_alignment": kta})
