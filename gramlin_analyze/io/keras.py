@@ -139,7 +139,7 @@ def _layer_roles(key: str, name: str, siblings: set[str], shapes: list[tuple[int
 
 
 def _dtype_name(ds: Any) -> str:
-    if ds.attrs.get("dtype") == "bfloat16":
+    if ds.attrs.get("dtype") in ("bfloat16", b"bfloat16"):
         return "bfloat16"
     return ds.dtype.name
 

@@ -148,13 +148,19 @@ class OnnxReader(CheckpointReader):
         return self._read(model, entries, Path(path), name)
 
     def files(self, path: str | os.PathLike) -> list[Path]:
-        model, _ = self._load(path)
         p = Path(path)
         extra = set()
-        for tensor in model.graph.initializer:
-            location = _external_location(tensor)
-            if location is not None:
-                extra.add(self._external_file(p, location))
+        try:
+            model, _ = self._load(path)
+            for tensor in model.graph.initializer:
+                location = _external_location(tensor)
+                if location is not None:
+                    self._external_file(p, location)
+                    extra.add(Path(os.path.normpath(p.parent / location)))
+        except CheckpointFormatError:
+            # Discovery lists files before anything is read; a damaged model
+            # is reported, with its reason, when its tensors are read.
+            return [p]
         return [p, *sorted(extra)]
 
     def open(self, path: str | os.PathLike) -> CheckpointHandle:
