@@ -96,10 +96,18 @@ def _pairs_from_json(data: Any, path: Path) -> list[tuple[Any, Any]]:
     )
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _pairs_from_csv(text: str, path: Path) -> list[tuple[Any, Any]]:
     rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
-    if rows and rows[0] and not rows[0][0].strip().lstrip("+-").isdigit():
-        rows = rows[1:]
+    if rows and not _is_number(rows[0][0]):
+        rows = rows[1:]  # a header row such as "step,lr"
     pairs = []
     for row in rows:
         if len(row) != 2:

@@ -138,14 +138,33 @@ def _where(path: Path | None) -> str:
     return f"probe file {str(path)!r}" if path is not None else "probe set"
 
 
+def _fix_hint(err: jsonschema.ValidationError) -> str | None:
+    """The deepest ``x-fix`` hint on the schema path of a validation error."""
+    node: Any = _schema()
+    fix = None
+    for key in [*err.absolute_schema_path, None]:
+        if isinstance(node, dict) and "x-fix" in node:
+            fix = node["x-fix"]
+        if key is None or key == "$ref":
+            break
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            break
+    return fix
+
+
 def _validate(arrays: Mapping[str, np.ndarray], path: Path | None) -> None:
     summary = probe_summary(arrays)
     validator = jsonschema.Draft202012Validator(_schema())
     problems = []
     for err in sorted(validator.iter_errors(summary), key=lambda e: list(e.absolute_path)):
-        fix = err.schema.get("x-fix") if isinstance(err.schema, dict) else None
-        where = "/".join(str(p) for p in err.absolute_path) or "file"
-        problems.append(f"{where}: {err.message}" + (f" (fix: {fix})" if fix else ""))
+        fix = _fix_hint(err)
+        where = "/".join(str(p) for p in err.absolute_path)
+        # Messages about a whole object or list repeat the instance; the hint says it better.
+        detail = err.message if fix is None or not isinstance(err.instance, dict | list) else ""
+        text = "; ".join(t for t in (detail, f"fix: {fix}" if fix else "") if t)
+        problems.append(f"{where}: {text}" if where else text)
     if problems:
         raise ProbeError(
             f"{_where(path)} does not match the probe schema (holds {summary['keys']} "
