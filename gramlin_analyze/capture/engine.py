@@ -156,7 +156,7 @@ def capture_layers(
     ----------
     model : torch.nn.Module or torch.jit.ScriptModule
     layers : sequence of str, optional
-        Globs over Linear/Conv1d/Conv2d layer names (default: all of them).
+        Globs selecting among the Linear/Conv1d/Conv2d layers and the extra layers (default: all of them).
     extra_layers : sequence of str
         Globs adding other modules with a 2-D ``weight`` computing ``h @ W.T + b``.
 
@@ -249,7 +249,7 @@ def capture_step(
         ``sink(layer_name, sample_start, h, g)``; see the module docstring.
         None records nothing (e.g. for AGOP or the loss alone).
     layers : sequence of str, optional
-        Globs over Linear/Conv1d/Conv2d layer names (default: all of them).
+        Globs selecting among the Linear/Conv1d/Conv2d layers and the extra layers (default: all of them).
     extra_layers : sequence of str
         Globs adding other modules with a 2-D ``weight`` computing
         ``h @ W.T + b`` (checked on the first batch).

@@ -33,7 +33,7 @@ class EagerRunner:
     ----------
     model : torch.nn.Module
     layers : sequence of str or None
-        Globs over Linear/Conv1d/Conv2d layer names (all when None).
+        Globs selecting among Linear/Conv1d/Conv2d and extra layers (all when None).
     extra_layers : sequence of str
         Globs adding other modules with a 2-D weight computing ``h @ W.T + b``.
     """
@@ -58,7 +58,9 @@ class EagerRunner:
 
     def __enter__(self) -> EagerRunner:
         for name, module in self._modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+            self._handles.append(
+                module.register_forward_hook(self._make_hook(name), with_kwargs=True)
+            )
         for p in self._params():
             self._saved_requires_grad.append((p, p.requires_grad))
             p.requires_grad_(True)
@@ -76,18 +78,19 @@ class EagerRunner:
             p.requires_grad_(flag)
         self._saved_requires_grad.clear()
 
-    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple, dict, torch.Tensor], None]:
         layer = self._by_name[name]
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             if name in self.h:
                 raise ModelError(
                     f"layer {name!r} runs more than once per forward pass (weight reuse); "
                     "its samples would be ambiguous, so leave it out of the layer selection"
                 )
-            if not args or not isinstance(args[0], torch.Tensor):
+            given = args[0] if args else kwargs.get("input")
+            if not isinstance(given, torch.Tensor):
                 raise ModelError(f"layer {name!r} was called without a tensor input")
-            h = args[0].detach()
+            h = given.detach()
             if layer.conv is not None:
                 rows = patches(h, layer.conv)
             else:

@@ -220,10 +220,10 @@ def eager_layers(
 ) -> tuple[list[CaptureLayer], dict[str, nn.Module]]:
     """The selected layers of an eager model, and their modules by layer name.
 
-    ``layers`` globs select among ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
-    modules (all of them when None); ``extra_layers`` globs add other modules
-    holding a 2-D ``weight`` that compute ``h @ W.T + b`` (verified on the
-    first batch).
+    ``extra_layers`` globs add modules other than ``nn.Linear``/``nn.Conv1d``/
+    ``nn.Conv2d`` that hold a 2-D ``weight`` and compute ``h @ W.T + b``
+    (verified on the first batch); ``layers`` globs then select among all of
+    these (every one when None).
     """
     prefix = wrapper_prefix(model)
     standard: dict[str, tuple[str, nn.Module]] = {}
@@ -234,14 +234,16 @@ def eager_layers(
             standard[layer_name(module_name, prefix)] = (module_name, module)
         elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
             other[layer_name(module_name, prefix)] = (module_name, module)
+    hint = " (modules with a 2-D weight that are not Linear/Conv)"
+    extra = match_globs(other, extra_layers, what="extra layer", hint=hint) if extra_layers else []
+    candidates = [*standard, *extra]
     chosen = (
-        list(standard)
+        candidates
         if layers is None
-        else match_globs(standard, layers, what="layer", hint=" (Linear, Conv1d, Conv2d modules)")
+        else match_globs(
+            candidates, layers, what="layer", hint=" (Linear, Conv1d, Conv2d and extra layers)"
+        )
     )
-    if extra_layers:
-        hint = " (modules with a 2-D weight that are not Linear/Conv)"
-        chosen += [n for n in match_globs(other, extra_layers, what="extra layer", hint=hint)]
     if not chosen:
         raise UsageError(
             f"model {type(model).__name__} has no Linear, Conv1d or Conv2d layer to capture; "

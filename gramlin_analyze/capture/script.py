@@ -162,11 +162,15 @@ class ScriptRunner:
             if nested
             else ""
         )
-        chosen = (
-            standard if layers is None else match_globs(standard, layers, what="layer", hint=hint)
+        extra = (
+            match_globs(other, extra_layers, what="extra layer", hint=hint) if extra_layers else []
         )
-        if extra_layers:
-            chosen = chosen + match_globs(other, extra_layers, what="extra layer", hint=hint)
+        candidates = [*standard, *extra]
+        chosen = (
+            candidates
+            if layers is None
+            else match_globs(candidates, layers, what="layer", hint=hint)
+        )
         if not chosen:
             raise UsageError(
                 f"TorchScript module {module.original_name} has no linear or convolution call to "

@@ -82,6 +82,10 @@ def test_extra_layers(rng, collector):
     probe = _probe(rng)
     capture_step(model, probe, loss="cross_entropy", sink=collector, extra_layers=["0"])
     assert set(collector.parts) == {"2", "0"}
+    # Layer globs select among standard and extra layers alike.
+    assert [layer.name for layer in capture_layers(model, layers=["0"], extra_layers=["0"])] == [
+        "0"
+    ]
     with pytest.raises(UsageError, match="extra layer glob"):
         capture_layers(model, extra_layers=["nothing*"])
     bad = nn.Sequential(Scale(), nn.Linear(4, 3))

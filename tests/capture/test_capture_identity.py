@@ -207,3 +207,87 @@ def test_float32_sink_dtype_and_float64_model(rng, collector):
     assert collector.calls == ["0", "2", "4"]
     # Eval mode is restored and no parameter gradient is left behind.
     assert model.training and all(p.grad is None for p in model.parameters())
+
+
+class PaddedNet(nn.Module):
+    """String and non-zero paddings: 'same' with an even kernel pads asymmetrically."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = nn.Conv2d(2, 3, kernel_size=(2, 3), padding="same", dilation=(1, 2))
+        self.reflect = nn.Conv2d(3, 2, kernel_size=3, padding=1, padding_mode="reflect")
+        self.valid = nn.Conv2d(2, 2, kernel_size=2, stride=2, padding="valid")
+        self.head = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.same(x))
+        x = torch.tanh(self.reflect(x))
+        return self.head(self.valid(x).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+@pytest.mark.parametrize("source", ["eager", "script"])
+def test_fle_identity_string_and_reflect_padding(rng, collector, tmp_path, source):
+    model = PaddedNet().double()
+    probe = make_probe(rng.normal(size=(7, 2, 6, 7)), labels=rng.integers(0, 3, 7))
+    modules = {name: getattr(model, name) for name in ("same", "reflect", "valid", "head")}
+    captured = model
+    if source == "script":
+        torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
+        captured = load_torchscript(tmp_path / "m.pt", allow_code=True)
+    result = capture_step(
+        captured, probe, loss="cross_entropy", sink=collector, batch_size=3, dtype=np.float64
+    )
+    assert result.n_samples == {"same": 7 * 42, "reflect": 7 * 42, "valid": 7 * 9, "head": 7}
+    model.zero_grad()
+    F.cross_entropy(
+        model(torch.from_numpy(probe.inputs)), torch.from_numpy(probe.labels)
+    ).backward()
+    for name, module in modules.items():
+        w = module.weight.detach().reshape(module.weight.shape[0], -1).numpy()
+        dw = module.weight.grad.reshape(w.shape).numpy()
+        lhs, rhs = collector.g(name).T @ collector.h(name), w.T @ dw
+        assert np.linalg.norm(lhs - rhs) / np.linalg.norm(rhs) < 1e-10, name
+
+
+class DataParallelLike(nn.Module):
+    """Wraps a model as ``module``, as DataParallel/DDP do: every key gains ``module.``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.module = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_layer_names_drop_wrapper_prefixes(rng, collector):
+    model = DataParallelLike(_mlp(torch.float64))
+    probe = make_probe(rng.normal(size=(5, 6)), labels=rng.integers(0, 4, 5))
+    result = capture_step(model, probe, loss="cross_entropy", sink=collector)
+    assert [layer.name for layer in result.layers] == ["0", "2", "4"]
+    assert [layer.param_name for layer in result.layers] == [
+        "module.0.weight",
+        "module.2.weight",
+        "module.4.weight",
+    ]
+
+
+def test_keyword_input_and_integer_token_inputs(rng, collector):
+    class Embedded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(11, 4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.fc(input=self.embed(tokens)).mean(dim=1)
+
+    model = Embedded().double()
+    probe = make_probe(rng.integers(0, 11, (6, 5)), labels=rng.integers(0, 3, 6))
+    result = capture_step(model, probe, loss="cross_entropy", sink=collector, dtype=np.float64)
+    assert result.n_samples == {"fc": 30}
+    np.testing.assert_allclose(
+        collector.h("fc"), model.embed.weight.detach().numpy()[probe.inputs.reshape(-1)], atol=0
+    )
