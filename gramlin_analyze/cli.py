@@ -7,13 +7,14 @@ store/lock problem. One line per error; ``--debug`` shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
 import warnings
 
 from gramlin_analyze._version import __version__
-from gramlin_analyze.errors import GramlinError
+from gramlin_analyze.errors import GramlinError, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -50,7 +51,13 @@ class _Progress:
 
     def __enter__(self):
         if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -83,7 +90,7 @@ def cmd_scan(args) -> int:
     from rich.table import Table
 
     from gramlin_analyze.io.discovery import scan
-    from gramlin_analyze.io.registry import get_reader
+    from gramlin_analyze.io.registry import reader_for
 
     opts = {"state_dict_key": args.state_dict_key} if args.state_dict_key else None
     sources = scan(args.directory, format=args.format, order=args.order, reader_options=opts)
@@ -93,7 +100,7 @@ def cmd_scan(args) -> int:
     failed = 0
     for s in sources:
         try:
-            reader = get_reader(s.format, **(opts or {})) if s.format in ("torch", "lightning") and opts else get_reader(s.format)
+            reader = reader_for(s.format, opts)
             n = str(len(reader.list_tensors(s.path)))
         except (GramlinError, OSError, KeyError, ValueError, RuntimeError) as err:
             n = "unreadable"
@@ -114,12 +121,42 @@ def cmd_ingest(args) -> int:
     def on_error(msg: str) -> None:
         err.print(f"[red]error:[/red] {msg}", soft_wrap=True)
 
+    capture = None
+    if args.model or args.mlp_activation:
+        if not args.probe:
+            raise UsageError("capturing activations needs a probe set: pass --probe FILE")
+        from gramlin_analyze.capture.task import CaptureConfig
+
+        capture = CaptureConfig(
+            probe=args.probe,
+            model=None if args.model == "torchscript" else args.model,
+            torchscript=args.model == "torchscript",
+            mlp_activation=args.mlp_activation,
+            loss=args.loss,
+            reduction=args.reduction,
+            batch_size=args.batch_size,
+            dtype=args.activations_dtype,
+            extra_layers=args.extra_layers or [],
+            pool=args.pool,
+            agop=args.capture_agop,
+            agop_projections=args.agop_projections,
+            strict=not args.no_strict,
+        )
+    elif args.probe and not args.activations:
+        raise UsageError(
+            "--probe needs a model to capture with: --model pkg.module:build | file.py:build | torchscript, "
+            "or --mlp-activation relu|gelu|tanh|… for plain MLP state dicts (or --activations DIR)"
+        )
     with _Progress(args.quiet, "ingest") as bar:
         report = ingest(
             args.directory, args.store, layers=args.layers, exclude=args.exclude,
             format=args.format, order=args.order, state_dict_key=args.state_dict_key,
+            allow_torchscript_code=args.allow_torchscript_code, capture=capture,
+            activations=args.activations, probe=args.probe if args.activations else None,
+            lr=args.lr, lr_schedule=args.lr_schedule,
             workers=args.workers, threads=args.threads, scheduler=args.scheduler,
-            break_lock=args.break_lock, progress=bar, on_error=on_error,
+            storage_options=args.storage_options, break_lock=args.break_lock,
+            progress=bar, on_error=on_error,
         )
     if not args.quiet:
         n_new = len(report.ingested)
@@ -138,7 +175,7 @@ def cmd_ingest(args) -> int:
 def cmd_info(args) -> int:
     from gramlin_analyze.store.info import store_info
 
-    _out().print(store_info(args.store))
+    _out().print(store_info(args.store, storage_options=args.storage_options))
     return 0
 
 
@@ -146,7 +183,7 @@ def cmd_validate(args) -> int:
     from gramlin_analyze.store.validate import validate_store
 
     notes: list[str] = []
-    problems = validate_store(args.store, notes=notes)
+    problems = validate_store(args.store, storage_options=args.storage_options, notes=notes)
     for n in notes:
         _console(args.quiet).print(f"note: {n}", soft_wrap=True, markup=False)
     if problems:
@@ -165,6 +202,28 @@ def cmd_validate(args) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+class _StorageOption(argparse.Action):
+    """``--storage-option KEY=VALUE``, repeatable, collected into one dict for fsspec."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        key, sep, raw = value.partition("=")
+        if not sep or not key:
+            parser.error(f"{option_string} {value!r}: expected KEY=VALUE")
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = raw
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: parsed})
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option", dest="storage_options", action=_StorageOption, metavar="KEY=VALUE",
+        help="fsspec option of a remote store, repeatable; VALUE is JSON when it parses as JSON "
+        "(client_kwargs='{\"endpoint_url\": \"http://127.0.0.1:9000\"}'), else a string",
+    )
 
 
 def _add_discovery(p: argparse.ArgumentParser) -> None:
@@ -197,20 +256,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", metavar="GLOB", help="layers to store (glob over normalized names)")
     p.add_argument("--exclude", nargs="+", metavar="GLOB", help="layers to leave out")
     _add_discovery(p)
+    p.add_argument(
+        "--allow-torchscript-code", action="store_true",
+        help="read TorchScript archives: they carry code that runs with the model (trusted sources only)",
+    )
+    cap = p.add_argument_group("capture (probe-set activations and gradients)")
+    cap.add_argument("--probe", help="probe set file (.npz/.safetensors/.pt) with inputs and labels or targets")
+    cap.add_argument("--model", help="model source: pkg.module:build, path/to/file.py:build, or torchscript")
+    cap.add_argument("--mlp-activation", help="rebuild a plain MLP from the weights with this activation (relu, gelu, tanh, sigmoid, silu, identity)")
+    cap.add_argument("--loss", default="cross_entropy", help="cross_entropy | mse | bce | pkg.module:fn (default cross_entropy)")
+    cap.add_argument("--reduction", default="mean", choices=("mean", "sum"), help="the training loss's reduction")
+    cap.add_argument("--batch-size", type=int, default=256, help="probe examples per forward pass")
+    cap.add_argument("--activations-dtype", default="float32", choices=("float32", "float16", "float64"))
+    cap.add_argument("--extra-layers", nargs="+", metavar="GLOB", help="capture modules other than Linear/Conv whose weight acts as h @ W.T")
+    cap.add_argument("--pool", choices=("mean", "last"), help="pool positions/tokens into one sample per example")
+    cap.add_argument("--capture-agop", action="store_true", help="also store each layer's AGOP of the network output")
+    cap.add_argument("--agop-projections", type=int, default=64, help="random projections for AGOP with many outputs")
+    cap.add_argument("--no-strict", action="store_true", help="load checkpoint weights into the factory model non-strictly")
+    cap.add_argument("--lr", type=float, help="constant learning rate (wins over checkpoint metadata)")
+    cap.add_argument("--lr-schedule", help="file of (step, lr) pairs, CSV or JSON")
+    cap.add_argument("--activations", metavar="DIR", help="ingest activations computed elsewhere: step_<N>.npz files")
     p.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
     p.add_argument("--threads", type=int, help="threads of the default threaded scheduler")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
     p.add_argument("--break-lock", action="store_true", help="remove a remote store's lock left by a dead writer")
+    _add_storage(p)
     _add_common(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="summarize a store: steps, layers, shapes, statuses, provenance")
     p.add_argument("store")
+    _add_storage(p)
     _add_common(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("validate", help="check a store against the JSON Schemas and its chunks")
     p.add_argument("store")
+    _add_storage(p)
     _add_common(p)
     p.set_defaults(func=cmd_validate)
     return parser

@@ -27,13 +27,15 @@ def build(config: dict | None = None) -> nn.Module:
     """The model factory (``--model examples/digits/train.py:build``)."""
     width = (config or {}).get("width", WIDTH)
     depth = (config or {}).get("depth", DEPTH)
-    layers: list[nn.Module] = []
+    from collections import OrderedDict
+
+    layers: list[tuple[str, nn.Module]] = []
     d = 64
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.GELU()]
+    for k in range(1, depth + 1):
+        layers += [(f"fc{k}", nn.Linear(d, width)), (f"act{k}", nn.GELU())]
         d = width
-    layers.append(nn.Linear(d, 10))
-    return nn.Sequential(*layers)
+    layers.append(("head", nn.Linear(d, 10)))
+    return nn.Sequential(OrderedDict(layers))
 
 
 def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

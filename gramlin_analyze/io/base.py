@@ -96,7 +96,7 @@ def to_numpy(tensor_like: Any, *, layout: str = "out_in") -> np.ndarray:
     if layout == "in_out" and arr.ndim >= 2:
         nk = arr.ndim - 2
         arr = np.transpose(arr, (arr.ndim - 1, arr.ndim - 2, *range(nk)))
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr).reshape(arr.shape)
 
 
 class CheckpointReader(abc.ABC):

@@ -23,7 +23,7 @@ from gramlin_analyze.errors import (
     UsageError,
 )
 from gramlin_analyze.io.base import CheckpointMeta, CheckpointReader
-from gramlin_analyze.io.registry import get_reader, known_readers
+from gramlin_analyze.io.registry import known_readers, reader_for
 
 __all__ = ["CheckpointSource", "ScanResult", "scan", "step_from_name", "fingerprint_files", "ORDERS"]
 
@@ -145,14 +145,11 @@ def fingerprint_files(files: list[Path], root: Path | None = None) -> str:
 
 def _readers(format: str | None, reader_options: dict | None) -> list[CheckpointReader]:
     if format is not None:
-        return [get_reader(format, **(reader_options or {}))]
+        return [reader_for(format, reader_options)]
     out = []
     for name in known_readers():
         try:
-            if reader_options and name in ("torch", "lightning"):
-                out.append(get_reader(name, **reader_options))
-            else:
-                out.append(get_reader(name))
+            out.append(reader_for(name, reader_options))
         except MissingDependencyError:
             continue
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 from gramlin_analyze.errors import CheckpointFormatError, MissingDependencyError, UsageError
 from gramlin_analyze.io.base import CheckpointReader
 
-__all__ = ["known_readers", "get_reader", "register_reader", "guess_reader", "ENTRY_POINT_GROUP"]
+__all__ = ["known_readers", "get_reader", "reader_for", "register_reader", "guess_reader", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "gramlin_analyze.readers"
 
@@ -26,6 +26,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "safetensors-sharded": ("gramlin_analyze.io.safetensors:ShardedSafetensorsReader", None),
     "safetensors": ("gramlin_analyze.io.safetensors:SafetensorsReader", None),
     "lightning": ("gramlin_analyze.io.lightning:LightningReader", None),
+    "torchscript": ("gramlin_analyze.io.torchscript:TorchScriptReader", None),
     "torch": ("gramlin_analyze.io.torch_pickle:TorchPickleReader", None),
     "npz": ("gramlin_analyze.io.npz:NpzReader", None),
     "keras": ("gramlin_analyze.io.keras:KerasWeightsReader", "pip install 'gramlin-analyze[keras]'"),
@@ -104,6 +105,22 @@ def get_reader(name: str, **options: object) -> CheckpointReader:
     reader = cls()
     _instances[name] = reader
     return reader
+
+
+def reader_for(name: str, options: dict | None = None) -> CheckpointReader:
+    """The reader ``name`` configured with those of ``options`` its constructor takes.
+
+    Options are shared across formats (``state_dict_key`` for pickles,
+    ``allow_code`` for TorchScript); each reader gets the ones it accepts.
+    """
+    import inspect
+
+    if not options:
+        return get_reader(name)
+    cls = type(get_reader(name))
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {k: v for k, v in options.items() if k in params and v is not None}
+    return get_reader(name, **accepted) if accepted else get_reader(name)
 
 
 def guess_reader(path: str | os.PathLike, *, format: str | None = None) -> CheckpointReader:

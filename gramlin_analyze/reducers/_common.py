@@ -28,7 +28,7 @@ try:
 except ImportError:  # pragma: no cover - dask is a hard dependency of the package
     dask_array = None
 
-__all__ = ["nonfinite"]
+__all__ = ["nonfinite", "one_hot_np"]
 
 FloatArray = npt.NDArray[np.float64]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -325,3 +325,61 @@ def gamma_array(gamma: Any) -> Any:
     if isinstance(gamma, xr.DataArray):
         return gamma.astype(np.float64)
     return float(gamma)
+
+
+@quiet
+def one_hot_np(labels: npt.ArrayLike, n_classes: int) -> FloatArray:
+    """One-hot rows for integer class labels; a row of NaN for an invalid label.
+
+    Labels must be integers in ``[0, n_classes)``; anything else (negative,
+    too large, fractional, NaN) gives NaN so that results depending on it are
+    NaN rather than silently wrong.
+
+    Examples
+    --------
+    >>> one_hot_np([0, 2, 5], 3)
+    array([[ 1.,  0.,  0.],
+           [ 0.,  0.,  1.],
+           [nan, nan, nan]])
+    """
+    lab = np.asarray(labels)
+    if np.issubdtype(lab.dtype, np.integer):
+        valid = (lab >= 0) & (lab < n_classes)
+        idx = np.where(valid, lab, 0).astype(np.intp)
+    else:
+        labf = lab.astype(np.float64)
+        valid = np.isfinite(labf) & (labf >= 0) & (labf < n_classes) & (labf == np.round(labf))
+        idx = np.where(valid, labf, 0).astype(np.intp)
+    out = (idx[..., None] == np.arange(n_classes)).astype(np.float64)
+    out[~valid] = np.nan
+    return out
+
+
+def resolve_targets(
+    labels: xr.DataArray | None,
+    targets: xr.DataArray | None,
+    n_classes: int | None,
+    sample_dim: Hashable,
+    target_dim: Hashable,
+) -> tuple[xr.DataArray, list[Hashable], int, bool]:
+    """Labels or targets of a supervised reducer, checked.
+
+    Returns ``(array, its core dims, number of target columns, is_labels)``;
+    ``n_classes`` defaults to ``max(labels) + 1`` (computed when Dask backed:
+    labels are small).
+    """
+    if (labels is None) == (targets is None):
+        raise ValueError("pass exactly one of labels= (class indices) or targets= (real values)")
+    if labels is not None:
+        require_dims(labels, [sample_dim], "labels")
+        if n_classes is None:
+            top = labels.max()
+            n_classes = int((top.compute() if is_dask(top) else top).item()) + 1
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        return labels, [], int(n_classes), True
+    assert targets is not None
+    require_dims(targets, [sample_dim], "targets")
+    if target_dim not in targets.dims:
+        targets = targets.expand_dims(target_dim, axis=-1)
+    return targets, [target_dim], targets.sizes[target_dim], False

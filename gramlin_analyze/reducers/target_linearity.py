@@ -45,13 +45,11 @@ from gramlin_analyze.reducers._common import (
 )
 
 __all__ = [
-    "one_hot_np",
     "tl_stats_np",
     "target_linearity_from_stats_np",
     "target_linearity_np",
     "target_linearity",
     "tl_null",
-    "tl_surrogate",
 ]
 
 STAT_NAMES = ("n", "sum_h", "sum_y", "hh", "hy", "yy")
@@ -70,34 +68,6 @@ def _layout(d: int, c: int) -> list[tuple[str, tuple[int, ...]]]:
 
 def _t(a: np.ndarray) -> np.ndarray:
     return np.swapaxes(a, -1, -2)
-
-
-@quiet
-def one_hot_np(labels: npt.ArrayLike, n_classes: int) -> FloatArray:
-    """One-hot rows for integer class labels; a row of NaN for an invalid label.
-
-    Labels must be integers in ``[0, n_classes)``; anything else (negative,
-    too large, fractional, NaN) gives NaN so that results depending on it are
-    NaN rather than silently wrong.
-
-    Examples
-    --------
-    >>> one_hot_np([0, 2, 5], 3)
-    array([[ 1.,  0.,  0.],
-           [ 0.,  0.,  1.],
-           [nan, nan, nan]])
-    """
-    lab = np.asarray(labels)
-    if np.issubdtype(lab.dtype, np.integer):
-        valid = (lab >= 0) & (lab < n_classes)
-        idx = np.where(valid, lab, 0).astype(np.intp)
-    else:
-        labf = lab.astype(np.float64)
-        valid = np.isfinite(labf) & (labf >= 0) & (labf < n_classes) & (labf == np.round(labf))
-        idx = np.where(valid, labf, 0).astype(np.intp)
-    out = (idx[..., None] == np.arange(n_classes)).astype(np.float64)
-    out[~valid] = np.nan
-    return out
 
 
 @quiet
@@ -280,32 +250,7 @@ def target_linearity_np(
 # ----------------------------------------------------------------------------
 
 
-def _targets(
-    labels: xr.DataArray | None,
-    targets: xr.DataArray | None,
-    n_classes: int | None,
-    sample_dim: Hashable,
-    target_dim: Hashable,
-) -> tuple[xr.DataArray, list[Hashable], int, bool]:
-    """``(array, its core dims, number of target columns, is_labels)``."""
-    if (labels is None) == (targets is None):
-        raise ValueError("pass exactly one of labels= (class indices) or targets= (real values)")
-    if labels is not None:
-        require_dims(labels, [sample_dim], "labels")
-        if n_classes is None:
-            top = labels.max()
-            n_classes = int((top.compute() if is_dask(top) else top).item()) + 1
-        if n_classes < 1:
-            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
-        return labels, [], int(n_classes), True
-    assert targets is not None
-    require_dims(targets, [sample_dim], "targets")
-    if target_dim not in targets.dims:
-        targets = targets.expand_dims(target_dim, axis=-1)
-    return targets, [target_dim], targets.sizes[target_dim], False
-
-
-def _streamed_stats(
+def streamed_tl_stats(
     h: xr.DataArray,
     labels: xr.DataArray | None,
     targets: xr.DataArray | None,
@@ -315,7 +260,7 @@ def _streamed_stats(
     target_dim: Hashable,
 ) -> tuple[xr.DataArray, list[tuple[str, tuple[int, ...]]]]:
     require_dims(h, [sample_dim, in_dim], "h")
-    y, y_core, c, is_labels = _targets(labels, targets, n_classes, sample_dim, target_dim)
+    y, y_core, c, is_labels = resolve_targets(labels, targets, n_classes, sample_dim, target_dim)
     d = h.sizes[in_dim]
     layout = _layout(d, c)
 
@@ -330,7 +275,9 @@ def _streamed_stats(
     return stats, layout
 
 
-def _finalize_tl(stats: np.ndarray, layout: list[tuple[str, tuple[int, ...]]], **options: Any) -> FloatArray:
+def _finalize_tl(
+    stats: np.ndarray, layout: list[tuple[str, tuple[int, ...]]], **options: Any
+) -> FloatArray:
     return target_linearity_from_stats_np(unpack(as_float64(stats), layout), **options)
 
 
@@ -396,12 +343,19 @@ def target_linearity(
     >>> round(float(target_linearity(h, labels=labels)), 6)
     0.907895
     """
-    stats, layout = _streamed_stats(h, labels, targets, n_classes, sample_dim, in_dim, target_dim)
+    stats, layout = streamed_tl_stats(h, labels, targets, n_classes, sample_dim, in_dim, target_dim)
     d, n = h.sizes[in_dim], h.sizes[sample_dim]
     k = _pca_k(d, pca, pca_components, pca_cap)
-    options = dict(lam=float(lam), center_features=bool(center_features), intercept=bool(intercept),
-                   pca_components=k, rcond=rcond)
-    out = apply(_finalize_tl, stats, input_core_dims=[[STAT_DIM]], kwargs={"layout": layout, **options})
+    options = dict(
+        lam=float(lam),
+        center_features=bool(center_features),
+        intercept=bool(intercept),
+        pca_components=k,
+        rcond=rcond,
+    )
+    out = apply(
+        _finalize_tl, stats, input_core_dims=[[STAT_DIM]], kwargs={"layout": layout, **options}
+    )
     d_eff = d if k is None else min(k, d)
     out.attrs.update(
         long_name="target linearity",
@@ -449,79 +403,3 @@ def tl_null(
     out = xr.DataArray(_null(d_eff, h.sizes[sample_dim]))
     out.attrs["long_name"] = "TL null baseline min(1, d/N)"
     return out
-
-
-@quiet
-def _surrogate_np(stats: np.ndarray, w: np.ndarray, layout: list) -> tuple[FloatArray, FloatArray]:
-    s = unpack(as_float64(stats), layout)
-    n = s["n"][..., 0]
-    w = as_float64(w)
-    c = s["sum_y"].shape[-1]
-    b = s["hy"] - s["sum_h"][..., :, None] * (s["sum_y"] / n[..., None])[..., None, :]
-    zy = w @ b
-    zz = w @ s["hh"] @ _t(w)
-    yc = s["yy"] - s["sum_y"][..., :, None] * s["sum_y"][..., None, :] / n[..., None, None]
-    num = np.sum(zy * zy, axis=(-2, -1))
-    kta = num / (np.sqrt(np.sum(zz * zz, axis=(-2, -1))) * np.sqrt(np.sum(yc * yc, axis=(-2, -1))))
-    bad = batch_bad(w, 2)
-    return np.where(bad, np.nan, num / c), np.where(bad, np.nan, kta)
-
-
-def tl_surrogate(
-    h: xr.DataArray,
-    W: xr.DataArray,
-    *,
-    labels: xr.DataArray | None = None,
-    targets: xr.DataArray | None = None,
-    n_classes: int | None = None,
-    sample_dim: Hashable = "sample",
-    in_dim: Hashable = "in",
-    out_dim: Hashable = "out",
-    target_dim: Hashable = "target",
-) -> xr.Dataset:
-    """TL surrogate ``S = ||Z^T Y_c||_F^2 / C`` and kernel-target alignment, ``Z = H W^T``.
-
-    ``Z`` is the pre-activation computed by ``W`` from ``H`` (no bias).
-    Kernel-target alignment is the scale-free variant
-    ``||Z^T Y_c||_F^2 / (||Z^T Z||_F ||Y_c^T Y_c||_F)``. Both come from the
-    same streamed statistics as TL (``Z^T Y_c = W H^T Y_c``,
-    ``Z^T Z = W H^T H W^T``); the ``N x N`` kernel is never built.
-
-    Parameters
-    ----------
-    h : xarray.DataArray
-        Layer inputs, dims ``(..., sample_dim, in_dim)``.
-    W : xarray.DataArray
-        The weight applied to ``h``, dims ``(..., out_dim, in_dim)``.
-    labels, targets, n_classes
-        As in :func:`target_linearity`.
-
-    Returns
-    -------
-    xarray.Dataset
-        ``tl_surrogate`` and ``kernel_target_alignment``.
-
-    Examples
-    --------
-    >>> import xarray as xr
-    >>> h = xr.DataArray([[1.0, 0.0], [0.0, 1.0]], dims=("sample", "in"))
-    >>> W = xr.DataArray([[2.0, 0.0]], dims=("out", "in"))
-    >>> res = tl_surrogate(h, W, labels=xr.DataArray([0, 1], dims="sample"))
-    >>> float(res.tl_surrogate), float(res.kernel_target_alignment)
-    (1.0, 0.5)
-    """
-    require_dims(W, [out_dim, in_dim], "W")
-    if W.sizes[in_dim] != h.sizes.get(in_dim):
-        raise ValueError(f"W has {W.sizes[in_dim]} inputs, h has {h.sizes.get(in_dim)} features")
-    stats, layout = _streamed_stats(h, labels, targets, n_classes, sample_dim, in_dim, target_dim)
-    s, kta = apply(
-        _surrogate_np,
-        stats,
-        W,
-        input_core_dims=[[STAT_DIM], [out_dim, in_dim]],
-        output_core_dims=[[], []],
-        kwargs={"layout": layout},
-    )
-    s.attrs["long_name"] = "TL surrogate ||Z^T Y_c||_F^2 / C"
-    kta.attrs["long_name"] = "kernel-target alignment ||Z^T Y_c||^2 / (||Z^T Z|| ||Y_c^T Y_c||)"
-    return xr.Dataset({"tl_surrogate": s, "kernel_target_alignment": kta})

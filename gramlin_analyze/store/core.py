@@ -111,7 +111,7 @@ class GramlinStore:
             g = self.root.create_group(L.STEPS)
             g.attrs.update({"description": "manifest: one row per ingested checkpoint"})
             self._create_step_coord(g, 0)
-            for name, (dtype, fill, long_name, units) in L.MANIFEST.items():
+            for name in L.MANIFEST:
                 self._create_manifest_array(g, name, 0)
         else:
             g = self.root[L.STEPS]
@@ -383,3 +383,138 @@ def _coerce(name: str, v: Any) -> Any:
     if v is None:
         return L.MANIFEST[name][1]
     return np.dtype(dtype).type(v)
+
+
+# -- probe set and activations (capture) --------------------------------------------
+
+
+def write_probe(store: GramlinStore, probe: Any, attrs: dict[str, Any]) -> zarr.Group:
+    """Create ``/probe`` (dims ``sample``, …) from a ``ProbeSet`` and its capture attrs."""
+    grp = store.root.create_group(L.PROBE, overwrite=True)
+    grp.attrs.update(attrs)
+    n = probe.n_samples
+    sample = grp.create_array("sample", shape=(n,), dtype="int64", chunks=(n,), dimension_names=["sample"])
+    sample[:] = np.arange(n)
+    sample.attrs.update({"long_name": "probe sample index"})
+    x = np.ascontiguousarray(probe.inputs)
+    dims = ["sample", *[f"input_dim_{i}" for i in range(1, x.ndim)]]
+    arr = grp.create_array(
+        "inputs", shape=x.shape, dtype=x.dtype, chunks=L.matrix_chunks(x.shape, x.dtype.itemsize) if x.ndim > 1 else (n,),
+        dimension_names=dims,
+    )
+    arr[...] = x
+    arr.attrs.update({"long_name": "probe inputs"})
+    if probe.labels is not None:
+        y = np.asarray(probe.labels, dtype=np.int64)
+        a = grp.create_array("labels", shape=y.shape, dtype="int64", chunks=y.shape or (1,),
+                             dimension_names=["sample", *[f"label_dim_{i}" for i in range(1, y.ndim)]])
+        a[...] = y
+        a.attrs.update({"long_name": "class index"})
+    if probe.targets is not None:
+        t = np.asarray(probe.targets)
+        t2 = t.reshape(n, -1)
+        a = grp.create_array("targets", shape=t2.shape, dtype=t2.dtype, chunks=t2.shape, dimension_names=["sample", "target"])
+        a[...] = t2
+        a.attrs.update({"long_name": "regression target", "original_shape": list(t.shape)})
+    if probe.sample_id is not None:
+        sid = np.asarray(probe.sample_id)
+        if sid.dtype.kind in "US":
+            a = grp.create_array("sample_id", shape=(n,), dtype=str, chunks=(n,), dimension_names=["sample"])
+            a[:] = sid.astype(object)
+        else:
+            a = grp.create_array("sample_id", shape=(n,), dtype=sid.dtype, chunks=(n,), dimension_names=["sample"])
+            a[:] = sid
+        a.attrs.update({"long_name": "sample id from the probe file"})
+    return grp
+
+
+def declare_activations(
+    store: GramlinStore,
+    layer: str,
+    *,
+    n_samples: int,
+    d_in: int,
+    dtype: np.dtype,
+    rows_per_chunk: int,
+    samples_per_example: int,
+    agop: bool,
+) -> None:
+    """Create ``input``/``input_grad`` (step, sample, in) (and ``agop``) in ``/layers/<layer>``."""
+    grp = store.layer(layer)
+    n_steps = store.root[L.STEPS]["step"].shape[0]
+    shape = (n_steps, n_samples, d_in)
+    chunks = (1, max(1, min(n_samples, rows_per_chunk)), d_in)
+    for name, long_name in (
+        ("input", f"input h of {layer} (previous layer's output; conv: unfolded patches)"),
+        ("input_grad", f"g = W^T dL/dz of {layer}: loss gradient w.r.t. h through this layer only"),
+    ):
+        arr = grp.create_array(
+            name, shape=shape, dtype=dtype, chunks=chunks, dimension_names=["step", "sample", "in"],
+            fill_value=np.nan, compressors=None, overwrite=True,
+        )
+        arr.attrs.update({"long_name": long_name, "samples_per_example": samples_per_example})
+    if agop:
+        a = grp.create_array(
+            "agop", shape=(n_steps, d_in, d_in), dtype="float64",
+            chunks=L.matrix_chunks((n_steps, d_in, d_in), 8), dimension_names=["step", "in_i", "in_j"],
+            fill_value=np.nan, compressors=None, overwrite=True,
+        )
+        a.attrs.update({"long_name": f"AGOP of the network output w.r.t. the input of {layer}"})
+    grp.attrs.update({"samples_per_example": samples_per_example})
+
+
+class ActivationSink:
+    """Writes capture batches into one step's rows of ``input``/``input_grad``.
+
+    Batches arrive in order; rows are buffered only up to a chunk boundary
+    so that every chunk is written whole, once.
+    """
+
+    def __init__(self, layers_group: zarr.Group, index: int, layers: list[str]):
+        self.index = index
+        self.arrays = {n: (layers_group[n]["input"], layers_group[n]["input_grad"]) for n in layers}
+        self.rows = {n: a[0].chunks[1] for n, a in self.arrays.items()}
+        self.buf: dict[str, tuple[int, list, list]] = {n: (0, [], []) for n in layers}
+        self.written = {n: 0 for n in layers}
+
+    def __call__(self, layer: str, start: int, h: np.ndarray, g: np.ndarray) -> None:
+        if layer not in self.arrays:
+            return
+        first, hs, gs = self.buf[layer]
+        if not hs:
+            first = start
+        hs.append(h)
+        gs.append(g)
+        n = sum(len(x) for x in hs)
+        rows = self.rows[layer]
+        end = first + n
+        cut = (end // rows) * rows
+        if cut > first:
+            H = np.concatenate(hs) if len(hs) > 1 else hs[0]
+            G = np.concatenate(gs) if len(gs) > 1 else gs[0]
+            k = cut - first
+            ah, ag = self.arrays[layer]
+            ah[self.index, first:cut] = H[:k]
+            ag[self.index, first:cut] = G[:k]
+            self.written[layer] += k
+            rest_h, rest_g = H[k:], G[k:]
+            self.buf[layer] = (cut, [rest_h] if len(rest_h) else [], [rest_g] if len(rest_g) else [])
+        else:
+            self.buf[layer] = (first, hs, gs)
+
+    def flush(self) -> None:
+        for layer, (first, hs, gs) in self.buf.items():
+            if hs:
+                ah, ag = self.arrays[layer]
+                H, G = np.concatenate(hs), np.concatenate(gs)
+                ah[self.index, first : first + len(H)] = H
+                ag[self.index, first : first + len(G)] = G
+                self.written[layer] += len(H)
+            self.buf[layer] = (0, [], [])
+
+    def check_complete(self) -> None:
+        for layer, (ah, _) in self.arrays.items():
+            if self.written[layer] != ah.shape[1]:
+                raise StoreError(
+                    f"layer {layer}: capture wrote {self.written[layer]} of {ah.shape[1]} samples"
+                )

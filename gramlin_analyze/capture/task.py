@@ -1,0 +1,197 @@
+"""Capture as one step of ingest: the configuration, and one checkpoint's pass.
+
+:class:`CaptureConfig` is what ``ingest --probe … --model …`` says; it is
+recorded in ``/probe`` attrs so a later ``ingest`` of new checkpoints into
+the same store captures them the same way without repeating the flags.
+:func:`capture_checkpoint` builds the model for one checkpoint from an open
+reader handle and hands ``h``/``g`` batches to a sink (the store's writer).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gramlin_analyze.capture.engine import CaptureResult, Sink, capture_step, sample_counts
+from gramlin_analyze.capture.losses import resolve_loss
+from gramlin_analyze.capture.models import load_factory, load_state_dict_strict, rebuild_mlp
+from gramlin_analyze.capture.probe import ProbeSet, load_probe
+from gramlin_analyze.errors import ModelError, UsageError
+from gramlin_analyze.io.base import CheckpointHandle
+
+__all__ = ["CaptureConfig", "build_model", "capture_checkpoint", "plan_capture"]
+
+#: Config keys that change what is stored (a store keeps one of each).
+_IDENTITY_KEYS = (
+    "model",
+    "mlp_activation",
+    "torchscript",
+    "loss",
+    "reduction",
+    "dtype",
+    "pool",
+    "layers",
+    "extra_layers",
+)
+
+
+@dataclass
+class CaptureConfig:
+    """How to capture activations and gradients for each checkpoint."""
+
+    probe: str
+    model: str | None = None
+    mlp_activation: str | None = None
+    torchscript: bool = False
+    model_config: dict | None = None
+    loss: str = "cross_entropy"
+    reduction: str = "mean"
+    batch_size: int = 256
+    dtype: str = "float32"
+    layers: list[str] | None = None
+    extra_layers: list[str] = field(default_factory=list)
+    pool: str | None = None
+    agop: bool = False
+    agop_projections: int = 64
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        sources = [bool(self.model), bool(self.mlp_activation), bool(self.torchscript)]
+        if sum(sources) != 1:
+            raise UsageError(
+                "capture needs exactly one model source: --model pkg.module:build (or file.py:build), "
+                "--mlp-activation NAME (plain MLP state dicts), or --model torchscript"
+            )
+        if self.dtype not in ("float32", "float16", "float64"):
+            raise UsageError(
+                f"--activations-dtype must be float32, float16 or float64, not {self.dtype!r}"
+            )
+        if self.reduction not in ("mean", "sum"):
+            raise UsageError(f"--reduction must be mean or sum, not {self.reduction!r}")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CaptureConfig:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _IDENTITY_KEYS}
+
+    def describe_model(self) -> str:
+        if self.torchscript:
+            return "torchscript archive per checkpoint"
+        if self.model:
+            return f"factory {self.model}"
+        return f"MLP rebuilt from weights ({self.mlp_activation})"
+
+
+_local = threading.local()
+
+
+def _factory_model(config: CaptureConfig) -> nn.Module:
+    """One model per thread and factory, reused across checkpoints (weights reloaded)."""
+    key = (config.model, json.dumps(config.model_config, sort_keys=True))
+    cache = getattr(_local, "models", None)
+    if cache is None:
+        cache = _local.models = {}
+    if key not in cache:
+        cache.clear()
+        cache[key] = load_factory(config.model, config.model_config)
+    return cache[key]
+
+
+def build_model(config: CaptureConfig, handle: CheckpointHandle) -> nn.Module:
+    """The checkpoint's model with its weights loaded."""
+    if config.torchscript:
+        module = getattr(handle, "module", None)
+        if module is None:
+            raise UsageError(
+                f"{handle.path}: --model torchscript needs TorchScript archives (read with "
+                "--format torchscript --allow-torchscript-code)"
+            )
+        return module
+    tensors = {name: handle.read_tensor(name) for name in handle.list_tensors()}
+    if config.mlp_activation:
+        model = rebuild_mlp(tensors, activation=config.mlp_activation)
+    else:
+        model = _factory_model(config)
+        load_state_dict_strict(model, tensors, strict=config.strict)
+    return model
+
+
+_probes: dict[str, ProbeSet] = {}
+_probe_lock = threading.Lock()
+
+
+def _probe(path: str) -> ProbeSet:
+    with _probe_lock:
+        if path not in _probes:
+            _probes.clear()
+            _probes[path] = load_probe(path)
+        return _probes[path]
+
+
+def plan_capture(
+    config: CaptureConfig, handle: CheckpointHandle, store_layers: list[str]
+) -> dict[str, tuple[int, int]]:
+    """``layer -> (n_samples, d_in)`` of every stored layer that capture records."""
+    model = build_model(config, handle)
+    counts = sample_counts(
+        model,
+        _probe(config.probe),
+        layers=config.layers,
+        extra_layers=config.extra_layers,
+        pool=config.pool,
+    )
+    selected = {k: v for k, v in counts.items() if k in store_layers}
+    if not selected:
+        raise UsageError(
+            f"none of the model's capturable layers ({', '.join(counts) or 'none'}) is a stored layer "
+            f"({', '.join(store_layers)}); check --layers/--exclude"
+        )
+    return selected
+
+
+def capture_checkpoint(
+    config: CaptureConfig,
+    handle: CheckpointHandle,
+    *,
+    layers: list[str],
+    sink: Sink,
+    step: int,
+) -> CaptureResult:
+    """Build the checkpoint's model and run the probe set through it."""
+    model = build_model(config, handle)
+    result = capture_step(
+        model,
+        _probe(config.probe),
+        loss=resolve_loss(config.loss, reduction=config.reduction),
+        sink=sink,
+        layers=layers,
+        extra_layers=config.extra_layers,
+        batch_size=config.batch_size,
+        dtype=np.dtype(config.dtype),
+        pool=config.pool,
+        step=step,
+        capture_agop=config.agop,
+        agop_projections=config.agop_projections,
+    )
+    if not np.isfinite(result.loss):
+        raise ModelError(
+            f"step {step}: the probe-set loss is {result.loss}; the checkpoint's weights may be NaN/Inf"
+        )
+    del model
+    torch.set_num_threads(torch.get_num_threads())
+    return result

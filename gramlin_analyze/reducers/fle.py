@@ -1,0 +1,226 @@
+"""Feature Learning Equation terms: ``dL/dW``, the exact second-order term, the residual.
+
+For one plain gradient step ``W+ = W - gamma G`` with ``G = dL/dW``,
+``W+^T W+ - W^T W = VCS + gamma^2 (G^T G - sum_i g_i g_i^T)`` exactly
+(MATH.md). Between consecutive checkpoints of a full-batch GD run the
+toolkit reports ``fle_residual = ||dGram - VCS||_F / ||dGram||_F`` and the
+analytic second-order term, which must account for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import numpy as np
+import numpy.typing as npt
+import xarray as xr
+
+from gramlin_analyze.reducers._common import (
+    STAT_DIM,
+    FloatArray,
+    apply,
+    as_float64,
+    batch_bad,
+    gamma_array,
+    poison,
+    quiet,
+    require_dims,
+    stream_sum,
+    sym,
+)
+from gramlin_analyze.reducers.vc import SQUARE, _gamma, _t
+
+__all__ = [
+    "weight_gradient_np",
+    "second_order_term_np",
+    "fle_residual_np",
+    "weight_gradient",
+    "second_order_term",
+    "fle_residual",
+]
+
+
+@quiet
+def weight_gradient_np(dz: npt.ArrayLike, h: npt.ArrayLike) -> FloatArray:
+    """``G = dL/dW = sum_i (dL/dz_i) h_i^T`` over the sample axis.
+
+    Parameters
+    ----------
+    dz : array_like, shape (..., n_samples, d_out)
+        Gradient of the loss at the layer's output (with the loss reduction
+        already applied, e.g. the ``1/N`` of a mean).
+    h : array_like, shape (..., n_samples, d_in)
+        Layer inputs.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., d_out, d_in)
+
+    Examples
+    --------
+    >>> weight_gradient_np([[1.0], [2.0]], [[1.0, 0.0], [0.0, 1.0]])
+    array([[1., 2.]])
+    """
+    dz, h = as_float64(dz), as_float64(h)
+    return poison(_t(dz) @ h, batch_bad(dz, 2) | batch_bad(h, 2), 2)
+
+
+@quiet
+def second_order_term_np(
+    G: npt.ArrayLike, sum_gg: npt.ArrayLike, gamma: npt.ArrayLike
+) -> FloatArray:
+    """Exact second-order FLE term ``gamma^2 (G^T G - sum_i g_i g_i^T)``.
+
+    ``W+^T W+ - W^T W = VCS + second_order_term`` for one plain gradient step
+    ``W+ = W - gamma G``.
+
+    Examples
+    --------
+    >>> second_order_term_np([[2.0]], [[1.0]], 0.5)
+    array([[0.75]])
+    """
+    G, gg = as_float64(G), as_float64(sum_gg)
+    return _gamma(gamma) ** 2 * (sym(_t(G) @ G) - gg)
+
+
+@quiet
+def fle_residual_np(dgram: npt.ArrayLike, vcs: npt.ArrayLike) -> FloatArray:
+    """``||dGram - VCS||_F / ||dGram||_F`` over the last two axes.
+
+    NaN when ``dGram`` is zero (0/0) or a NaN/Inf is present.
+
+    Examples
+    --------
+    >>> float(fle_residual_np([[3.0, 0.0], [0.0, 4.0]], [[3.0, 0.0], [0.0, 3.0]]))
+    0.2
+    """
+    d, v = as_float64(dgram), as_float64(vcs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(np.sum((d - v) ** 2, axis=(-2, -1)) / np.sum(d * d, axis=(-2, -1)))
+
+
+def weight_gradient(
+    dz: xr.DataArray,
+    h: xr.DataArray,
+    *,
+    sample_dim: Hashable = "sample",
+    out_dim: Hashable = "out",
+    in_dim: Hashable = "in",
+) -> xr.DataArray:
+    """``G = dL/dW = sum_i (dL/dz_i) h_i^T``, streamed over sample blocks.
+
+    Parameters
+    ----------
+    dz : xarray.DataArray
+        Gradient at the layer output, dims ``(..., sample_dim, out_dim)``
+        (loss reduction included).
+    h : xarray.DataArray
+        Layer inputs, dims ``(..., sample_dim, in_dim)``.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``(..., out_dim, in_dim)``.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> dz = xr.DataArray([[1.0], [2.0]], dims=("sample", "out"))
+    >>> h = xr.DataArray([[1.0, 0.0], [0.0, 1.0]], dims=("sample", "in"))
+    >>> weight_gradient(dz, h).values
+    array([[1., 2.]])
+    """
+    require_dims(dz, [sample_dim, out_dim], "dz")
+    require_dims(h, [sample_dim, in_dim], "h")
+    d_out, d_in = dz.sizes[out_dim], h.sizes[in_dim]
+
+    def block(z: np.ndarray, x: np.ndarray) -> FloatArray:
+        G = weight_gradient_np(z, x)
+        return G.reshape(*G.shape[:-2], -1)
+
+    stats = stream_sum(
+        block, [dz, h], reduce_dim=sample_dim, core_dims=[[out_dim], [in_dim]], size=d_out * d_in
+    )
+    lead = [x for x in stats.dims if x != STAT_DIM]
+    coords = {k: v for k, v in stats.coords.items() if STAT_DIM not in v.dims}
+    out = xr.DataArray(
+        stats.data.reshape(*stats.shape[:-1], d_out, d_in),
+        dims=[*lead, out_dim, in_dim],
+        coords=coords,
+    )
+    out.attrs["long_name"] = "dL/dW"
+    return out
+
+
+def second_order_term(
+    G: xr.DataArray,
+    sum_gg: xr.DataArray,
+    gamma: float | xr.DataArray,
+    *,
+    out_dim: Hashable = "out",
+    in_dim: Hashable = "in",
+    dims: tuple[Hashable, Hashable] = SQUARE,
+) -> xr.DataArray:
+    """Analytic second-order FLE term ``gamma^2 (G^T G - sum_i g_i g_i^T)``.
+
+    For one plain gradient step ``W+ = W - gamma G`` from a checkpoint,
+    ``W+^T W+ - W^T W = VCS + second_order_term`` exactly.
+
+    Parameters
+    ----------
+    G : xarray.DataArray
+        ``dL/dW``, dims ``(..., out_dim, in_dim)`` (e.g. :func:`weight_gradient`).
+    sum_gg : xarray.DataArray
+        ``sum_i g_i g_i^T``, dims ``(..., *dims)`` (``vc_stats(...).sum_gg``).
+    gamma : float or xarray.DataArray
+        Learning rate.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> G = xr.DataArray([[2.0]], dims=("out", "in"))
+    >>> gg = xr.DataArray([[1.0]], dims=("in_i", "in_j"))
+    >>> second_order_term(G, gg, 0.5).values
+    array([[0.75]])
+    """
+    require_dims(G, [out_dim, in_dim], "G")
+    require_dims(sum_gg, dims, "sum_gg")
+    out = apply(
+        second_order_term_np,
+        G,
+        sum_gg,
+        gamma_array(gamma),
+        input_core_dims=[[out_dim, in_dim], dims, []],
+        output_core_dims=[dims],
+    )
+    out.attrs["long_name"] = "second-order FLE term gamma^2 (G^T G - sum g g^T)"
+    return out
+
+
+def fle_residual(
+    dgram: xr.DataArray,
+    vcs: xr.DataArray,
+    *,
+    dims: tuple[Hashable, Hashable] = SQUARE,
+) -> xr.DataArray:
+    """FLE residual ``||dGram - VCS||_F / ||dGram||_F``.
+
+    Entries are paired by their coordinates (inner join on leading dims such
+    as ``step``): compute ``dgram`` with ``gram_change(W, label="lower")`` so
+    that each one-step change sits at the step where the VCS was measured.
+    Adding :func:`second_order_term` to ``vcs`` must bring the residual to
+    round-off for full-batch gradient descent.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> a = xr.DataArray([[3.0, 0.0], [0.0, 4.0]], dims=SQUARE)
+    >>> b = xr.DataArray([[3.0, 0.0], [0.0, 3.0]], dims=SQUARE)
+    >>> float(fle_residual(a, b))
+    0.2
+    """
+    require_dims(dgram, dims, "dgram")
+    require_dims(vcs, dims, "vcs")
+    out = apply(fle_residual_np, dgram, vcs, input_core_dims=[dims, dims], join="inner")
+    out.attrs["long_name"] = "FLE residual ||dGram - VCS||_F / ||dGram||_F"
+    return out
