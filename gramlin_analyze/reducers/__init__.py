@@ -7,7 +7,7 @@ and Dask-backed DataArrays. Importing this package registers the
 """
 
 from gramlin_analyze.reducers import accessor as _accessor  # noqa: F401  (registers .gramlin)
-from gramlin_analyze.reducers._common import nonfinite
+from gramlin_analyze.reducers._common import nonfinite, one_hot_np
 from gramlin_analyze.reducers.agop import (
     agop,
     agop_np,
@@ -38,6 +38,14 @@ from gramlin_analyze.reducers.collapse import (
     ncc_mismatch_np,
     neural_collapse,
 )
+from gramlin_analyze.reducers.fle import (
+    fle_residual,
+    fle_residual_np,
+    second_order_term,
+    second_order_term_np,
+    weight_gradient,
+    weight_gradient_np,
+)
 from gramlin_analyze.reducers.gram import (
     effective_rank,
     effective_rank_np,
@@ -53,31 +61,24 @@ from gramlin_analyze.reducers.gram import (
     stable_rank,
     stable_rank_np,
 )
+from gramlin_analyze.reducers.surrogate import tl_surrogate
 from gramlin_analyze.reducers.target_linearity import (
-    one_hot_np,
     target_linearity,
     target_linearity_from_stats_np,
     target_linearity_np,
     tl_null,
     tl_stats_np,
-    tl_surrogate,
 )
 from gramlin_analyze.reducers.vc import (
     accumulate_trapezoid_np,
     accumulated_vcs,
-    fle_residual,
-    fle_residual_np,
     interval_vcs,
-    second_order_term,
-    second_order_term_np,
     vc_stats,
     vc_stats_np,
     vcs_np,
     virtual_covariance,
     virtual_covariance_np,
     virtual_covariance_shift,
-    weight_gradient,
-    weight_gradient_np,
 )
 
 __all__ = [

@@ -23,13 +23,32 @@ from typing import Any
 import xarray as xr
 
 from gramlin_analyze.errors import MissingDataError
-from gramlin_analyze.reducers import agop as _agop
-from gramlin_analyze.reducers import alignment as _alignment
-from gramlin_analyze.reducers import cka as _cka
-from gramlin_analyze.reducers import collapse as _collapse
-from gramlin_analyze.reducers import gram as _gram
-from gramlin_analyze.reducers import target_linearity as _tl
-from gramlin_analyze.reducers import vc as _vc
+from gramlin_analyze.reducers.agop import nfa_alignment
+from gramlin_analyze.reducers.alignment import (
+    Mode,
+    cosine_similarity,
+    pearson,
+    vcs_interval_consistency,
+)
+from gramlin_analyze.reducers.cka import linear_cka
+from gramlin_analyze.reducers.collapse import neural_collapse
+from gramlin_analyze.reducers.fle import fle_residual
+from gramlin_analyze.reducers.gram import (
+    effective_rank,
+    frobenius_norm,
+    gram,
+    gram_change,
+    gram_spectrum,
+    spectral_norm,
+    stable_rank,
+)
+from gramlin_analyze.reducers.surrogate import tl_surrogate
+from gramlin_analyze.reducers.target_linearity import target_linearity, tl_null
+from gramlin_analyze.reducers.vc import (
+    accumulated_vcs,
+    virtual_covariance,
+    virtual_covariance_shift,
+)
 
 __all__ = ["GramlinDataArrayAccessor", "GramlinDatasetAccessor"]
 
@@ -55,62 +74,62 @@ class GramlinDataArrayAccessor:
 
     # weights (..., out, in)
     def gram(self, **kwargs: Any) -> xr.DataArray:
-        """``W^T W``; see :func:`gramlin_analyze.reducers.gram.gram`."""
-        return _gram.gram(self._obj, **kwargs)
+        """``W^T W``; see :func:`~gramlin_analyze.reducers.gram.gram`."""
+        return gram(self._obj, **kwargs)
 
     def spectrum(self, **kwargs: Any) -> xr.DataArray:
         """Eigenvalues of ``W^T W``, descending; see :func:`~gramlin_analyze.reducers.gram.gram_spectrum`."""
-        return _gram.gram_spectrum(self._obj, **kwargs)
+        return gram_spectrum(self._obj, **kwargs)
 
     def effective_rank(self, **kwargs: Any) -> xr.DataArray:
         """Effective rank of ``W^T W``."""
-        return _gram.effective_rank(self._obj, **kwargs)
+        return effective_rank(self._obj, **kwargs)
 
     def stable_rank(self, **kwargs: Any) -> xr.DataArray:
         """Stable rank ``||W||_F^2 / ||W||_2^2``."""
-        return _gram.stable_rank(self._obj, **kwargs)
+        return stable_rank(self._obj, **kwargs)
 
     def frobenius_norm(self, **kwargs: Any) -> xr.DataArray:
         """Frobenius norm over ``(out, in)``."""
-        return _gram.frobenius_norm(self._obj, **kwargs)
+        return frobenius_norm(self._obj, **kwargs)
 
     def spectral_norm(self, **kwargs: Any) -> xr.DataArray:
         """Spectral norm over ``(out, in)``."""
-        return _gram.spectral_norm(self._obj, **kwargs)
+        return spectral_norm(self._obj, **kwargs)
 
     def gram_change(self, **kwargs: Any) -> xr.DataArray:
         """``W_b^T W_b - W_a^T W_a`` between consecutive steps."""
-        return _gram.gram_change(self._obj, **kwargs)
+        return gram_change(self._obj, **kwargs)
 
     # square matrices (..., in_i, in_j)
     def accumulated_vcs(self, **kwargs: Any) -> xr.DataArray:
         """Trapezoid accumulation over steps of this VCS."""
-        return _vc.accumulated_vcs(self._obj, **kwargs)
+        return accumulated_vcs(self._obj, **kwargs)
 
     def pearson(self, other: xr.DataArray, **kwargs: Any) -> xr.DataArray:
         """Pearson correlation with another matrix (``mode="diag"`` or ``"full"``)."""
-        return _alignment.pearson(self._obj, other, **kwargs)
+        return pearson(self._obj, other, **kwargs)
 
     def cosine_similarity(self, other: xr.DataArray, **kwargs: Any) -> xr.DataArray:
         """Cosine similarity with another matrix."""
-        return _alignment.cosine_similarity(self._obj, other, **kwargs)
+        return cosine_similarity(self._obj, other, **kwargs)
 
     # features (..., sample, in)
     def target_linearity(self, **kwargs: Any) -> xr.DataArray:
         """TL of these features for ``labels=`` or ``targets=``."""
-        return _tl.target_linearity(self._obj, **kwargs)
+        return target_linearity(self._obj, **kwargs)
 
     def tl_null(self, **kwargs: Any) -> xr.DataArray:
         """TL null baseline ``min(1, d/N)``."""
-        return _tl.tl_null(self._obj, **kwargs)
+        return tl_null(self._obj, **kwargs)
 
     def linear_cka(self, other: xr.DataArray, **kwargs: Any) -> xr.DataArray:
         """Linear CKA with another feature set on the same samples."""
-        return _cka.linear_cka(self._obj, other, **kwargs)
+        return linear_cka(self._obj, other, **kwargs)
 
     def neural_collapse(self, labels: xr.DataArray, **kwargs: Any) -> xr.Dataset:
         """NC1-NC2 (NC3-NC4 with ``W=``) of these features."""
-        return _collapse.neural_collapse(self._obj, labels, **kwargs)
+        return neural_collapse(self._obj, labels, **kwargs)
 
 
 @xr.register_dataset_accessor("gramlin")
@@ -157,23 +176,23 @@ class GramlinDatasetAccessor:
     # weights
     def gram(self, *, weight: str = "weight", **kwargs: Any) -> xr.DataArray:
         """``W^T W`` of the layer's weight."""
-        return _gram.gram(self._get(weight, "gram"), **kwargs)
+        return gram(self._get(weight, "gram"), **kwargs)
 
     def spectrum(self, *, weight: str = "weight", **kwargs: Any) -> xr.DataArray:
         """Eigenvalues of ``W^T W``."""
-        return _gram.gram_spectrum(self._get(weight, "spectrum"), **kwargs)
+        return gram_spectrum(self._get(weight, "spectrum"), **kwargs)
 
     def effective_rank(self, *, weight: str = "weight", **kwargs: Any) -> xr.DataArray:
         """Effective rank of ``W^T W``."""
-        return _gram.effective_rank(self._get(weight, "effective_rank"), **kwargs)
+        return effective_rank(self._get(weight, "effective_rank"), **kwargs)
 
     def stable_rank(self, *, weight: str = "weight", **kwargs: Any) -> xr.DataArray:
         """Stable rank of the weight."""
-        return _gram.stable_rank(self._get(weight, "stable_rank"), **kwargs)
+        return stable_rank(self._get(weight, "stable_rank"), **kwargs)
 
     def gram_change(self, *, weight: str = "weight", **kwargs: Any) -> xr.DataArray:
         """Change of ``W^T W`` between consecutive steps."""
-        return _gram.gram_change(self._get(weight, "gram_change"), **kwargs)
+        return gram_change(self._get(weight, "gram_change"), **kwargs)
 
     # virtual covariance
     def _hg(self, input: str, input_grad: str, role: str) -> tuple[xr.DataArray, xr.DataArray]:
@@ -184,26 +203,24 @@ class GramlinDatasetAccessor:
     ) -> xr.DataArray:
         """VC of the layer input with learning rate ``gamma`` (number, DataArray or name)."""
         h, g = self._hg(input, input_grad, "virtual_covariance")
-        return _vc.virtual_covariance(h, g, self._get(gamma, "gamma"), **kwargs)
+        return virtual_covariance(h, g, self._get(gamma, "gamma"), **kwargs)
 
     def virtual_covariance_shift(
         self, gamma: Any, *, input: str = "input", input_grad: str = "input_grad", **kwargs: Any
     ) -> xr.DataArray:
         """VCS (``batch_size=`` for the minibatch second-order scaling)."""
         h, g = self._hg(input, input_grad, "virtual_covariance_shift")
-        return _vc.virtual_covariance_shift(h, g, self._get(gamma, "gamma"), **kwargs)
+        return virtual_covariance_shift(h, g, self._get(gamma, "gamma"), **kwargs)
 
     def accumulated_vcs(self, gamma: Any, *, step_dim: str = "step", **kwargs: Any) -> xr.DataArray:
         """VCS accumulated over steps by the trapezoid rule (an estimate)."""
-        return _vc.accumulated_vcs(
-            self.virtual_covariance_shift(gamma, **kwargs), step_dim=step_dim
-        )
+        return accumulated_vcs(self.virtual_covariance_shift(gamma, **kwargs), step_dim=step_dim)
 
     def gram_vc_corr(
         self,
         gamma: Any,
         *,
-        mode: _alignment.Mode = "diag",
+        mode: Mode = "diag",
         against: str = "accumulated_vcs",
         weight: str = "weight",
         step_dim: str = "step",
@@ -216,22 +233,20 @@ class GramlinDatasetAccessor:
             other = self.virtual_covariance(gamma, **kwargs)
         else:
             raise ValueError(f"against must be 'accumulated_vcs' or 'vc', got {against!r}")
-        return _alignment.pearson(self.gram(weight=weight), other, mode=mode)
+        return pearson(self.gram(weight=weight), other, mode=mode)
 
     def vcs_interval_consistency(
         self,
         gamma: Any,
         *,
-        mode: _alignment.Mode = "full",
+        mode: Mode = "full",
         weight: str = "weight",
         step_dim: str = "step",
         **kwargs: Any,
     ) -> xr.Dataset:
         """Per interval: Pearson and norm ratio of the actual Gram change vs the trapezoid VCS."""
         vcs = self.virtual_covariance_shift(gamma, **kwargs)
-        return _alignment.vcs_interval_consistency(
-            self.gram(weight=weight), vcs, step_dim=step_dim, mode=mode
-        )
+        return vcs_interval_consistency(self.gram(weight=weight), vcs, step_dim=step_dim, mode=mode)
 
     def fle_residual(
         self,
@@ -248,13 +263,11 @@ class GramlinDatasetAccessor:
         ``second_order`` (e.g. :func:`~gramlin_analyze.reducers.vc.second_order_term`)
         is added to the VCS when given.
         """
-        dgram = _gram.gram_change(
-            self._get(weight, "fle_residual"), step_dim=step_dim, label="lower"
-        )
+        dgram = gram_change(self._get(weight, "fle_residual"), step_dim=step_dim, label="lower")
         vcs = self.virtual_covariance_shift(gamma, **kwargs)
         if second_order is not None:
             vcs = vcs + second_order
-        return _vc.fle_residual(dgram, vcs)
+        return fle_residual(dgram, vcs)
 
     # features
     def _y(self, labels: Any, targets: Any) -> dict[str, Any]:
@@ -265,11 +278,11 @@ class GramlinDatasetAccessor:
     ) -> xr.DataArray:
         """TL of the layer input for ``labels=`` or ``targets=`` (DataArray or name)."""
         h = self._get(input, "target_linearity")
-        return _tl.target_linearity(h, **self._y(labels, targets), **kwargs)
+        return target_linearity(h, **self._y(labels, targets), **kwargs)
 
     def tl_null(self, *, input: str = "input", **kwargs: Any) -> xr.DataArray:
         """TL null baseline ``min(1, d/N)`` of the layer input."""
-        return _tl.tl_null(self._get(input, "tl_null"), **kwargs)
+        return tl_null(self._get(input, "tl_null"), **kwargs)
 
     def tl_surrogate(
         self,
@@ -282,7 +295,7 @@ class GramlinDatasetAccessor:
     ) -> xr.Dataset:
         """TL surrogate and kernel-target alignment of ``Z = H W^T``."""
         h, w = self._get(input, "tl_surrogate"), self._get(weight, "tl_surrogate")
-        return _tl.tl_surrogate(h, w, **self._y(labels, targets), **kwargs)
+        return tl_surrogate(h, w, **self._y(labels, targets), **kwargs)
 
     def neural_collapse(
         self,
@@ -300,10 +313,8 @@ class GramlinDatasetAccessor:
             kwargs.setdefault("W", self._get(weight, "neural_collapse"))
             if bias in self._obj.variables:
                 kwargs.setdefault("b", self._obj[bias])
-        return _collapse.neural_collapse(h, self._get(labels, "labels"), **kwargs)
+        return neural_collapse(h, self._get(labels, "labels"), **kwargs)
 
     def nfa_alignment(self, agop: Any, *, weight: str = "weight", **kwargs: Any) -> xr.Dataset:
         """NFA correlations of ``W^T W`` with the AGOP (DataArray or variable name)."""
-        return _agop.nfa_alignment(
-            self._get(weight, "nfa_alignment"), self._get(agop, "agop"), **kwargs
-        )
+        return nfa_alignment(self._get(weight, "nfa_alignment"), self._get(agop, "agop"), **kwargs)

@@ -35,16 +35,17 @@ from gramlin_analyze.reducers._common import (
     as_float64,
     batch_bad,
     layout_size,
+    one_hot_np,
     pack,
     pinvh,
     poison,
     quiet,
     require_dims,
+    resolve_targets,
     stream_sum,
     sym,
     unpack,
 )
-from gramlin_analyze.reducers.target_linearity import _targets, one_hot_np
 
 __all__ = [
     "collapse_stats_np",
@@ -210,7 +211,7 @@ def ncc_mismatch_np(
 
 def _collapse_stats(h, labels, n_classes, sample_dim, in_dim):
     require_dims(h, [sample_dim, in_dim], "h")
-    labels, _, c, _ = _targets(labels, None, n_classes, sample_dim, "_unused")
+    labels, _, c, _ = resolve_targets(labels, None, n_classes, sample_dim, "_unused")
     layout = _layout(h.sizes[in_dim], c)
 
     def block(hb: np.ndarray, lb: np.ndarray) -> FloatArray:
