@@ -90,6 +90,20 @@ def poison(out: FloatArray, bad: np.ndarray, core_ndim: int) -> FloatArray:
     return out
 
 
+def mask_nonfinite(out: Any, out_core: int, *inputs: tuple[Any, int]) -> FloatArray:
+    """``out`` with NaN wherever an input's batch entry holds a NaN/Inf.
+
+    ``inputs`` are ``(array, core_ndim)`` pairs whose batch axes broadcast
+    against those of ``out`` (which has ``out_core`` core axes).
+    """
+    out = as_float64(out)
+    bad = np.zeros((), dtype=bool)
+    for x, core in inputs:
+        bad = bad | batch_bad(as_float64(x), core)
+    bad = np.broadcast_to(bad, out.shape[: out.ndim - out_core])
+    return np.where(bad[(...,) + (None,) * out_core], np.nan, out)
+
+
 def sanitize(x: FloatArray, core_ndim: int, fill: float = 0.0) -> tuple[FloatArray, np.ndarray]:
     """Replace batch entries holding NaN/Inf by ``fill`` so LAPACK never sees them.
 

@@ -18,7 +18,14 @@ import numpy as np
 import numpy.typing as npt
 import xarray as xr
 
-from gramlin_analyze.reducers._common import FloatArray, apply, as_float64, quiet, require_dims
+from gramlin_analyze.reducers._common import (
+    FloatArray,
+    apply,
+    as_float64,
+    mask_nonfinite,
+    quiet,
+    require_dims,
+)
 from gramlin_analyze.reducers.vc import _step_pairs, interval_vcs
 
 __all__ = [
@@ -73,7 +80,7 @@ def pearson_np(a: npt.ArrayLike, b: npt.ArrayLike, *, mode: Mode = "diag") -> Fl
     yc = y - y.mean(axis=-1, keepdims=True)
     num = np.sum(xc * yc, axis=-1)
     den = np.sqrt(np.sum(xc * xc, axis=-1) * np.sum(yc * yc, axis=-1))
-    return np.asarray(num / den)
+    return mask_nonfinite(num / den, 0, (x, 1), (y, 1))
 
 
 @quiet
@@ -88,7 +95,7 @@ def cosine_np(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
     x, y = as_float64(a), as_float64(b)
     num = np.sum(x * y, axis=(-2, -1))
     den = np.sqrt(np.sum(x * x, axis=(-2, -1)) * np.sum(y * y, axis=(-2, -1)))
-    return np.asarray(num / den)
+    return mask_nonfinite(num / den, 0, (x, 2), (y, 2))
 
 
 @quiet
@@ -101,7 +108,8 @@ def norm_ratio_np(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
     5.0
     """
     x, y = as_float64(a), as_float64(b)
-    return np.asarray(np.sqrt(np.sum(x * x, axis=(-2, -1)) / np.sum(y * y, axis=(-2, -1))))
+    ratio = np.sqrt(np.sum(x * x, axis=(-2, -1)) / np.sum(y * y, axis=(-2, -1)))
+    return mask_nonfinite(ratio, 0, (x, 2), (y, 2))
 
 
 def pearson(

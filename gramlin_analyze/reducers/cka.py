@@ -27,6 +27,7 @@ from gramlin_analyze.reducers._common import (
     as_float64,
     batch_bad,
     layout_size,
+    mask_nonfinite,
     pack,
     poison,
     quiet,
@@ -111,7 +112,7 @@ def linear_cka_from_stats_np(stats: Mapping[str, npt.ArrayLike]) -> FloatArray:
     yx = s["yx"] - sy[..., :, None] * sx[..., None, :] / n
     num = np.sum(yx * yx, axis=(-2, -1))
     den = np.sqrt(np.sum(xx * xx, axis=(-2, -1))) * np.sqrt(np.sum(yy * yy, axis=(-2, -1)))
-    return np.asarray(num / den)
+    return mask_nonfinite(num / den, 0, *((s[k], _CORE[k]) for k in _CORE))
 
 
 def linear_cka_np(x: npt.ArrayLike, y: npt.ArrayLike) -> FloatArray:

@@ -35,6 +35,7 @@ from gramlin_analyze.reducers._common import (
     as_float64,
     batch_bad,
     layout_size,
+    mask_nonfinite,
     one_hot_np,
     pack,
     pinvh,
@@ -149,7 +150,12 @@ def collapse_from_stats_np(
         angular = np.abs(cos[..., iu[0], iu[1]] + 1.0 / (c - 1)).mean(axis=-1)
     else:
         angular = np.full(nc1.shape, np.nan)
-    return {"nc1": nc1, "nc2_equinorm": equinorm, "nc2_equiangularity": angular}
+    checked = [(s["counts"], 1), (s["class_sums"], 2), (s["scatter"], 2)]
+    return {
+        "nc1": mask_nonfinite(nc1, 0, *checked),
+        "nc2_equinorm": mask_nonfinite(equinorm, 0, *checked),
+        "nc2_equiangularity": mask_nonfinite(angular, 0, *checked),
+    }
 
 
 @quiet
@@ -172,7 +178,7 @@ def nc3_np(w: npt.ArrayLike, class_means: npt.ArrayLike, global_mean: npt.ArrayL
     mt = as_float64(class_means) - as_float64(global_mean)[..., None, :]  # M^T, (C, d)
     wn = w / np.sqrt(np.sum(w * w, axis=(-2, -1)))[..., None, None]
     mn = mt / np.sqrt(np.sum(mt * mt, axis=(-2, -1)))[..., None, None]
-    return np.sum((wn - mn) ** 2, axis=(-2, -1))
+    return mask_nonfinite(np.sum((wn - mn) ** 2, axis=(-2, -1)), 0, (w, 2), (mt, 2))
 
 
 def _mismatches(h: FloatArray, mu: FloatArray, w: FloatArray, b: FloatArray) -> FloatArray:

@@ -22,13 +22,14 @@ from gramlin_analyze.reducers._common import (
     as_float64,
     batch_bad,
     gamma_array,
+    mask_nonfinite,
     poison,
     quiet,
     require_dims,
     stream_sum,
     sym,
 )
-from gramlin_analyze.reducers.vc import SQUARE, _gamma, _t
+from gramlin_analyze.reducers.vc import SQUARE, _t
 
 __all__ = [
     "weight_gradient_np",
@@ -79,8 +80,9 @@ def second_order_term_np(
     >>> second_order_term_np([[2.0]], [[1.0]], 0.5)
     array([[0.75]])
     """
-    G, gg = as_float64(G), as_float64(sum_gg)
-    return _gamma(gamma) ** 2 * (sym(_t(G) @ G) - gg)
+    G, gg, gam = as_float64(G), as_float64(sum_gg), as_float64(gamma)
+    out = gam[..., None, None] ** 2 * (sym(_t(G) @ G) - gg)
+    return mask_nonfinite(out, 2, (G, 2), (gg, 2), (gam, 0))
 
 
 @quiet
@@ -95,8 +97,8 @@ def fle_residual_np(dgram: npt.ArrayLike, vcs: npt.ArrayLike) -> FloatArray:
     0.2
     """
     d, v = as_float64(dgram), as_float64(vcs)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.sqrt(np.sum((d - v) ** 2, axis=(-2, -1)) / np.sum(d * d, axis=(-2, -1)))
+    out = np.sqrt(np.sum((d - v) ** 2, axis=(-2, -1)) / np.sum(d * d, axis=(-2, -1)))
+    return mask_nonfinite(out, 0, (d, 2), (v, 2))
 
 
 def weight_gradient(

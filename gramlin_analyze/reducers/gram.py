@@ -20,6 +20,7 @@ from gramlin_analyze.reducers._common import (
     apply,
     as_float64,
     batch_bad,
+    mask_nonfinite,
     poison,
     quiet,
     require_dims,
@@ -155,13 +156,12 @@ def effective_rank_np(eigenvalues: npt.ArrayLike) -> FloatArray:
     2.0
     """
     lam = as_float64(eigenvalues)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = lam / lam.sum(axis=-1, keepdims=True)
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-        plogp = np.where(p < 0, np.nan, plogp)
-        ent = -plogp.sum(axis=-1)
-        ent = np.where(np.isnan(p).any(axis=-1), np.nan, ent)
-    return np.exp(ent)
+    p = lam / lam.sum(axis=-1, keepdims=True)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    plogp = np.where(p < 0, np.nan, plogp)
+    ent = -plogp.sum(axis=-1)
+    ent = np.where(np.isnan(p).any(axis=-1), np.nan, ent)
+    return mask_nonfinite(np.exp(ent), 0, (lam, 1))
 
 
 @quiet
@@ -206,8 +206,7 @@ def stable_rank_np(w: npt.ArrayLike) -> FloatArray:
     1.5625
     """
     w = as_float64(w)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return frobenius_norm_np(w) ** 2 / spectral_norm_np(w) ** 2
+    return frobenius_norm_np(w) ** 2 / spectral_norm_np(w) ** 2
 
 
 # ----------------------------------------------------------------------------

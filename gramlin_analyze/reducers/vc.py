@@ -27,6 +27,7 @@ from gramlin_analyze.reducers._common import (
     as_float64,
     batch_bad,
     gamma_array,
+    mask_nonfinite,
     pack,
     poison,
     quiet,
@@ -54,10 +55,6 @@ SQUARE = ("in_i", "in_j")
 
 def _t(a: np.ndarray) -> np.ndarray:
     return np.swapaxes(a, -1, -2)
-
-
-def _gamma(gamma: Any) -> FloatArray:
-    return as_float64(gamma)[..., None, None]
 
 
 @quiet
@@ -103,7 +100,8 @@ def virtual_covariance_np(
     >>> virtual_covariance_np([[1.0]], [[2.0]], [[3.0]], 0.5)
     array([[-0.25]])
     """
-    return as_float64(sum_hh) + vcs_np(sum_gh, sum_gg, gamma)
+    hh = as_float64(sum_hh)
+    return mask_nonfinite(hh + vcs_np(sum_gh, sum_gg, gamma), 2, (hh, 2))
 
 
 @quiet
@@ -124,9 +122,12 @@ def vcs_np(
     >>> vcs_np([[2.0]], [[3.0]], 0.5)
     array([[-1.25]])
     """
-    gh, gg = as_float64(sum_gh), as_float64(sum_gg)
-    gam = _gamma(gamma)
-    return -gam * (gh + _t(gh)) + _gamma(gg_scale) * gam**2 * gg
+    gh, gg, gam, scale = (as_float64(x) for x in (sum_gh, sum_gg, gamma, gg_scale))
+    out = (
+        -gam[..., None, None] * (gh + _t(gh))
+        + scale[..., None, None] * gam[..., None, None] ** 2 * gg
+    )
+    return mask_nonfinite(out, 2, (gh, 2), (gg, 2), (gam, 0), (scale, 0))
 
 
 @quiet
@@ -147,6 +148,7 @@ def accumulate_trapezoid_np(y: npt.ArrayLike, x: npt.ArrayLike) -> FloatArray:
 def _cumulative_trapezoid(y: Any, x: FloatArray) -> Any:
     # NumPy functions only, so a Dask array stays lazy (``__array_function__``).
     inc = 0.5 * (y[..., 1:] + y[..., :-1]) * np.diff(x)
+    inc = np.where(np.isfinite(inc), inc, np.nan)  # an Inf VCS is as unusable as a NaN
     return np.concatenate([np.zeros_like(y[..., :1]), np.cumsum(inc, axis=-1)], axis=-1)
 
 
