@@ -1,0 +1,407 @@
+"""``analyze``: one Dask graph over (step, layer), written to ``/metrics``.
+
+Incremental: every (step, layer, family) records a provenance hash of its
+inputs (the step's fingerprint, the probe's, the learning rate, the
+options) in ``/metrics/_inputs``; only pairs whose hash is missing or
+different are computed (``recompute=True`` forces all). Steps that are not
+``ok`` are skipped and listed: their rows are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gramlin_analyze._dask import make_runner
+from gramlin_analyze.analysis.metrics import FAMILIES, METRIC_DOCS, resolve_families
+from gramlin_analyze.analysis.task import layer_step_task
+from gramlin_analyze.errors import MissingDataError, UsageError
+from gramlin_analyze.io.names import select_layers
+from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
+from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.core import GramlinStore
+
+__all__ = ["analyze", "AnalyzeReport"]
+
+INPUTS = "_inputs"
+
+
+@dataclass
+class AnalyzeReport:
+    store: str
+    families: list[str] = field(default_factory=list)
+    computed: int = 0
+    up_to_date: int = 0
+    skipped_steps: dict[int, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    nonfinite: list[tuple[int, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+
+def _how_to_add(piece: str, url: str) -> str:
+    return {
+        "activations": (
+            f"the store has no captured activations (/layers/<name>/input); add them with "
+            f"`gramlin-analyze ingest RUN_DIR --store {url} --probe PROBE.npz --model pkg.module:build` "
+            "(or --mlp-activation NAME, or --activations DIR)"
+        ),
+        "targets": (
+            f"the store has no probe labels or targets (/probe); ingest with "
+            f"`--probe PROBE.npz` into {url}"
+        ),
+        "labels": (
+            f"neural collapse needs class labels; the probe set of {url} has none (regression targets "
+            "or no /probe): ingest with a probe file holding `labels`"
+        ),
+        "lr": (
+            f"the virtual covariance needs the learning rate at each step, and {url} records none; "
+            "re-ingest with --lr RATE or --lr-schedule FILE (checkpoints that record it need nothing)"
+        ),
+        "agop": f"the store has no AGOP; ingest with --capture-agop into {url}",
+        "weight": f"{url} holds no layers yet; run `gramlin-analyze ingest RUN_DIR --store {url}`",
+    }[piece]
+
+
+class _Scalars:
+    """In-memory copies of the small (step, layer) arrays, flushed whole.
+
+    One writer (the driver) updates values cell by cell; writing each cell
+    would rewrite a chunk per cell. Values are flushed before their
+    provenance hashes, so a kill loses at most work that is then redone.
+    """
+
+    def __init__(self, m):
+        self.m = m
+        self.cache: dict[str, np.ndarray] = {}
+        self.dirty: set[str] = set()
+        self.last = time.monotonic()
+
+    def _get(self, path: str) -> np.ndarray:
+        if path not in self.cache:
+            arr = self.m[path][:]
+            self.cache[path] = np.asarray(arr, dtype=object) if arr.dtype.kind in "OTU" else np.array(arr)
+        return self.cache[path]
+
+    def get(self, path: str) -> np.ndarray:
+        return self._get(path)
+
+    def set(self, path: str, i: int, j: int, value) -> None:
+        self._get(path)[i, j] = value
+        self.dirty.add(path)
+        if time.monotonic() - self.last > 5.0:
+            self.flush()
+
+    def flush(self) -> None:
+        for path in sorted(self.dirty, key=lambda p: p.startswith(INPUTS)):
+            self.m[path][:] = self.cache[path]
+        self.dirty.clear()
+        self.last = time.monotonic()
+
+
+def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str, bool]:
+    probe = gs.root[L.PROBE] if L.PROBE in gs.root else None
+    return {
+        "weight": bool(layers),
+        "activations": bool(layers) and all("input" in gs.layer(n) for n in layers),
+        "targets": probe is not None and ("labels" in probe or "targets" in probe),
+        "labels": probe is not None and "labels" in probe,
+        "lr": bool(np.isfinite(lr).any()),
+        "agop": bool(layers) and all("agop" in gs.layer(n) for n in layers),
+    }
+
+
+def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], spectrum_k: dict) -> None:
+    """Declare /metrics arrays that are missing (structure only; consolidates once)."""
+    root = gs.root
+    n = root[L.STEPS]["step"].shape[0]
+    all_layers = gs.layer_names()
+    changed = False
+    if L.METRICS not in root:
+        m = root.create_group(L.METRICS)
+        m.attrs.update(
+            {
+                "description": "per-(step, layer) measurements; definitions in MATH.md",
+                "vcs_accumulated_note": (
+                    "vcs_accumulated is an estimate: the trapezoid rule over checkpoint intervals "
+                    "of the probe-set VCS, standing in for the sum over every training batch"
+                ),
+            }
+        )
+        c = gs._create_step_coord(m, n)
+        c[:] = gs.steps()
+        lay = m.create_array("layer", shape=(len(all_layers),), dtype=str, chunks=(len(all_layers),), dimension_names=["layer"])
+        lay[:] = np.asarray(all_layers, dtype=object)
+        lay.attrs.update({"long_name": "layer name"})
+        m.create_group(INPUTS).attrs.update({"description": "provenance hash of each (step, layer) result's inputs"})
+        changed = True
+    m = root[L.METRICS]
+    nl = m["layer"].shape[0]
+    for fam in families:
+        f = FAMILIES[fam]
+        for name in f.scalars + f.phase2_scalars:
+            if name not in m:
+                a = m.create_array(name, shape=(n, nl), dtype="float64", chunks=(L.MANIFEST_CHUNK, nl),
+                                   dimension_names=["step", "layer"], fill_value=np.nan)
+                a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam})
+                changed = True
+        for key in (fam, fam + "_phase2") if (f.phase2_scalars or f.phase2_matrices) else (fam,):
+            if key not in m[INPUTS]:
+                m[INPUTS].create_array(key, shape=(n, nl), dtype=str, chunks=(L.MANIFEST_CHUNK, nl),
+                                       dimension_names=["step", "layer"])
+                changed = True
+        for layer in layers:
+            if layer not in m:
+                lg = m.create_group(layer)
+                c = gs._create_step_coord(lg, n)
+                c[:] = gs.steps()
+                changed = True
+            lg = m[layer]
+            d = gs.layer(layer)["weight"].shape[2]
+            for name in f.matrices + f.phase2_matrices:
+                if name in lg:
+                    continue
+                if name == "spectrum":
+                    shape, dims = (n, spectrum_k[layer]), ["step", "k"]
+                else:
+                    shape, dims = (n, d, d), ["step", "in_i", "in_j"]
+                a = lg.create_array(name, shape=shape, dtype="float64", chunks=L.matrix_chunks(shape, 8),
+                                    dimension_names=dims, fill_value=np.nan, compressors=None)
+                a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam})
+                changed = True
+    if changed:
+        gs.consolidate()
+
+
+def analyze(
+    store: str | os.PathLike,
+    *,
+    metrics: list[str] | None = None,
+    layers: list[str] | None = None,
+    recompute: bool = False,
+    tl_lambda: float = 0.0,
+    center_features: bool = False,
+    intercept: bool = False,
+    workers: int | None = None,
+    threads: int | None = None,
+    scheduler: str | None = None,
+    storage_options: dict | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> AnalyzeReport:
+    """Compute metrics over every ok (step, layer) of a store, into ``/metrics``.
+
+    Parameters
+    ----------
+    store
+        Store path or URL.
+    metrics
+        Metric or family names (``gram``, ``vc``, ``tl``, ``nfa``, ``nc``,
+        ``cka``, or single metrics such as ``target_linearity``). Default:
+        every family the store has the data for.
+    layers
+        Glob patterns over layer names (default: all).
+    recompute
+        Recompute even (step, layer) pairs whose inputs did not change.
+    tl_lambda, center_features, intercept
+        Target-linearity options (MATH.md; defaults are the paper's).
+    workers, threads, scheduler
+        As for :func:`gramlin_analyze.ingest`.
+
+    Returns
+    -------
+    AnalyzeReport
+
+    Examples
+    --------
+    >>> import gramlin_analyze as ga
+    >>> ga.analyze("digits.zarr", metrics=["gram", "tl"])  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    url = str(store)
+    requested = resolve_families(metrics)
+    gs = GramlinStore(url, mode="a", storage_options=storage_options)
+    report = AnalyzeReport(store=url)
+    with gs.lock():
+        all_layers = gs.layer_names()
+        chosen = select_layers(all_layers, layers, None)
+        if layers and not chosen:
+            raise UsageError(f"--layers {layers} matches no layer of {url}; layers: {', '.join(all_layers)}")
+        man = gs.manifest()
+        steps, status, fps = man["step"], man["status"], man["fingerprint"]
+        lr = np.asarray(man["lr"], dtype=np.float64)
+        ok = [i for i, s in enumerate(status) if s == "ok"]
+        report.skipped_steps = {int(steps[i]): str(status[i]) for i in range(len(steps)) if status[i] != "ok"}
+        avail = _available(gs, chosen, lr)
+        families = []
+        for fam in requested or list(FAMILIES):
+            missing = [p for p in FAMILIES[fam].needs if not avail[p]]
+            if missing:
+                if requested:
+                    raise MissingDataError(f"{fam}: {_how_to_add(missing[0], url)}")
+                report.unavailable[fam] = _how_to_add(missing[0], url)
+                continue
+            families.append(fam)
+        report.families = families
+        if not families or not ok or not chosen:
+            report.seconds = time.perf_counter() - t0
+            return report
+        spectrum_k = {n: int(min(gs.layer(n)["weight"].shape[1:])) for n in chosen}
+        _ensure_metrics(gs, chosen, families, spectrum_k)
+        m = gs.root[L.METRICS]
+        layer_index = {str(n): j for j, n in enumerate(m["layer"][:])}
+
+        ctx_base: dict[str, Any] = {
+            "tl_lambda": tl_lambda, "center_features": center_features, "intercept": intercept,
+            "final_index": ok[-1],
+        }
+        probe_fp = ""
+        if L.PROBE in gs.root:
+            pg = gs.root[L.PROBE]
+            probe_fp = str(pg.attrs.get("fingerprint", ""))
+            if "labels" in pg:
+                labels = np.asarray(pg["labels"][:], dtype=np.int64).reshape(-1)
+                c = int(pg.attrs.get("n_classes", labels.max() + 1))
+                ctx_base.update(labels=labels, n_classes=c, Y=np.eye(c)[labels])
+            elif "targets" in pg:
+                ctx_base["Y"] = np.asarray(pg["targets"][:], dtype=np.float64)
+        options = {"tl": [tl_lambda, center_features, intercept]}
+
+        # Which (step, layer, family) need computing.
+        buf = _Scalars(m)
+        inputs = {fam: buf.get(f"{INPUTS}/{fam}") for fam in families}
+        jobs: dict[tuple[int, str], list[str]] = {}
+        wanted: dict[tuple[int, str, str], str] = {}
+        for i in ok:
+            for layer in chosen:
+                j = layer_index[layer]
+                for fam in families:
+                    parts = [fps[i], options.get(fam)]
+                    if fam in ("vc", "tl", "nc", "cka"):
+                        parts.append(probe_fp)
+                    if fam == "vc":
+                        parts.append(float(lr[i]))
+                    if fam == "cka":
+                        parts.append(fps[ok[-1]])
+                    h = _hash(fam, *parts)
+                    if recompute or inputs[fam][i, j] != h:
+                        jobs.setdefault((i, layer), []).append(fam)
+                        wanted[(i, layer, fam)] = h
+                    else:
+                        report.up_to_date += 1
+        tasks = []
+        for (i, layer), fams in jobs.items():
+            ctx = dict(ctx_base, gamma=float(lr[i]), spectrum_k=spectrum_k[layer])
+            tasks.append((layer_step_task, url, storage_options, layer, i, fams, ctx))
+        done = 0
+
+        def on_done(res: dict) -> None:
+            nonlocal done
+            done += 1
+            i, layer = res["index"], res["layer"]
+            j = layer_index[layer]
+            for name, value in res["scalars"].items():
+                buf.set(name, i, j, value)
+            for fam in jobs[(i, layer)]:
+                buf.set(f"{INPUTS}/{fam}", i, j, wanted[(i, layer, fam)])
+                report.computed += 1
+            if res["nonfinite"]:
+                report.nonfinite.append((int(steps[i]), layer))
+            if progress:
+                progress(done, len(tasks), 0)
+
+        if progress:
+            progress(0, len(tasks), 0)
+        if tasks:
+            make_runner(workers, scheduler, threads)(tasks, on_done)
+        buf.flush()
+        for layer in chosen:
+            _phase2(gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, families, recompute)
+        buf.flush()
+        gs.touch()
+        gs.consolidate()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> None:
+    """Interval and accumulated metrics along ok steps, from stored per-step matrices."""
+    lg = m[layer]
+    for fam in ("gram", "vc"):
+        if fam not in families:
+            continue
+        key = fam + "_phase2"
+        prov = buf.get(f"{INPUTS}/{key}")[:, j]
+        chain: list = []
+        start = None
+        hashes = {}
+        for i in ok:
+            chain.append(fps[i])
+            if fam == "vc":
+                chain.append(float(lr[i]))
+            hashes[i] = _hash(key, chain)
+            if start is None and (recompute or prov[i] != hashes[i]):
+                start = i
+        if start is None:
+            continue
+        pos = ok.index(start)
+        prev = ok[pos - 1] if pos > 0 else None
+        G_prev = lg["gram"][prev] if (fam == "gram" and prev is not None) else None
+        W = gs.layer(layer)["weight"]
+        first = ok[0]
+        if fam == "vc":
+            G0 = np.asarray(W[first], dtype=np.float64).T @ np.asarray(W[first], dtype=np.float64)
+            acc = np.asarray(lg["vcs_accumulated"][prev]) if prev is not None else None
+            vcs_prev = np.asarray(lg["vcs"][prev]) if prev is not None else None
+        for i in ok[pos:]:
+            if fam == "gram":
+                G = np.asarray(lg["gram"][i])
+                val = np.nan if G_prev is None else float(np.linalg.norm(G - G_prev) / np.linalg.norm(G_prev))
+                buf.set("gram_change", i, j, val)
+                G_prev = G
+            else:
+                Wi = np.asarray(W[i], dtype=np.float64)
+                Gi = Wi.T @ Wi
+                vcs = np.asarray(lg["vcs"][i])
+                if acc is None:
+                    acc = np.zeros_like(vcs)
+                    row = dict.fromkeys(FAMILIES["vc"].phase2_scalars, np.nan)
+                else:
+                    a = ok[ok.index(i) - 1]
+                    gap = float(steps[i] - steps[a])
+                    pred = gap * (vcs_prev + vcs) / 2
+                    acc = acc + pred
+                    Wa = np.asarray(W[a], dtype=np.float64)
+                    Ga = Wa.T @ Wa
+                    dG = Gi - Ga
+                    ndg = np.linalg.norm(dG)
+                    gamma = float(lr[a])
+                    Gw = (Wa - Wi) / (gamma * gap)
+                    second = gamma**2 * (Gw.T @ Gw - np.asarray(lg["gg"][a]))
+                    row = {
+                        "dgram_vcs_corr": float(pearson_np(dG, pred, mode="diag")),
+                        "vcs_interval_corr": float(pearson_np(dG, pred, mode="full")),
+                        "vcs_interval_ratio": float(norm_ratio_np(pred, dG)),
+                        "fle_residual": float(np.linalg.norm(dG - gap * vcs_prev) / ndg),
+                        "fle_second_order": float(np.linalg.norm(second) / ndg),
+                    }
+                    total = Gi - G0
+                    row.update(
+                        gram_vcs_acc_corr=float(pearson_np(total, acc, mode="diag")),
+                        gram_vcs_acc_corr_full=float(pearson_np(total, acc, mode="full")),
+                        gram_vcs_acc_cos=float(cosine_np(total, acc)),
+                    )
+                lg["vcs_accumulated"][i] = acc
+                for name, value in row.items():
+                    buf.set(name, i, j, value)
+                vcs_prev = vcs
+            buf.set(f"{INPUTS}/{key}", i, j, hashes[i])

@@ -1,0 +1,181 @@
+"""Phase 1 of ``analyze``: one (step, layer) from the store, in float64.
+
+Reads the step's weight and streams its activations chunk by chunk along
+``sample``, accumulating the sufficient statistics of every requested
+family (so memory is one chunk plus d x d matrices, whatever N), then
+finishes each family with the reducers' NumPy kernels. Per-step matrices are
+written to ``/metrics/<layer>`` (this task's own chunks); scalars go back
+to the driver, the only writer of ``/metrics`` scalars.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gramlin_analyze.reducers import (
+    cka_stats_np,
+    collapse_from_stats_np,
+    collapse_stats_np,
+    cosine_np,
+    effective_rank_np,
+    frobenius_norm_np,
+    gram_np,
+    gram_spectrum_np,
+    linear_cka_from_stats_np,
+    nc3_np,
+    ncc_mismatch_np,
+    nfa_correlation_np,
+    pearson_np,
+    spectral_norm_np,
+    stable_rank_np,
+    target_linearity_from_stats_np,
+    tl_stats_np,
+    vc_stats_np,
+    vcs_np,
+    virtual_covariance_np,
+)
+from gramlin_analyze.reducers._common import pack
+from gramlin_analyze.reducers.surrogate import _surrogate_np
+from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
+from gramlin_analyze.store import layout as L
+
+__all__ = ["layer_step_task"]
+
+
+def _add(acc: dict | None, part: dict) -> dict:
+    if acc is None:
+        return {k: np.array(v, dtype=np.float64) for k, v in part.items()}
+    for k, v in part.items():
+        acc[k] += v
+    return acc
+
+
+def _open(store_url: str, storage_options: dict | None):
+    import zarr
+
+    from gramlin_analyze.store.core import zarr_store
+
+    return zarr.open_group(
+        zarr_store(store_url, storage_options=storage_options), mode="r+", zarr_format=3, use_consolidated=False
+    )
+
+
+def layer_step_task(
+    store_url: str,
+    storage_options: dict | None,
+    layer: str,
+    index: int,
+    families: list[str],
+    ctx: dict[str, Any],
+) -> dict[str, Any]:
+    """Compute ``families`` for one (step, layer); return scalars and flags.
+
+    ``ctx`` holds: ``gamma`` (lr at the step), ``Y`` (N x C float targets,
+    one-hot for labels) and ``labels`` (N ints or None), ``final_index``
+    (row of the last ok step, for CKA), ``tl_lambda``, ``center_features``,
+    ``intercept``, ``spectrum_k``.
+    """
+    root = _open(store_url, storage_options)
+    grp = root[L.LAYERS][layer]
+    mgrp = root[L.METRICS][layer]
+    out: dict[str, float] = {}
+    W = np.asarray(grp["weight"][index], dtype=np.float64)
+    b = np.asarray(grp["bias"][index], dtype=np.float64) if "bias" in grp else None
+    nonfinite = not np.isfinite(W).all() or (b is not None and not np.isfinite(b).all())
+    G = gram_np(W)
+
+    if "gram" in families:
+        spec = gram_spectrum_np(W, k=ctx["spectrum_k"])
+        mgrp["gram"][index] = G
+        mgrp["spectrum"][index] = spec
+        out.update(
+            effective_rank=float(effective_rank_np(spec)),
+            stable_rank=float(stable_rank_np(W)),
+            fro_norm=float(frobenius_norm_np(W)),
+            spectral_norm=float(spectral_norm_np(W)),
+        )
+    if "nfa" in families:
+        agop = np.asarray(grp["agop"][index], dtype=np.float64)
+        nonfinite |= not np.isfinite(agop).all()
+        out.update(
+            nfa_corr=float(nfa_correlation_np(W, agop, mode="full")),
+            nfa_corr_diag=float(nfa_correlation_np(W, agop, mode="diag")),
+            nfa_sqrt_corr=float(nfa_correlation_np(W, agop, mode="full", sqrt=True)),
+            nfa_sqrt_corr_diag=float(nfa_correlation_np(W, agop, mode="diag", sqrt=True)),
+        )
+
+    act_fams = {"vc", "tl", "nc", "cka"} & set(families)
+    if act_fams:
+        H_arr = grp["input"]
+        G_arr = grp["input_grad"]
+        n, d = H_arr.shape[1], H_arr.shape[2]
+        per = int(grp.attrs.get("samples_per_example", 1))
+        rows = H_arr.chunks[1]
+        Y = ctx.get("Y")
+        labels = ctx.get("labels")
+        n_classes = ctx.get("n_classes")
+        fin = ctx.get("final_index")
+        vc = tl = nc = cka = None
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            h = np.asarray(H_arr[index, start:stop], dtype=np.float64)
+            ex = np.arange(start, stop) // per
+            if not np.isfinite(np.add.reduce(h, axis=None)):
+                nonfinite = True
+            if "vc" in act_fams:
+                g = np.asarray(G_arr[index, start:stop], dtype=np.float64)
+                if not np.isfinite(np.add.reduce(g, axis=None)):
+                    nonfinite = True
+                vc = _add(vc, dict(zip(("hh", "gh", "gg"), vc_stats_np(h, g), strict=True)))
+            if "tl" in act_fams:
+                tl = _add(tl, tl_stats_np(h, Y[ex]))
+            if "nc" in act_fams:
+                nc = _add(nc, collapse_stats_np(h, labels[ex], n_classes))
+            if "cka" in act_fams:
+                hf = np.asarray(H_arr[fin, start:stop], dtype=np.float64)
+                cka = _add(cka, cka_stats_np(h, hf))
+        if vc is not None:
+            gamma = ctx["gamma"]
+            VC = virtual_covariance_np(vc["hh"], vc["gh"], vc["gg"], gamma)
+            VCS = vcs_np(vc["gh"], vc["gg"], gamma)
+            mgrp["vc"][index] = VC
+            mgrp["vcs"][index] = VCS
+            mgrp["gg"][index] = vc["gg"]
+            out.update(
+                gram_vc_corr=float(pearson_np(G, VC, mode="diag")),
+                gram_vc_corr_full=float(pearson_np(G, VC, mode="full")),
+                gram_vc_cos=float(cosine_np(G, VC)),
+            )
+        if tl is not None:
+            out["target_linearity"] = float(
+                target_linearity_from_stats_np(
+                    tl, lam=ctx["tl_lambda"], center_features=ctx["center_features"], intercept=ctx["intercept"]
+                )
+            )
+            out["tl_null"] = min(1.0, d / n)
+            layout = _tl_layout(d, Y.shape[1])
+            s, kta = _surrogate_np(pack(tl, layout, ()), W, layout)
+            out.update(tl_surrogate=float(s), kta=float(kta))
+        if nc is not None:
+            res = collapse_from_stats_np(nc)
+            out.update({k: float(v) for k, v in res.items()})
+            if W.shape[0] == n_classes:
+                counts, sums = nc["counts"], nc["class_sums"]
+                mu = sums / counts[:, None]
+                mu_g = sums.sum(axis=0) / counts.sum()
+                out["nc3"] = float(nc3_np(W, mu, mu_g))
+                wrong = 0.0
+                for start in range(0, n, rows):
+                    stop = min(n, start + rows)
+                    h = np.asarray(H_arr[index, start:stop], dtype=np.float64)
+                    wrong += float(ncc_mismatch_np(h, mu, W, b)) * (stop - start)
+                out["nc4"] = wrong / n
+            else:
+                out["nc3"] = out["nc4"] = float("nan")
+        if cka is not None:
+            out["cka_to_final"] = float(linear_cka_from_stats_np(cka))
+    if nonfinite:
+        out = {k: float("nan") for k in out}
+    return {"layer": layer, "index": index, "scalars": out, "nonfinite": bool(nonfinite)}
