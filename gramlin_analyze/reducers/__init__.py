@@ -46,14 +46,12 @@ from gramlin_analyze.reducers.fle import (
     weight_gradient,
     weight_gradient_np,
 )
-from gramlin_analyze.reducers.gram import (
+from gramlin_analyze.reducers.gram import gram, gram_change, gram_np
+from gramlin_analyze.reducers.spectrum import (
     effective_rank,
     effective_rank_np,
     frobenius_norm,
     frobenius_norm_np,
-    gram,
-    gram_change,
-    gram_np,
     gram_spectrum,
     gram_spectrum_np,
     spectral_norm,

@@ -242,7 +242,8 @@ def stream_sum(
         stats = kernel(*[np.asarray(d) for d in datas])
         return xr.DataArray(stats, dims=out_dims, coords=coords)
 
-    letters = iter("abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    # every letter but "r" (the reduced axis) and "Z" (the statistics axis)
+    letters = iter("abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY")
     lead_idx = "".join(next(letters) for _ in leading)
     blockwise_args: list[Any] = []
     for j, (data, core) in enumerate(zip(datas, every_core, strict=True)):

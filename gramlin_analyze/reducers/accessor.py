@@ -33,11 +33,10 @@ from gramlin_analyze.reducers.alignment import (
 from gramlin_analyze.reducers.cka import linear_cka
 from gramlin_analyze.reducers.collapse import neural_collapse
 from gramlin_analyze.reducers.fle import fle_residual
-from gramlin_analyze.reducers.gram import (
+from gramlin_analyze.reducers.gram import gram, gram_change
+from gramlin_analyze.reducers.spectrum import (
     effective_rank,
     frobenius_norm,
-    gram,
-    gram_change,
     gram_spectrum,
     spectral_norm,
     stable_rank,
@@ -78,7 +77,7 @@ class GramlinDataArrayAccessor:
         return gram(self._obj, **kwargs)
 
     def spectrum(self, **kwargs: Any) -> xr.DataArray:
-        """Eigenvalues of ``W^T W``, descending; see :func:`~gramlin_analyze.reducers.gram.gram_spectrum`."""
+        """Eigenvalues of ``W^T W``, descending; see :func:`~gramlin_analyze.reducers.spectrum.gram_spectrum`."""
         return gram_spectrum(self._obj, **kwargs)
 
     def effective_rank(self, **kwargs: Any) -> xr.DataArray:
@@ -315,6 +314,8 @@ class GramlinDatasetAccessor:
                 kwargs.setdefault("b", self._obj[bias])
         return neural_collapse(h, self._get(labels, "labels"), **kwargs)
 
-    def nfa_alignment(self, agop: Any, *, weight: str = "weight", **kwargs: Any) -> xr.Dataset:
+    def nfa_alignment(
+        self, agop: Any = "agop", *, weight: str = "weight", **kwargs: Any
+    ) -> xr.Dataset:
         """NFA correlations of ``W^T W`` with the AGOP (DataArray or variable name)."""
         return nfa_alignment(self._get(weight, "nfa_alignment"), self._get(agop, "agop"), **kwargs)

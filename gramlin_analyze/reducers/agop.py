@@ -77,6 +77,15 @@ def agop_np(j: npt.ArrayLike, *, projections: bool = False) -> FloatArray:
 def psd_sqrt_np(a: npt.ArrayLike) -> FloatArray:
     """Square root of symmetric PSD matrices by ``eigh``, negative round-off clipped to 0.
 
+    Parameters
+    ----------
+    a : array_like, shape (..., d, d)
+        Symmetric PSD matrices (the symmetric part is used).
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., d, d)
+
     Examples
     --------
     >>> psd_sqrt_np([[4.0, 0.0], [0.0, 9.0]])
@@ -101,6 +110,10 @@ def nfa_correlation_np(
     mode : {"full", "diag"}
     sqrt : bool
         Compare with the PSD square root of the AGOP.
+
+    Returns
+    -------
+    numpy.ndarray, shape (...)
 
     Examples
     --------
@@ -129,6 +142,11 @@ def agop(
         Jacobians, dims ``(..., sample_dim, output_dim, in_dim)``.
     projections : bool
         ``output_dim`` holds random projections ``J^T v``; see :func:`agop_np`.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``(..., *dims)``.
 
     Examples
     --------
@@ -187,6 +205,11 @@ def nfa_correlation(
     sqrt : bool
         Correlate with ``AGOP^(1/2)`` (PSD square root).
 
+    Returns
+    -------
+    xarray.DataArray
+        Over the shared leading dims.
+
     Examples
     --------
     >>> import xarray as xr
@@ -229,6 +252,11 @@ def nfa_alignment(
     -------
     xarray.Dataset
         ``nfa_corr_full``, ``nfa_corr_diag``, ``nfa_sqrt_corr_full``, ``nfa_sqrt_corr_diag``.
+
+    Parameters
+    ----------
+    W, agop, out_dim, in_dim, dims
+        As in :func:`nfa_correlation`.
 
     Examples
     --------

@@ -87,6 +87,16 @@ def pearson_np(a: npt.ArrayLike, b: npt.ArrayLike, *, mode: Mode = "diag") -> Fl
 def cosine_np(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
     """Cosine similarity ``<A, B>_F / (||A||_F ||B||_F)`` over the last two axes.
 
+    Parameters
+    ----------
+    a, b : array_like, shape (..., m, n)
+        Batch axes broadcast.
+
+    Returns
+    -------
+    numpy.ndarray, shape (...)
+        NaN when either side is zero or has a NaN/Inf.
+
     Examples
     --------
     >>> float(cosine_np([[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 0.0]]))
@@ -101,6 +111,16 @@ def cosine_np(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
 @quiet
 def norm_ratio_np(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
     """``||A||_F / ||B||_F`` over the last two axes.
+
+    Parameters
+    ----------
+    a, b : array_like, shape (..., m, n)
+        Batch axes broadcast.
+
+    Returns
+    -------
+    numpy.ndarray, shape (...)
+        NaN when ``b`` is zero or a NaN/Inf is present.
 
     Examples
     --------
@@ -130,6 +150,11 @@ def pearson(
         ``"diag"`` (default, the paper's): diagonal entries only;
         ``"full"``: all entries.
 
+    Returns
+    -------
+    xarray.DataArray
+        Over the shared leading dims.
+
     Examples
     --------
     >>> import xarray as xr
@@ -150,6 +175,15 @@ def cosine_similarity(
     a: xr.DataArray, b: xr.DataArray, *, dims: tuple[Hashable, Hashable] = SQUARE
 ) -> xr.DataArray:
     """Cosine similarity ``<A, B>_F / (||A||_F ||B||_F)`` of two matrices.
+
+    Parameters
+    ----------
+    a, b : xarray.DataArray
+        Matrices over ``dims``; leading dims paired by coordinates (inner join).
+
+    Returns
+    -------
+    xarray.DataArray
 
     Examples
     --------

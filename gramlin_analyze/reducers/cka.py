@@ -98,6 +98,15 @@ def cka_stats_np(x: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
 def linear_cka_from_stats_np(stats: Mapping[str, npt.ArrayLike]) -> FloatArray:
     """Linear CKA from summed statistics; NaN when either side is constant.
 
+    Parameters
+    ----------
+    stats : mapping
+        Summed :func:`cka_stats_np` statistics.
+
+    Returns
+    -------
+    numpy.ndarray, shape (...)
+
     Examples
     --------
     >>> s = cka_stats_np([[1.0], [2.0], [4.0]], [[2.0], [4.0], [8.0]])
@@ -117,6 +126,15 @@ def linear_cka_from_stats_np(stats: Mapping[str, npt.ArrayLike]) -> FloatArray:
 
 def linear_cka_np(x: npt.ArrayLike, y: npt.ArrayLike) -> FloatArray:
     """Linear CKA of ``x`` (..., n, d_x) and ``y`` (..., n, d_y).
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n_samples, d_x)
+    y : array_like, shape (..., n_samples, d_y)
+
+    Returns
+    -------
+    numpy.ndarray, shape (...)
 
     Examples
     --------

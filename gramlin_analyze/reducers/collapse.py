@@ -122,6 +122,13 @@ def collapse_from_stats_np(
     (default ``10 * d * eps``): ``Sigma_B`` has rank at most ``C`` (``C - 1``
     for balanced classes).
 
+    Parameters
+    ----------
+    stats : mapping
+        Summed ``counts``, ``class_sums`` and ``scatter``.
+    rcond : float, optional
+        Relative cutoff of the pseudo-inverse.
+
     Returns
     -------
     dict of numpy.ndarray
@@ -169,6 +176,10 @@ def nc3_np(w: npt.ArrayLike, class_means: npt.ArrayLike, global_mean: npt.ArrayL
     class_means : array_like, shape (..., C, d)
     global_mean : array_like, shape (..., d)
 
+    Returns
+    -------
+    numpy.ndarray, shape (...)
+
     Examples
     --------
     >>> float(nc3_np([[2.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0]))
@@ -203,6 +214,11 @@ def ncc_mismatch_np(
     class_means : array_like, shape (..., C, d)
     w : array_like, shape (..., C, d)
     b : array_like, shape (..., C), optional
+
+    Returns
+    -------
+    numpy.ndarray, shape (...)
+        Fraction in ``[0, 1]``.
 
     Examples
     --------
@@ -249,6 +265,21 @@ def class_means(
     class_dim: Hashable = CLASS_DIM,
 ) -> xr.Dataset:
     """Class means ``mu_c`` (dims ``(..., class, in)``) and global mean ``mu_G``.
+
+    Parameters
+    ----------
+    h : xarray.DataArray
+        Features, dims ``(..., sample_dim, in_dim)``.
+    labels : xarray.DataArray
+        Integer classes, dims ``(sample_dim,)``.
+    n_classes : int, optional
+        Default ``max(labels) + 1``.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``class_mean`` (dims ``(..., class_dim, in_dim)``) and ``global_mean``
+        (``(..., in_dim)``, the mean of all samples).
 
     Examples
     --------

@@ -75,6 +75,19 @@ def second_order_term_np(
     ``W+^T W+ - W^T W = VCS + second_order_term`` for one plain gradient step
     ``W+ = W - gamma G``.
 
+    Parameters
+    ----------
+    G : array_like, shape (..., d_out, d_in)
+        ``dL/dW``.
+    sum_gg : array_like, shape (..., d_in, d_in)
+        ``sum_i g_i g_i^T``.
+    gamma : array_like
+        Learning rate, broadcast against the batch axes.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., d_in, d_in)
+
     Examples
     --------
     >>> second_order_term_np([[2.0]], [[1.0]], 0.5)
@@ -90,6 +103,14 @@ def fle_residual_np(dgram: npt.ArrayLike, vcs: npt.ArrayLike) -> FloatArray:
     """``||dGram - VCS||_F / ||dGram||_F`` over the last two axes.
 
     NaN when ``dGram`` is zero (0/0) or a NaN/Inf is present.
+
+    Parameters
+    ----------
+    dgram, vcs : array_like, shape (..., d, d)
+
+    Returns
+    -------
+    numpy.ndarray, shape (...)
 
     Examples
     --------
@@ -177,6 +198,11 @@ def second_order_term(
     gamma : float or xarray.DataArray
         Learning rate.
 
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``(..., *dims)``.
+
     Examples
     --------
     >>> import xarray as xr
@@ -212,6 +238,20 @@ def fle_residual(
     that each one-step change sits at the step where the VCS was measured.
     Adding :func:`second_order_term` to ``vcs`` must bring the residual to
     round-off for full-batch gradient descent.
+
+    Parameters
+    ----------
+    dgram : xarray.DataArray
+        Gram change, dims ``(..., *dims)``.
+    vcs : xarray.DataArray
+        VCS (plus, optionally, the second-order term), dims ``(..., *dims)``.
+    dims : tuple of two hashables
+        The matrix dims.
+
+    Returns
+    -------
+    xarray.DataArray
+        Over the shared leading coordinates.
 
     Examples
     --------

@@ -26,6 +26,7 @@ import numpy.typing as npt
 import xarray as xr
 
 from gramlin_analyze.reducers._common import (
+    EPS,
     STAT_DIM,
     FloatArray,
     apply,
@@ -184,14 +185,18 @@ def target_linearity_from_stats_np(
     bad = np.zeros(lead, dtype=bool)
     for k in STAT_NAMES:
         bad = bad | batch_bad(s[k], _core(k))
-        s[k] = np.where(np.broadcast_to(bad[(...,) + (None,) * _core(k)], s[k].shape), 0.0, s[k])
+    for k in STAT_NAMES:  # zeros in place of NaN/Inf keep eigh away from them; masked below
+        s[k] = np.where(bad[(...,) + (None,) * _core(k)], 0.0, s[k])
     n = np.where(bad, 1.0, s["n"][..., 0])
     hh, sh, hy = s["hh"], s["sum_h"], s["hy"]
     if pca_components is not None and pca_components < hh.shape[-1]:
         hh, sh, hy = _pca_project(hh, sh, hy, n, int(pca_components))
     mean_y = s["sum_y"] / n[..., None]
     b = hy - sh[..., :, None] * mean_y[..., None, :]
-    tss = np.trace(s["yy"], axis1=-2, axis2=-1) - np.sum(s["sum_y"] ** 2, axis=-1) / n
+    raw = np.trace(s["yy"], axis1=-2, axis2=-1)
+    tss = raw - np.sum(s["sum_y"] ** 2, axis=-1) / n
+    # centered targets below the round-off of that subtraction are constant: 0/0
+    tss = np.where(tss > 10.0 * n * EPS * raw, tss, np.nan)
     a = hh
     d = a.shape[-1]
     if center_features:
@@ -231,6 +236,16 @@ def target_linearity_np(
 
     Same options as :func:`target_linearity_from_stats_np`.
 
+    Parameters
+    ----------
+    h : array_like, shape (..., n_samples, d)
+    y : array_like, shape (..., n_samples, c)
+        Targets, not centered (centering is part of TL).
+
+    Returns
+    -------
+    numpy.ndarray, shape (...)
+
     Examples
     --------
     >>> round(float(target_linearity_np([[1.0], [2.0], [3.0]], [[0.0], [1.0], [2.0]])), 6)
@@ -260,6 +275,29 @@ def streamed_tl_stats(
     in_dim: Hashable,
     target_dim: Hashable,
 ) -> tuple[xr.DataArray, list[tuple[str, tuple[int, ...]]]]:
+    """TL statistics summed over sample blocks (one pass; one task per Dask chunk).
+
+    Parameters
+    ----------
+    h, labels, targets, n_classes, sample_dim, in_dim, target_dim
+        As in :func:`target_linearity`.
+
+    Returns
+    -------
+    stats : xarray.DataArray
+        Packed statistics over the leading dims of ``h``.
+    layout : list of (name, shape)
+        How to :func:`~gramlin_analyze.reducers._common.unpack` them.
+
+    Examples
+    --------
+    >>> import xarray as xr
+    >>> h = xr.DataArray([[1.0], [2.0]], dims=("sample", "in"))
+    >>> stats, layout = streamed_tl_stats(
+    ...     h, xr.DataArray([0, 1], dims="sample"), None, 2, "sample", "in", "target")
+    >>> [name for name, _ in layout], stats.shape
+    (['n', 'sum_h', 'sum_y', 'hh', 'hy', 'yy'], (10,))
+    """
     require_dims(h, [sample_dim, in_dim], "h")
     y, y_core, c, is_labels = resolve_targets(labels, targets, n_classes, sample_dim, target_dim)
     d = h.sizes[in_dim]
@@ -390,6 +428,18 @@ def tl_null(
 
     Features unrelated to the targets give about ``d/N``. ``d`` counts the
     regression features (after the PCA option, if it applies).
+
+    Parameters
+    ----------
+    h : xarray.DataArray
+        Features, dims ``(..., sample_dim, in_dim)``.
+    pca, pca_components, pca_cap
+        As in :func:`target_linearity`.
+
+    Returns
+    -------
+    xarray.DataArray
+        A scalar.
 
     Examples
     --------

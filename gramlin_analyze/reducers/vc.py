@@ -95,6 +95,17 @@ def virtual_covariance_np(
 
     ``gamma`` broadcasts against the leading (batch) axes.
 
+    Parameters
+    ----------
+    sum_hh, sum_gh, sum_gg : array_like, shape (..., d, d)
+        Statistics of :func:`vc_stats_np`.
+    gamma : array_like
+        Learning rate.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., d, d)
+
     Examples
     --------
     >>> virtual_covariance_np([[1.0]], [[2.0]], [[3.0]], 0.5)
@@ -117,6 +128,19 @@ def vcs_np(
     ``gg_scale = N / b`` gives the expected per-step VCS of minibatch
     training with batch size ``b`` (see :func:`virtual_covariance_shift`).
 
+    Parameters
+    ----------
+    sum_gh, sum_gg : array_like, shape (..., d, d)
+        Statistics of :func:`vc_stats_np`.
+    gamma : array_like
+        Learning rate.
+    gg_scale : array_like
+        Factor of the second-order term.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., d, d)
+
     Examples
     --------
     >>> vcs_np([[2.0]], [[3.0]], 0.5)
@@ -136,6 +160,16 @@ def accumulate_trapezoid_np(y: npt.ArrayLike, x: npt.ArrayLike) -> FloatArray:
 
     For consecutive points ``a < b`` adds ``(x_b - x_a) (y_a + y_b) / 2``.
     A NaN/Inf at one point makes every later value NaN (never skipped).
+
+    Parameters
+    ----------
+    y : array_like, shape (..., n_points)
+    x : array_like, shape (n_points,)
+        Increasing abscissae (steps).
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., n_points)
 
     Examples
     --------
@@ -255,6 +289,11 @@ def virtual_covariance(
         Learning rate; a DataArray (e.g. ``lr`` along ``step``) broadcasts
         against the leading dims.
 
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``(..., *dims)``.
+
     Examples
     --------
     >>> import xarray as xr
@@ -304,6 +343,11 @@ def virtual_covariance_shift(
     n_samples : int, optional
         ``N`` for that scaling; default the size of ``sample_dim`` (the probe
         set should then be the training set or a sample of it).
+
+    Returns
+    -------
+    xarray.DataArray
+        Dims ``(..., *dims)``; ``attrs`` record the minibatch scaling.
 
     Examples
     --------
@@ -357,6 +401,16 @@ def interval_vcs(vcs: xr.DataArray, *, step_dim: Hashable = "step") -> xr.DataAr
     One entry per interval of consecutive steps ``a < b``, labelled by ``b``,
     with non-dim coordinates ``{step_dim}_start`` and ``{step_dim}_end``.
 
+    Parameters
+    ----------
+    vcs : xarray.DataArray
+        VCS per step, dims ``(step_dim, ...)``, strictly increasing steps.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``n_steps - 1`` intervals.
+
     Examples
     --------
     >>> import xarray as xr
@@ -387,6 +441,11 @@ def accumulated_vcs(vcs: xr.DataArray, *, step_dim: Hashable = "step") -> xr.Dat
     vcs : xarray.DataArray
         VCS per step, dims ``(step_dim, ...)``; the step coordinate must be
         strictly increasing. Dask-backed input stays lazy.
+
+    Returns
+    -------
+    xarray.DataArray
+        Same dims and steps as ``vcs``.
 
     Examples
     --------

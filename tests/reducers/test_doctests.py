@@ -16,6 +16,7 @@ MODULES = [
     "collapse",
     "fle",
     "gram",
+    "spectrum",
     "surrogate",
     "target_linearity",
     "vc",
