@@ -296,7 +296,7 @@ def streamed_tl_stats(
     >>> stats, layout = streamed_tl_stats(
     ...     h, xr.DataArray([0, 1], dims="sample"), None, 2, "sample", "in", "target")
     >>> [name for name, _ in layout], stats.shape
-    (['n', 'sum_h', 'sum_y', 'hh', 'hy', 'yy'], (10,))
+    (['n', 'sum_h', 'sum_y', 'hh', 'hy', 'yy'], (11,))
     """
     require_dims(h, [sample_dim, in_dim], "h")
     y, y_core, c, is_labels = resolve_targets(labels, targets, n_classes, sample_dim, target_dim)
