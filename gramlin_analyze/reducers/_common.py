@@ -273,6 +273,13 @@ def stream_sum(
     return xr.DataArray(stats, dims=out_dims, coords=coords)
 
 
+def from_stats(data: Any, stats: xr.DataArray, core_dims: Sequence[Hashable]) -> xr.DataArray:
+    """Wrap ``data`` (the statistics' leading axes + ``core_dims``) with ``stats``' leading dims and coords."""
+    lead = [d for d in stats.dims if d != STAT_DIM]
+    coords = {k: v for k, v in stats.coords.items() if STAT_DIM not in v.dims}
+    return xr.DataArray(data, dims=[*lead, *core_dims], coords=coords)
+
+
 def apply(
     func: Callable[..., Any],
     *args: Any,

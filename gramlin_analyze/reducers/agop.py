@@ -16,12 +16,12 @@ import numpy.typing as npt
 import xarray as xr
 
 from gramlin_analyze.reducers._common import (
-    STAT_DIM,
     FloatArray,
     apply,
     as_float64,
     batch_bad,
     eigh_desc,
+    from_stats,
     poison,
     quiet,
     require_dims,
@@ -172,9 +172,7 @@ def agop(
     data = (
         stats.data[..., : d * d].reshape(*stats.shape[:-1], d, d) / stats.data[..., -1:][..., None]
     )
-    lead = [x for x in stats.dims if x != STAT_DIM]
-    coords = {k: v for k, v in stats.coords.items() if STAT_DIM not in v.dims}
-    out = xr.DataArray(data, dims=[*lead, *dims], coords=coords)
+    out = from_stats(data, stats, dims)
     out.attrs["long_name"] = "average gradient outer product"
     if projections:
         out.attrs["estimate"] = "random-projection estimate E_v[(J^T v)(J^T v)^T]"

@@ -16,11 +16,11 @@ import numpy.typing as npt
 import xarray as xr
 
 from gramlin_analyze.reducers._common import (
-    STAT_DIM,
     FloatArray,
     apply,
     as_float64,
     batch_bad,
+    from_stats,
     gamma_array,
     mask_nonfinite,
     poison,
@@ -164,13 +164,7 @@ def weight_gradient(
     stats = stream_sum(
         block, [dz, h], reduce_dim=sample_dim, core_dims=[[out_dim], [in_dim]], size=d_out * d_in
     )
-    lead = [x for x in stats.dims if x != STAT_DIM]
-    coords = {k: v for k, v in stats.coords.items() if STAT_DIM not in v.dims}
-    out = xr.DataArray(
-        stats.data.reshape(*stats.shape[:-1], d_out, d_in),
-        dims=[*lead, out_dim, in_dim],
-        coords=coords,
-    )
+    out = from_stats(stats.data.reshape(*stats.shape[:-1], d_out, d_in), stats, [out_dim, in_dim])
     out.attrs["long_name"] = "dL/dW"
     return out
 

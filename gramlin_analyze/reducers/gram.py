@@ -15,10 +15,10 @@ import numpy.typing as npt
 import xarray as xr
 
 from gramlin_analyze.reducers._common import (
-    STAT_DIM,
     FloatArray,
     as_float64,
     batch_bad,
+    from_stats,
     poison,
     quiet,
     require_dims,
@@ -128,18 +128,11 @@ def gram(
         core_dims=[[kept]],
         size=d * d,
     )
-    out = _to_square(stats, d, dims)
+    out = from_stats(stats.data.reshape(*stats.shape[:-1], d, d), stats, dims)
     if kept in W.coords:
         out = out.assign_coords({dims[0]: W[kept].values, dims[1]: W[kept].values})
     out.attrs["long_name"] = "W^T W" if side == "in" else "W W^T"
     return out
-
-
-def _to_square(stats: xr.DataArray, d: int, dims: tuple[Hashable, Hashable]) -> xr.DataArray:
-    data = stats.data.reshape(*stats.shape[:-1], d, d)
-    lead = [x for x in stats.dims if x != STAT_DIM]
-    coords = {k: v for k, v in stats.coords.items() if STAT_DIM not in v.dims}
-    return xr.DataArray(data, dims=[*lead, *dims], coords=coords)
 
 
 def check_steps(da: xr.DataArray, step_dim: Hashable) -> np.ndarray:

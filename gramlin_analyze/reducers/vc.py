@@ -21,11 +21,11 @@ import numpy.typing as npt
 import xarray as xr
 
 from gramlin_analyze.reducers._common import (
-    STAT_DIM,
     FloatArray,
     apply,
     as_float64,
     batch_bad,
+    from_stats,
     gamma_array,
     mask_nonfinite,
     pack,
@@ -208,9 +208,7 @@ def _square(
     h: xr.DataArray,
     in_dim: Hashable,
 ) -> xr.DataArray:
-    lead = [x for x in stats.dims if x != STAT_DIM]
-    coords = {k: v for k, v in stats.coords.items() if STAT_DIM not in v.dims}
-    out = xr.DataArray(data, dims=[*lead, *dims], coords=coords)
+    out = from_stats(data, stats, dims)
     if in_dim in h.coords:
         out = out.assign_coords({dims[0]: h[in_dim].values, dims[1]: h[in_dim].values})
     return out
