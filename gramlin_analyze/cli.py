@@ -172,6 +172,31 @@ def cmd_ingest(args) -> int:
     return report.exit_code
 
 
+def cmd_analyze(args) -> int:
+    from gramlin_analyze.analysis import analyze
+
+    with _Progress(args.quiet, "analyze") as bar:
+        report = analyze(
+            args.store, metrics=args.metrics, layers=args.layers, recompute=args.recompute,
+            tl_lambda=args.tl_lambda, center_features=args.center_features, intercept=args.intercept,
+            workers=args.workers, threads=args.threads, scheduler=args.scheduler,
+            storage_options=args.storage_options, progress=bar,
+        )
+    err = _console(args.quiet)
+    for step, status in sorted(report.skipped_steps.items()):
+        err.print(f"skipped step {step}: status {status} (not read)", markup=False)
+    for fam, why in report.unavailable.items():
+        err.print(f"not computed: {fam}: {why}", soft_wrap=True, markup=False)
+    for step, layer in report.nonfinite:
+        err.print(f"[yellow]warning:[/yellow] step {step}, layer {layer}: NaN/Inf inputs, results are NaN")
+    if not args.quiet:
+        _out().print(
+            f"{report.store}: {', '.join(report.families) or 'nothing'} -> /metrics: "
+            f"{report.computed} computed, {report.up_to_date} up to date in {report.seconds:.1f} s"
+        )
+    return 0
+
+
 def cmd_info(args) -> int:
     from gramlin_analyze.store.info import store_info
 
@@ -283,6 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(p)
     _add_common(p)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("analyze", help="compute Gram, VC, TL and related metrics into /metrics")
+    p.add_argument("store")
+    p.add_argument("--metrics", nargs="+", metavar="NAME",
+                   help="families (gram vc tl nfa nc cka) or single metrics; default: all the store supports")
+    p.add_argument("--layers", nargs="+", metavar="GLOB", help="layers to analyze (default: all)")
+    p.add_argument("--recompute", action="store_true", help="recompute results whose inputs did not change")
+    p.add_argument("--tl-lambda", type=float, default=0.0, help="ridge lambda of target linearity (default 0)")
+    p.add_argument("--center-features", action="store_true", help="center H before the TL regression")
+    p.add_argument("--intercept", action="store_true", help="add an intercept column to the TL regression")
+    p.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
+    p.add_argument("--threads", type=int, help="threads of the default threaded scheduler")
+    p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    _add_storage(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("info", help="summarize a store: steps, layers, shapes, statuses, provenance")
     p.add_argument("store")
