@@ -207,6 +207,13 @@ def stream_sum(
         require_dims(arr, [reduce_dim, *core], "input")
     for arr, core in zip(constants, constant_core_dims, strict=True):
         require_dims(arr, core, "input")
+    n_by_input = {arr.name or f"input {j}": arr.sizes[reduce_dim] for j, arr in enumerate(arrays)}
+    if len(set(n_by_input.values())) > 1:
+        raise ValueError(
+            f"inputs disagree on the number of {reduce_dim!r} entries: {n_by_input}; they must "
+            "describe the same samples (a conv layer's input has one sample per example and "
+            "position: repeat per-example labels with numpy.repeat(labels, samples_per_example))"
+        )
     exclude = {d for core in every_core for d in core}
     aligned = xr.align(*every, join="exact", exclude=exclude)
     leading: list[Hashable] = []

@@ -244,3 +244,10 @@ def test_chunking_never_changes_tl(sample_chunk, step_chunk, seed):
         n_classes=3,
     )
     close(lazy, ref, rtol=1e-12)
+
+
+def test_sample_count_mismatch_is_explained(rng):
+    h = xr.DataArray(rng.standard_normal((12, 3)), dims=("sample", "in"), name="input")
+    labels = xr.DataArray(np.arange(4) % 2, dims="sample", name="labels")
+    with pytest.raises(ValueError, match="samples_per_example"):
+        T.target_linearity(h, labels=labels)
