@@ -93,7 +93,9 @@ def cmd_scan(args) -> int:
     from gramlin_analyze.io.registry import reader_for
 
     opts = {"state_dict_key": args.state_dict_key} if args.state_dict_key else None
-    sources = scan(args.directory, format=args.format, order=args.order, reader_options=opts)
+    sources = scan(
+        args.directory, format=args.format, order=args.order, reader_options=opts, settle_seconds=args.settle
+    )
     table = Table(title=f"{len(sources)} checkpoints in {args.directory}")
     for col in ("step", "format", "files", "size", "#tensors", "path"):
         table.add_column(col, justify="right" if col in ("step", "files", "size", "#tensors") else "left", overflow="fold", no_wrap=col != "path")
@@ -151,7 +153,7 @@ def cmd_ingest(args) -> int:
         report = ingest(
             args.directory, args.store, layers=args.layers, exclude=args.exclude,
             format=args.format, order=args.order, state_dict_key=args.state_dict_key,
-            allow_torchscript_code=args.allow_torchscript_code, capture=capture,
+            settle_seconds=args.settle, allow_torchscript_code=args.allow_torchscript_code, capture=capture,
             activations=args.activations, probe=args.probe if args.activations else None,
             lr=args.lr, lr_schedule=args.lr_schedule,
             workers=args.workers, threads=args.threads, scheduler=args.scheduler,
@@ -167,6 +169,8 @@ def cmd_ingest(args) -> int:
         if report.seconds > 0 and report.bytes_read:
             msg += f" ({report.bytes_read / report.seconds / 1e6:.0f} MB/s)"
         _out().print(msg)
+        for path, why in report.scan_skipped:
+            err.print(f"skipped {path}: {why}", markup=False)
         for step, n in sorted(report.nonfinite.items()):
             err.print(f"[yellow]warning:[/yellow] step {step}: {n} NaN/Inf values stored and flagged (/steps.nonfinite)")
     return report.exit_code
@@ -259,6 +263,10 @@ def _add_discovery(p: argparse.ArgumentParser) -> None:
         "number checkpoints by this order when none has a step",
     )
     p.add_argument("--state-dict-key", help="key of the model state dict inside a nested .pt/.ckpt (e.g. ema.model)")
+    p.add_argument(
+        "--settle", type=float, default=0.0, metavar="SECONDS",
+        help="skip checkpoints modified less than SECONDS ago (a live run may still be writing them)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

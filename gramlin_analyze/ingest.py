@@ -78,6 +78,7 @@ def ingest(
     format: str | None = None,
     order: str | None = None,
     state_dict_key: str | None = None,
+    settle_seconds: float = 0.0,
     allow_torchscript_code: bool = False,
     capture: CaptureConfig | None = None,
     activations: str | os.PathLike | None = None,
@@ -104,7 +105,7 @@ def ingest(
         Store path or fsspec URL; default ``<directory>.zarr``.
     layers, exclude
         Glob patterns over normalized layer names (``encoder.*``).
-    format, order, state_dict_key
+    format, order, state_dict_key, settle_seconds
         See :func:`gramlin_analyze.io.discovery.scan`.
     allow_torchscript_code
         Read TorchScript archives (they carry code that runs with the model).
@@ -150,7 +151,9 @@ def ingest(
         reader_options["allow_code"] = True
     if capture is not None and activations is not None:
         raise UsageError("pass either a model to capture with (--model/--mlp-activation) or --activations DIR, not both")
-    sources = scan(directory, format=format, order=order, reader_options=reader_options)
+    sources = scan(
+        directory, format=format, order=order, reader_options=reader_options, settle_seconds=settle_seconds
+    )
     report = IngestReport(store=store, scan_skipped=list(getattr(sources, "skipped", [])))
     if not is_remote(store) and Path(store).resolve() == Path(directory).resolve():
         raise UsageError("the store cannot be the checkpoint directory itself; pass --store OUT")
