@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import abc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +98,7 @@ def to_numpy(tensor_like: Any, *, layout: str = "out_in") -> np.ndarray:
     return np.ascontiguousarray(arr).reshape(arr.shape)
 
 
-class CheckpointReader(abc.ABC):
+class CheckpointReader:
     """A checkpoint format.
 
     Subclasses set :attr:`name` (the registry key, also stored in
@@ -122,14 +121,27 @@ class CheckpointReader(abc.ABC):
         p = Path(path)
         return p.is_file() and any(p.name.endswith(s) for s in self.suffixes)
 
-    @abc.abstractmethod
+    #: The handle class that does the reading. A reader that sets it gets
+    #: :meth:`open`, :meth:`list_tensors` and :meth:`read_tensor` from it;
+    #: otherwise it implements the last two itself.
+    handle_class: type[CheckpointHandle] | None = None
+
     def list_tensors(self, path: str | os.PathLike) -> dict[str, TensorInfo]:
         """Names, shapes and dtypes of every tensor, without reading tensor bytes
         where the format allows it."""
+        if self.handle_class is None:
+            raise TypeError(
+                f"{type(self).__name__} must set handle_class or implement list_tensors"
+            )
+        with self.open(path) as handle:
+            return handle.list_tensors()
 
-    @abc.abstractmethod
     def read_tensor(self, path: str | os.PathLike, name: str) -> np.ndarray:
         """Read one tensor as NumPy, converted to ``(out, in, *kernel)`` order."""
+        if self.handle_class is None:
+            raise TypeError(f"{type(self).__name__} must set handle_class or implement read_tensor")
+        with self.open(path) as handle:
+            return handle.read_tensor(name)
 
     def read_metadata(self, path: str | os.PathLike) -> CheckpointMeta:
         """Step, epoch, learning rate... when the checkpoint stores them."""
@@ -148,7 +160,7 @@ class CheckpointReader(abc.ABC):
         The default re-dispatches to :meth:`read_tensor`; formats that must
         load the whole file (pickles, msgpack) override it to load once.
         """
-        return CheckpointHandle(self, path)
+        return (self.handle_class or CheckpointHandle)(self, path)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

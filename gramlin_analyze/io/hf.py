@@ -149,16 +149,7 @@ class HFTrainerReader(CheckpointReader):
             and any((directory / filename).is_file() for filename, _ in _WEIGHT_LAYOUTS)
         )
 
-    def open(self, path: os.PathLike | str) -> HFTrainerHandle:
-        return HFTrainerHandle(self, path)
-
-    def list_tensors(self, path: os.PathLike | str) -> dict[str, TensorInfo]:
-        with self.open(path) as handle:
-            return handle.list_tensors()
-
-    def read_tensor(self, path: os.PathLike | str, name: str) -> np.ndarray:
-        with self.open(path) as handle:
-            return handle.read_tensor(name)
+    handle_class = HFTrainerHandle
 
     def read_metadata(self, path: os.PathLike | str) -> CheckpointMeta:
         state = read_trainer_state(path)

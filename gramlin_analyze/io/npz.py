@@ -132,13 +132,4 @@ class NpzReader(CheckpointReader):
     name = "npz"
     suffixes = (".npz",)
 
-    def open(self, path: os.PathLike | str) -> NpzHandle:
-        return NpzHandle(self, path)
-
-    def list_tensors(self, path: os.PathLike | str) -> dict[str, TensorInfo]:
-        with self.open(path) as handle:
-            return handle.list_tensors()
-
-    def read_tensor(self, path: os.PathLike | str, name: str) -> np.ndarray:
-        with self.open(path) as handle:
-            return handle.read_tensor(name)
+    handle_class = NpzHandle

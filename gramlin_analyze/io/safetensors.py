@@ -118,16 +118,7 @@ class SafetensorsReader(CheckpointReader):
     name = "safetensors"
     suffixes = (".safetensors",)
 
-    def open(self, path: os.PathLike | str) -> SafetensorsHandle:
-        return SafetensorsHandle(self, path)
-
-    def list_tensors(self, path: os.PathLike | str) -> dict[str, TensorInfo]:
-        with self.open(path) as handle:
-            return handle.list_tensors()
-
-    def read_tensor(self, path: os.PathLike | str, name: str) -> np.ndarray:
-        with self.open(path) as handle:
-            return handle.read_tensor(name)
+    handle_class = SafetensorsHandle
 
 
 @dataclass(frozen=True)
@@ -252,16 +243,7 @@ class ShardedIndexReader(CheckpointReader):
             return (p / self.index_name).is_file()
         return p.is_file() and p.name.endswith(self.index_suffix)
 
-    def open(self, path: os.PathLike | str) -> ShardedHandle:
-        return ShardedHandle(self, path)
-
-    def list_tensors(self, path: os.PathLike | str) -> dict[str, TensorInfo]:
-        with self.open(path) as handle:
-            return handle.list_tensors()
-
-    def read_tensor(self, path: os.PathLike | str, name: str) -> np.ndarray:
-        with self.open(path) as handle:
-            return handle.read_tensor(name)
+    handle_class = ShardedHandle
 
     def files(self, path: os.PathLike | str) -> list[Path]:
         """The index and every shard it names."""

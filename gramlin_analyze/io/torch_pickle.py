@@ -415,16 +415,7 @@ class TorchPickleReader(CheckpointReader):
             )
         return meta
 
-    def open(self, path: os.PathLike | str) -> TorchFileHandle:
-        return TorchFileHandle(self, path)
-
-    def list_tensors(self, path: os.PathLike | str) -> dict[str, TensorInfo]:
-        with self.open(path) as handle:
-            return handle.list_tensors()
-
-    def read_tensor(self, path: os.PathLike | str, name: str) -> np.ndarray:
-        with self.open(path) as handle:
-            return handle.read_tensor(name)
+    handle_class = TorchFileHandle
 
     def read_metadata(self, path: os.PathLike | str) -> CheckpointMeta:
         with self.open(path) as handle:

@@ -39,13 +39,35 @@ def is_torchscript_archive(path: str | os.PathLike) -> bool:
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
+class _Handle(CheckpointHandle):
+    def __init__(self, reader: TorchScriptReader, path: str | os.PathLike):
+        super().__init__(reader, path)
+        self.module = reader.load(path)
+        self._sd = {k: v for k, v in self.module.state_dict().items()}
+
+    def list_tensors(self) -> dict[str, TensorInfo]:
+        return {
+            k: TensorInfo(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in self._sd.items()
+        }
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        if name not in self._sd:
+            raise KeyError(f"{name!r}: no such tensor in {self.path}")
+        return to_numpy(self._sd[name])
+
+    def read_metadata(self) -> CheckpointMeta:
+        return CheckpointMeta()
+
+
 class TorchScriptReader(CheckpointReader):
     """Reader for ``torch.jit.save`` archives; needs ``allow_code=True``."""
 
     name = "torchscript"
     suffixes = (".pt", ".pth", ".zip", ".ts", ".torchscript")
+    handle_class = _Handle
 
-    def __init__(self, allow_code: bool = False, state_dict_key: str | None = None):
+    def __init__(self, allow_code: bool = False):
         self.allow_code = allow_code
 
     def guess_can_read(self, path: str | os.PathLike) -> bool:
@@ -66,34 +88,3 @@ class TorchScriptReader(CheckpointReader):
             return load_torchscript(path, allow_code=True)
         except ModelError as err:
             raise CheckpointFormatError(f"{path}: {err}") from err
-
-    def open(self, path: str | os.PathLike) -> CheckpointHandle:
-        return _Handle(self, path)
-
-    def list_tensors(self, path: str | os.PathLike) -> dict[str, TensorInfo]:
-        with self.open(path) as h:
-            return h.list_tensors()
-
-    def read_tensor(self, path: str | os.PathLike, name: str) -> np.ndarray:
-        with self.open(path) as h:
-            return h.read_tensor(name)
-
-
-class _Handle(CheckpointHandle):
-    def __init__(self, reader: TorchScriptReader, path):
-        super().__init__(reader, path)
-        self.module = reader.load(path)
-        self._sd = {k: v for k, v in self.module.state_dict().items()}
-
-    def list_tensors(self) -> dict[str, TensorInfo]:
-        return {
-            k: TensorInfo(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self._sd.items()
-        }
-
-    def read_tensor(self, name: str) -> np.ndarray:
-        if name not in self._sd:
-            raise KeyError(f"{name!r}: no such tensor in {self.path}")
-        return to_numpy(self._sd[name])
-
-    def read_metadata(self) -> CheckpointMeta:
-        return CheckpointMeta()
