@@ -73,6 +73,7 @@ class GramlinStore:
         self.url = str(url)
         self.mode = mode
         self.storage_options = storage_options or {}
+        self._steps_arrays: dict[str, zarr.Array] | None = None
         self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
         try:
             if mode == "r":
@@ -96,7 +97,7 @@ class GramlinStore:
         """Write root attributes and the empty ``/steps`` group if they are missing."""
         attrs = dict(self.root.attrs)
         if "gramlin_schema_version" not in attrs:
-            self.root.attrs.update(
+            self.root.update_attributes(
                 {
                     "gramlin_schema_version": L.SCHEMA_VERSION,
                     "created_at": _now(),
@@ -108,26 +109,39 @@ class GramlinStore:
                 }
             )
         if L.STEPS not in self.root:
-            g = self.root.create_group(L.STEPS)
-            g.attrs.update({"description": "manifest: one row per ingested checkpoint"})
+            g = self.root.create_group(
+                L.STEPS, attributes={"description": "manifest: one row per ingested checkpoint"}
+            )
             self._create_step_coord(g, 0)
             for name in L.MANIFEST:
                 self._create_manifest_array(g, name, 0)
         else:
             g = self.root[L.STEPS]
-            n = g["step"].shape[0]
+            present = dict(g.arrays())
+            n = present["step"].shape[0]
             for name in L.MANIFEST:  # stores from older versions gain new fields
-                if name not in g:
+                if name not in present:
                     self._create_manifest_array(g, name, n)
         if L.LAYERS not in self.root:
-            self.root.create_group(L.LAYERS).attrs.update({"description": "one group per layer"})
+            self.root.create_group(L.LAYERS, attributes={"description": "one group per layer"})
         self.touch()
         self.consolidate()
 
     def touch(self) -> None:
-        self.root.attrs.update({"modified_at": _now(), "creation_library_version": __version__})
+        """Stamp the root with the time and the library version.
+
+        Written through a handle that holds the root's consolidated metadata,
+        so the root keeps it: a reader opening the store before the next
+        :meth:`consolidate` sees the last consolidated state, instead of
+        falling back (with a warning) to one request per node.
+        """
+        stamp = {"modified_at": _now(), "creation_library_version": __version__}
+        root = zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=None)
+        root.update_attributes(stamp)
+        self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
 
     def consolidate(self) -> None:
+        self._steps_arrays = None
         with _quiet_consolidated():
             zarr.consolidate_metadata(self._zstore, zarr_format=3)
         self.root = zarr.open_group(self._zstore, mode="a" if self.mode != "r" else "r",
@@ -137,12 +151,11 @@ class GramlinStore:
 
     @staticmethod
     def _create_step_coord(group: zarr.Group, n: int) -> zarr.Array:
-        arr = group.create_array(
+        return group.create_array(
             "step", shape=(n,), dtype="int64", chunks=(L.MANIFEST_CHUNK,),
             dimension_names=["step"], fill_value=-1, overwrite=True,
+            attributes={"long_name": "optimizer step", "units": "steps"},
         )
-        arr.attrs.update({"long_name": "optimizer step", "units": "steps"})
-        return arr
 
     @staticmethod
     def _create_manifest_array(group: zarr.Group, name: str, n: int) -> zarr.Array:
@@ -150,25 +163,39 @@ class GramlinStore:
         kw: dict[str, Any] = {}
         if dtype is not str:
             kw["fill_value"] = fill
-        arr = group.create_array(
+        return group.create_array(
             name, shape=(n,), dtype=dtype, chunks=(L.MANIFEST_CHUNK,),
-            dimension_names=["step"], overwrite=True, **kw,
+            dimension_names=["step"], overwrite=True,
+            attributes={"long_name": long_name, **({"units": units} if units else {})}, **kw,
         )
-        arr.attrs.update({"long_name": long_name, **({"units": units} if units else {})})
-        return arr
 
     def group(self, path: str) -> zarr.Group:
         return self.root[path]
 
     def steps(self) -> np.ndarray:
-        return np.asarray(self.root[L.STEPS]["step"][:], dtype=np.int64)
+        return np.asarray(self._manifest_arrays()["step"][:], dtype=np.int64)
+
+    def _manifest_arrays(self) -> dict[str, zarr.Array]:
+        """The arrays of ``/steps`` by name.
+
+        One listing, whose members' metadata zarr fetches concurrently: on an
+        object store each lookup by name is a round trip. A writer keeps the
+        handles until its next structural change (:meth:`consolidate`): under
+        the lock nobody else resizes ``/steps``.
+        """
+        if self._steps_arrays is not None:
+            return self._steps_arrays
+        arrays = dict(self.root[L.STEPS].arrays())
+        if self.mode != "r":
+            self._steps_arrays = arrays
+        return arrays
 
     def manifest(self) -> dict[str, np.ndarray]:
-        g = self.root[L.STEPS]
+        arrays = self._manifest_arrays()
         out = {"step": self.steps()}
         for name in L.MANIFEST:
-            if name in g:
-                v = g[name][:]
+            if name in arrays:
+                v = arrays[name][:]
                 out[name] = np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
         return out
 
@@ -180,32 +207,23 @@ class GramlinStore:
     def layer(self, name: str) -> zarr.Group:
         return self.root[L.LAYERS][name]
 
-    def _step_arrays(self) -> list[tuple[str, zarr.Array]]:
-        """Every array whose first dim is ``step`` (coords excluded), with its path."""
-        out = []
+    def _step_nodes(self) -> tuple[dict[str, zarr.Array], list[zarr.Array]]:
+        """Every array whose first dim is ``step`` by path, and every ``step`` coordinate.
 
-        def visit(group: zarr.Group, prefix: str) -> None:
-            for name, arr in group.arrays():
-                dims = arr.metadata.dimension_names or ()
-                if dims and dims[0] == "step" and name != "step":
-                    out.append((prefix + name, arr))
-            for name, sub in group.groups():
-                visit(sub, prefix + name + "/")
-
-        visit(self.root, "")
-        return out
-
-    def _step_coords(self) -> list[zarr.Array]:
-        out = []
-
-        def visit(group: zarr.Group) -> None:
-            if "step" in group and isinstance(group["step"], zarr.Array):
-                out.append(group["step"])
-            for _, sub in group.groups():
-                visit(sub)
-
-        visit(self.root)
-        return out
+        One walk of the live metadata (the root is opened without consolidated
+        metadata), each group's members fetched concurrently. The handles are
+        resized in place, so they stay valid through :meth:`set_step_axis`.
+        """
+        arrays: dict[str, zarr.Array] = {}
+        coords: list[zarr.Array] = []
+        for path, node in self.root.members(max_depth=None):
+            if not isinstance(node, zarr.Array):
+                continue
+            if path.rsplit("/", 1)[-1] == "step":
+                coords.append(node)
+            elif (node.metadata.dimension_names or ())[:1] == ("step",):
+                arrays[path] = node
+        return arrays, coords
 
     # -- the step axis ------------------------------------------------------------------
 
@@ -233,20 +251,21 @@ class GramlinStore:
         same = n_old == n_new and np.array_equal(old_steps, new_steps)
         if same:
             return pos
-        g = self.root[L.STEPS]
+        self._steps_arrays = None  # resized below through other handles
+        step_arrays, step_coords = self._step_nodes()
+        g = {name: step_arrays[f"{L.STEPS}/{name}"] for name in L.MANIFEST}
         if moves:
             st = np.asarray(status, dtype=object).copy()
             for i in moves:
                 st[i] = "pending"
             g["status"][:] = st
-        step_arrays = self._step_arrays()
         if n_new > n_old:
-            for _, arr in step_arrays:
+            for arr in step_arrays.values():
                 arr.resize((n_new, *arr.shape[1:]))
-            for c in self._step_coords():
+            for c in step_coords:
                 c.resize((n_new,))
         manifest_paths = {f"{L.STEPS}/{k}" for k in L.MANIFEST}
-        for path, arr in step_arrays:
+        for path, arr in step_arrays.items():
             if path in manifest_paths:
                 continue
             self._move_rows(arr, moves)
@@ -278,15 +297,16 @@ class GramlinStore:
         if g["status"].shape[0] != n_new:
             g["status"].resize((n_new,))
         g["status"][:] = new_man["status"]
-        for c in self._step_coords():
+        for c in step_coords:
             if c.shape[0] != n_new:
                 c.resize((n_new,))
             c[:] = new_steps
         if moves:
             g["status"][:] = final_status
         if n_new < n_old:
-            for _, arr in step_arrays:
-                arr.resize((n_new, *arr.shape[1:]))
+            for arr in step_arrays.values():
+                if arr.shape[0] != n_new:
+                    arr.resize((n_new, *arr.shape[1:]))
         self.touch()
         self.consolidate()
         return pos
@@ -316,10 +336,10 @@ class GramlinStore:
         row. Columns are rewritten whole: the manifest is small, and one write
         per column beats one read-modify-write per row.
         """
-        g = self.root[L.STEPS]
         idx = [index] if isinstance(index, int | np.integer) else list(index)
         if not idx:
             return
+        g = self._manifest_arrays()
         status = fields.pop("status", None)
         items = list(fields.items()) + ([("status", status)] if status is not None else [])
         for name, value in items:
@@ -352,27 +372,28 @@ class GramlinStore:
         attrs: dict[str, Any],
     ) -> zarr.Group:
         """Create ``/layers/<name>`` with ``weight`` (and ``bias``) for the current step axis."""
-        n = self.root[L.STEPS]["step"].shape[0]
-        grp = self.root[L.LAYERS].create_group(name, overwrite=True)
-        grp.attrs.update(attrs)
+        steps = self.steps()
+        n = len(steps)
+        # Attributes go in with each node: ``attrs.update`` rewrites the node once per key.
+        grp = self.root[L.LAYERS].create_group(name, overwrite=True, attributes=attrs)
         c = self._create_step_coord(grp, n)
-        c[:] = self.steps()
+        c[:] = steps
         shape = (n, *weight_shape)
-        w = grp.create_array(
+        grp.create_array(
             "weight", shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
             dimension_names=["step", "out", "in"], fill_value=np.nan, compressors=None,
+            attributes={"long_name": f"weight of {name}, (out, in) order", "units": "1"},
         )
-        w.attrs.update({"long_name": f"weight of {name}, (out, in) order", "units": "1"})
         if bias:
-            b = grp.create_array(
+            grp.create_array(
                 "bias", shape=(n, weight_shape[0]), dtype=dtype, chunks=(1, weight_shape[0]),
                 dimension_names=["step", "out"], fill_value=np.nan, compressors=None,
+                attributes={"long_name": f"bias of {name}", "units": "1"},
             )
-            b.attrs.update({"long_name": f"bias of {name}", "units": "1"})
-        nf = grp.create_array(
+        grp.create_array(
             "nonfinite", shape=(n,), dtype="int64", chunks=(1,), dimension_names=["step"], fill_value=-1,
+            attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
         )
-        nf.attrs.update({"long_name": f"NaN/Inf values in weight and bias of {name}"})
         return grp
 
 

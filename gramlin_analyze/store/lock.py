@@ -4,7 +4,9 @@ A local store is locked with ``flock`` on ``<store>.lock``: the kernel drops
 the lock when the process dies, so a ``kill -9`` never leaves a stale lock.
 A remote store (``s3://…``) gets a lock object ``<store>.lock`` written with
 the writer's host, pid and time; a writer that died leaves it behind, and
-``break_lock=True`` (``--break-lock``) removes it.
+``break_lock=True`` (``--break-lock``) removes it. The object is created with
+a conditional write where the store offers one (S3's ``If-None-Match``), so
+two writers starting at once cannot both take it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 
 from gramlin_analyze.errors import StoreLockedError
@@ -36,6 +39,8 @@ class StoreLock:
         self.break_lock = break_lock
         self._fh = None
         self._fs = None
+        self._path = ""
+        self._body = b""
 
     def acquire(self) -> StoreLock:
         if is_remote(self.url):
@@ -70,20 +75,23 @@ class StoreLock:
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(self.lock_url, **self.storage_options)
-        self._fs, self._path = fs, path
-        if fs.exists(path):
-            if not self.break_lock:
-                try:
-                    holder = fs.cat_file(path).decode()
-                except OSError:
-                    holder = "unknown writer"
-                raise StoreLockedError(
-                    f"{self.url}: the store is locked by {holder}; if that writer is no longer "
-                    "running, re-run with --break-lock"
-                )
+        # The server decides, not a listing this process cached earlier.
+        fs.invalidate_cache(path)
+        if self.break_lock and fs.exists(path):
             fs.rm_file(path)
+        # The token tells this writer's lock from one that replaced it (release()).
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.ctime()}
-        fs.pipe_file(path, json.dumps(info).encode())
+        body = json.dumps({**info, "token": uuid.uuid4().hex}).encode()
+        try:
+            if fs.exists(path):  # for stores whose writes cannot be conditional
+                raise FileExistsError(path)
+            fs.pipe_file(path, body, mode="create")
+        except FileExistsError:
+            raise StoreLockedError(
+                f"{self.url}: the store is locked by {_holder(fs, path)}; if that writer is no "
+                "longer running, re-run with --break-lock"
+            ) from None
+        self._fs, self._path, self._body = fs, path, body
 
     def release(self) -> None:
         if self._fh is not None:
@@ -93,14 +101,26 @@ class StoreLock:
             self._fh.close()
             self._fh = None
         if self._fs is not None:
+            fs, self._fs = self._fs, None
+            fs.invalidate_cache(self._path)
+            # A lock broken with --break-lock while this writer still ran now
+            # belongs to the writer that broke it: leave it to that writer.
             try:
-                self._fs.rm_file(self._path)
+                if fs.cat_file(self._path) == self._body:
+                    fs.rm_file(self._path)
             except FileNotFoundError:
                 pass
-            self._fs = None
 
     def __enter__(self) -> StoreLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _holder(fs, path: str) -> str:
+    try:
+        info = json.loads(fs.cat_file(path))
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a writer that left no details"

@@ -1,0 +1,262 @@
+"""Remote stores: ingest, re-ingest, lock, validate, info and CLI against a real S3 server.
+
+The server is moto's, run in-process as a real HTTP server on loopback; s3fs
+and boto3 talk to it over sockets exactly as they would to AWS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+import boto3
+import numpy as np
+import pytest
+import xarray as xr
+from moto.server import ThreadedMotoServer
+
+from gramlin_analyze.cli import main
+from gramlin_analyze.errors import StoreLockedError
+from gramlin_analyze.ingest import ingest
+from gramlin_analyze.store.core import GramlinStore
+from gramlin_analyze.store.info import store_info
+from gramlin_analyze.store.validate import validate_store
+from tests.trajectory import write_trajectory
+
+BUCKET = "gramlin-test"
+
+
+@dataclass(frozen=True)
+class S3:
+    endpoint: str
+    storage_options: dict
+    client: object  # boto3 S3 client, for looking behind gramlin's back
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+    def keys(self, prefix: str) -> set[str]:
+        return set(self.sizes(prefix))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket, for the whole session."""
+    # A bound socket that never listens: any S3 client that forgets the
+    # endpoint below is refused on loopback instead of reaching AWS.
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    werkzeug_log = logging.getLogger("werkzeug")
+    level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)  # one log line per request drowns failures
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+                mp.delenv(name, raising=False)
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            mp.setenv("AWS_CONFIG_FILE", "/dev/null")
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+            mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+            mp.setenv("no_proxy", "127.0.0.1,localhost")
+            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            client.create_bucket(Bucket=BUCKET)
+            options = {
+                "key": "testing",
+                "secret": "testing",
+                "anon": False,
+                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            }
+            yield S3(endpoint, options, client)
+    finally:
+        server.stop()
+        sink.close()
+        werkzeug_log.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def run_store(s3, tmp_path_factory):
+    """A three-step trajectory ingested once into S3; tests leave it as they found it."""
+    run = tmp_path_factory.mktemp("s3") / "run"
+    expected = write_trajectory(run, [0, 10, 20])
+    url = f"s3://{BUCKET}/shared/run.zarr"
+    report = ingest(run, url, storage_options=s3.storage_options)
+    assert report.ingested == [0, 10, 20] and not report.failed
+    return url, run, expected
+
+
+def open_tree(url: str, s3: S3) -> xr.DataTree:
+    """Open as a notebook user would: xarray and fsspec only, and no warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return xr.open_datatree(url, engine="zarr", storage_options=s3.storage_options)
+
+
+def assert_store_matches(url: str, s3: S3, expected: dict[int, dict[str, np.ndarray]]) -> None:
+    tree = open_tree(url, s3)
+    steps = tree["steps"]
+    assert list(steps["step"].values) == sorted(expected)
+    assert set(steps["status"].values) == {"ok"}
+    for layer in ("fc1", "fc2"):
+        ds = tree[f"layers/{layer}"]
+        assert ds["weight"].dims == ("step", "out", "in")
+        for step, arrays in expected.items():
+            np.testing.assert_array_equal(
+                ds["weight"].sel(step=step).values, arrays[f"{layer}.weight"]
+            )
+            np.testing.assert_array_equal(ds["bias"].sel(step=step).values, arrays[f"{layer}.bias"])
+
+
+def test_ingest_into_s3_opens_with_xarray_alone(s3, run_store):
+    url, run, expected = run_store
+    assert_store_matches(url, s3, expected)
+    tree = open_tree(url, s3)
+    assert tree.attrs["gramlin_schema_version"] == "1.0"
+    assert set(tree["steps"]["format"].values) == {"safetensors", "torch"}
+    keys = s3.keys("shared/")
+    assert "shared/run.zarr/zarr.json" in keys
+    assert "shared/run.zarr/layers/fc1/weight/c/2/0/0" in keys  # one step per chunk
+    assert not any(k.endswith(".lock") for k in keys)  # the writer released its lock
+
+
+def test_reingest_reads_nothing_new(s3, run_store):
+    url, run, expected = run_store
+    before = s3.keys("shared/run.zarr/layers/")
+    report = ingest(run, url, storage_options=s3.storage_options)
+    assert report.ingested == [] and report.skipped == [0, 10, 20] and not report.failed
+    assert report.bytes_read == 0
+    assert s3.keys("shared/run.zarr/layers/") == before
+    assert_store_matches(url, s3, expected)
+
+
+def test_a_reader_mid_write_sees_the_last_consolidated_state(s3, run_store):
+    url, _, expected = run_store
+    gs = GramlinStore(url, mode="a", storage_options=s3.storage_options)
+    with gs.lock():
+        gs.touch()  # a writer stamps the root, then works for a while before re-consolidating
+        assert_store_matches(url, s3, expected)  # no fallback to listing every node, no warning
+        gs.consolidate()
+
+
+def test_remote_lock_refuses_a_second_writer_and_breaks_when_stale(s3, run_store):
+    url, run, expected = run_store
+    lock_key = "shared/run.zarr.lock"
+    gs = GramlinStore(url, mode="a", storage_options=s3.storage_options)
+    holder = gs.lock().acquire()
+    try:
+        held = json.loads(s3.client.get_object(Bucket=BUCKET, Key=lock_key)["Body"].read())
+        assert (held["pid"], held["host"]) == (os.getpid(), socket.gethostname())
+        with pytest.raises(
+            StoreLockedError, match=f"locked by pid {os.getpid()} on .*--break-lock"
+        ):
+            ingest(run, url, storage_options=s3.storage_options)
+        refused = gs.lock()
+        with pytest.raises(StoreLockedError):
+            refused.acquire()
+        refused.release()  # releasing a lock never held must not remove the holder's
+        assert lock_key in s3.keys("shared/")
+    finally:
+        holder.release()
+    assert lock_key not in s3.keys("shared/")
+
+    # A writer killed mid-ingest leaves its lock object behind: refused until broken.
+    stale = {"pid": 999_999, "host": "gone.example", "since": "long ago"}
+    s3.client.put_object(Bucket=BUCKET, Key=lock_key, Body=json.dumps(stale).encode())
+    with pytest.raises(StoreLockedError, match="pid 999999 on gone.example since long ago"):
+        ingest(run, url, storage_options=s3.storage_options)
+    report = ingest(run, url, storage_options=s3.storage_options, break_lock=True)
+    assert report.skipped == [0, 10, 20] and report.ingested == [] and not report.failed
+    assert lock_key not in s3.keys("shared/")
+    assert_store_matches(url, s3, expected)
+
+    # A writer whose lock was broken while it still ran leaves the new holder's lock alone.
+    slow = gs.lock().acquire()
+    taker = gs.lock(break_lock=True).acquire()
+    slow.release()
+    assert lock_key in s3.keys("shared/")
+    taker.release()
+    assert lock_key not in s3.keys("shared/")
+
+
+def test_validate_and_info_on_s3(s3, run_store):
+    url = run_store[0]
+    notes: list[str] = []
+    assert validate_store(url, storage_options=s3.storage_options, notes=notes) == []
+    assert notes == []
+
+    info = store_info(url, storage_options=s3.storage_options)
+    assert f"store    {url}" in info
+    assert "steps    3 (0..20): 3 ok, 0 pending, 0 failed" in info
+    assert "formats  safetensors x2, torch x1" in info
+    rows = {line.split()[0]: line for line in info.splitlines() if line.startswith("fc")}
+    assert "(6, 5)" in rows["fc1"] and "(3, 6)" in rows["fc2"]
+    sizes = s3.sizes("shared/run.zarr/")
+    assert 1024 <= sum(sizes.values()) < 2**20
+    assert info.splitlines()[-1] == f"total on disk {sum(sizes.values()) / 1024:.1f} KiB"
+    fc1 = sum(n for k, n in sizes.items() if k.startswith("shared/run.zarr/layers/fc1/"))
+    assert rows["fc1"].endswith(f"{fc1 / 1024:.1f} KiB")
+
+    # A chunk lost behind the store's back is found by listing the bucket.
+    chunk = "shared/run.zarr/layers/fc2/weight/c/1/0/0"
+    data = s3.client.get_object(Bucket=BUCKET, Key=chunk)["Body"].read()
+    s3.client.delete_object(Bucket=BUCKET, Key=chunk)
+    try:
+        assert validate_store(url, storage_options=s3.storage_options) == [
+            "layers/fc2/weight: step 10 is marked ok but its chunks are missing; "
+            "re-run ingest to rewrite it"
+        ]
+    finally:
+        s3.client.put_object(Bucket=BUCKET, Key=chunk, Body=data)
+    assert validate_store(url, storage_options=s3.storage_options) == []
+
+    missing = validate_store(f"s3://{BUCKET}/nothing-here.zarr", storage_options=s3.storage_options)
+    assert len(missing) == 1 and "not a gramlin store" in missing[0]
+
+
+def test_cli_takes_storage_options_and_ingests_incrementally(s3, tmp_path, capsys):
+    run = tmp_path / "run"
+    expected = write_trajectory(run, [0, 3])
+    url = f"s3://{BUCKET}/cli/run.zarr"
+    opts = [
+        "--storage-option", "key=testing",
+        "--storage-option", "secret=testing",
+        "--storage-option", f'client_kwargs={{"endpoint_url": "{s3.endpoint}"}}',
+    ]  # fmt: skip
+    assert main(["ingest", str(run), "--store", url, *opts, "-q"]) == 0
+    assert_store_matches(url, s3, expected)
+
+    # A step before the last one moves step 3's row on S3; step stays sorted and unique.
+    expected |= write_trajectory(run, [1, 5], formats=("safetensors",), seed=0)
+    capsys.readouterr()
+    assert main(["ingest", str(run), "--store", url, *opts]) == 0
+    assert "2 checkpoint(s) ingested, 2 unchanged, 0 failed" in capsys.readouterr().out
+    assert_store_matches(url, s3, expected)
+
+    assert main(["info", url, *opts]) == 0
+    assert "steps    4 (0..5): 4 ok, 0 pending, 0 failed" in capsys.readouterr().out
+    assert main(["validate", url, *opts]) == 0
+    assert capsys.readouterr().out.strip() == f"{url}: valid"
+
+    holder = GramlinStore(url, mode="a", storage_options=s3.storage_options).lock().acquire()
+    try:
+        assert main(["ingest", str(run), "--store", url, *opts, "-q"]) == 2
+        assert "--break-lock" in capsys.readouterr().err
+    finally:
+        holder.release()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", url, "--storage-option", "no-equals-sign"])
+    assert exit_info.value.code == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
