@@ -1,0 +1,241 @@
+"""Capture during ingest vs the bare PyTorch loop a user would write.
+
+Writes 20 ``torch.save`` state dicts of an MLP (784 -> 512 -> 512 -> 10,
+ReLU) and a seeded 2,000-sample probe set (random inputs, random labels),
+then, side by side in this run (alternating, ``--repeats`` times each; medians):
+
+1. ``gramlin_analyze.ingest(run, store, capture=CaptureConfig(...), lr=0.1)``
+   into a new store (weights + ``h``/``g`` of every Linear layer); ``capture_s``
+   is the call, ``capture_plus_sync_s`` adds the ``sync`` that makes it durable
+   (the bare loop writes nothing, so the headline ratio leaves the sync out);
+2. the bare loop: for each checkpoint ``torch.load(weights_only=True)``,
+   ``load_state_dict``, the probe set in the same batches with forward hooks
+   keeping each Linear input ``h`` and output-gradient hooks computing
+   ``g = dL/dz @ W`` (the same math), results discarded.
+
+Also a weights-only ingest (no capture) of the same run for scale: what
+``capture_s`` costs before any probe-set work. Target:
+``capture_s / bare_loop_s <= 1.5``. When the ratio is above the target, the
+ingest is profiled once with cProfile on one thread (the task runner swapped
+for a sequential loop, in this process only) and the top functions printed.
+
+Run: ``.venv/bin/python benchmarks/capture.py [--n 20] [--probe 2000] [--repeats 3]``.
+The model factory is this file's :func:`build` (imported by the ingest's
+workers, so nothing below runs on import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SIZES = (784, 512, 512, 10)
+LR = 0.1
+
+
+def build():
+    """The benchmark MLP (the capture factory)."""
+    from torch import nn
+
+    d0, d1, d2, d3 = SIZES
+    return nn.Sequential(
+        nn.Linear(d0, d1), nn.ReLU(), nn.Linear(d1, d2), nn.ReLU(), nn.Linear(d2, d3)
+    )
+
+
+def write_run(directory: Path, n: int, seed: int = 0) -> None:
+    """n checkpoints of a drifting MLP (a random walk stands in for training)."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for i in range(n):
+        torch.save(model.state_dict(), directory / f"step_{i * 100:05d}.pt")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+
+
+def write_probe(path: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, SIZES[0]), dtype=np.float32)
+    y = rng.integers(0, SIZES[-1], n)
+    np.savez(path, inputs=x, labels=y)
+
+
+def bare_loop(run: Path, probe: Path, batch_size: int) -> None:
+    """What a user writes without a store: same passes, same hooks, nothing kept."""
+    import torch
+    from torch import nn
+
+    data = np.load(probe)
+    x_all, y_all = torch.from_numpy(data["inputs"]), torch.from_numpy(data["labels"]).long()
+    n = x_all.shape[0]
+    model = build()
+    model.eval()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    results: list = []
+
+    def fwd_hook(module, args, output):
+        results.append(args[0].detach())  # h
+        w = module.weight
+
+        def grad_hook(dz):
+            results.append(dz @ w.detach())  # g = dL/dz @ W
+
+        output.register_hook(grad_hook)
+
+    handles = [m.register_forward_hook(fwd_hook) for m in linears]
+    try:
+        for ckpt in sorted(run.glob("*.pt")):
+            model.load_state_dict(torch.load(ckpt, weights_only=True))
+            for start in range(0, n, batch_size):
+                x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
+                model.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / n
+                loss.backward()
+                results.clear()  # discard h and g
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def timed(fn) -> tuple[float, float]:
+    """(seconds of the call, seconds of the ``sync`` after it), caches flushed before."""
+    os.sync()
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    os.sync()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def profile_ingest(run: Path, store: Path, cfg, top: int = 20) -> list[str]:
+    """cProfile of one capture ingest, tasks run sequentially in this thread."""
+    import cProfile
+    import io
+    import pstats
+    import sys
+
+    import gramlin_analyze.ingest  # noqa: F401  (the package attribute is the function)
+
+    ingest_mod = sys.modules["gramlin_analyze.ingest"]
+
+    def sequential(workers, scheduler, threads):
+        def run_tasks(tasks, on_done):
+            for t in tasks:
+                on_done(t[0](*t[1:]))
+
+        return run_tasks
+
+    shutil.rmtree(store, ignore_errors=True)
+    saved = ingest_mod.make_runner
+    ingest_mod.make_runner = sequential
+    prof = cProfile.Profile()
+    try:
+        prof.enable()
+        ingest_mod.ingest(run, store, capture=cfg, lr=LR)
+        prof.disable()
+    finally:
+        ingest_mod.make_runner = saved
+    out = []
+    # Most time spent in one place; then the package's call tree (the lock waits
+    # above are zarr's I/O thread doing the store's reads and writes).
+    for key, restrict in (
+        ("tottime", (top,)),
+        ("cumulative", (r"gramlin_analyze|run_backward", top)),
+    ):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(*restrict)
+        lines = [ln.strip() for ln in buf.getvalue().splitlines() if ln.strip()]
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("ncalls"))
+        out.append(f"-- sorted by {key} --")
+        out.extend(lines[start:])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", type=int, default=20, help="checkpoints")
+    p.add_argument("--probe", type=int, default=2000, help="probe samples")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--work", default=str(HERE / "_work" / "capture"))
+    a = p.parse_args()
+    import torch
+
+    from gramlin_analyze.capture.task import CaptureConfig
+    from gramlin_analyze.ingest import ingest
+
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)
+    run, probe, store = work / "run", work / "probe.npz", work / "store.zarr"
+    write_run(run, a.n)
+    write_probe(probe, a.probe)
+    os.sync()
+    cfg = CaptureConfig(
+        probe=str(probe), model=f"{Path(__file__).resolve()}:build", batch_size=a.batch_size
+    )
+
+    def fresh(**kw):
+        shutil.rmtree(store, ignore_errors=True)
+        return timed(lambda: ingest(run, store, **kw))
+
+    bare_loop(run, probe, a.batch_size)  # warm-up: imports, allocator, page cache
+    report = ingest(run, store, capture=cfg, lr=LR)
+    if report.failed:
+        raise RuntimeError(f"capture ingest failed: {report.failed}")
+    t_cap, t_bare, t_w = [], [], []
+    for _ in range(a.repeats):
+        t_bare.append(timed(lambda: bare_loop(run, probe, a.batch_size)))
+        t_w.append(fresh())
+        t_cap.append(fresh(capture=cfg, lr=LR))
+    store_bytes = du(store)  # the last capture's store
+    cap, bare, w_only = (statistics.median(t[0] for t in ts) for ts in (t_cap, t_bare, t_w))
+    cap_sync = statistics.median(c + s for c, s in t_cap)
+    per_ckpt = 2 * a.probe * sum(SIZES[:-1]) * 4
+    res = {
+        "checkpoints": a.n,
+        "probe_samples": a.probe,
+        "batch_size": a.batch_size,
+        "model": "x".join(map(str, SIZES)),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": a.repeats,
+        "capture_s": round(cap, 3),
+        "bare_loop_s": round(bare, 3),
+        "ratio": round(cap / bare, 3),
+        "target_ratio": 1.5,
+        "capture_plus_sync_s": round(cap_sync, 3),
+        "ratio_with_sync": round(cap_sync / bare, 3),
+        "weights_only_ingest_s": round(w_only, 3),
+        "capture_all_s": [round(t[0], 3) for t in t_cap],
+        "bare_loop_all_s": [round(t[0], 3) for t in t_bare],
+        "store_MB": round(store_bytes / 2**20, 1),
+        "h_g_MB_per_checkpoint": round(per_ckpt / 2**20, 1),
+        "capture_write_MB_per_s": round(a.n * per_ckpt / 2**20 / cap, 1),
+    }
+    if cap / bare > 1.5:
+        res["profile_sequential_top_tottime"] = profile_ingest(run, store, cfg)
+    shutil.rmtree(work, ignore_errors=True)
+    if work.parent.name == "_work" and work.parent.exists() and not any(work.parent.iterdir()):
+        work.parent.rmdir()
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
