@@ -73,7 +73,7 @@ def test_metrics_match_independent_reference(tmp_path):
     run, x, y = _run(tmp_path, [0, 2, 5, 9])
     assert not _ingest(tmp_path, run).failed
     report = ga.analyze(tmp_path / "s.zarr")
-    assert set(report.families) == {"gram", "vc", "tl", "nc", "cka"}
+    assert set(report.families) == {"gram", "spectrum", "vc", "tl", "nc", "cka"}
     assert "nfa" in report.unavailable and "--capture-agop" in report.unavailable["nfa"]
     tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
     m = tree["metrics"].to_dataset()
@@ -145,7 +145,7 @@ def test_failed_steps_are_skipped_never_read(tmp_path):
     (run / "step_0003.pt").write_bytes(b"not a checkpoint")
     report = _ingest(tmp_path, run)
     assert list(report.failed) == [3]
-    res = ga.analyze(tmp_path / "s.zarr", metrics=["gram"])
+    res = ga.analyze(tmp_path / "s.zarr", metrics=["gram", "spectrum"])
     assert res.skipped_steps == {3: "failed"}
     m = ga.open(tmp_path / "s.zarr")["metrics"]
     assert np.isnan(m["effective_rank"].sel(step=3)).all()
@@ -169,7 +169,7 @@ def test_nan_inputs_give_flagged_nan(tmp_path):
     sd["2.weight"][0, 0] = float("inf")
     torch.save(sd, run / "step_0001.pt")
     ga.ingest(run, tmp_path / "s.zarr")
-    rep = ga.analyze(tmp_path / "s.zarr", metrics=["gram"])
+    rep = ga.analyze(tmp_path / "s.zarr", metrics=["spectrum"])
     assert (1, "2") in rep.nonfinite
     m = ga.open(tmp_path / "s.zarr")["metrics"]
     assert np.isnan(m["effective_rank"].sel(step=1, layer="2"))

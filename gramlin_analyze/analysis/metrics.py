@@ -27,12 +27,12 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
+        Family("gram", needs=("weight",), scalars=("fro_norm",), matrices=("gram",), phase2_scalars=("gram_change",)),
         Family(
-            "gram",
+            "spectrum",
             needs=("weight",),
-            scalars=("effective_rank", "stable_rank", "fro_norm", "spectral_norm"),
-            matrices=("gram", "spectrum"),
-            phase2_scalars=("gram_change",),
+            scalars=("effective_rank", "stable_rank", "spectral_norm"),
+            matrices=("spectrum",),
         ),
         Family(
             "vc",
