@@ -63,7 +63,9 @@ def ingest_one(
         )
         layers_grp = root[L.LAYERS]
         total_nonfinite = 0
-        with reader.open(path) as h:
+        with reader.open(path) as opened:
+            # Capture rebuilds the model from every tensor: read each one once.
+            h = _Cached(opened) if source.get("capture") else opened
             layers = layers_of(h.list_tensors())
             problem = check_against(layers, template)
             if problem:
@@ -112,6 +114,22 @@ def ingest_one(
     return result
 
 
+
+
+class _Cached:
+    """A handle that keeps what it read (one checkpoint, for weights and model)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._cache: dict[str, np.ndarray] = {}
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = self._handle.read_tensor(name)
+        return self._cache[name]
+
+    def __getattr__(self, attr: str):
+        return getattr(self._handle, attr)
 
 
 def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]:

@@ -266,6 +266,21 @@ def ingest(
             tasks.append((ingest_one, store, storage_options, pos[s.step], job, template, stored_dtypes))
         by_index = {pos[s.step]: s for s in runnable}
         done = 0
+        # Manifest rows are buffered and flushed about once a second: one column
+        # write per flush instead of per step. A step that finished but was not
+        # flushed when killed is simply redone; ok is never written early.
+        pending_rows: list[tuple[int, dict]] = []
+        last_flush = time.monotonic()
+
+        def flush() -> None:
+            nonlocal last_flush
+            groups: dict[tuple, list[tuple[int, dict]]] = {}
+            for idx, fields in pending_rows:
+                groups.setdefault(tuple(sorted(fields)), []).append((idx, fields))
+            for keys, rows in groups.items():
+                gs.write_rows([i for i, _ in rows], **{k: [f[k] for _, f in rows] for k in keys})
+            pending_rows.clear()
+            last_flush = time.monotonic()
 
         def on_done(res: dict) -> None:
             nonlocal done
@@ -274,31 +289,35 @@ def ingest(
             report.bytes_read += src.bytes
             if res["status"] == "ok":
                 rate, rate_source = _lr_for(src.step, res.get("lr"), lr, schedule)
-                gs.write_rows(
-                    res["index"],
-                    lr=rate,
-                    epoch=res.get("epoch"),
-                    lr_source=rate_source,
-                    optimizer=res.get("optimizer", ""),
-                    nonfinite=res["nonfinite"],
-                    error="",
-                    status="ok",
-                )
+                pending_rows.append((res["index"], {
+                    "lr": rate,
+                    "epoch": res.get("epoch"),
+                    "lr_source": rate_source,
+                    "optimizer": res.get("optimizer", ""),
+                    "nonfinite": res["nonfinite"],
+                    "error": "",
+                    "status": "ok",
+                }))
                 report.ingested.append(src.step)
                 if res["nonfinite"]:
                     report.nonfinite[src.step] = res["nonfinite"]
             else:
-                gs.write_rows(res["index"], error=res["error"], status="failed")
+                pending_rows.append((res["index"], {"error": res["error"], "status": "failed"}))
                 report.failed[src.step] = res["error"]
                 if on_error:
                     on_error(res["error"])
+            if time.monotonic() - last_flush > 1.0:
+                flush()
             if progress:
                 progress(done, len(tasks), report.bytes_read)
 
         if progress:
             progress(0, len(tasks), 0)
         if tasks:
-            make_runner(workers, scheduler, threads)(tasks, on_done)
+            try:
+                make_runner(workers, scheduler, threads)(tasks, on_done)
+            finally:
+                flush()
         # Steps that failed in an earlier run and were not retried still count.
         man = gs.manifest()
         for s, st, err in zip(man["step"], man["status"], man["error"], strict=True):
@@ -414,9 +433,7 @@ def _prepare_capture(
     itemsize = np.dtype(capture.dtype).itemsize
     for name, (n, d) in counts.items():
         per_example = max(1, n // probe.n_samples)
-        rows = capture.batch_size * per_example
-        if rows * d * itemsize > 2 * L.TARGET_CHUNK_BYTES:
-            rows = max(1, L.TARGET_CHUNK_BYTES // (d * itemsize))
+        rows = L.activation_rows(n, d, itemsize, batch_rows=capture.batch_size * per_example)
         declare_activations(
             gs, name, n_samples=n, d_in=d, dtype=np.dtype(capture.dtype), rows_per_chunk=rows,
             samples_per_example=per_example, agop=capture.agop,

@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from gramlin_analyze._dask import make_runner
+from gramlin_analyze._dask import kernel_threads, make_runner
 from gramlin_analyze.analysis.metrics import FAMILIES, METRIC_DOCS, resolve_families
 from gramlin_analyze.analysis.task import layer_step_task
 from gramlin_analyze.errors import MissingDataError, UsageError
@@ -86,8 +88,14 @@ class _Scalars:
         self.cache: dict[str, np.ndarray] = {}
         self.dirty: set[str] = set()
         self.last = time.monotonic()
+        self.lock = threading.RLock()
+        self.autoflush = True
 
     def _get(self, path: str) -> np.ndarray:
+        with self.lock:
+            return self._load(path)
+
+    def _load(self, path: str) -> np.ndarray:
         if path not in self.cache:
             arr = self.m[path][:]
             self.cache[path] = np.asarray(arr, dtype=object) if arr.dtype.kind in "OTU" else np.array(arr)
@@ -97,16 +105,18 @@ class _Scalars:
         return self._get(path)
 
     def set(self, path: str, i: int, j: int, value) -> None:
-        self._get(path)[i, j] = value
-        self.dirty.add(path)
-        if time.monotonic() - self.last > 5.0:
-            self.flush()
+        with self.lock:
+            self._load(path)[i, j] = value
+            self.dirty.add(path)
+            if self.autoflush and time.monotonic() - self.last > 5.0:
+                self.flush()
 
     def flush(self) -> None:
-        for path in sorted(self.dirty, key=lambda p: p.startswith(INPUTS)):
-            self.m[path][:] = self.cache[path]
-        self.dirty.clear()
-        self.last = time.monotonic()
+        with self.lock:
+            for path in sorted(self.dirty, key=lambda p: p.startswith(INPUTS)):
+                self.m[path][:] = self.cache[path]
+            self.dirty.clear()
+            self.last = time.monotonic()
 
 
 def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str, bool]:
@@ -324,8 +334,16 @@ def analyze(
         if tasks:
             make_runner(workers, scheduler, threads)(tasks, on_done)
         buf.flush()
-        for layer in chosen:
-            _phase2(gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, families, recompute)
+        # Phase 2 is independent per layer: run layers in parallel threads (NumPy
+        # and zarr release the GIL); the buffer's lock serializes the bookkeeping.
+        buf.autoflush = False
+        n_threads = max(1, min(threads or os.cpu_count() or 1, len(chosen)))
+        with ThreadPoolExecutor(n_threads) as pool, kernel_threads(max(1, (os.cpu_count() or 1) // n_threads)):
+            list(pool.map(
+                lambda layer: _phase2(gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, families, recompute),
+                chosen,
+            ))
+        buf.autoflush = True
         buf.flush()
         gs.touch()
         gs.consolidate()

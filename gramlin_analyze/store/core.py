@@ -420,7 +420,7 @@ def write_probe(store: GramlinStore, probe: Any, attrs: dict[str, Any]) -> zarr.
     x = np.ascontiguousarray(probe.inputs)
     dims = ["sample", *[f"input_dim_{i}" for i in range(1, x.ndim)]]
     arr = grp.create_array(
-        "inputs", shape=x.shape, dtype=x.dtype, chunks=L.matrix_chunks(x.shape, x.dtype.itemsize) if x.ndim > 1 else (n,),
+        "inputs", shape=x.shape, dtype=x.dtype, chunks=L.leading_chunks(x.shape, x.dtype.itemsize),
         dimension_names=dims,
     )
     arr[...] = x

@@ -53,6 +53,32 @@ def matrix_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return (1, rows, *rest)
 
 
+def leading_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks tiling only the first axis, about ``TARGET_CHUNK_BYTES`` each (probe inputs)."""
+    if not shape:
+        return ()
+    row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    return (max(1, min(shape[0], TARGET_CHUNK_BYTES // row)), *shape[1:])
+
+
+#: target bytes of an activation chunk: capture buffers up to one chunk per layer
+ACTIVATION_CHUNK_BYTES = 8 * 2**20
+
+
+def activation_rows(n: int, d: int, itemsize: int, *, batch_rows: int) -> int:
+    """Rows per ``(step, sample, in)`` chunk: about 8 MiB, at least one capture batch.
+
+    Small chunks (one 256-sample batch of a 512-wide layer is 0.5 MiB) made
+    capture 2x slower in writes alone; chunks are equal-sized so that the
+    last is not a sliver.
+    """
+    row = max(1, d * itemsize)
+    rows = max(batch_rows, ACTIVATION_CHUNK_BYTES // row)
+    rows = min(rows, max(1, TARGET_CHUNK_BYTES // row), max(1, n))
+    nchunks = math.ceil(n / rows) if n else 1
+    return max(1, math.ceil(n / nchunks))
+
+
 def sample_chunks(shape: tuple[int, int, int], itemsize: int) -> tuple[int, int, int]:
     """Chunks for ``(step, sample, in)`` activations: one step, samples tiled."""
     _, n, d = shape
