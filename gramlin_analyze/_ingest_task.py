@@ -139,8 +139,11 @@ def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]
     config = CaptureConfig.from_json(source["capture"])
     layers = source["activation_layers"]
     sink = ActivationSink(root[L.LAYERS], index, layers)
-    result = capture_checkpoint(config, handle, layers=layers, sink=sink, step=source["step"])
-    sink.flush()
+    try:
+        result = capture_checkpoint(config, handle, layers=layers, sink=sink, step=source["step"])
+        sink.flush()
+    finally:
+        sink.close()
     sink.check_complete()
     if result.agop:
         for name, mat in result.agop.items():

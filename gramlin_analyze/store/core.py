@@ -488,15 +488,36 @@ class ActivationSink:
     """Writes capture batches into one step's rows of ``input``/``input_grad``.
 
     Batches arrive in order; rows are buffered only up to a chunk boundary
-    so that every chunk is written whole, once.
+    so that every chunk is written whole, once. Whole chunks are written by
+    a background thread while the model computes the next batch (at most
+    ``max_pending`` chunks in flight, so memory stays bounded); :meth:`flush`
+    writes the rest and waits for every write, re-raising any error.
     """
 
-    def __init__(self, layers_group: zarr.Group, index: int, layers: list[str]):
+    def __init__(self, layers_group: zarr.Group, index: int, layers: list[str], *, max_pending: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.index = index
         self.arrays = {n: (layers_group[n]["input"], layers_group[n]["input_grad"]) for n in layers}
         self.rows = {n: a[0].chunks[1] for n, a in self.arrays.items()}
         self.buf: dict[str, tuple[int, list, list]] = {n: (0, [], []) for n in layers}
         self.written = {n: 0 for n in layers}
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="gramlin-sink")
+        self._pending: list = []
+
+    def _write(self, layer: str, first: int, H: np.ndarray, G: np.ndarray) -> None:
+        ah, ag = self.arrays[layer]
+        index = self.index
+
+        def job() -> None:
+            ah[index, first : first + len(H)] = H
+            ag[index, first : first + len(G)] = G
+
+        while len(self._pending) >= self.max_pending:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(job))
+        self.written[layer] += len(H)
 
     def __call__(self, layer: str, start: int, h: np.ndarray, g: np.ndarray) -> None:
         if layer not in self.arrays:
@@ -508,30 +529,31 @@ class ActivationSink:
         gs.append(g)
         n = sum(len(x) for x in hs)
         rows = self.rows[layer]
-        end = first + n
-        cut = (end // rows) * rows
+        cut = ((first + n) // rows) * rows
         if cut > first:
             H = np.concatenate(hs) if len(hs) > 1 else hs[0]
             G = np.concatenate(gs) if len(gs) > 1 else gs[0]
             k = cut - first
-            ah, ag = self.arrays[layer]
-            ah[self.index, first:cut] = H[:k]
-            ag[self.index, first:cut] = G[:k]
-            self.written[layer] += k
+            self._write(layer, first, H[:k], G[:k])
             rest_h, rest_g = H[k:], G[k:]
             self.buf[layer] = (cut, [rest_h] if len(rest_h) else [], [rest_g] if len(rest_g) else [])
         else:
             self.buf[layer] = (first, hs, gs)
 
     def flush(self) -> None:
-        for layer, (first, hs, gs) in self.buf.items():
-            if hs:
-                ah, ag = self.arrays[layer]
-                H, G = np.concatenate(hs), np.concatenate(gs)
-                ah[self.index, first : first + len(H)] = H
-                ag[self.index, first : first + len(G)] = G
-                self.written[layer] += len(H)
-            self.buf[layer] = (0, [], [])
+        try:
+            for layer, (first, hs, gs) in self.buf.items():
+                if hs:
+                    self._write(layer, first, np.concatenate(hs), np.concatenate(gs))
+                self.buf[layer] = (0, [], [])
+            while self._pending:
+                self._pending.pop(0).result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the writer thread (pending writes finish first)."""
+        self._pool.shutdown(wait=True)
 
     def check_complete(self) -> None:
         for layer, (ah, _) in self.arrays.items():
