@@ -48,19 +48,14 @@ def ingest_one(
     from an external activation file. Returns the manifest fields for the
     driver, which marks the step ``ok`` only then.
     """
-    import zarr
-
-    from gramlin_analyze.store.core import zarr_store
+    from gramlin_analyze.store.core import open_for_tasks
 
     path = source["path"]
     result: dict[str, Any] = {"index": index, "status": "failed", "error": "", "nonfinite": -1}
     try:
         before = _file_state(source["files"])
         reader = reader_for(source["format"], source.get("reader_options"))
-        root = zarr.open_group(
-            zarr_store(store_url, storage_options=storage_options), mode="r+",
-            zarr_format=3, use_consolidated=False,
-        )
+        root = open_for_tasks(store_url, storage_options, source["run_token"])
         layers_grp = root[L.LAYERS]
         total_nonfinite = 0
         with reader.open(path) as opened:

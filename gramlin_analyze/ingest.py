@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,7 @@ def ingest(
                 on_error(msg)
 
         capture_json = capture.to_json() if capture is not None else None
+        run_token = uuid.uuid4().hex
         tasks = []
         for s in runnable:
             job = {
@@ -262,6 +264,7 @@ def ingest(
                 "activation_layers": act_layers,
                 "external": str(external[s.step]) if s.step in external else None,
                 "external_dir": str(activations) if activations is not None else None,
+                "run_token": run_token,
             }
             tasks.append((ingest_one, store, storage_options, pos[s.step], job, template, stored_dtypes))
         by_index = {pos[s.step]: s for s in runnable}

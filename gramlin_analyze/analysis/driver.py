@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -242,6 +243,7 @@ def analyze(
     gs = GramlinStore(url, mode="a", storage_options=storage_options)
     report = AnalyzeReport(store=url)
     with gs.lock():
+        gs.consolidate()  # a store left by a killed writer is made consistent first
         all_layers = gs.layer_names()
         chosen = select_layers(all_layers, layers, None)
         if layers and not chosen:
@@ -272,7 +274,7 @@ def analyze(
 
         ctx_base: dict[str, Any] = {
             "tl_lambda": tl_lambda, "center_features": center_features, "intercept": intercept,
-            "final_index": ok[-1],
+            "final_index": ok[-1], "run_token": uuid.uuid4().hex,
         }
         probe_fp = ""
         if L.PROBE in gs.root:

@@ -36,6 +36,7 @@ from gramlin_analyze.reducers._common import pack
 from gramlin_analyze.reducers.surrogate import _surrogate_np
 from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
 from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.core import open_for_tasks
 
 __all__ = ["layer_step_task"]
 
@@ -46,16 +47,6 @@ def _add(acc: dict | None, part: dict) -> dict:
     for k, v in part.items():
         acc[k] += v
     return acc
-
-
-def _open(store_url: str, storage_options: dict | None):
-    import zarr
-
-    from gramlin_analyze.store.core import zarr_store
-
-    return zarr.open_group(
-        zarr_store(store_url, storage_options=storage_options), mode="r+", zarr_format=3, use_consolidated=False
-    )
 
 
 def layer_step_task(
@@ -73,7 +64,7 @@ def layer_step_task(
     (row of the last ok step, for CKA), ``tl_lambda``, ``center_features``,
     ``intercept``, ``spectrum_k``.
     """
-    root = _open(store_url, storage_options)
+    root = open_for_tasks(store_url, storage_options, ctx["run_token"])
     grp = root[L.LAYERS][layer]
     mgrp = root[L.METRICS][layer]
     out: dict[str, float] = {}

@@ -44,6 +44,28 @@ def zarr_store(url: str | os.PathLike, *, storage_options: dict | None = None, r
     return LocalStore(url.removeprefix("file://"), read_only=read_only)
 
 
+_task_roots: dict[tuple[str, str], zarr.Group] = {}
+
+
+def open_for_tasks(url: str, storage_options: dict | None, token: str) -> zarr.Group:
+    """The store's root for a writer task, opened once per process and run.
+
+    The driver consolidates metadata after every structural change and before
+    it starts tasks, so tasks can navigate groups from the consolidated copy in
+    memory instead of reading a ``zarr.json`` per lookup (which cost several
+    ms per task). ``token`` identifies the run: a new run reopens.
+    """
+    key = (url, token)
+    root = _task_roots.get(key)
+    if root is None:
+        _task_roots.clear()
+        root = zarr.open_group(
+            zarr_store(url, storage_options=storage_options), mode="r+", zarr_format=3, use_consolidated=True
+        )
+        _task_roots[key] = root
+    return root
+
+
 @contextmanager
 def _quiet_consolidated() -> Iterator[None]:
     with warnings.catch_warnings():
