@@ -59,7 +59,7 @@ def write_checkpoint(path: Path, n_layers: int, dim: int, rng: np.random.Generat
 
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {
-        f"layers.{k}.weight": rng.standard_normal((dim, dim), dtype=np.float32) / np.sqrt(dim)
+        f"layers.{k}.weight": (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
         for k in range(n_layers)
     }
     save_file(sd, str(path))

@@ -186,9 +186,14 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
                     shape, dims = (n, spectrum_k[layer]), ["step", "k"]
                 else:
                     shape, dims = (n, d, d), ["step", "in_i", "in_j"]
-                a = lg.create_array(name, shape=shape, dtype="float64", chunks=L.matrix_chunks(shape, 8),
+                # The Gram is stored in its weight's dtype: computed in float64, but
+                # its precision is that of W, and float64 doubled the bytes written
+                # (the cost of --metrics gram). VC/VCS are sums over samples and
+                # steps and stay float64.
+                dtype = gs.layer(layer)["weight"].dtype if name == "gram" else np.dtype("float64")
+                a = lg.create_array(name, shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
                                     dimension_names=dims, fill_value=np.nan, compressors=None)
-                a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam})
+                a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam, "computed_in": "float64"})
                 changed = True
     if changed:
         gs.consolidate()
