@@ -12,6 +12,7 @@ from gramlin_analyze._template import check_against, layers_of
 from gramlin_analyze.errors import CheckpointFormatError, GramlinError, ShapeMismatchError
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.core import writable
 
 __all__ = ["ingest_one", "count_nonfinite"]
 
@@ -76,13 +77,13 @@ def ingest_one(
                     )
                 w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
                 nonfinite = count_nonfinite(w)
-                grp["weight"][index] = w
+                writable(grp["weight"])[index] = w
                 del w
                 if has_bias:
                     b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
                     nonfinite += count_nonfinite(b)
-                    grp["bias"][index] = b
-                grp["nonfinite"][index] = nonfinite
+                    writable(grp["bias"])[index] = b
+                writable(grp["nonfinite"])[index] = nonfinite
                 total_nonfinite += nonfinite
             meta = h.read_metadata()
             if source.get("capture"):
@@ -143,7 +144,7 @@ def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]
     if result.agop:
         for name, mat in result.agop.items():
             if name in layers:
-                root[L.LAYERS][name]["agop"][index] = mat
+                writable(root[L.LAYERS][name]["agop"])[index] = mat
     return {"loss": float(result.loss)}
 
 
@@ -167,4 +168,4 @@ def _write_external(source: dict[str, Any], root, index: int) -> None:
                 raise ShapeMismatchError(
                     f"{path}: {name}/{key} has shape {a.shape}, the store expects {grp[key].shape[1:]}"
                 )
-            grp[key][index] = a
+            writable(grp[key])[index] = a

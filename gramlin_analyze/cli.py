@@ -184,9 +184,11 @@ def cmd_analyze(args) -> int:
             args.store, metrics=args.metrics, layers=args.layers, recompute=args.recompute,
             tl_lambda=args.tl_lambda, center_features=args.center_features, intercept=args.intercept,
             workers=args.workers, threads=args.threads, scheduler=args.scheduler,
-            storage_options=args.storage_options, progress=bar,
+            storage_options=args.storage_options, break_lock=args.break_lock, progress=bar,
         )
     err = _console(args.quiet)
+    for fam, names in report.partial.items():
+        err.print(f"{fam}: skipped for layers {', '.join(names)} (their data is missing)", markup=False)
     for step, status in sorted(report.skipped_steps.items()):
         err.print(f"skipped step {step}: status {status} (not read)", markup=False)
     for fam, why in report.unavailable.items():
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="compute Gram, VC, TL and related metrics into /metrics")
     p.add_argument("store")
     p.add_argument("--metrics", nargs="+", metavar="NAME",
-                   help="families (gram vc tl nfa nc cka) or single metrics; default: all the store supports")
+                   help="families (gram spectrum vc tl nfa nc cka) or single metrics; default: all the store supports")
     p.add_argument("--layers", nargs="+", metavar="GLOB", help="layers to analyze (default: all)")
     p.add_argument("--recompute", action="store_true", help="recompute results whose inputs did not change")
     p.add_argument("--tl-lambda", type=float, default=0.0, help="ridge lambda of target linearity (default 0)")
@@ -329,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
     p.add_argument("--threads", type=int, help="threads of the default threaded scheduler")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    p.add_argument("--break-lock", action="store_true", help="remove a remote store's lock left by a dead writer")
     _add_storage(p)
     _add_common(p)
     p.set_defaults(func=cmd_analyze)

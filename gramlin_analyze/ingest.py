@@ -163,6 +163,8 @@ def ingest(
         from gramlin_analyze.capture.lr import load_lr_schedule
 
         schedule = load_lr_schedule(lr_schedule)
+    for src in sources:  # a bad --lr/--lr-schedule fails here, before anything is written
+        _lr_for(src.step, None, lr, schedule)
     external: dict[int, Path] = {}
     if activations is not None:
         from gramlin_analyze.capture.external import discover_activation_files
@@ -446,9 +448,24 @@ def _prepare_capture(
 
 
 def _prepare_external(gs: GramlinStore, files: dict[int, Path], probe: str | None, directory) -> list[str]:
-    """Declare activation arrays from the first external file; store the probe if given."""
+    """Declare activation arrays from the first external file; store the probe if given.
+
+    Rows per layer may be a multiple ``P`` of the probe's samples (conv
+    positions, tokens: example-major, row ``i * P + p``); ``P`` is recorded as
+    ``samples_per_example`` so that analyze pairs rows with labels.
+    """
     from gramlin_analyze.capture.external import read_activation_file
 
+    p = None
+    if probe is not None:
+        from gramlin_analyze.capture.probe import load_probe
+
+        p = load_probe(probe)
+        if L.PROBE in gs.root and gs.root[L.PROBE].attrs.get("fingerprint") != p.fingerprint:
+            raise ProbeError(
+                f"{probe}: this probe set differs from the one {gs.url} already holds; a store holds "
+                "one probe set: ingest into a new store to use another"
+            )
     declared = [n for n in gs.layer_names() if "input" in gs.layer(n)]
     if declared:
         return declared
@@ -462,11 +479,19 @@ def _prepare_external(gs: GramlinStore, files: dict[int, Path], probe: str | Non
             f"{files[min(files)]}: layers {unknown} are not in the store (stored: {stored}); "
             "name activation arrays after the stored layers"
         )
-    n_samples = {v["input"].shape[0] for v in first.values()}
-    if probe is not None:
-        from gramlin_analyze.capture.probe import load_probe
-
-        p = load_probe(probe)
+    per_example = {}
+    for name, arrs in first.items():
+        n = arrs["input"].shape[0]
+        if p is None:
+            per_example[name] = 1
+        elif n % p.n_samples:
+            raise ProbeError(
+                f"{files[min(files)]}: layer {name} has {n} rows, not a multiple of the probe's "
+                f"{p.n_samples} samples ({probe}); rows must be (example, position) pairs, example-major"
+            )
+        else:
+            per_example[name] = n // p.n_samples
+    if p is not None and L.PROBE not in gs.root:
         attrs = {
             "fingerprint": p.fingerprint, "n_samples": int(p.n_samples), "loss": "external",
             "reduction": "external", "probe_path": str(Path(probe).resolve()),
@@ -475,16 +500,13 @@ def _prepare_external(gs: GramlinStore, files: dict[int, Path], probe: str | Non
         if p.labels is not None:
             attrs["n_classes"] = int(np.max(p.labels)) + 1
         write_probe(gs, p, attrs)
-        if len(n_samples) == 1 and n_samples != {p.n_samples}:
-            raise ProbeError(
-                f"{probe}: {p.n_samples} probe samples but the activation files hold {n_samples.pop()}"
-            )
     for name, arrs in first.items():
         n, d = arrs["input"].shape
         dtype = arrs["input"].dtype if arrs["input"].dtype in (np.float16, np.float32, np.float64) else np.float32
+        rows = L.activation_rows(n, d, np.dtype(dtype).itemsize, batch_rows=1)
         declare_activations(
-            gs, name, n_samples=n, d_in=d, dtype=np.dtype(dtype), rows_per_chunk=n,
-            samples_per_example=1, agop=False,
+            gs, name, n_samples=n, d_in=d, dtype=np.dtype(dtype), rows_per_chunk=rows,
+            samples_per_example=per_example[name], agop=False,
         )
     gs.consolidate()
     return sorted(first)

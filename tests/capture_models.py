@@ -33,3 +33,21 @@ def build_cnn() -> nn.Module:
 
 def not_a_model():
     return "definitely not a module"
+
+
+class TokenModel(nn.Module):
+    """Embedding -> Linear -> Linear over (batch, seq) token ids: one sample per (sequence, position)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 3)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(self.emb(x))))
+
+
+def build_token_model() -> nn.Module:
+    return TokenModel()

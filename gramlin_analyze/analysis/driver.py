@@ -44,6 +44,7 @@ class AnalyzeReport:
     up_to_date: int = 0
     skipped_steps: dict[int, str] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
+    partial: dict[str, list[str]] = field(default_factory=dict)
     nonfinite: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -120,16 +121,20 @@ class _Scalars:
             self.last = time.monotonic()
 
 
-def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str, bool]:
+def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str, dict[str, bool]]:
+    """What each layer has: ``{layer: {piece: bool}}`` for every piece a family needs."""
     probe = gs.root[L.PROBE] if L.PROBE in gs.root else None
-    return {
-        "weight": bool(layers),
-        "activations": bool(layers) and all("input" in gs.layer(n) for n in layers),
+    shared = {
+        "weight": True,
         "targets": probe is not None and ("labels" in probe or "targets" in probe),
         "labels": probe is not None and "labels" in probe,
         "lr": bool(np.isfinite(lr).any()),
-        "agop": bool(layers) and all("agop" in gs.layer(n) for n in layers),
     }
+    out = {}
+    for n in layers:
+        grp = gs.layer(n)
+        out[n] = dict(shared, activations="input" in grp, agop="agop" in grp)
+    return out
 
 
 def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], spectrum_k: dict) -> None:
@@ -190,7 +195,9 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
                 # its precision is that of W, and float64 doubled the bytes written
                 # (the cost of --metrics gram). VC/VCS are sums over samples and
                 # steps and stay float64.
-                dtype = gs.layer(layer)["weight"].dtype if name == "gram" else np.dtype("float64")
+                dtype = (
+                    np.promote_types(gs.layer(layer)["weight"].dtype, np.float32) if name == "gram" else np.dtype("float64")
+                )
                 a = lg.create_array(name, shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
                                     dimension_names=dims, fill_value=np.nan, compressors=None)
                 a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam, "computed_in": "float64"})
@@ -212,6 +219,7 @@ def analyze(
     threads: int | None = None,
     scheduler: str | None = None,
     storage_options: dict | None = None,
+    break_lock: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> AnalyzeReport:
     """Compute metrics over every ok (step, layer) of a store, into ``/metrics``.
@@ -245,9 +253,10 @@ def analyze(
     t0 = time.perf_counter()
     url = str(store)
     requested = resolve_families(metrics)
+    GramlinStore(url, mode="r", storage_options=storage_options)  # a mistyped path is an error, not a new store
     gs = GramlinStore(url, mode="a", storage_options=storage_options)
     report = AnalyzeReport(store=url)
-    with gs.lock():
+    with gs.lock(break_lock=break_lock):
         gs.consolidate()  # a store left by a killed writer is made consistent first
         all_layers = gs.layer_names()
         chosen = select_layers(all_layers, layers, None)
@@ -259,15 +268,25 @@ def analyze(
         ok = [i for i, s in enumerate(status) if s == "ok"]
         report.skipped_steps = {int(steps[i]): str(status[i]) for i in range(len(steps)) if status[i] != "ok"}
         avail = _available(gs, chosen, lr)
+        # A family runs on the layers that have its data (an embedding without
+        # captured inputs does not stop TL on the others); it is reported as
+        # unavailable only when no chosen layer has the data.
+        layer_fams: dict[str, list[str]] = {n: [] for n in chosen}
         families = []
         for fam in requested or list(FAMILIES):
-            missing = [p for p in FAMILIES[fam].needs if not avail[p]]
-            if missing:
+            ready = [n for n in chosen if all(avail[n][p] for p in FAMILIES[fam].needs)]
+            if not ready:
+                missing = next(p for p in FAMILIES[fam].needs if not any(avail[n][p] for n in chosen))
                 if requested:
-                    raise MissingDataError(f"{fam}: {_how_to_add(missing[0], url)}")
-                report.unavailable[fam] = _how_to_add(missing[0], url)
+                    raise MissingDataError(f"{fam}: {_how_to_add(missing, url)}")
+                report.unavailable[fam] = _how_to_add(missing, url)
                 continue
             families.append(fam)
+            for n in ready:
+                layer_fams[n].append(fam)
+            skipped = [n for n in chosen if n not in ready]
+            if skipped:
+                report.partial[fam] = skipped
         report.families = families
         if not families or not ok or not chosen:
             report.seconds = time.perf_counter() - t0
@@ -286,9 +305,24 @@ def analyze(
             pg = gs.root[L.PROBE]
             probe_fp = str(pg.attrs.get("fingerprint", ""))
             if "labels" in pg:
-                labels = np.asarray(pg["labels"][:], dtype=np.int64).reshape(-1)
+                raw = np.asarray(pg["labels"][:], dtype=np.int64)
+                labels = raw.reshape(-1)
                 c = int(pg.attrs.get("n_classes", labels.max() + 1))
-                ctx_base.update(labels=labels, n_classes=c, Y=np.eye(c)[labels])
+                # (n,) labels go with every position of an example; (n, T) token
+                # labels go with their own row (example-major, like the activations).
+                per_label = int(np.prod(raw.shape[1:], dtype=np.int64)) if raw.ndim > 1 else 1
+                ctx_base.update(labels=labels, n_classes=c, Y=np.eye(c)[labels], labels_per_example=per_label)
+                for n in chosen:
+                    per = int(gs.layer(n).attrs.get("samples_per_example", 1))
+                    if per_label not in (1, per):
+                        for fam in ("tl", "nc"):
+                            if fam in layer_fams[n]:
+                                layer_fams[n].remove(fam)
+                                report.partial.setdefault(fam, []).append(n)
+                        report.unavailable[f"tl/nc for {n}"] = (
+                            f"the probe has {per_label} labels per example but layer {n} has {per} samples "
+                            "per example; give one label per example or per position"
+                        )
             elif "targets" in pg:
                 ctx_base["Y"] = np.asarray(pg["targets"][:], dtype=np.float64)
         options = {"tl": [tl_lambda, center_features, intercept]}
@@ -301,7 +335,7 @@ def analyze(
         for i in ok:
             for layer in chosen:
                 j = layer_index[layer]
-                for fam in families:
+                for fam in layer_fams[layer]:
                     parts = [fps[i], options.get(fam)]
                     if fam in ("vc", "tl", "nc", "cka"):
                         parts.append(probe_fp)
@@ -347,7 +381,7 @@ def analyze(
         n_threads = max(1, min(threads or os.cpu_count() or 1, len(chosen)))
         with ThreadPoolExecutor(n_threads) as pool, kernel_threads(max(1, (os.cpu_count() or 1) // n_threads)):
             list(pool.map(
-                lambda layer: _phase2(gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, families, recompute),
+                lambda layer: _phase2(gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, layer_fams[layer], recompute),
                 chosen,
             ))
         buf.autoflush = True
@@ -356,6 +390,11 @@ def analyze(
         gs.consolidate()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den, NaN when the denominator is 0 (two identical checkpoints)."""
+    return float(num / den) if den > 0 else float("nan")
 
 
 def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> None:
@@ -389,8 +428,8 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
             vcs_prev = np.asarray(lg["vcs"][prev]) if prev is not None else None
         for i in ok[pos:]:
             if fam == "gram":
-                G = np.asarray(lg["gram"][i])
-                val = np.nan if G_prev is None else float(np.linalg.norm(G - G_prev) / np.linalg.norm(G_prev))
+                G = np.asarray(lg["gram"][i], dtype=np.float64)
+                val = np.nan if G_prev is None else float(_ratio(np.linalg.norm(G - G_prev), np.linalg.norm(G_prev)))
                 buf.set("gram_change", i, j, val)
                 G_prev = G
             else:
@@ -416,8 +455,8 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
                         "dgram_vcs_corr": float(pearson_np(dG, pred, mode="diag")),
                         "vcs_interval_corr": float(pearson_np(dG, pred, mode="full")),
                         "vcs_interval_ratio": float(norm_ratio_np(pred, dG)),
-                        "fle_residual": float(np.linalg.norm(dG - gap * vcs_prev) / ndg),
-                        "fle_second_order": float(np.linalg.norm(second) / ndg),
+                        "fle_residual": _ratio(np.linalg.norm(dG - gap * vcs_prev), ndg),
+                        "fle_second_order": _ratio(np.linalg.norm(second), ndg),
                     }
                     total = Gi - G0
                     row.update(

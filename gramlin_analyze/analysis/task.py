@@ -105,6 +105,8 @@ def layer_step_task(
             nfa_sqrt_corr_diag=float(nfa_correlation_np(W, agop, mode="diag", sqrt=True)),
         )
 
+    # No learning rate for this step: the VC family comes out NaN (flagged below).
+    lr_missing = "vc" in families and not np.isfinite(ctx["gamma"])
     act_fams = {"vc", "tl", "nc", "cka"} & set(families)
     if act_fams:
         H_arr = grp["input"]
@@ -120,7 +122,8 @@ def layer_step_task(
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             h = np.asarray(H_arr[index, start:stop], dtype=np.float64)
-            ex = np.arange(start, stop) // per
+            rows_ = np.arange(start, stop)
+            ex = rows_ if ctx.get("labels_per_example", 1) == per and per > 1 else rows_ // per
             if not np.isfinite(np.add.reduce(h, axis=None)):
                 nonfinite = True
             if "vc" in act_fams:
@@ -177,4 +180,4 @@ def layer_step_task(
             out["cka_to_final"] = float(linear_cka_from_stats_np(cka))
     if nonfinite:
         out = {k: float("nan") for k in out}
-    return {"layer": layer, "index": index, "scalars": out, "nonfinite": bool(nonfinite)}
+    return {"layer": layer, "index": index, "scalars": out, "nonfinite": bool(nonfinite or lr_missing)}

@@ -47,6 +47,16 @@ def zarr_store(url: str | os.PathLike, *, storage_options: dict | None = None, r
 _task_roots: dict[tuple[str, str], zarr.Group] = {}
 
 
+def writable(arr: zarr.Array) -> zarr.Array:
+    """``arr`` configured to write every chunk, even one equal to the fill value.
+
+    Zarr skips chunks that are all fill value (NaN here), so an all-NaN
+    weight would leave no chunk behind and ``validate`` could not tell it from
+    a step that was never written.
+    """
+    return arr.with_config({"write_empty_chunks": True})
+
+
 def open_for_tasks(url: str, storage_options: dict | None, token: str) -> zarr.Group:
     """The store's root for a writer task, opened once per process and run.
 
@@ -520,7 +530,9 @@ class ActivationSink:
         from concurrent.futures import ThreadPoolExecutor
 
         self.index = index
-        self.arrays = {n: (layers_group[n]["input"], layers_group[n]["input_grad"]) for n in layers}
+        self.arrays = {
+            n: (writable(layers_group[n]["input"]), writable(layers_group[n]["input_grad"])) for n in layers
+        }
         self.rows = {n: a[0].chunks[1] for n, a in self.arrays.items()}
         self.buf: dict[str, tuple[int, list, list]] = {n: (0, [], []) for n in layers}
         self.written = {n: 0 for n in layers}

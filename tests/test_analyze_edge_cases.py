@@ -1,0 +1,112 @@
+"""Edge cases found in review: token labels, external multi-row activations, partial capture,
+all-NaN weights, float16 weights, mistyped paths, bad learning-rate schedules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from safetensors.torch import save_file
+
+import gramlin_analyze as ga
+from gramlin_analyze.capture.task import CaptureConfig
+from gramlin_analyze.errors import ProbeError, StoreError, UsageError
+from gramlin_analyze.store.validate import validate_store
+from tests.capture_models import build_token_model
+
+
+def ref_tl(H, Y):
+    Yc = Y - Y.mean(axis=0)
+    B, *_ = np.linalg.lstsq(H, Yc, rcond=None)
+    return 1 - np.sum((Yc - H @ B) ** 2) / np.sum(Yc**2)
+
+
+def test_token_labels_pair_with_their_positions(tmp_path):
+    rng = np.random.default_rng(21)
+    x = rng.integers(0, 10, (20, 5))
+    y = (x % 3).astype(np.int64)  # one label per token
+    run = tmp_path / "run"
+    run.mkdir()
+    model = build_token_model()
+    for step in (0, 1):
+        torch.save(model.state_dict(), run / f"step_{step}.pt")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    np.savez(tmp_path / "p.npz", inputs=x, labels=y)
+    cfg = CaptureConfig(probe=str(tmp_path / "p.npz"), model="tests.capture_models:build_token_model")
+    assert not ga.ingest(run, tmp_path / "s.zarr", capture=cfg, lr=0.1).failed
+    report = ga.analyze(tmp_path / "s.zarr", metrics=["tl"])
+    assert report.partial == {"tl": ["emb"]}  # the embedding has no captured input; the others still run
+    tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
+    for layer in ("fc", "out"):
+        H = tree[f"layers/{layer}"]["input"].sel(step=1).values.astype(np.float64)
+        assert H.shape[0] == 100
+        expected = ref_tl(H, np.eye(3)[y.reshape(-1)])
+        got = float(tree["metrics"]["target_linearity"].sel(step=1, layer=layer))
+        np.testing.assert_allclose(got, expected, rtol=1e-8)
+
+
+def test_external_activations_with_positions(tmp_path):
+    rng = np.random.default_rng(22)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"fc.weight": torch.randn(3, 4), "fc.bias": torch.randn(3)}, str(run / "step_0.safetensors"))
+    labels = rng.integers(0, 3, 10)
+    np.savez(tmp_path / "p.npz", inputs=rng.standard_normal((10, 6)).astype(np.float32), labels=labels)
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    H = rng.standard_normal((20, 4)).astype(np.float32)  # 2 positions per example, example-major
+    np.savez(acts / "step_0.npz", **{"fc/input": H, "fc/input_grad": rng.standard_normal((20, 4)).astype(np.float32)})
+    ga.ingest(run, tmp_path / "s.zarr", activations=acts, probe=tmp_path / "p.npz")
+    ga.analyze(tmp_path / "s.zarr", metrics=["tl"])
+    got = float(ga.open(tmp_path / "s.zarr")["metrics"]["target_linearity"].sel(step=0, layer="fc"))
+    np.testing.assert_allclose(got, ref_tl(H.astype(np.float64), np.eye(3)[np.repeat(labels, 2)]), rtol=1e-8)
+    np.savez(tmp_path / "other.npz", inputs=rng.standard_normal((10, 6)).astype(np.float32), labels=labels)
+    with pytest.raises(ProbeError, match="differs"):
+        ga.ingest(run, tmp_path / "s.zarr", activations=acts, probe=tmp_path / "other.npz")
+
+
+def test_all_nan_weight_is_stored_and_validates(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"fc.weight": torch.randn(3, 4)}, str(run / "step_0.safetensors"))
+    save_file({"fc.weight": torch.full((3, 4), float("nan"))}, str(run / "step_1.safetensors"))
+    report = ga.ingest(run, tmp_path / "s.zarr")
+    assert report.nonfinite == {1: 12} and not report.failed
+    assert validate_store(tmp_path / "s.zarr") == []
+
+
+def test_float16_weights_gram_change(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    g = torch.Generator().manual_seed(5)
+    w0 = (torch.randn(64, 64, generator=g) * 4).half()
+    w1 = (w0.float() + 0.01 * torch.randn(64, 64, generator=g)).half()
+    for step, w in ((0, w0), (1, w1)):
+        save_file({"fc.weight": w}, str(run / f"step_{step}.safetensors"))
+    ga.ingest(run, tmp_path / "s.zarr")
+    ga.analyze(tmp_path / "s.zarr", metrics=["gram"])
+    a, b = w0.double().numpy(), w1.double().numpy()
+    G0, G1 = a.T @ a, b.T @ b
+    expected = np.linalg.norm(G1 - G0) / np.linalg.norm(G0)
+    got = float(ga.open(tmp_path / "s.zarr")["metrics"]["gram_change"].sel(step=1, layer="fc"))
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def test_mistyped_store_is_an_error_and_creates_nothing(tmp_path):
+    with pytest.raises(StoreError, match="not a gramlin store"):
+        ga.analyze(tmp_path / "typo.zarr")
+    assert not (tmp_path / "typo.zarr").exists()
+
+
+def test_bad_lr_schedule_fails_before_writing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (0, 10):
+        save_file({"fc.weight": torch.randn(3, 4)}, str(run / f"step_{step}.safetensors"))
+    (tmp_path / "lr.csv").write_text("step,lr\n5,0.1\n")
+    with pytest.raises(UsageError):
+        ga.ingest(run, tmp_path / "s.zarr", lr_schedule=tmp_path / "lr.csv")
+    assert not (tmp_path / "s.zarr").exists()
