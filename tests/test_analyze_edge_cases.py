@@ -110,3 +110,24 @@ def test_bad_lr_schedule_fails_before_writing(tmp_path):
     with pytest.raises(UsageError):
         ga.ingest(run, tmp_path / "s.zarr", lr_schedule=tmp_path / "lr.csv")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_factory_gets_the_checkpoints_config_json(tmp_path):
+    import json
+
+    from tests.capture_models import build_from_config
+
+    rng = np.random.default_rng(23)
+    run = tmp_path / "run"
+    model = build_from_config({"hidden_size": 9})
+    for step in (10, 20):
+        d = run / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+        (d / "config.json").write_text(json.dumps({"hidden_size": 9}))
+    np.savez(tmp_path / "p.npz", inputs=rng.standard_normal((8, 5)).astype(np.float32), labels=rng.integers(0, 3, 8))
+    cfg = CaptureConfig(probe=str(tmp_path / "p.npz"), model="tests.capture_models:build_from_config")
+    report = ga.ingest(run, tmp_path / "s.zarr", capture=cfg, lr=0.1)
+    assert report.ingested == [10, 20] and not report.failed
+    assert ga.open(tmp_path / "s.zarr")["layers/2"]["input"].shape == (2, 8, 9)

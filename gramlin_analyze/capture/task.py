@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from gramlin_analyze.capture.probe import ProbeSet, load_probe
 from gramlin_analyze.errors import ModelError, UsageError
 from gramlin_analyze.io.base import CheckpointHandle
 
-__all__ = ["CaptureConfig", "build_model", "capture_checkpoint", "plan_capture"]
+__all__ = ["CaptureConfig", "build_model", "capture_checkpoint", "checkpoint_config", "plan_capture"]
 
 #: Config keys that change what is stored (a store keeps one of each).
 _IDENTITY_KEYS = (
@@ -100,15 +101,28 @@ class CaptureConfig:
 _local = threading.local()
 
 
-def _factory_model(config: CaptureConfig) -> nn.Module:
-    """One model per thread and factory, reused across checkpoints (weights reloaded)."""
-    key = (config.model, json.dumps(config.model_config, sort_keys=True))
+def checkpoint_config(path: str | Path) -> dict | None:
+    """The model config that travels with a checkpoint: ``config.json`` in its
+    directory (Hugging Face ``checkpoint-N/``) or beside the file. JSON only."""
+    p = Path(path)
+    candidate = p / "config.json" if p.is_dir() else p.parent / "config.json"
+    if not candidate.is_file():
+        return None
+    try:
+        return json.loads(candidate.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{candidate}: not a readable JSON model config ({err})") from err
+
+
+def _factory_model(config: CaptureConfig, model_config: dict | None) -> nn.Module:
+    """One model per thread, factory and config, reused across checkpoints (weights reloaded)."""
+    key = (config.model, json.dumps(model_config, sort_keys=True))
     cache = getattr(_local, "models", None)
     if cache is None:
         cache = _local.models = {}
     if key not in cache:
         cache.clear()
-        cache[key] = load_factory(config.model, config.model_config)
+        cache[key] = load_factory(config.model, model_config)
     return cache[key]
 
 
@@ -126,7 +140,8 @@ def build_model(config: CaptureConfig, handle: CheckpointHandle) -> nn.Module:
     if config.mlp_activation:
         model = rebuild_mlp(tensors, activation=config.mlp_activation)
     else:
-        model = _factory_model(config)
+        model_config = config.model_config if config.model_config is not None else checkpoint_config(handle.path)
+        model = _factory_model(config, model_config)
         load_state_dict_strict(model, tensors, strict=config.strict)
     return model
 
