@@ -184,7 +184,7 @@ def test_kill_9_then_resume_gives_identical_arrays(tmp_path):
     store = tmp_path / "s.zarr"
     rng = np.random.default_rng(3)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    for attempt in range(3):
+    for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(run), str(store)], env=env)
         time.sleep(float(rng.uniform(2.0, 6.0)))
         proc.send_signal(signal.SIGKILL)

@@ -1,6 +1,6 @@
 """The whole pipeline on scikit-learn's digits (``make demo``).
 
-1. Train the MLP of MATH.md (64 -> 4 x 64 GELU -> 10, plain SGD, lr 0.1,
+1. Train the digits MLP the paper-style analysis uses (64 -> 4 x 64 GELU -> 10, plain SGD, lr 0.1,
    batch 64) and save 30 checkpoints, alternating safetensors and
    ``torch.save`` files.
 2. ``ingest`` them with capture: probe = the training set (the paper's

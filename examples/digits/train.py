@@ -1,4 +1,4 @@
-"""Train the digits MLP of MATH.md and save a checkpoint trajectory.
+"""Train the digits MLP (64 -> 4 x 64 GELU -> 10, plain SGD) and save a checkpoint trajectory.
 
 MLP 64 -> 4 x 64 (GELU) -> 10 on scikit-learn's digits (ships with the
 package: nothing is downloaded), plain SGD, lr 0.1, batch 64, a checkpoint

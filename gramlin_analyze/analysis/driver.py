@@ -147,7 +147,7 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
         m = root.create_group(L.METRICS)
         m.attrs.update(
             {
-                "description": "per-(step, layer) measurements; definitions in MATH.md",
+                "description": "per-(step, layer) measurements; definitions in docs/metrics.md of gramlin-analyze",
                 "vcs_accumulated_note": (
                     "vcs_accumulated is an estimate: the trapezoid rule over checkpoint intervals "
                     "of the probe-set VCS, standing in for the sum over every training batch"
@@ -237,7 +237,7 @@ def analyze(
     recompute
         Recompute even (step, layer) pairs whose inputs did not change.
     tl_lambda, center_features, intercept
-        Target-linearity options (MATH.md; defaults are the paper's).
+        Target-linearity options (docs/metrics.md; defaults are the paper's).
     workers, threads, scheduler
         As for :func:`gramlin_analyze.ingest`.
 

@@ -3,7 +3,7 @@
 Each family is computed per (step, layer) in one task (phase 1: the
 expensive pass over weights and activations), then, for interval and
 accumulated quantities, per layer along steps from the stored per-step
-matrices (phase 2: cheap, d x d work per step). Definitions: MATH.md.
+matrices (phase 2: cheap, d x d work per step). Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ MANIFEST: dict[str, tuple[object, object, str, str | None]] = {
     "status": (str, "", "ingest status: ok | pending | failed", None),
     "error": (str, "", "why the step failed (empty when ok)", None),
     "nonfinite": ("int64", -1, "number of NaN/Inf values stored for this step", None),
-    "lr_source": (str, "", "where lr came from: metadata | constant | schedule | none", None),
+    "lr_source": (str, "", "where lr came from: checkpoint | constant | schedule:<path> | unknown", None),
     "optimizer": (str, "", "optimizer family when the checkpoint says it", None),
 }
 
