@@ -125,7 +125,8 @@ def ingest(
     workers
         Run on a ``LocalCluster`` of this many processes instead of threads.
     threads
-        Threads of the default threaded scheduler (default: all cores).
+        Tasks in parallel on the threaded scheduler (default: twice the cores,
+        each with one BLAS/torch thread, so kernels overlap zarr I/O).
     scheduler
         Address of a running Dask scheduler (``tcp://host:8786``).
     progress

@@ -378,7 +378,7 @@ def analyze(
         # Phase 2 is independent per layer: run layers in parallel threads (NumPy
         # and zarr release the GIL); the buffer's lock serializes the bookkeeping.
         buf.autoflush = False
-        n_threads = max(1, min(threads or os.cpu_count() or 1, len(chosen)))
+        n_threads = max(1, min(threads or 2 * (os.cpu_count() or 1), len(chosen)))
         with ThreadPoolExecutor(n_threads) as pool, kernel_threads(max(1, (os.cpu_count() or 1) // n_threads)):
             list(pool.map(
                 lambda layer: _phase2(gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, layer_fams[layer], recompute),
