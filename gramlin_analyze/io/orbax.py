@@ -213,7 +213,7 @@ class OrbaxReader(CheckpointReader):
     def _restore(
         self, path: str | os.PathLike, wanted: list[TreeLeaf]
     ) -> dict[tuple[str, ...], np.ndarray]:
-        """Restore the ``wanted`` leaves (placeholders elsewhere) as NumPy arrays."""
+        """Restore the ``wanted`` leaves (orbax skips the other leaves) as NumPy arrays."""
         import jax
 
         ocp = _ocp()
