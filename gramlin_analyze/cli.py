@@ -257,6 +257,17 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_writer(p: argparse.ArgumentParser) -> None:
+    """Where a writing command runs its tasks, and how it takes the store lock."""
+    p.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
+    p.add_argument(
+        "--threads", type=int,
+        help="tasks in parallel on the default threaded scheduler (default: twice the cores, one BLAS/torch thread each)",
+    )
+    p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    p.add_argument("--break-lock", action="store_true", help="remove a remote store's lock left by a dead writer")
+
+
 def _add_discovery(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", help="read every checkpoint with this reader (default: guess per file)")
     p.add_argument(
@@ -311,10 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--lr", type=float, help="constant learning rate (wins over checkpoint metadata)")
     cap.add_argument("--lr-schedule", help="file of (step, lr) pairs, CSV or JSON")
     cap.add_argument("--activations", metavar="DIR", help="ingest activations computed elsewhere: step_<N>.npz files")
-    p.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
-    p.add_argument("--threads", type=int, help="tasks in parallel on the default threaded scheduler (default: twice the cores, one BLAS/torch thread each)")
-    p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
-    p.add_argument("--break-lock", action="store_true", help="remove a remote store's lock left by a dead writer")
+    _add_writer(p)
     _add_storage(p)
     _add_common(p)
     p.set_defaults(func=cmd_ingest)
@@ -328,10 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tl-lambda", type=float, default=0.0, help="ridge lambda of target linearity (default 0)")
     p.add_argument("--center-features", action="store_true", help="center H before the TL regression")
     p.add_argument("--intercept", action="store_true", help="add an intercept column to the TL regression")
-    p.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
-    p.add_argument("--threads", type=int, help="tasks in parallel on the default threaded scheduler (default: twice the cores, one BLAS/torch thread each)")
-    p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
-    p.add_argument("--break-lock", action="store_true", help="remove a remote store's lock left by a dead writer")
+    _add_writer(p)
     _add_storage(p)
     _add_common(p)
     p.set_defaults(func=cmd_analyze)
