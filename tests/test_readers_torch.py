@@ -114,6 +114,32 @@ def test_safetensors_bfloat16_is_float32(tmp_path):
         np.testing.assert_array_equal(got, tensor.to(torch.float32).numpy())
 
 
+
+def test_scan_and_read_safetensors_never_import_torch(tmp_path):
+    """Scanning a run and reading float32 safetensors stays torch-free (a second
+    per process saved); the values still match what torch saved."""
+    tensors, arrays = state_dict(2)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(tensors, run / "step_100.safetensors")
+    np.savez(tmp_path / "expected.npz", **arrays)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import gramlin_analyze as ga
+        from gramlin_analyze.io.registry import get_reader
+        (src,) = ga.scan({str(run)!r})
+        expected = np.load({str(tmp_path / "expected.npz")!r})
+        with get_reader("safetensors").open(src.path) as h:
+            for name in expected.files:
+                np.testing.assert_array_equal(h.read_tensor(name), expected[name])
+        print("torch" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
 def test_safetensors_save_model(tmp_path):
     model = tiny_model(2)
     path = tmp_path / "model.safetensors"

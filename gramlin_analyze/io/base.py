@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointHandle",
     "to_numpy",
     "converted_shape",
+    "missing_tensor_error",
 ]
 
 
@@ -71,6 +72,15 @@ class CheckpointMeta:
     lr: float | None = None
     optimizer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def missing_tensor_error(name: str, path: os.PathLike | str, available: list[str]) -> KeyError:
+    """The ``KeyError`` for a tensor name a checkpoint does not hold."""
+    shown = ", ".join(sorted(available)[:8]) + (", ..." if len(available) > 8 else "")
+    return KeyError(
+        f"no tensor named {name!r} in {path}; it holds {len(available)} tensors ({shown}); "
+        "list them with list_tensors() and use one of those names"
+    )
 
 
 def to_numpy(tensor_like: Any, *, layout: str = "out_in") -> np.ndarray:

@@ -20,8 +20,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
 from gramlin_analyze.io.base import CheckpointMeta
 from gramlin_analyze.io.torch_pickle import TorchPickleReader, as_float
 
@@ -76,6 +74,8 @@ _ALLOW_LIST_LOCK = threading.Lock()
 def lightning_safe_globals() -> Iterator[None]:
     """Allow :data:`LIGHTNING_SAFE_GLOBALS` for ``torch.load(weights_only=True)``
     inside the block only, leaving entries the user added globally in place."""
+    import torch
+
     with _ALLOW_LIST_LOCK:
         present = set(torch.serialization.get_safe_globals())
         added = [entry for entry in LIGHTNING_SAFE_GLOBALS if entry not in present]

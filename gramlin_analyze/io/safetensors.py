@@ -20,8 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from gramlin_analyze.errors import CheckpointFormatError
-from gramlin_analyze.io.base import CheckpointHandle, CheckpointReader, TensorInfo
-from gramlin_analyze.io.torch_pickle import missing_tensor_error, tensor_to_numpy
+from gramlin_analyze.io.base import CheckpointHandle, CheckpointReader, TensorInfo, missing_tensor_error
 
 __all__ = [
     "SafetensorsReader",
@@ -61,20 +60,32 @@ def _unreadable(path: Path, err: Exception) -> CheckpointFormatError:
     )
 
 
+#: Stored dtypes NumPy has no type for: read through torch and widened (see tensor_to_numpy).
+_TORCH_ONLY = frozenset({"BF16", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ"})
+
+
 class SafetensorsHandle(CheckpointHandle):
-    """An open ``.safetensors`` file: the header is parsed once, tensors read on request."""
+    """An open ``.safetensors`` file: the header is parsed once, tensors read on request.
+
+    Tensors of NumPy dtypes are read with the ``numpy`` framework, so listing
+    and reading most checkpoints never imports torch (about a second per
+    process); bfloat16 and float8 tensors go through torch.
+    """
 
     def __init__(self, reader: CheckpointReader, path: os.PathLike | str):
         super().__init__(reader, path)
         self._file = None
+        self._torch_file = None
+        self._stored: dict[str, str] = {}
 
-    def _opened(self):
-        if self._file is None:
+    def _opened(self, framework: str = "numpy"):
+        attr = "_file" if framework == "numpy" else "_torch_file"
+        if getattr(self, attr) is None:
             try:
-                self._file = safe_open(str(self.path), framework="pt")
+                setattr(self, attr, safe_open(str(self.path), framework=framework))
             except SafetensorError as err:
                 raise _unreadable(self.path, err) from err
-        return self._file
+        return getattr(self, attr)
 
     def list_tensors(self) -> dict[str, TensorInfo]:
         if self._tensors is None:
@@ -83,6 +94,7 @@ class SafetensorsHandle(CheckpointHandle):
             for name in f.keys():
                 header = f.get_slice(name)
                 dtype = header.get_dtype()
+                self._stored[name] = dtype
                 infos[name] = TensorInfo(
                     name=name,
                     shape=tuple(int(s) for s in header.get_shape()),
@@ -95,15 +107,21 @@ class SafetensorsHandle(CheckpointHandle):
         infos = self.list_tensors()
         if name not in infos:
             raise missing_tensor_error(name, self.path, list(infos))
+        via_torch = self._stored.get(name) in _TORCH_ONLY
         try:
-            tensor = self._opened().get_tensor(name)
+            # get_tensor copies the bytes out of the memory map, so no second copy is needed.
+            if not via_torch:
+                return self._opened().get_tensor(name)
+            tensor = self._opened("pt").get_tensor(name)
         except SafetensorError as err:
             raise _unreadable(self.path, err) from err
-        # get_tensor copies the bytes out of the memory map, so no second copy is needed.
+        from gramlin_analyze.io.torch_pickle import tensor_to_numpy
+
         return tensor_to_numpy(tensor, copy=False)
 
     def close(self) -> None:
         self._file = None
+        self._torch_file = None
         super().close()
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from gramlin_analyze.errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
 from gramlin_analyze.io.base import (
@@ -32,8 +32,12 @@ from gramlin_analyze.io.base import (
     CheckpointMeta,
     CheckpointReader,
     TensorInfo,
+    missing_tensor_error,
     to_numpy,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TorchPickleReader",
@@ -74,7 +78,13 @@ _REFUSED_CALL = re.compile(
     r"(?:call reduce for unrecognized function|Can only create new object .*? but got"
     r"|Can only build .*? but got) (.+)"
 )
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor; torch is imported only by a load, so
+    when it is not imported yet nothing can be one (listing stays torch-free)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
@@ -95,22 +105,17 @@ def tensor_to_numpy(tensor: torch.Tensor, *, copy: bool = True) -> np.ndarray:
     itself, and an array outliving the handle must not change (or fault) when
     the file is later rewritten.
     """
+    import torch
+
     converted = tensor.dtype == torch.bfloat16
-    if tensor.is_floating_point() and tensor.dtype not in (*_NUMPY_FLOATS, torch.bfloat16):
+    numpy_floats = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+    if tensor.is_floating_point() and tensor.dtype not in numpy_floats:
         tensor, converted = tensor.to(torch.float32), True
     elif tensor.dtype == torch.complex32:
         tensor, converted = tensor.to(torch.complex64), True
     arr = to_numpy(tensor)
     return arr.copy() if copy and not converted else arr
 
-
-def missing_tensor_error(name: str, path: os.PathLike | str, available: list[str]) -> KeyError:
-    """The ``KeyError`` for a tensor name a checkpoint does not hold."""
-    shown = ", ".join(sorted(available)[:8]) + (", ..." if len(available) > 8 else "")
-    return KeyError(
-        f"no tensor named {name!r} in {path}; it holds {len(available)} tensors ({shown}); "
-        "list them with list_tensors() and use one of those names"
-    )
 
 
 def _refusal(err: BaseException) -> str | None:
@@ -147,6 +152,8 @@ def load_torch_file(path: os.PathLike | str) -> Any:
     CheckpointFormatError
         The file is empty, truncated, corrupt or not a ``torch.save`` file.
     """
+    import torch
+
     path = Path(path)
     with path.open("rb") as f:
         # mmap works only for the zip format; legacy files are loaded the old way.
@@ -175,7 +182,7 @@ def _is_tensor_dict(node: Any) -> bool:
     return (
         isinstance(node, Mapping)
         and bool(node)
-        and all(isinstance(v, torch.Tensor) for v in node.values())
+        and all(_is_tensor(v) for v in node.values())
     )
 
 
@@ -183,7 +190,7 @@ def _flatten_tensors(node: Mapping, prefix: str = "") -> dict[str, torch.Tensor]
     out: dict[str, torch.Tensor] = {}
     for key, value in node.items():
         name = f"{prefix}{key}"
-        if isinstance(value, torch.Tensor):
+        if _is_tensor(value):
             out[name] = value
         elif isinstance(value, Mapping):
             out.update(_flatten_tensors(value, f"{name}."))
@@ -208,14 +215,14 @@ def _describe_keys(obj: Any) -> str:
         return f"it holds a {type(obj).__name__}, not a dict"
     parts = []
     for key, value in obj.items():
-        kind = "tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        kind = "tensor" if _is_tensor(value) else type(value).__name__
         parts.append(f"{key!r} ({kind})")
     return "available top-level keys: " + (", ".join(parts) if parts else "none")
 
 
 def as_int(value: Any) -> int | None:
     """An integer stored as a Python int or a one-element integer tensor, else None."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+    if _is_tensor(value) and value.numel() == 1 and not value.is_floating_point():
         return int(value.item())
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -224,7 +231,7 @@ def as_int(value: Any) -> int | None:
 
 def as_float(value: Any) -> float | None:
     """A number stored as a Python number or a one-element tensor, else None."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if _is_tensor(value) and value.numel() == 1:
         return float(value.item())
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -383,7 +390,7 @@ class TorchPickleReader(CheckpointReader):
             return dict(obj[nested[0]])
         # A state dict saved with a few extras beside it ({"w": ..., "step": 7}); nested
         # containers such as an optimizer state are not model weights.
-        top_level = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        top_level = {k: v for k, v in obj.items() if _is_tensor(v)}
         if not nested and top_level:
             return top_level
         why = "several nested dicts of tensors" if nested else "none of them is a dict of tensors"
