@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -45,7 +46,7 @@ def _limited(n: int, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def make_runner(workers: int | None, scheduler: str | None, threads: int | None):
-    """Return ``run(tasks, on_done)``; a task is ``(fn, *args)``."""
+    """Return ``run(tasks, on_done)``; a task is ``(fn, *args)``, started in list order."""
     cores = os.cpu_count() or 1
 
     def run_threads(tasks: list, on_done: Callable[[dict], None]) -> None:
@@ -54,8 +55,12 @@ def make_runner(workers: int | None, scheduler: str | None, threads: int | None)
 
         keys = {}
         delayed = []
-        for t in tasks:
-            d = dask.delayed(t[0], pure=False)(*t[1:])
+        # Tasks start in the order given (the threaded scheduler breaks ties
+        # between independent tasks by key, last key first), so a caller can
+        # finish one group of tasks early and act on it while the rest run.
+        run = uuid.uuid4().hex[:12]
+        for k, t in enumerate(tasks):
+            d = dask.delayed(t[0], pure=False)(*t[1:], dask_key_name=f"gramlin-{run}-{len(tasks) - 1 - k:08d}")
             keys[d.key] = d
             delayed.append(d)
 

@@ -92,6 +92,14 @@ def test_metrics_match_independent_reference(tmp_path):
             p = ev[ev > 0] / ev.sum()
             np.testing.assert_allclose(row["effective_rank"], np.exp(-(p * np.log(p)).sum()), rtol=1e-9)
             np.testing.assert_allclose(row["stable_rank"], np.sum(W[t] ** 2) / np.linalg.norm(W[t], 2) ** 2, rtol=1e-9)
+            np.testing.assert_allclose(row["fro_norm"], np.sqrt(np.sum(W[t] ** 2)), rtol=1e-12)
+            np.testing.assert_allclose(row["spectral_norm"], np.linalg.svd(W[t], compute_uv=False)[0], rtol=1e-9)
+            if t > 0:  # from the stored (float32) Grams, so float32 tolerance
+                prev = W[t - 1].T @ W[t - 1]
+                ref = np.sqrt(np.sum((gram - prev) ** 2)) / np.sqrt(np.sum(prev**2))
+                np.testing.assert_allclose(row["gram_change"], ref, rtol=1e-4)
+            else:
+                assert np.isnan(row["gram_change"])
             hp = H[t] - LR * Gd[t]
             vc = np.einsum("ni,nj->ij", hp, hp)
             vcs = vc - np.einsum("ni,nj->ij", H[t], H[t])

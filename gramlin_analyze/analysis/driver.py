@@ -332,8 +332,10 @@ def analyze(
         inputs = {fam: buf.get(f"{INPUTS}/{fam}") for fam in families}
         jobs: dict[tuple[int, str], list[str]] = {}
         wanted: dict[tuple[int, str, str], str] = {}
-        for i in ok:
-            for layer in chosen:
+        # Layer-major: a layer's tasks finish together, and its phase 2 starts
+        # while the next layers' tasks still run.
+        for layer in chosen:
+            for i in ok:
                 j = layer_index[layer]
                 for fam in layer_fams[layer]:
                     parts = [fps[i], options.get(fam)]
@@ -354,6 +356,21 @@ def analyze(
             ctx = dict(ctx_base, gamma=float(lr[i]), spectrum_k=spectrum_k[layer])
             tasks.append((layer_step_task, url, storage_options, layer, i, fams, ctx))
         done = 0
+        # Phase 2 of a layer reads only that layer's phase-1 results, so it runs
+        # (in the driver, on its own threads) as soon as the layer's last task is
+        # done, overlapping the tasks of the layers after it. NumPy and zarr
+        # release the GIL; the buffer's lock serializes the bookkeeping.
+        left = {layer: 0 for layer in chosen}
+        for _, layer in jobs:
+            left[layer] += 1
+        n_threads = max(1, min(threads or 2 * (os.cpu_count() or 1), len(chosen)))
+        pool = ThreadPoolExecutor(n_threads, thread_name_prefix="gramlin-phase2")
+        phase2: list = []
+
+        def start_phase2(layer: str) -> None:
+            phase2.append(pool.submit(
+                _phase2, gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, layer_fams[layer], recompute
+            ))
 
         def on_done(res: dict) -> None:
             nonlocal done
@@ -367,24 +384,25 @@ def analyze(
                 report.computed += 1
             if res["nonfinite"]:
                 report.nonfinite.append((int(steps[i]), layer))
+            left[layer] -= 1
+            if left[layer] == 0:
+                start_phase2(layer)
             if progress:
                 progress(done, len(tasks), 0)
 
         if progress:
             progress(0, len(tasks), 0)
-        if tasks:
-            make_runner(workers, scheduler, threads)(tasks, on_done)
-        buf.flush()
-        # Phase 2 is independent per layer: run layers in parallel threads (NumPy
-        # and zarr release the GIL); the buffer's lock serializes the bookkeeping.
-        buf.autoflush = False
-        n_threads = max(1, min(threads or 2 * (os.cpu_count() or 1), len(chosen)))
-        with ThreadPoolExecutor(n_threads) as pool, kernel_threads(max(1, (os.cpu_count() or 1) // n_threads)):
-            list(pool.map(
-                lambda layer: _phase2(gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, layer_fams[layer], recompute),
-                chosen,
-            ))
-        buf.autoflush = True
+        try:
+            with kernel_threads(max(1, (os.cpu_count() or 1) // n_threads)):
+                for layer in chosen:  # nothing new to compute here; its chain may still need phase 2
+                    if left[layer] == 0:
+                        start_phase2(layer)
+                if tasks:
+                    make_runner(workers, scheduler, threads)(tasks, on_done)
+                for fut in phase2:
+                    fut.result()
+        finally:
+            pool.shutdown(wait=True)
         buf.flush()
         gs.touch()
         gs.consolidate()
@@ -395,6 +413,22 @@ def analyze(
 def _ratio(num: float, den: float) -> float:
     """num / den, NaN when the denominator is 0 (two identical checkpoints)."""
     return float(num / den) if den > 0 else float("nan")
+
+
+def _norms(G: np.ndarray, G_prev: np.ndarray | None, rows: int = 64) -> tuple[float, float]:
+    """``(||G - G_prev||_F, ||G||_F)`` summed in float64 whatever the stored dtype.
+
+    One pass over row blocks: float64 temporaries of a block, not of the
+    whole matrix (fresh multi-MB buffers cost page faults on every call).
+    """
+    sq_diff = sq = 0.0
+    for r in range(0, G.shape[0], rows):
+        g = np.asarray(G[r : r + rows], dtype=np.float64)
+        sq += float(np.vdot(g, g))
+        if G_prev is not None:
+            d = np.subtract(g, G_prev[r : r + rows], dtype=np.float64)
+            sq_diff += float(np.vdot(d, d))
+    return (float(np.sqrt(sq_diff)) if G_prev is not None else float("nan")), float(np.sqrt(sq))
 
 
 def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> None:
@@ -419,23 +453,28 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
             continue
         pos = ok.index(start)
         prev = ok[pos - 1] if pos > 0 else None
-        G_prev = lg["gram"][prev] if (fam == "gram" and prev is not None) else None
+        # Each group lookup reads a zarr.json: look the arrays up once, not per step.
+        arrs = {name: lg[name] for name in (("gram",) if fam == "gram" else ("vcs", "gg", "vcs_accumulated"))}
+        G_prev = arrs["gram"][prev] if (fam == "gram" and prev is not None) else None
         W = gs.layer(layer)["weight"]
         first = ok[0]
         if fam == "vc":
             G0 = np.asarray(W[first], dtype=np.float64).T @ np.asarray(W[first], dtype=np.float64)
-            acc = np.asarray(lg["vcs_accumulated"][prev]) if prev is not None else None
-            vcs_prev = np.asarray(lg["vcs"][prev]) if prev is not None else None
+            acc = np.asarray(arrs["vcs_accumulated"][prev]) if prev is not None else None
+            vcs_prev = np.asarray(arrs["vcs"][prev]) if prev is not None else None
+        norm_prev = None if G_prev is None else _norms(G_prev, None)[1]
         for i in ok[pos:]:
             if fam == "gram":
-                G = np.asarray(lg["gram"][i], dtype=np.float64)
-                val = np.nan if G_prev is None else float(_ratio(np.linalg.norm(G - G_prev), np.linalg.norm(G_prev)))
-                buf.set("gram_change", i, j, val)
-                G_prev = G
+                # Grams as stored (float32 for float32 weights), differences and
+                # sums of squares in float64.
+                G = arrs["gram"][i]
+                change, norm = _norms(G, G_prev)
+                buf.set("gram_change", i, j, np.nan if G_prev is None else _ratio(change, norm_prev))
+                G_prev, norm_prev = G, norm
             else:
                 Wi = np.asarray(W[i], dtype=np.float64)
                 Gi = Wi.T @ Wi
-                vcs = np.asarray(lg["vcs"][i])
+                vcs = np.asarray(arrs["vcs"][i])
                 if acc is None:
                     acc = np.zeros_like(vcs)
                     row = dict.fromkeys(FAMILIES["vc"].phase2_scalars, np.nan)
@@ -450,7 +489,7 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
                     ndg = np.linalg.norm(dG)
                     gamma = float(lr[a])
                     Gw = (Wa - Wi) / (gamma * gap)
-                    second = gamma**2 * (Gw.T @ Gw - np.asarray(lg["gg"][a]))
+                    second = gamma**2 * (Gw.T @ Gw - np.asarray(arrs["gg"][a]))
                     row = {
                         "dgram_vcs_corr": float(pearson_np(dG, pred, mode="diag")),
                         "vcs_interval_corr": float(pearson_np(dG, pred, mode="full")),
@@ -464,7 +503,7 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
                         gram_vcs_acc_corr_full=float(pearson_np(total, acc, mode="full")),
                         gram_vcs_acc_cos=float(cosine_np(total, acc)),
                     )
-                lg["vcs_accumulated"][i] = acc
+                arrs["vcs_accumulated"][i] = acc
                 for name, value in row.items():
                     buf.set(name, i, j, value)
                 vcs_prev = vcs

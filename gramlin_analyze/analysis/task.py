@@ -20,7 +20,6 @@ from gramlin_analyze.reducers import (
     collapse_stats_np,
     cosine_np,
     effective_rank_np,
-    frobenius_norm_np,
     linear_cka_from_stats_np,
     nc3_np,
     ncc_mismatch_np,
@@ -36,7 +35,7 @@ from gramlin_analyze.reducers._common import pack
 from gramlin_analyze.reducers.surrogate import _surrogate_np
 from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import open_for_tasks
+from gramlin_analyze.store.core import task_node
 
 __all__ = ["layer_step_task"]
 
@@ -64,20 +63,27 @@ def layer_step_task(
     (row of the last ok step, for CKA), ``tl_lambda``, ``center_features``,
     ``intercept``, ``spectrum_k``.
     """
-    root = open_for_tasks(store_url, storage_options, ctx["run_token"])
-    grp = root[L.LAYERS][layer]
-    mgrp = root[L.METRICS][layer]
+    def node(path: str):
+        return task_node(store_url, storage_options, ctx["run_token"], path)
+
+    grp = node(f"{L.LAYERS}/{layer}")
+    mgrp = node(f"{L.METRICS}/{layer}")
     out: dict[str, float] = {}
-    W = np.asarray(grp["weight"][index], dtype=np.float64)
-    b = np.asarray(grp["bias"][index], dtype=np.float64) if "bias" in grp else None
-    nonfinite = not np.isfinite(np.add.reduce(W, axis=None)) or (b is not None and not np.isfinite(b).all())
+    W = np.asarray(node(f"{L.LAYERS}/{layer}/weight")[index], dtype=np.float64)
+    has_bias = grp.attrs.get("has_bias")
+    if has_bias is None:
+        has_bias = "bias" in grp
+    b = np.asarray(grp["bias"][index], dtype=np.float64) if has_bias else None
+    w_nonfinite = not np.isfinite(np.add.reduce(W, axis=None))
+    nonfinite = w_nonfinite or (b is not None and not np.isfinite(b).all())
     # NumPy runs W.T @ W as one symmetric rank-k update (syrk): exactly
     # symmetric already, so the reducer's symmetrization pass is skipped here.
     G = W.T @ W
 
     if "gram" in families:
-        mgrp["gram"][index] = G
-        out["fro_norm"] = float(frobenius_norm_np(W))
+        node(f"{L.METRICS}/{layer}/gram")[index] = G
+        # ||W||_F^2 = tr(W^T W): no second pass over W.
+        out["fro_norm"] = float("nan") if w_nonfinite else float(np.sqrt(np.trace(G)))
     if "spectrum" in families:
         # One symmetric eigendecomposition of the smaller Gram gives every
         # spectral quantity; two SVDs of W cost 5x more.
