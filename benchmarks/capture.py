@@ -13,6 +13,14 @@ then, side by side in this run (alternating, ``--repeats`` times each; medians):
    keeping each Linear input ``h`` and output-gradient hooks computing
    ``g = dL/dz @ W`` (the same math), results discarded.
 
+3. the write floor: the bare loop that also ``np.save``s each layer's ``h``
+   and ``g`` per checkpoint (the same bytes capture stores, as plain files).
+   ``capture_over_write_floor`` is what the store costs beyond writing the
+   bytes at all; ``write_floor_ratio`` is what writing them costs on this
+   machine (on the development VM, new page-cache memory is backed lazily by
+   the hypervisor, about 2.5 ms per MB, so writing 550 MB alone is about 1x
+   the bare loop).
+
 Also a weights-only ingest (no capture) of the same run for scale: what
 ``capture_s`` costs before any probe-set work. Target:
 ``capture_s / bare_loop_s <= 1.5``. When the ratio is above the target, the
@@ -73,8 +81,13 @@ def write_probe(path: Path, n: int, seed: int = 0) -> None:
     np.savez(path, inputs=x, labels=y)
 
 
-def bare_loop(run: Path, probe: Path, batch_size: int) -> None:
-    """What a user writes without a store: same passes, same hooks, nothing kept."""
+def bare_loop(run: Path, probe: Path, batch_size: int, save_to: Path | None = None) -> None:
+    """What a user writes without a store: same passes, same hooks, nothing kept.
+
+    With ``save_to``, the write floor: the same loop also saves every layer's
+    ``h`` and ``g`` of each checkpoint with ``np.save`` (one file each, the
+    bytes capture stores), i.e. the cost of writing them and nothing else.
+    """
     import torch
     from torch import nn
 
@@ -99,12 +112,22 @@ def bare_loop(run: Path, probe: Path, batch_size: int) -> None:
     try:
         for ckpt in sorted(run.glob("*.pt")):
             model.load_state_dict(torch.load(ckpt, weights_only=True))
+            kept: dict[int, list] = {k: [] for k in range(2 * len(linears))}
             for start in range(0, n, batch_size):
                 x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
                 model.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(model(x), y, reduction="sum") / n
                 loss.backward()
+                if save_to is not None:
+                    # forward hooks append h per layer, then backward appends g in reverse
+                    hs, gs = results[: len(linears)], results[len(linears) :][::-1]
+                    for k, t in enumerate(hs + gs):
+                        kept[k].append(t.numpy())
                 results.clear()  # discard h and g
+            if save_to is not None:
+                save_to.mkdir(parents=True, exist_ok=True)
+                for k, parts in kept.items():
+                    np.save(save_to / f"{ckpt.stem}_{k}.npy", np.concatenate(parts))
     finally:
         for h in handles:
             h.remove()
@@ -199,13 +222,19 @@ def main() -> None:
     report = ingest(run, store, capture=cfg, lr=LR)
     if report.failed:
         raise RuntimeError(f"capture ingest failed: {report.failed}")
-    t_cap, t_bare, t_w = [], [], []
+    t_cap, t_bare, t_w, t_floor = [], [], [], []
+    saved = work / "saved"
+    floor_bytes = 0
     for _ in range(a.repeats):
         t_bare.append(timed(lambda: bare_loop(run, probe, a.batch_size)))
+        shutil.rmtree(saved, ignore_errors=True)
+        t_floor.append(timed(lambda: bare_loop(run, probe, a.batch_size, save_to=saved)))
+        floor_bytes = du(saved)
+        shutil.rmtree(saved)
         t_w.append(fresh())
         t_cap.append(fresh(capture=cfg, lr=LR))
     store_bytes = du(store)  # the last capture's store
-    cap, bare, w_only = (statistics.median(t[0] for t in ts) for ts in (t_cap, t_bare, t_w))
+    cap, bare, w_only, floor = (statistics.median(t[0] for t in ts) for ts in (t_cap, t_bare, t_w, t_floor))
     cap_sync = statistics.median(c + s for c, s in t_cap)
     per_ckpt = 2 * a.probe * sum(SIZES[:-1]) * 4
     res = {
@@ -223,6 +252,11 @@ def main() -> None:
         "capture_plus_sync_s": round(cap_sync, 3),
         "ratio_with_sync": round(cap_sync / bare, 3),
         "weights_only_ingest_s": round(w_only, 3),
+        "bare_loop_plus_np_save_s": round(floor, 3),
+        "np_save_MB": round(floor_bytes / 2**20, 1),
+        "write_floor_ratio": round(floor / bare, 3),
+        "capture_over_write_floor": round(cap / floor, 3),
+        "bare_loop_plus_np_save_all_s": [round(t[0], 3) for t in t_floor],
         "capture_all_s": [round(t[0], 3) for t in t_cap],
         "bare_loop_all_s": [round(t[0], 3) for t in t_bare],
         "store_MB": round(store_bytes / 2**20, 1),

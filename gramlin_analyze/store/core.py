@@ -58,6 +58,28 @@ def writable(arr: zarr.Array) -> zarr.Array:
     return arr.with_config({"write_empty_chunks": True})
 
 
+def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
+    """Resize many arrays at once: their metadata writes are issued together.
+
+    Each resize rewrites one ``zarr.json``; one after another that is a
+    round trip per array, which on an object store is tens of ms each and a
+    store has a few arrays per layer. Arrays already of their shape are left
+    alone.
+    """
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    todo = [(a, tuple(shape)) for a, shape in pairs if tuple(a.shape) != tuple(shape)]
+    if not todo:
+        return
+
+    async def run() -> None:
+        await asyncio.gather(*(a.async_array.resize(shape) for a, shape in todo))
+
+    sync(run())
+
+
 def open_for_tasks(url: str, storage_options: dict | None, token: str) -> zarr.Group:
     """The store's root for a writer task, opened once per process and run.
 
@@ -309,10 +331,10 @@ class GramlinStore:
                 st[i] = "pending"
             g["status"][:] = st
         if n_new > n_old:
-            for arr in step_arrays.values():
-                arr.resize((n_new, *arr.shape[1:]))
-            for c in step_coords:
-                c.resize((n_new,))
+            resize_all(
+                [(arr, (n_new, *arr.shape[1:])) for arr in step_arrays.values()]
+                + [(c, (n_new,)) for c in step_coords]
+            )
         manifest_paths = {f"{L.STEPS}/{k}" for k in L.MANIFEST}
         for path, arr in step_arrays.items():
             if path in manifest_paths:
@@ -353,9 +375,7 @@ class GramlinStore:
         if moves:
             g["status"][:] = final_status
         if n_new < n_old:
-            for arr in step_arrays.values():
-                if arr.shape[0] != n_new:
-                    arr.resize((n_new, *arr.shape[1:]))
+            resize_all([(arr, (n_new, *arr.shape[1:])) for arr in step_arrays.values()])
         self.touch()
         self.consolidate()
         return pos
