@@ -12,7 +12,7 @@ from gramlin_analyze._template import check_against, layers_of
 from gramlin_analyze.errors import CheckpointFormatError, GramlinError, ShapeMismatchError
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import writable
+from gramlin_analyze.store.core import put_step, writable
 
 __all__ = ["ingest_one", "count_nonfinite"]
 
@@ -77,12 +77,12 @@ def ingest_one(
                     )
                 w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
                 nonfinite = count_nonfinite(w)
-                writable(grp["weight"])[index] = w
+                put_step(writable(grp["weight"]), index, w)
                 del w
                 if has_bias:
                     b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
                     nonfinite += count_nonfinite(b)
-                    writable(grp["bias"])[index] = b
+                    put_step(writable(grp["bias"]), index, b)
                 writable(grp["nonfinite"])[index] = nonfinite
                 total_nonfinite += nonfinite
             meta = h.read_metadata()

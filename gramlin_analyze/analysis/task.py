@@ -35,7 +35,7 @@ from gramlin_analyze.reducers._common import pack
 from gramlin_analyze.reducers.surrogate import _surrogate_np
 from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import task_node
+from gramlin_analyze.store.core import put_step, task_node
 
 __all__ = ["layer_step_task"]
 
@@ -81,7 +81,7 @@ def layer_step_task(
     G = W.T @ W
 
     if "gram" in families:
-        node(f"{L.METRICS}/{layer}/gram")[index] = G
+        put_step(node(f"{L.METRICS}/{layer}/gram"), index, G)
         # ||W||_F^2 = tr(W^T W): no second pass over W.
         out["fro_norm"] = float("nan") if w_nonfinite else float(np.sqrt(np.trace(G)))
     if "spectrum" in families:
@@ -148,9 +148,9 @@ def layer_step_task(
             gamma = ctx["gamma"]
             VC = virtual_covariance_np(vc["hh"], vc["gh"], vc["gg"], gamma)
             VCS = vcs_np(vc["gh"], vc["gg"], gamma)
-            mgrp["vc"][index] = VC
-            mgrp["vcs"][index] = VCS
-            mgrp["gg"][index] = vc["gg"]
+            put_step(mgrp["vc"], index, VC)
+            put_step(mgrp["vcs"], index, VCS)
+            put_step(mgrp["gg"], index, vc["gg"])
             out.update(
                 gram_vc_corr=float(pearson_np(G, VC, mode="diag")),
                 gram_vc_corr_full=float(pearson_np(G, VC, mode="full")),

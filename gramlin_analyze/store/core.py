@@ -58,6 +58,18 @@ def writable(arr: zarr.Array) -> zarr.Array:
     return arr.with_config({"write_empty_chunks": True})
 
 
+def put_step(arr: zarr.Array, index: int, value: np.ndarray) -> None:
+    """Write ``value`` as row ``index`` of a step-major array, chunk by chunk as is.
+
+    ``arr[index] = value`` hands zarr a value without the step axis, which
+    never matches a chunk's shape, so zarr fills a new chunk buffer with the
+    fill value and copies the value into it; keeping the axis lets a value
+    that covers whole chunks be encoded directly (no fill, no copy), which
+    matters for multi-MB weight and Gram chunks.
+    """
+    arr[index : index + 1] = np.asarray(value, dtype=arr.dtype)[None]
+
+
 def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
     """Resize many arrays at once: their metadata writes are issued together.
 
