@@ -131,3 +131,34 @@ def test_factory_gets_the_checkpoints_config_json(tmp_path):
     report = ga.ingest(run, tmp_path / "s.zarr", capture=cfg, lr=0.1)
     assert report.ingested == [10, 20] and not report.failed
     assert ga.open(tmp_path / "s.zarr")["layers/2"]["input"].shape == (2, 8, 9)
+
+
+def _node_shapes(path, consolidated: bool) -> dict[str, tuple]:
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=consolidated)
+    return {p: (tuple(n.shape) if isinstance(n, zarr.Array) else "group") for p, n in root.members(max_depth=None)}
+
+
+def test_consolidated_metadata_is_current_after_ingest_and_analyze(tmp_path):
+    """ingest and analyze finish with one root write (no final re-consolidation):
+    the consolidated copy must still list every node with its current shape,
+    including after a step is inserted before existing ones."""
+    from tests.trajectory import write_trajectory
+
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+    write_trajectory(run, [10, 30, 40])
+    ga.ingest(run, store)
+    assert _node_shapes(store, True) == _node_shapes(store, False)
+    ga.analyze(store, metrics=["gram"])
+    assert _node_shapes(store, True) == _node_shapes(store, False)
+    write_trajectory(run, [20], seed=1)  # lands between ok steps: rows move
+    ga.ingest(run, store)
+    shapes = _node_shapes(store, True)
+    assert shapes == _node_shapes(store, False)
+    assert shapes["layers/fc1/weight"] == (4, 6, 5) and shapes["metrics/fc1/gram"] == (4, 5, 5)
+    ga.analyze(store, metrics=["gram"])
+    assert _node_shapes(store, True) == _node_shapes(store, False)
+    notes: list[str] = []
+    assert validate_store(str(store), notes=notes) == []
+    assert not [n for n in notes if "consolidated" in n]
