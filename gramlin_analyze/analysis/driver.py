@@ -24,7 +24,7 @@ import numpy as np
 
 from gramlin_analyze._dask import kernel_threads, make_runner
 from gramlin_analyze.analysis.metrics import FAMILIES, METRIC_DOCS, resolve_families
-from gramlin_analyze.analysis.task import layer_step_task
+from gramlin_analyze.analysis.task import layer_step_task, release_scratch
 from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
@@ -403,6 +403,7 @@ def analyze(
                     fut.result()
         finally:
             pool.shutdown(wait=True)
+            release_scratch(ctx_base["run_token"])
         buf.flush()
         # Every structural change above consolidated as it happened; tasks and the
         # manifest write chunk data only, so the consolidated copy is current and

@@ -10,6 +10,8 @@ to the driver, the only writer of ``/metrics`` scalars.
 
 from __future__ import annotations
 
+import threading
+
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,41 @@ from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.core import put_step, task_node
 
-__all__ = ["layer_step_task"]
+__all__ = ["layer_step_task", "release_scratch"]
+
+#: Largest scratch array a task thread keeps between tasks, and the most it
+#: keeps in all; bigger ones are allocated per task as before.
+_SCRATCH_MAX_BYTES = 64 * 2**20
+_scratch: dict[tuple[str, int], dict[tuple, np.ndarray]] = {}
+
+
+def _scratch_array(token: str, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A per-thread work array reused by the tasks of one run (same thread, same shape).
+
+    Each task of a layer needs the same few multi-MB arrays (W in float64,
+    its Gram, the Gram in the stored dtype); fresh ones every task meant
+    page faults on every touch of new memory (on a VM, the hypervisor
+    backing it too), about a tenth of ``analyze --metrics gram``. The arrays
+    never leave the task; the driver drops a run's arrays when it ends
+    (:func:`release_scratch`).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    arrays = _scratch.setdefault((token, threading.get_ident()), {})
+    key = (name, tuple(shape), dtype.str)
+    a = arrays.get(key)
+    if a is None:
+        if nbytes > _SCRATCH_MAX_BYTES or nbytes + sum(x.nbytes for x in arrays.values()) > _SCRATCH_MAX_BYTES:
+            return np.empty(shape, dtype)
+        a = arrays[key] = np.empty(shape, dtype)
+    return a
+
+
+def release_scratch(token: str) -> None:
+    """Drop the work arrays the tasks of run ``token`` kept in this process."""
+    for key in list(_scratch):  # a snapshot: task threads of other runs may add keys
+        if key[0] == token:
+            _scratch.pop(key, None)
 
 
 def _add(acc: dict | None, part: dict) -> dict:
@@ -69,7 +105,11 @@ def layer_step_task(
     grp = node(f"{L.LAYERS}/{layer}")
     mgrp = node(f"{L.METRICS}/{layer}")
     out: dict[str, float] = {}
-    W = np.asarray(node(f"{L.LAYERS}/{layer}/weight")[index], dtype=np.float64)
+    token = ctx["run_token"]
+    w = node(f"{L.LAYERS}/{layer}/weight")[index]
+    W = _scratch_array(token, "W", w.shape, np.float64)
+    np.copyto(W, w)
+    del w
     has_bias = grp.attrs.get("has_bias")
     if has_bias is None:
         has_bias = "bias" in grp
@@ -78,10 +118,15 @@ def layer_step_task(
     nonfinite = w_nonfinite or (b is not None and not np.isfinite(b).all())
     # NumPy runs W.T @ W as one symmetric rank-k update (syrk): exactly
     # symmetric already, so the reducer's symmetrization pass is skipped here.
-    G = W.T @ W
+    G = np.matmul(W.T, W, out=_scratch_array(token, "G", (W.shape[1], W.shape[1]), np.float64))
 
     if "gram" in families:
-        put_step(node(f"{L.METRICS}/{layer}/gram"), index, G)
+        gram = node(f"{L.METRICS}/{layer}/gram")
+        stored = G
+        if gram.dtype != G.dtype:
+            stored = _scratch_array(token, "G_stored", G.shape, gram.dtype)
+            np.copyto(stored, G, casting="same_kind")
+        put_step(gram, index, stored)
         # ||W||_F^2 = tr(W^T W): no second pass over W.
         out["fro_norm"] = float("nan") if w_nonfinite else float(np.sqrt(np.trace(G)))
     if "spectrum" in families:
