@@ -29,7 +29,7 @@ from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import GramlinStore
+from gramlin_analyze.store.core import GramlinStore, read_step
 
 __all__ = ["analyze", "AnalyzeReport"]
 
@@ -466,13 +466,16 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
             acc = np.asarray(arrs["vcs_accumulated"][prev]) if prev is not None else None
             vcs_prev = np.asarray(arrs["vcs"][prev]) if prev is not None else None
         norm_prev = None if G_prev is None else _norms(G_prev, None)[1]
+        if fam == "gram":  # two buffers, read into in turn (no fresh multi-MB array per step)
+            spare = np.empty(arrs["gram"].shape[1:], arrs["gram"].dtype)
         for i in ok[pos:]:
             if fam == "gram":
                 # Grams as stored (float32 for float32 weights), differences and
                 # sums of squares in float64.
-                G = arrs["gram"][i]
+                G = read_step(arrs["gram"], i, spare)
                 change, norm = _norms(G, G_prev)
                 buf.set("gram_change", i, j, np.nan if G_prev is None else _ratio(change, norm_prev))
+                spare = G_prev if G_prev is not None else np.empty_like(G)
                 G_prev, norm_prev = G, norm
             else:
                 Wi = np.asarray(W[i], dtype=np.float64)

@@ -37,7 +37,7 @@ from gramlin_analyze.reducers._common import pack
 from gramlin_analyze.reducers.surrogate import _surrogate_np
 from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import put_step, task_node
+from gramlin_analyze.store.core import put_step, read_step, task_node
 
 __all__ = ["layer_step_task", "release_scratch"]
 
@@ -106,7 +106,8 @@ def layer_step_task(
     mgrp = node(f"{L.METRICS}/{layer}")
     out: dict[str, float] = {}
     token = ctx["run_token"]
-    w = node(f"{L.LAYERS}/{layer}/weight")[index]
+    warr = node(f"{L.LAYERS}/{layer}/weight")
+    w = read_step(warr, index, _scratch_array(token, "w_stored", warr.shape[1:], warr.dtype))
     W = _scratch_array(token, "W", w.shape, np.float64)
     np.copyto(W, w)
     del w

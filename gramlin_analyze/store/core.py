@@ -70,6 +70,22 @@ def put_step(arr: zarr.Array, index: int, value: np.ndarray) -> None:
     arr[index : index + 1] = np.asarray(value, dtype=arr.dtype)[None]
 
 
+def read_step(arr: zarr.Array, index: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Row ``index`` of a step-major array, decoded into ``out`` when given.
+
+    ``out`` (shape ``arr.shape[1:]``, ``arr.dtype``, C-contiguous) lets a
+    caller that reads one row after another reuse one buffer instead of
+    zarr allocating a fresh one per read.
+    """
+    if out is None:
+        return arr[index]
+    from zarr.core.buffer import default_buffer_prototype
+
+    target = out.reshape((1, *out.shape))  # a view: decoding fills ``out``
+    arr.get_basic_selection((slice(index, index + 1),), out=default_buffer_prototype().nd_buffer.from_numpy_array(target))
+    return out
+
+
 def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
     """Resize many arrays at once: their metadata writes are issued together.
 
