@@ -383,10 +383,12 @@ def _resolve_capture(
     same way. A different probe set or capture setup is refused: it would
     mix two experiments in one store.
     """
-    from gramlin_analyze.capture.task import CaptureConfig
-
     has_probe = L.PROBE in gs.root
     attrs = dict(gs.root[L.PROBE].attrs) if has_probe else {}
+    if capture is None and not attrs.get("capture_config"):
+        return None, False  # weights only: no need to import the capture code (and torch)
+    from gramlin_analyze.capture.task import CaptureConfig
+
     stored = CaptureConfig.from_json(attrs["capture_config"]) if attrs.get("capture_config") else None
     if capture is None:
         return stored, False

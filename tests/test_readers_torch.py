@@ -116,8 +116,9 @@ def test_safetensors_bfloat16_is_float32(tmp_path):
 
 
 def test_scan_and_read_safetensors_never_import_torch(tmp_path):
-    """Scanning a run and reading float32 safetensors stays torch-free (a second
-    per process saved); the values still match what torch saved."""
+    """Scanning a run, reading float32 safetensors, and a weights-only ingest and
+    analyze through the CLI stay torch-free (a second per process saved); the
+    values still match what torch saved."""
     tensors, arrays = state_dict(2)
     run = tmp_path / "run"
     run.mkdir()
@@ -134,6 +135,13 @@ def test_scan_and_read_safetensors_never_import_torch(tmp_path):
         with get_reader("safetensors").open(src.path) as h:
             for name in expected.files:
                 np.testing.assert_array_equal(h.read_tensor(name), expected[name])
+        from gramlin_analyze.cli import main
+        store = {str(tmp_path / "s.zarr")!r}
+        assert main(["ingest", {str(run)!r}, "--store", store, "-q"]) == 0
+        assert main(["analyze", store, "--metrics", "gram", "-q"]) == 0
+        np.testing.assert_allclose(
+            ga.open(store)["layers/head"]["weight"].values[0], expected["head.weight"]
+        )
         print("torch" in sys.modules)
         """
     )
