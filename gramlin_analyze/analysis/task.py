@@ -11,7 +11,6 @@ to the driver, the only writer of ``/metrics`` scalars.
 from __future__ import annotations
 
 import threading
-
 from typing import Any
 
 import numpy as np

@@ -20,7 +20,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from gramlin_analyze.errors import CheckpointFormatError
-from gramlin_analyze.io.base import CheckpointHandle, CheckpointReader, TensorInfo, missing_tensor_error
+from gramlin_analyze.io.base import (
+    CheckpointHandle,
+    CheckpointReader,
+    TensorInfo,
+    missing_tensor_error,
+)
 
 __all__ = [
     "SafetensorsReader",
