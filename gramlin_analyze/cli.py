@@ -262,7 +262,7 @@ def _add_writer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
     p.add_argument(
         "--threads", type=int,
-        help="tasks in parallel on the default threaded scheduler (default: twice the cores, one BLAS/torch thread each)",
+        help="tasks in parallel on the default threaded scheduler (default: twice the cores, one BLAS/torch thread each; one per core when capturing)",
     )
     p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
     p.add_argument("--break-lock", action="store_true", help="remove a remote store's lock left by a dead writer")

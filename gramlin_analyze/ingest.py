@@ -126,7 +126,8 @@ def ingest(
         Run on a ``LocalCluster`` of this many processes instead of threads.
     threads
         Tasks in parallel on the threaded scheduler (default: twice the cores,
-        each with one BLAS/torch thread, so kernels overlap zarr I/O).
+        each with one BLAS/torch thread, so kernels overlap zarr I/O; one per
+        core when capturing).
     scheduler
         Address of a running Dask scheduler (``tcp://host:8786``).
     progress
@@ -319,6 +320,11 @@ def ingest(
 
         if progress:
             progress(0, len(tasks), 0)
+        if threads is None and capture is not None:
+            # Capture is torch compute plus a background writer per task: one task
+            # per core was 1.1x faster than two (benchmarks/capture.py), unlike
+            # the weight copy, whose tasks wait on I/O.
+            threads = os.cpu_count() or 1
         if tasks:
             try:
                 make_runner(workers, scheduler, threads)(tasks, on_done)
