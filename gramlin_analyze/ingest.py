@@ -11,6 +11,7 @@ never read again.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -320,6 +321,10 @@ def ingest(
 
         if progress:
             progress(0, len(tasks), 0)
+        if "torch" not in sys.modules and any(_torch_dtype(d) for _, d, _ in template.values()):
+            # bf16/fp8 weights are widened through torch inside the tasks; importing
+            # it here lets the runner limit its threads like BLAS's (one per task).
+            import torch  # noqa: F401
         if threads is None and capture is not None:
             # Capture is torch compute plus a background writer per task: one task
             # per core was 1.1x faster than two (benchmarks/capture.py), unlike
@@ -342,6 +347,15 @@ def ingest(
     report.ingested.sort()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _torch_dtype(name: str) -> bool:
+    """Whether a stored dtype has no NumPy type (bf16, fp8): reading it needs torch."""
+    try:
+        np.dtype(name)
+    except TypeError:
+        return True
+    return False
 
 
 def _lr_for(step: int, meta_lr, constant, schedule) -> tuple[float | None, str]:

@@ -162,3 +162,34 @@ def test_consolidated_metadata_is_current_after_ingest_and_analyze(tmp_path):
     notes: list[str] = []
     assert validate_store(str(store), notes=notes) == []
     assert not [n for n in notes if "consolidated" in n]
+
+
+def test_a_failing_phase2_keeps_the_finished_phase1_results(tmp_path, monkeypatch):
+    """A phase-2 error (here injected) surfaces, and the per-step results that
+    finished before it are flushed with their provenance: the next run does not
+    redo them."""
+    import gramlin_analyze.analysis.driver as drv
+    from tests.trajectory import write_trajectory
+
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+    write_trajectory(run, [0, 10, 20])
+    ga.ingest(run, store)
+    real = drv._phase2
+
+    def failing(gs, m, buf, layer, *args):
+        if layer == "fc2":
+            raise RuntimeError("injected phase-2 failure")
+        return real(gs, m, buf, layer, *args)
+
+    monkeypatch.setattr(drv, "_phase2", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        ga.analyze(store, metrics=["gram"])
+    monkeypatch.setattr(drv, "_phase2", real)
+    again = ga.analyze(store, metrics=["gram"])
+    assert (again.computed, again.up_to_date) == (0, 6)  # 3 steps x 2 layers, none redone
+    m = ga.open(store)["metrics"].to_dataset()
+    W = ga.open(store)["layers/fc2"]["weight"].values.astype(np.float64)
+    G1, G2 = W[1].T @ W[1], W[2].T @ W[2]
+    np.testing.assert_allclose(
+        float(m["gram_change"].sel(step=20, layer="fc2")), np.linalg.norm(G2 - G1) / np.linalg.norm(G1), rtol=1e-4
+    )

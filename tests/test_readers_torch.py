@@ -148,6 +148,21 @@ def test_scan_and_read_safetensors_never_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu"])
+def test_safetensors_float8_is_float32(tmp_path, dtype):
+    """Dtypes NumPy lacks go through torch and come back float32, the values torch
+    itself widens them to (a dtype missing from the numpy path must not crash)."""
+    if not hasattr(torch, dtype):
+        pytest.skip(f"this torch has no {dtype}")
+    g = torch.Generator().manual_seed(3)
+    t = (torch.rand(4, 3, generator=g) + 0.5).to(getattr(torch, dtype))
+    path = tmp_path / f"{dtype}.safetensors"
+    save_file({"w": t}, path)
+    got = get_reader("safetensors").read_tensor(path, "w")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, t.to(torch.float32).numpy())
+
+
 def test_safetensors_save_model(tmp_path):
     model = tiny_model(2)
     path = tmp_path / "model.safetensors"

@@ -392,8 +392,12 @@ def analyze(
 
         if progress:
             progress(0, len(tasks), 0)
+        # The BLAS thread limit is process-wide: set it here to what the threaded
+        # runner sets for its tasks, so it does not change under a running phase 2.
+        cores = os.cpu_count() or 1
+        n_run = max(1, min(threads or 2 * cores, len(tasks) or 1))
         try:
-            with kernel_threads(max(1, (os.cpu_count() or 1) // n_threads)):
+            with kernel_threads(max(1, cores // n_run)):
                 for layer in chosen:  # nothing new to compute here; its chain may still need phase 2
                     if left[layer] == 0:
                         start_phase2(layer)
@@ -402,9 +406,9 @@ def analyze(
                 for fut in phase2:
                     fut.result()
         finally:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
             release_scratch(ctx_base["run_token"])
-        buf.flush()
+            buf.flush()  # what finished is kept even when a task or a phase 2 failed
         # Every structural change above consolidated as it happened; tasks and the
         # manifest write chunk data only, so the consolidated copy is current and
         # touch() keeps it (one metadata write instead of re-reading every node).

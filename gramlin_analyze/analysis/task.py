@@ -58,7 +58,15 @@ def _scratch_array(token: str, name: str, shape: tuple[int, ...], dtype) -> np.n
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    arrays = _scratch.setdefault((token, threading.get_ident()), {})
+    ident = threading.get_ident()
+    arrays = _scratch.get((token, ident))
+    if arrays is None:
+        # A new run on this thread: drop what an earlier run left here (a worker
+        # process of a long-lived scheduler never sees the driver's release).
+        for key in list(_scratch):
+            if key[1] == ident:
+                _scratch.pop(key, None)
+        arrays = _scratch[(token, ident)] = {}
     key = (name, tuple(shape), dtype.str)
     a = arrays.get(key)
     if a is None:

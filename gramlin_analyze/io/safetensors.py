@@ -65,8 +65,12 @@ def _unreadable(path: Path, err: Exception) -> CheckpointFormatError:
     )
 
 
-#: Stored dtypes NumPy has no type for: read through torch and widened (see tensor_to_numpy).
-_TORCH_ONLY = frozenset({"BF16", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ"})
+#: Stored dtypes NumPy reads as they are; every other one (bf16, the float8 and
+#: smaller float families, and any the format adds later) goes through torch,
+#: which widens or rejects it as before (see tensor_to_numpy).
+_NUMPY_NATIVE = frozenset(
+    {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64", "C64"}
+)
 
 
 class SafetensorsHandle(CheckpointHandle):
@@ -112,7 +116,7 @@ class SafetensorsHandle(CheckpointHandle):
         infos = self.list_tensors()
         if name not in infos:
             raise missing_tensor_error(name, self.path, list(infos))
-        via_torch = self._stored.get(name) in _TORCH_ONLY
+        via_torch = self._stored.get(name) not in _NUMPY_NATIVE
         try:
             # get_tensor copies the bytes out of the memory map, so no second copy is needed.
             if not via_torch:
