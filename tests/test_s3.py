@@ -260,3 +260,38 @@ def test_cli_takes_storage_options_and_ingests_incrementally(s3, tmp_path, capsy
         main(["info", url, "--storage-option", "no-equals-sign"])
     assert exit_info.value.code == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_analyze_on_s3_matches_numpy_and_is_incremental(s3, tmp_path):
+    """analyze against a remote store: Grams, norms and Gram changes equal a float64
+    NumPy reference; a new checkpoint computes only its own pairs."""
+    import gramlin_analyze as ga
+
+    run = tmp_path / "run"
+    expected = write_trajectory(run, [0, 10, 20])
+    url = f"s3://{BUCKET}/analyze/run.zarr"
+    so = s3.storage_options
+    ingest(run, url, storage_options=so)
+    first = ga.analyze(url, metrics=["gram", "spectrum"], storage_options=so)
+    assert first.computed == 2 * 3 * 2  # (step, layer) pairs x families
+    expected.update(write_trajectory(run, [30], seed=1))
+    ingest(run, url, storage_options=so)
+    again = ga.analyze(url, metrics=["gram", "spectrum"], storage_options=so)
+    assert (again.computed, again.up_to_date) == (2 * 2, 12)
+
+    tree = open_tree(url, s3)
+    m = tree["metrics"].to_dataset()
+    steps = sorted(expected)
+    for layer in ("fc1", "fc2"):
+        grams = [expected[s][f"{layer}.weight"].astype(np.float64) for s in steps]
+        grams = [w.T @ w for w in grams]
+        np.testing.assert_allclose(tree[f"metrics/{layer}"]["gram"].values, np.stack(grams), rtol=1e-6)
+        for k, step in enumerate(steps):
+            row = m.sel(step=step, layer=layer)
+            np.testing.assert_allclose(float(row["fro_norm"]), np.sqrt(np.trace(grams[k])), rtol=1e-12)
+            top = np.linalg.eigvalsh(grams[k])[-1]
+            np.testing.assert_allclose(float(row["spectral_norm"]), np.sqrt(top), rtol=1e-9)
+            if k:
+                ref = np.linalg.norm(grams[k] - grams[k - 1]) / np.linalg.norm(grams[k - 1])
+                np.testing.assert_allclose(float(row["gram_change"]), ref, rtol=1e-4)
+    assert validate_store(url, storage_options=so) == []
