@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import sys
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,16 +61,84 @@ def writable(arr: zarr.Array) -> zarr.Array:
     return arr.with_config({"write_empty_chunks": True})
 
 
-def put_step(arr: zarr.Array, index: int, value: np.ndarray) -> None:
-    """Write ``value`` as row ``index`` of a step-major array, chunk by chunk as is.
+def raw_chunk_path(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
+    """The file holding chunk ``coords`` of ``arr``, when that file is just its values.
 
-    ``arr[index] = value`` hands zarr a value without the step axis, which
-    never matches a chunk's shape, so zarr fills a new chunk buffer with the
-    fill value and copies the value into it; keeping the axis lets a value
-    that covers whole chunks be encoded directly (no fill, no copy), which
-    matters for multi-MB weight and Gram chunks.
+    That is: a writable local store, zarr v3 metadata whose only codec is
+    little-endian ``bytes`` (no compression, no sharding, no filters, as this
+    store lays out weights, activations and Grams), a regular chunk grid and
+    a fixed-size numeric dtype on a little-endian machine. Otherwise None, and
+    callers write through zarr.
     """
-    arr[index : index + 1] = np.asarray(value, dtype=arr.dtype)[None]
+    from zarr.codecs import BytesCodec
+    from zarr.core.chunk_grids import RegularChunkGrid
+    from zarr.storage import LocalStore
+
+    store = arr.store
+    md = arr.metadata
+    if not isinstance(store, LocalStore) or store.read_only or md.zarr_format != 3:
+        return None
+    codecs = md.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return None
+    endian = codecs[0].endian
+    if sys.byteorder != "little" or (endian is not None and getattr(endian, "value", endian) != "little"):
+        return None
+    if not isinstance(md.chunk_grid, RegularChunkGrid) or arr.dtype.kind not in "biufc":
+        return None
+    return Path(store.root, arr.path, md.encode_chunk_key(coords))
+
+
+def write_raw_chunk(path: Path, data: np.ndarray) -> None:
+    """Write one chunk's bytes atomically, as zarr's local store does (temp file, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with tmp.open("wb") as f:
+            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def put_step(arr: zarr.Array, index: int, value: np.ndarray) -> None:
+    """Write ``value`` as row ``index`` of a step-major array.
+
+    When the row is exactly one chunk of a local, uncompressed array (weights
+    and Grams here: chunks of one step), its bytes go straight to the chunk
+    file (:func:`raw_chunk_path`): zarr's codec pipeline would copy them and
+    hop through its I/O threads for the same file, about a tenth of
+    ``analyze --metrics gram``. Otherwise zarr writes it, keeping the step
+    axis so that a value covering whole chunks is encoded without zarr's
+    fill-and-copy of a partial chunk.
+    """
+    value = np.asarray(value, dtype=arr.dtype)
+    if arr.chunks == (1, *arr.shape[1:]) and value.shape == tuple(arr.shape[1:]):
+        path = raw_chunk_path(arr, (index,) + (0,) * value.ndim)
+        if path is not None:
+            write_raw_chunk(path, value)
+            return
+    arr[index : index + 1] = value[None]
+
+
+def put_rows(arr: zarr.Array, index: int, first: int, value: np.ndarray) -> None:
+    """Write ``value`` as rows ``first:first+len(value)`` of step ``index`` of a
+    ``(step, row, ...)`` array; whole chunks go straight to their files (see
+    :func:`put_step`), anything else through zarr."""
+    value = np.asarray(value, dtype=arr.dtype)
+    rows = arr.chunks[1]
+    if (
+        arr.chunks[0] == 1
+        and tuple(arr.chunks[2:]) == tuple(arr.shape[2:]) == value.shape[1:]
+        and first % rows == 0
+        and len(value) == rows
+    ):
+        path = raw_chunk_path(arr, (index, first // rows) + (0,) * (value.ndim - 1))
+        if path is not None:
+            write_raw_chunk(path, value)
+            return
+    arr[index : index + 1, first : first + len(value)] = value[None]
 
 
 def read_step(arr: zarr.Array, index: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -620,8 +691,8 @@ class ActivationSink:
         index = self.index
 
         def job() -> None:
-            ah[index, first : first + len(H)] = H
-            ag[index, first : first + len(G)] = G
+            put_rows(ah, index, first, H)
+            put_rows(ag, index, first, G)
 
         while len(self._pending) >= self.max_pending:
             self._pending.pop(0).result()

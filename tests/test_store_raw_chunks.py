@@ -1,0 +1,79 @@
+"""Whole-step writes that go straight to the chunk file: same bytes as zarr's own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BytesCodec, ZstdCodec
+
+from gramlin_analyze.store.core import put_step, raw_chunk_path, read_step
+
+
+def _pair(tmp_path, dtype, shape, **kw):
+    """Two identical arrays in one group: one written by put_step, one by zarr."""
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    arrays = [
+        root.create_array(name, shape=(4, *shape), chunks=(1, *shape), dtype=dtype, fill_value=0, **kw)
+        for name in ("fast", "zarr")
+    ]
+    return root, arrays
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [("float32", (7, 5)), ("float64", (3, 4, 2)), ("float16", (6,)), ("int64", (2, 3)), ("bool", (5, 5))],
+)
+def test_put_step_writes_the_bytes_zarr_would(tmp_path, dtype, shape):
+    root, (fast, ref) = _pair(tmp_path, dtype, shape, compressors=None)
+    rng = np.random.default_rng(7)
+    for i in (2, 0):
+        value = (rng.standard_normal(shape) * 5).astype(dtype)
+        assert raw_chunk_path(fast, (i,) + (0,) * len(shape)) is not None
+        put_step(fast, i, value)
+        ref[i : i + 1] = value[None]
+        key = fast.metadata.encode_chunk_key((i,) + (0,) * len(shape))
+        assert (tmp_path / "s.zarr" / "fast" / key).read_bytes() == (tmp_path / "s.zarr" / "zarr" / key).read_bytes()
+        np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["fast"][i], value)
+        np.testing.assert_array_equal(read_step(fast, i, np.empty(shape, dtype)), value)
+    assert not list((tmp_path / "s.zarr").rglob("*.partial"))
+    np.testing.assert_array_equal(fast[:], ref[:])  # untouched rows read as the fill value
+
+
+def test_put_step_writes_through_zarr_when_the_chunk_file_is_not_the_values(tmp_path):
+    rng = np.random.default_rng(8)
+    value = rng.standard_normal((6, 4)).astype("float32")
+    for kw in ({"compressors": ZstdCodec()}, {"compressors": None, "serializer": BytesCodec(endian="big")}):
+        _, (fast, _) = _pair(tmp_path, "float32", (6, 4), **kw)
+        assert raw_chunk_path(fast, (1, 0, 0)) is None
+        put_step(fast, 1, value)
+        np.testing.assert_array_equal(fast[1], value)
+    # a row split over several chunks: zarr writes it
+    root = zarr.open_group(str(tmp_path / "t.zarr"), mode="w", zarr_format=3)
+    split = root.create_array("a", shape=(3, 6, 4), chunks=(1, 3, 4), dtype="float32", compressors=None)
+    put_step(split, 2, value)
+    np.testing.assert_array_equal(split[2], value)
+    # read-only handle: no raw path
+    ro = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")["a"]
+    assert raw_chunk_path(ro, (0, 0, 0)) is None
+
+
+def test_put_rows_matches_zarr_for_whole_and_partial_chunks(tmp_path):
+    """Activation rows: whole chunks take the raw path, the ragged last chunk and
+    unaligned pieces go through zarr; the stored values and bytes agree."""
+    from gramlin_analyze.store.core import put_rows
+
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    kw = dict(shape=(2, 10, 3), chunks=(1, 4, 3), dtype="float32", fill_value=np.nan, compressors=None)
+    fast, ref = root.create_array("fast", **kw), root.create_array("zarr", **kw)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((10, 3)).astype("float32")
+    for first, stop in ((0, 4), (4, 8), (8, 10)):  # two whole chunks, then the ragged one
+        put_rows(fast, 1, first, x[first:stop])
+        ref[1:2, first:stop] = x[first:stop][None]
+    put_rows(fast, 0, 1, x[1:3])  # unaligned: through zarr
+    ref[0:1, 1:3] = x[1:3][None]
+    np.testing.assert_array_equal(fast[:], ref[:])
+    np.testing.assert_array_equal(fast[1], x)
+    for key in ("c/1/0/0", "c/1/1/0", "c/1/2/0", "c/0/0/0"):
+        assert (tmp_path / "s.zarr/fast" / key).read_bytes() == (tmp_path / "s.zarr/zarr" / key).read_bytes()
