@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 from gramlin_analyze._version import __version__
 from gramlin_analyze.errors import GramlinError, UsageError
@@ -86,6 +87,15 @@ class _Progress:
 # -- commands ----------------------------------------------------------------------
 
 
+def _relative(path, directory) -> str:
+    """``path`` relative to the scanned directory (named in the table title) when under it."""
+    p, d = Path(path), Path(directory)
+    try:
+        return str(p.resolve().relative_to(d.resolve())) if d.is_dir() else str(p)
+    except ValueError:
+        return str(p)
+
+
 def cmd_scan(args) -> int:
     from rich.table import Table
 
@@ -108,7 +118,7 @@ def cmd_scan(args) -> int:
             n = "unreadable"
             failed += 1
             _console(args.quiet).print(f"[red]error:[/red] {err}")
-        table.add_row(str(s.step), s.format, str(len(s.files)), _human(s.bytes), n, str(s.path))
+        table.add_row(str(s.step), s.format, str(len(s.files)), _human(s.bytes), n, _relative(s.path, args.directory))
     _out().print(table)
     for path, why in getattr(sources, "skipped", []):
         _console(args.quiet).print(f"skipped {path}: {why}")
