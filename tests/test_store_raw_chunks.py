@@ -77,3 +77,16 @@ def test_put_rows_matches_zarr_for_whole_and_partial_chunks(tmp_path):
     np.testing.assert_array_equal(fast[1], x)
     for key in ("c/1/0/0", "c/1/1/0", "c/1/2/0", "c/0/0/0"):
         assert (tmp_path / "s.zarr/fast" / key).read_bytes() == (tmp_path / "s.zarr/zarr" / key).read_bytes()
+
+
+def test_raw_writes_refuse_rows_outside_the_array(tmp_path):
+    from gramlin_analyze.store.core import put_rows
+
+    _, (fast, _) = _pair(tmp_path, "float32", (4, 3), compressors=None)
+    with pytest.raises(IndexError):
+        put_step(fast, 4, np.ones((4, 3), "float32"))
+    root = zarr.open_group(str(tmp_path / "r.zarr"), mode="w", zarr_format=3)
+    a = root.create_array("a", shape=(2, 8, 3), chunks=(1, 4, 3), dtype="float32", compressors=None)
+    with pytest.raises(IndexError):
+        put_rows(a, 2, 0, np.ones((4, 3), "float32"))
+    assert not list((tmp_path / "s.zarr" / "fast").rglob("c/4/*")) and not list((tmp_path / "r.zarr").rglob("c/2/*"))
