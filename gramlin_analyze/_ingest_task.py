@@ -83,7 +83,7 @@ def ingest_one(
                     b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
                     nonfinite += count_nonfinite(b)
                     put_step(writable(grp["bias"]), index, b)
-                writable(grp["nonfinite"])[index] = nonfinite
+                put_step(writable(grp["nonfinite"]), index, nonfinite)
                 total_nonfinite += nonfinite
             meta = h.read_metadata()
             if source.get("capture"):

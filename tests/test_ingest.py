@@ -117,6 +117,9 @@ def test_bad_inputs_fail_alone(tmp_path, capsys):
     for s in (3, 4, 5, 6):
         assert str(st["error"].sel(step=s).values)
     assert int(st["nonfinite"].sel(step=7)) == 2
+    for layer in ("fc1", "fc2"):  # per layer: one NaN/Inf each at step 7, none before
+        counts = tree[f"layers/{layer}"]["nonfinite"]
+        assert int(counts.sel(step=7)) == 1 and [int(counts.sel(step=s)) for s in (0, 1, 2)] == [0, 0, 0]
     w = tree["layers/fc1"]["weight"].sel(step=7).values
     assert np.isnan(w[0, 0]) and np.isfinite(w[1:]).all()
     for s in (0, 1, 2):
