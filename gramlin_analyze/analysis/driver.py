@@ -363,7 +363,8 @@ def analyze(
         left = {layer: 0 for layer in chosen}
         for _, layer in jobs:
             left[layer] += 1
-        n_threads = max(1, min(threads or 2 * (os.cpu_count() or 1), len(chosen)))
+        cores = os.cpu_count() or 1
+        n_threads = max(1, min(threads or 2 * cores, len(chosen)))
         pool = ThreadPoolExecutor(n_threads, thread_name_prefix="gramlin-phase2")
         phase2: list = []
 
@@ -394,7 +395,6 @@ def analyze(
             progress(0, len(tasks), 0)
         # The BLAS thread limit is process-wide: set it here to what the threaded
         # runner sets for its tasks, so it does not change under a running phase 2.
-        cores = os.cpu_count() or 1
         n_run = max(1, min(threads or 2 * cores, len(tasks) or 1))
         try:
             with kernel_threads(max(1, cores // n_run)):

@@ -102,13 +102,13 @@ def write_raw_chunk(path: Path, data: np.ndarray) -> None:
         raise
 
 
-def _check_rows(arr: zarr.Array, index: int, first: int, n: int, whole: bool = False) -> None:
-    """IndexError for a step (or rows of it) outside ``arr``: zarr clips slices
-    silently, so a write past the end would otherwise be dropped without a word."""
+def _check_step(arr: zarr.Array, index: int, rows: tuple[int, int] | None = None) -> None:
+    """IndexError for a step (or rows ``first..stop`` of it) outside ``arr``: zarr
+    clips slices silently, so a write past the end would otherwise be dropped."""
     if not 0 <= index < arr.shape[0]:
         raise IndexError(f"step index {index} is outside {arr.path or 'the array'} (length {arr.shape[0]})")
-    if not whole and not (0 <= first and first + n <= arr.shape[1]):
-        raise IndexError(f"rows {first}..{first + n} are outside {arr.path or 'the array'} ({arr.shape[1]} rows)")
+    if rows is not None and not 0 <= rows[0] <= rows[1] <= arr.shape[1]:
+        raise IndexError(f"rows {rows[0]}..{rows[1]} are outside {arr.path or 'the array'} ({arr.shape[1]} rows)")
 
 
 def put_step(arr: zarr.Array, index: int, value: np.ndarray) -> None:
@@ -123,7 +123,7 @@ def put_step(arr: zarr.Array, index: int, value: np.ndarray) -> None:
     fill-and-copy of a partial chunk.
     """
     value = np.asarray(value, dtype=arr.dtype)
-    _check_rows(arr, index, 0, 0, whole=True)
+    _check_step(arr, index)
     if arr.chunks == (1, *arr.shape[1:]) and value.shape == tuple(arr.shape[1:]):
         path = raw_chunk_path(arr, (index,) + (0,) * value.ndim)
         if path is not None:
@@ -138,7 +138,7 @@ def put_rows(arr: zarr.Array, index: int, first: int, value: np.ndarray) -> None
     :func:`put_step`), anything else through zarr."""
     value = np.asarray(value, dtype=arr.dtype)
     rows = arr.chunks[1]
-    _check_rows(arr, index, first, len(value))
+    _check_step(arr, index, (first, first + len(value)))
     if (
         arr.chunks[0] == 1
         and tuple(arr.chunks[2:]) == tuple(arr.shape[2:]) == value.shape[1:]
