@@ -127,7 +127,7 @@ def test_ingest_into_s3_opens_with_xarray_alone(s3, run_store):
     assert set(tree["steps"]["format"].values) == {"safetensors", "torch"}
     keys = s3.keys("shared/")
     assert "shared/run.zarr/zarr.json" in keys
-    assert "shared/run.zarr/layers/fc1/weight/c/2/0/0" in keys  # one step per chunk
+    assert "shared/run.zarr/layers/fc1/weight/c.2.0.0" in keys  # one step per chunk
     assert not any(k.endswith(".lock") for k in keys)  # the writer released its lock
 
 
@@ -209,7 +209,7 @@ def test_validate_and_info_on_s3(s3, run_store):
     assert rows["fc1"].endswith(f"{fc1 / 1024:.1f} KiB")
 
     # A chunk lost behind the store's back is found by listing the bucket.
-    chunk = "shared/run.zarr/layers/fc2/weight/c/1/0/0"
+    chunk = "shared/run.zarr/layers/fc2/weight/c.1.0.0"
     data = s3.client.get_object(Bucket=BUCKET, Key=chunk)["Body"].read()
     s3.client.delete_object(Bucket=BUCKET, Key=chunk)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import zarr
@@ -90,3 +92,80 @@ def test_raw_writes_refuse_rows_outside_the_array(tmp_path):
     with pytest.raises(IndexError):
         put_rows(a, 2, 0, np.ones((4, 3), "float32"))
     assert not list((tmp_path / "s.zarr" / "fast").rglob("c/4/*")) and not list((tmp_path / "r.zarr").rglob("c/2/*"))
+
+
+@pytest.mark.parametrize("nbytes", [(1 << 20), (1 << 20) + 12, (9 << 20) + 4])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_direct_io_writes_the_same_bytes(tmp_path, monkeypatch, nbytes, aligned):
+    """Large chunks bypass the page cache (O_DIRECT): the file holds exactly the
+    array's bytes, page-aligned source or not, whole blocks or a ragged tail
+    (padded for the device, then truncated), as through the page cache."""
+    import mmap
+
+    from gramlin_analyze.store import core
+
+    rng = np.random.default_rng(nbytes)
+    raw = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    if aligned:
+        src = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+        src[:] = raw
+        assert src.ctypes.data % 4096 == 0
+    else:
+        src = np.empty(nbytes + 1, np.uint8)[1:]
+        src[:] = raw
+    calls = []
+    real = core._write_direct
+    monkeypatch.setattr(core, "_write_direct", lambda p, v: calls.append(real(p, v)) or calls[-1])
+    core.write_raw_chunk(tmp_path / "direct", src)
+    monkeypatch.setenv("GRAMLIN_DIRECT_IO", "0")
+    core.write_raw_chunk(tmp_path / "cached", src)
+    assert calls == [True, False]  # the first went direct, the second through the cache
+    assert (tmp_path / "direct").read_bytes() == raw.tobytes() == (tmp_path / "cached").read_bytes()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_direct_io_falls_back_where_the_file_system_refuses_it(tmp_path, monkeypatch):
+    """A file system that rejects O_DIRECT (EINVAL on open) is written through
+    the page cache, and remembered so that the next chunk does not try again."""
+    import errno
+
+    from gramlin_analyze.store import core
+
+    real_open = os.open
+    tries = []
+
+    def refusing_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            tries.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(core.os, "open", refusing_open)
+    monkeypatch.setattr(core, "_direct_unsupported", set())
+    x = np.random.default_rng(1).standard_normal(300_000)  # 2.4 MB
+    for name in ("a", "b"):
+        core.write_raw_chunk(tmp_path / name, x)
+        np.testing.assert_array_equal(np.fromfile(tmp_path / name), x)
+    assert len(tries) == 1
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_step_major_chunks_are_flat_files(tmp_path):
+    """Weights and activations keep each chunk as a file in its array's directory
+    (``c.<step>.<row>.<col>``), not a directory per step."""
+    import gramlin_analyze as ga
+    from tests.trajectory import write_trajectory
+
+    write_trajectory(tmp_path / "run", [0, 10, 20])
+    ga.ingest(tmp_path / "run", tmp_path / "s.zarr")
+    for array in ("weight", "bias"):
+        names = sorted(p.name for p in (tmp_path / "s.zarr/layers/fc1" / array).iterdir())
+        assert names == ["c.0.0" + ".0" * (array == "weight"), "c.1.0" + ".0" * (array == "weight"),
+                         "c.2.0" + ".0" * (array == "weight"), "zarr.json"]
+    from gramlin_analyze.store.validate import validate_store
+
+    assert validate_store(tmp_path / "s.zarr") == []
+    (tmp_path / "s.zarr/layers/fc1/weight/c.1.0.0").unlink()  # lost behind the store's back
+    assert validate_store(tmp_path / "s.zarr") == [
+        "layers/fc1/weight: step 10 is marked ok but its chunks are missing; re-run ingest to rewrite it"
+    ]

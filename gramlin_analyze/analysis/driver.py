@@ -199,7 +199,8 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
                     np.promote_types(gs.layer(layer)["weight"].dtype, np.float32) if name == "gram" else np.dtype("float64")
                 )
                 a = lg.create_array(name, shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
-                                    dimension_names=dims, fill_value=np.nan, compressors=None)
+                                    dimension_names=dims, fill_value=np.nan, compressors=None,
+                                    chunk_key_encoding=L.STEP_CHUNK_KEYS)
                 a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam, "computed_in": "float64"})
                 changed = True
     if changed:

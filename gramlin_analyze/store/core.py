@@ -13,8 +13,10 @@ first act, so a store left by a killed writer is consistent again.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import sys
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -90,16 +92,124 @@ def raw_chunk_path(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
 
 
 def write_raw_chunk(path: Path, data: np.ndarray) -> None:
-    """Write one chunk's bytes atomically, as zarr's local store does (temp file, rename)."""
+    """Write one chunk's bytes atomically, as zarr's local store does (temp file, rename).
+
+    Chunks of at least :data:`DIRECT_IO_MIN_BYTES` bypass the page cache
+    (``O_DIRECT``, see :func:`_write_direct`) where the file system allows
+    it; ``GRAMLIN_DIRECT_IO=0`` turns that off.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
     try:
-        with tmp.open("wb") as f:
-            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        if not _write_direct(tmp, view):
+            with tmp.open("wb") as f:
+                f.write(view)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# -- direct I/O -------------------------------------------------------------------------
+
+#: Chunks this large or larger are written with ``O_DIRECT`` (when enabled and supported).
+DIRECT_IO_MIN_BYTES = 1 << 20
+_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of the logical block size
+_STAGING_BYTES = 8 << 20  # per thread: the aligned buffer unaligned data is copied through
+_direct_unsupported: set[int] = set()  # st_dev of file systems that refused O_DIRECT
+_staging = threading.local()
+
+
+def direct_io_enabled() -> bool:
+    """Whether large chunk writes may bypass the page cache (``GRAMLIN_DIRECT_IO``, default on)."""
+    return hasattr(os, "O_DIRECT") and os.environ.get("GRAMLIN_DIRECT_IO", "1").strip().lower() not in (
+        "0", "off", "false", "no",
+    )
+
+
+def _staging_buffer() -> memoryview:
+    buf = getattr(_staging, "buf", None)
+    if buf is None:
+        import mmap
+
+        buf = _staging.buf = mmap.mmap(-1, _STAGING_BYTES)  # page-aligned, reused by this thread
+    return memoryview(buf)
+
+
+def _write_direct(tmp: Path, view: memoryview) -> bool:
+    """Write ``view`` to the new file ``tmp`` with ``O_DIRECT``; False when not done.
+
+    Why: a store is written once and read later, often larger than memory.
+    Through the page cache every chunk is copied into cache pages that the
+    kernel must then write back, and that evict the user's working set; on
+    virtual machines whose guest memory is backed lazily, filling new cache
+    pages also costs about 2.5 ms per MB of CPU. ``O_DIRECT`` hands the
+    buffer to the device instead: writing the 550 MB of a capture took 0.25 s
+    of CPU instead of 0.8 s (plus 0.3 s of ``sync``) on the development VM.
+
+    ``O_DIRECT`` needs offsets, lengths and memory aligned to the device's
+    block size: the aligned part of a page-aligned array goes to the device
+    as is, anything else through a per-thread aligned staging buffer; the
+    last block is padded with zeros and the file truncated to its true
+    length. File systems that refuse ``O_DIRECT`` (tmpfs, some network
+    file systems) are remembered and written through the page cache.
+    """
+    n = view.nbytes
+    if n < DIRECT_IO_MIN_BYTES or not direct_io_enabled():
+        return False
+    try:
+        dev = os.stat(tmp.parent).st_dev
+    except OSError:
+        return False
+    if dev in _direct_unsupported:
+        return False
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o666)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        _direct_unsupported.add(dev)
+        return False
+    try:
+        try:
+            _pwrite_aligned(fd, view)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            # Alignment this device does not accept: written through the page cache.
+            _direct_unsupported.add(dev)
+            os.close(fd)
+            fd = -1
+            with tmp.open("wb") as f:
+                f.write(view)
+            return True
+        os.ftruncate(fd, n)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return True
+
+
+def _pwrite_aligned(fd: int, view: memoryview) -> None:
+    n = view.nbytes
+    off = 0
+    addr = np.frombuffer(view, dtype=np.uint8).ctypes.data if n else 0
+    if addr % _ALIGN == 0:  # zero-copy: the whole blocks straight from the array
+        whole = n - n % _ALIGN
+        while off < whole:
+            off += os.pwrite(fd, view[off:whole], off)
+    stage = _staging_buffer()
+    while off < n:
+        k = min(n - off, len(stage))
+        stage[:k] = view[off : off + k]
+        padded = -(-k // _ALIGN) * _ALIGN
+        if padded > k:
+            stage[k:padded] = bytes(padded - k)
+        done = 0
+        while done < padded:
+            done += os.pwrite(fd, stage[done:padded], off + done)
+        off += k
 
 
 def _check_step(arr: zarr.Array, index: int, rows: tuple[int, int] | None = None) -> None:
@@ -571,16 +681,17 @@ class GramlinStore:
         grp.create_array(
             "weight", shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
             dimension_names=["step", "out", "in"], fill_value=np.nan, compressors=None,
-            attributes={"long_name": f"weight of {name}, (out, in) order", "units": "1"},
+            chunk_key_encoding=L.STEP_CHUNK_KEYS, attributes={"long_name": f"weight of {name}, (out, in) order", "units": "1"},
         )
         if bias:
             grp.create_array(
                 "bias", shape=(n, weight_shape[0]), dtype=dtype, chunks=(1, weight_shape[0]),
                 dimension_names=["step", "out"], fill_value=np.nan, compressors=None,
-                attributes={"long_name": f"bias of {name}", "units": "1"},
+                chunk_key_encoding=L.STEP_CHUNK_KEYS, attributes={"long_name": f"bias of {name}", "units": "1"},
             )
         grp.create_array(
             "nonfinite", shape=(n,), dtype="int64", chunks=(1,), dimension_names=["step"], fill_value=-1,
+            chunk_key_encoding=L.STEP_CHUNK_KEYS,
             attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
         )
         return grp
@@ -660,14 +771,14 @@ def declare_activations(
     ):
         arr = grp.create_array(
             name, shape=shape, dtype=dtype, chunks=chunks, dimension_names=["step", "sample", "in"],
-            fill_value=np.nan, compressors=None, overwrite=True,
+            fill_value=np.nan, compressors=None, overwrite=True, chunk_key_encoding=L.STEP_CHUNK_KEYS,
         )
         arr.attrs.update({"long_name": long_name, "samples_per_example": samples_per_example})
     if agop:
         a = grp.create_array(
             "agop", shape=(n_steps, d_in, d_in), dtype="float64",
             chunks=L.matrix_chunks((n_steps, d_in, d_in), 8), dimension_names=["step", "in_i", "in_j"],
-            fill_value=np.nan, compressors=None, overwrite=True,
+            fill_value=np.nan, compressors=None, overwrite=True, chunk_key_encoding=L.STEP_CHUNK_KEYS,
         )
         a.attrs.update({"long_name": f"AGOP of the network output w.r.t. the input of {layer}"})
     grp.attrs.update({"samples_per_example": samples_per_example})

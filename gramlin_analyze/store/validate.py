@@ -46,7 +46,7 @@ def _errors(schema: dict, instance, where: str) -> list[str]:
 def _chunk_keys(url: str, storage_options: dict | None) -> set[str]:
     fs, root = fsspec.core.url_to_fs(url.removeprefix("file://"), **(storage_options or {}))
     root = root.rstrip("/")
-    return {p[len(root) + 1 :] for p in fs.find(root) if "/c/" in p or p.endswith("/c")}
+    return {p[len(root) + 1 :] for p in fs.find(root) if not p.endswith("zarr.json")}
 
 
 def _required_chunks(path: str, arr: zarr.Array, index: int) -> list[str]:
@@ -54,7 +54,7 @@ def _required_chunks(path: str, arr: zarr.Array, index: int) -> list[str]:
     counts = [max(1, math.ceil(s / c)) for s, c in zip(arr.shape[1:], grid[1:], strict=True)]
     keys = []
     for rest in np.ndindex(*counts) if counts else [()]:
-        keys.append("/".join([path, "c", str(index), *map(str, rest)]))
+        keys.append(f"{path}/{arr.metadata.encode_chunk_key((index, *rest))}")
     return keys
 
 
