@@ -29,7 +29,7 @@ from gramlin_analyze.io.discovery import CheckpointSource, scan
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import GramlinStore, declare_activations, write_probe
+from gramlin_analyze.store.core import GramlinStore, declare_activations, release_buffers, write_probe
 from gramlin_analyze.store.lock import is_remote
 
 if TYPE_CHECKING:
@@ -330,17 +330,19 @@ def ingest(
             # per core was 1.1x faster than two (benchmarks/capture.py), unlike
             # the weight copy, whose tasks wait on I/O.
             threads = os.cpu_count() or 1
+        gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
         if tasks:
             try:
                 make_runner(workers, scheduler, threads)(tasks, on_done)
             finally:
                 flush()
+                release_buffers()  # capture's chunk buffers, when tasks ran in this process
         # Steps that failed in an earlier run and were not retried still count.
         man = gs.manifest()
         for s, st, err in zip(man["step"], man["status"], man["error"], strict=True):
             if st == "failed" and int(s) not in report.failed:
                 report.failed[int(s)] = err
-        # Every structural change above consolidated as it happened; tasks and the
+        # The structure was consolidated before the tasks started; tasks and the
         # manifest write chunk data only, so the consolidated copy is current and
         # touch() keeps it (one metadata write instead of re-reading every node).
         gs.touch()
@@ -369,6 +371,7 @@ def _lr_for(step: int, meta_lr, constant, schedule) -> tuple[float | None, str]:
 
 
 def _declare_layers(gs: GramlinStore, template: dict, listed: dict[int, dict[str, LayerSpec]]) -> None:
+    gs.structure_changed()
     first = listed[min(listed)]
     for name, (shape, dtype, has_bias) in template.items():
         sdtype = L.storage_dtype(dtype)
@@ -391,7 +394,6 @@ def _declare_layers(gs: GramlinStore, template: dict, listed: dict[int, dict[str
         if dtype == "bfloat16":
             attrs["bfloat16_stored_as"] = "float32"
         gs.declare_layer(name, weight_shape=flat, dtype=sdtype, bias=has_bias, attrs=attrs)
-    gs.consolidate()
 
 
 def _resolve_capture(
@@ -459,6 +461,7 @@ def _prepare_capture(
     }
     if probe.labels is not None:
         attrs["n_classes"] = int(np.max(probe.labels)) + 1
+    gs.structure_changed()
     write_probe(gs, probe, attrs)
     itemsize = np.dtype(capture.dtype).itemsize
     for name, (n, d) in counts.items():
@@ -468,7 +471,6 @@ def _prepare_capture(
             gs, name, n_samples=n, d_in=d, dtype=np.dtype(capture.dtype), rows_per_chunk=rows,
             samples_per_example=per_example, agop=capture.agop,
         )
-    gs.consolidate()
     return list(counts)
 
 
@@ -516,6 +518,7 @@ def _prepare_external(gs: GramlinStore, files: dict[int, Path], probe: str | Non
             )
         else:
             per_example[name] = n // p.n_samples
+    gs.structure_changed()
     if p is not None and L.PROBE not in gs.root:
         attrs = {
             "fingerprint": p.fingerprint, "n_samples": int(p.n_samples), "loss": "external",
@@ -533,5 +536,4 @@ def _prepare_external(gs: GramlinStore, files: dict[int, Path], probe: str | Non
             gs, name, n_samples=n, d_in=d, dtype=np.dtype(dtype), rows_per_chunk=rows,
             samples_per_example=per_example[name], agop=False,
         )
-    gs.consolidate()
     return sorted(first)

@@ -193,3 +193,33 @@ def test_a_failing_phase2_keeps_the_finished_phase1_results(tmp_path, monkeypatc
     np.testing.assert_allclose(
         float(m["gram_change"].sel(step=20, layer="fc2")), np.linalg.norm(G2 - G1) / np.linalg.norm(G1), rtol=1e-4
     )
+
+
+def test_a_writer_stopped_midway_is_consolidated_by_the_next(tmp_path):
+    """Consolidation is deferred to once per command; a writer that changed the
+    structure and stopped before consolidating (killed) leaves
+    ``consolidated_current`` false, and the next ingest or analyze repairs the
+    consolidated copy before its tasks read it."""
+    from gramlin_analyze.store.core import CONSOLIDATED_ATTR, GramlinStore
+    from tests.trajectory import write_trajectory
+
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+    write_trajectory(run, [0, 10, 20])
+    ga.ingest(run, store)
+    ga.analyze(store, metrics=["gram"])
+    gs = GramlinStore(store, mode="a")
+    assert gs.root.attrs[CONSOLIDATED_ATTR] is True
+    with gs.lock():  # what a writer killed after its first structural change leaves
+        gs.structure_changed()
+        gs.set_step_axis(np.asarray([0, 10, 20, 30]))
+    assert GramlinStore(store).root.attrs[CONSOLIDATED_ATTR] is False
+    assert _node_shapes(store, True)["layers/fc1/weight"] == (3, 6, 5)  # stale
+    assert _node_shapes(store, False)["layers/fc1/weight"] == (4, 6, 5)
+    rep = ga.analyze(store, metrics=["gram"])  # its tasks read the consolidated copy
+    assert rep.computed == 0 and rep.skipped_steps == {30: "pending"}
+    assert _node_shapes(store, True) == _node_shapes(store, False)
+    assert GramlinStore(store).root.attrs[CONSOLIDATED_ATTR] is True
+    write_trajectory(run, [30], seed=2)  # the pending step gets its checkpoint
+    assert ga.ingest(run, store).ingested == [30]
+    assert _node_shapes(store, True) == _node_shapes(store, False)
+    assert ga.analyze(store, metrics=["gram"]).computed == 2

@@ -138,12 +138,13 @@ def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str,
 
 
 def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], spectrum_k: dict) -> None:
-    """Declare /metrics arrays that are missing (structure only; consolidates once)."""
+    """Declare /metrics arrays that are missing (structure only: the consolidated
+    copy is marked stale before each creation and rewritten once, by the caller)."""
     root = gs.root
     n = root[L.STEPS]["step"].shape[0]
     all_layers = gs.layer_names()
-    changed = False
     if L.METRICS not in root:
+        gs.structure_changed()
         m = root.create_group(L.METRICS)
         m.attrs.update(
             {
@@ -160,33 +161,33 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
         lay[:] = np.asarray(all_layers, dtype=object)
         lay.attrs.update({"long_name": "layer name"})
         m.create_group(INPUTS).attrs.update({"description": "provenance hash of each (step, layer) result's inputs"})
-        changed = True
     m = root[L.METRICS]
     nl = m["layer"].shape[0]
     for fam in families:
         f = FAMILIES[fam]
         for name in f.scalars + f.phase2_scalars:
             if name not in m:
+                gs.structure_changed()
                 a = m.create_array(name, shape=(n, nl), dtype="float64", chunks=(L.MANIFEST_CHUNK, nl),
                                    dimension_names=["step", "layer"], fill_value=np.nan)
                 a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam})
-                changed = True
         for key in (fam, fam + "_phase2") if (f.phase2_scalars or f.phase2_matrices) else (fam,):
             if key not in m[INPUTS]:
+                gs.structure_changed()
                 m[INPUTS].create_array(key, shape=(n, nl), dtype=str, chunks=(L.MANIFEST_CHUNK, nl),
                                        dimension_names=["step", "layer"])
-                changed = True
         for layer in layers:
             if layer not in m:
+                gs.structure_changed()
                 lg = m.create_group(layer)
                 c = gs._create_step_coord(lg, n)
                 c[:] = gs.steps()
-                changed = True
             lg = m[layer]
             d = gs.layer(layer)["weight"].shape[2]
             for name in f.matrices + f.phase2_matrices:
                 if name in lg:
                     continue
+                gs.structure_changed()
                 if name == "spectrum":
                     shape, dims = (n, spectrum_k[layer]), ["step", "k"]
                 else:
@@ -202,9 +203,6 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
                                     dimension_names=dims, fill_value=np.nan, compressors=None,
                                     chunk_key_encoding=L.STEP_CHUNK_KEYS)
                 a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam, "computed_in": "float64"})
-                changed = True
-    if changed:
-        gs.consolidate()
 
 
 def analyze(
@@ -258,7 +256,6 @@ def analyze(
     gs = GramlinStore(url, mode="a", storage_options=storage_options)
     report = AnalyzeReport(store=url)
     with gs.lock(break_lock=break_lock):
-        gs.consolidate()  # a store left by a killed writer is made consistent first
         all_layers = gs.layer_names()
         chosen = select_layers(all_layers, layers, None)
         if layers and not chosen:
@@ -294,6 +291,7 @@ def analyze(
             return report
         spectrum_k = {n: int(min(gs.layer(n)["weight"].shape[1:])) for n in chosen}
         _ensure_metrics(gs, chosen, families, spectrum_k)
+        gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
         m = gs.root[L.METRICS]
         layer_index = {str(n): j for j, n in enumerate(m["layer"][:])}
 
@@ -410,7 +408,7 @@ def analyze(
             pool.shutdown(wait=True, cancel_futures=True)
             release_scratch(ctx_base["run_token"])
             buf.flush()  # what finished is kept even when a task or a phase 2 failed
-        # Every structural change above consolidated as it happened; tasks and the
+        # The structure was consolidated before the tasks started; tasks and the
         # manifest write chunk data only, so the consolidated copy is current and
         # touch() keeps it (one metadata write instead of re-reading every node).
         gs.touch()

@@ -3,11 +3,14 @@
 Only this package knows the on-disk layout (see ``layout.py`` and
 ``schemas/``). Writers hold the store lock (``lock.py``); readers never block.
 
-Consolidated metadata is written deliberately after every structural change
-(Zarr v3 warns that it is not yet in the v3 spec; we silence that one warning
-at the write, because without it ``xarray.open_datatree`` warns on every
-open and lists every group over the network). A writer re-consolidates as its
-first act, so a store left by a killed writer is consistent again.
+Consolidated metadata is written deliberately (Zarr v3 warns that it is not
+yet in the v3 spec; we silence that one warning at the write, because without
+it ``xarray.open_datatree`` warns on every open and lists every group over the
+network): once per command, after the structural changes and before the
+tasks, which find their arrays in it. The root attribute
+``consolidated_current`` is false from a writer's first structural change to
+its closing write, so a store left by a killed writer is consolidated by the
+next one.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from gramlin_analyze.store.lock import StoreLock, is_remote
 __all__ = ["GramlinStore", "zarr_store"]
 
 _BIG_MOVE_BYTES = 64 * 2**20
+
+#: Root attribute: false while a writer may have changed the structure since the
+#: consolidated metadata was written (see :meth:`GramlinStore.structure_changed`).
+CONSOLIDATED_ATTR = "consolidated_current"
 
 
 def zarr_store(url: str | os.PathLike, *, storage_options: dict | None = None, read_only=False):
@@ -383,6 +390,7 @@ class GramlinStore:
         self.mode = mode
         self.storage_options = storage_options or {}
         self._steps_arrays: dict[str, zarr.Array] | None = None
+        self._stale = False  # this writer changed the structure since it last consolidated
         self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
         try:
             if mode == "r":
@@ -418,6 +426,7 @@ class GramlinStore:
                 }
             )
         if L.STEPS not in self.root:
+            self.structure_changed()
             g = self.root.create_group(
                 L.STEPS, attributes={"description": "manifest: one row per ingested checkpoint"}
             )
@@ -430,31 +439,59 @@ class GramlinStore:
             n = present["step"].shape[0]
             for name in L.MANIFEST:  # stores from older versions gain new fields
                 if name not in present:
+                    self.structure_changed()
                     self._create_manifest_array(g, name, n)
         if L.LAYERS not in self.root:
             self.root.create_group(L.LAYERS, attributes={"description": "one group per layer"})
-        self.touch()
-        self.consolidate()
+            self.structure_changed()
+
+    def consolidate(self) -> None:
+        """Rewrite the consolidated copy of every node's metadata."""
+        self._steps_arrays = None
+        with _quiet_consolidated():
+            zarr.consolidate_metadata(self._zstore, zarr_format=3)
+        self._stale = False
+        self.root = zarr.open_group(self._zstore, mode="a" if self.mode != "r" else "r",
+                                    zarr_format=3, use_consolidated=False)
+
+    # Consolidation is deferred: a writer changes the structure (creates or
+    # resizes nodes) several times while it sets up, and re-reading every
+    # node's metadata after each change cost about 15 ms locally (more on an
+    # object store) per change. Instead the first change of a command sets the
+    # root attribute ``consolidated_current`` to false (one root write), the
+    # structure is consolidated once before the tasks that read it start
+    # (:meth:`ensure_consolidated`), and the closing :meth:`touch` sets it
+    # back. A writer killed in between leaves it false, so the next writer
+    # consolidates first; readers meanwhile see the last consolidated state,
+    # which is consistent.
+
+    def structure_changed(self) -> None:
+        """Note that nodes are about to be created or resized: the consolidated copy goes stale."""
+        self._steps_arrays = None
+        if not self._stale:
+            if self.root.attrs.get(CONSOLIDATED_ATTR) is not False:
+                self._stamp({CONSOLIDATED_ATTR: False})
+            self._stale = True
+
+    def ensure_consolidated(self) -> None:
+        """Consolidate when this writer, or an earlier one that stopped midway, changed the structure."""
+        if self._stale or self.root.attrs.get(CONSOLIDATED_ATTR) is not True:
+            self.consolidate()
 
     def touch(self) -> None:
-        """Stamp the root with the time and the library version.
+        """Stamp the root with the time and the library version (a writer's last act).
 
         Written through a handle that holds the root's consolidated metadata,
         so the root keeps it: a reader opening the store before the next
         :meth:`consolidate` sees the last consolidated state, instead of
         falling back (with a warning) to one request per node.
         """
-        stamp = {"modified_at": _now(), "creation_library_version": __version__}
-        root = zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=None)
-        root.update_attributes(stamp)
-        self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
+        self._stamp({"modified_at": _now(), "creation_library_version": __version__, CONSOLIDATED_ATTR: not self._stale})
 
-    def consolidate(self) -> None:
-        self._steps_arrays = None
-        with _quiet_consolidated():
-            zarr.consolidate_metadata(self._zstore, zarr_format=3)
-        self.root = zarr.open_group(self._zstore, mode="a" if self.mode != "r" else "r",
-                                    zarr_format=3, use_consolidated=False)
+    def _stamp(self, attrs: dict[str, Any]) -> None:
+        root = zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=None)
+        root.update_attributes(attrs)
+        self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
 
     # -- arrays ----------------------------------------------------------------------
 
@@ -560,7 +597,7 @@ class GramlinStore:
         same = n_old == n_new and np.array_equal(old_steps, new_steps)
         if same:
             return pos
-        self._steps_arrays = None  # resized below through other handles
+        self.structure_changed()  # resized below through other handles
         step_arrays, step_coords = self._step_nodes()
         g = {name: step_arrays[f"{L.STEPS}/{name}"] for name in L.MANIFEST}
         if moves:
@@ -606,8 +643,6 @@ class GramlinStore:
             g["status"][:] = final_status
         if n_new < n_old:
             resize_all([(arr, (n_new, *arr.shape[1:])) for arr in step_arrays.values()])
-        self.touch()
-        self.consolidate()
         return pos
 
     @staticmethod
@@ -784,10 +819,75 @@ def declare_activations(
     grp.attrs.update({"samples_per_example": samples_per_example})
 
 
+class _AlignedPool:
+    """Page-aligned buffers for whole chunks, reused across the chunks and tasks of a process.
+
+    A chunk is assembled from capture batches in one of these and written
+    from it with no further copy (``O_DIRECT`` wants page-aligned memory).
+    Fresh memory for every chunk cost page faults on all of it (and, on the
+    development VM, the hypervisor backing it anew): reusing buffers makes a
+    chunk one copy of warm memory. At most ``max_idle_bytes`` are kept.
+    """
+
+    def __init__(self, max_idle_bytes: int = 128 << 20):
+        self.max_idle_bytes = max_idle_bytes
+        self._free: dict[int, list] = {}
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int):
+        size = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                self._idle -= size
+                return free.pop()
+        import mmap
+
+        return mmap.mmap(-1, size)
+
+    def give(self, buf) -> None:
+        with self._lock:
+            if self._idle + len(buf) <= self.max_idle_bytes:
+                self._free.setdefault(len(buf), []).append(buf)
+                self._idle += len(buf)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._idle = 0
+
+
+_chunk_buffers = _AlignedPool()
+
+
+def release_buffers() -> None:
+    """Drop the idle chunk buffers of this process (the end of an ingest)."""
+    _chunk_buffers.clear()
+
+
+class _Chunk:
+    """One chunk of ``input`` and ``input_grad`` being assembled: rows ``first:first+rows``."""
+
+    __slots__ = ("first", "rows", "filled", "bufs", "H", "G")
+
+    def __init__(self, first: int, rows: int, d: int, dtype: np.dtype):
+        self.first, self.rows, self.filled = first, rows, 0
+        nbytes = rows * d * dtype.itemsize
+        self.bufs = (_chunk_buffers.take(nbytes), _chunk_buffers.take(nbytes))
+        self.H, self.G = (np.frombuffer(b, dtype=dtype, count=rows * d).reshape(rows, d) for b in self.bufs)
+
+    def release(self) -> None:
+        self.H = self.G = None
+        for b in self.bufs:
+            _chunk_buffers.give(b)
+
+
 class ActivationSink:
     """Writes capture batches into one step's rows of ``input``/``input_grad``.
 
-    Batches arrive in order; rows are buffered only up to a chunk boundary
+    Batches arrive in order and are copied into the chunk they belong to
+    (page-aligned buffers reused across chunks, see :class:`_AlignedPool`),
     so that every chunk is written whole, once. Whole chunks are written by
     a background thread while the model computes the next batch (at most
     ``max_pending`` chunks in flight, so memory stays bounded); :meth:`flush`
@@ -802,52 +902,59 @@ class ActivationSink:
             n: (writable(layers_group[n]["input"]), writable(layers_group[n]["input_grad"])) for n in layers
         }
         self.rows = {n: a[0].chunks[1] for n, a in self.arrays.items()}
-        self.buf: dict[str, tuple[int, list, list]] = {n: (0, [], []) for n in layers}
+        self.open: dict[str, _Chunk | None] = {n: None for n in layers}
         self.written = {n: 0 for n in layers}
         self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="gramlin-sink")
         self._pending: list = []
 
-    def _write(self, layer: str, first: int, H: np.ndarray, G: np.ndarray) -> None:
+    def _write(self, layer: str, chunk: _Chunk) -> None:
         ah, ag = self.arrays[layer]
         index = self.index
 
         def job() -> None:
-            put_rows(ah, index, first, H)
-            put_rows(ag, index, first, G)
+            try:
+                put_rows(ah, index, chunk.first, chunk.H[: chunk.filled])
+                put_rows(ag, index, chunk.first, chunk.G[: chunk.filled])
+            finally:
+                chunk.release()
 
         while len(self._pending) >= self.max_pending:
             self._pending.pop(0).result()
         self._pending.append(self._pool.submit(job))
-        self.written[layer] += len(H)
+        self.written[layer] += chunk.filled
 
     def __call__(self, layer: str, start: int, h: np.ndarray, g: np.ndarray) -> None:
         if layer not in self.arrays:
             return
-        first, hs, gs = self.buf[layer]
-        if not hs:
-            first = start
-        hs.append(h)
-        gs.append(g)
-        n = sum(len(x) for x in hs)
-        rows = self.rows[layer]
-        cut = ((first + n) // rows) * rows
-        if cut > first:
-            H = np.concatenate(hs) if len(hs) > 1 else hs[0]
-            G = np.concatenate(gs) if len(gs) > 1 else gs[0]
-            k = cut - first
-            self._write(layer, first, H[:k], G[:k])
-            rest_h, rest_g = H[k:], G[k:]
-            self.buf[layer] = (cut, [rest_h] if len(rest_h) else [], [rest_g] if len(rest_g) else [])
-        else:
-            self.buf[layer] = (first, hs, gs)
+        ah = self.arrays[layer][0]
+        total, rows = ah.shape[1], self.rows[layer]
+        off, n = 0, len(h)
+        while off < n:
+            chunk = self.open[layer]
+            if chunk is None:
+                pos = start + off
+                # the rows up to the chunk boundary (or the last sample); past the
+                # end, what is left (put_rows then refuses it with IndexError)
+                size = min(rows - pos % rows, total - pos) if pos < total else n - off
+                chunk = self.open[layer] = _Chunk(pos, size, ah.shape[2], ah.dtype)
+            k = min(n - off, chunk.rows - chunk.filled)
+            chunk.H[chunk.filled : chunk.filled + k] = h[off : off + k]
+            chunk.G[chunk.filled : chunk.filled + k] = g[off : off + k]
+            chunk.filled += k
+            off += k
+            if chunk.filled == chunk.rows:
+                self.open[layer] = None
+                self._write(layer, chunk)
 
     def flush(self) -> None:
         try:
-            for layer, (first, hs, gs) in self.buf.items():
-                if hs:
-                    self._write(layer, first, np.concatenate(hs), np.concatenate(gs))
-                self.buf[layer] = (0, [], [])
+            for layer, chunk in self.open.items():
+                if chunk is not None and chunk.filled:
+                    self._write(layer, chunk)
+                elif chunk is not None:
+                    chunk.release()
+                self.open[layer] = None
             while self._pending:
                 self._pending.pop(0).result()
         finally:
@@ -856,6 +963,10 @@ class ActivationSink:
     def close(self) -> None:
         """Stop the writer thread (pending writes finish first)."""
         self._pool.shutdown(wait=True)
+        for layer, chunk in self.open.items():
+            if chunk is not None:
+                chunk.release()
+                self.open[layer] = None
 
     def check_complete(self) -> None:
         for layer, (ah, _) in self.arrays.items():
