@@ -29,7 +29,12 @@ from gramlin_analyze.io.discovery import CheckpointSource, scan
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import GramlinStore, declare_activations, release_buffers, write_probe
+from gramlin_analyze.store.core import (
+    GramlinStore,
+    declare_activations,
+    release_buffers,
+    write_probe,
+)
 from gramlin_analyze.store.lock import is_remote
 
 if TYPE_CHECKING:
