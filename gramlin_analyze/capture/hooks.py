@@ -70,6 +70,22 @@ class EagerRunner:
         unique = {id(p): p for m in self._modules.values() for p in m.parameters()}
         return list(unique.values())
 
+    def _grad_targets(self) -> list[torch.nn.Parameter]:
+        """What the backward pass is asked for: per layer its bias, else its weight.
+
+        Backward must reach every layer's output ``z`` (its tensor hook records
+        ``dL/dz``), but the parameters' gradients are not needed. Asking for the
+        bias (a sum over rows) instead of the weight spares autograd the
+        ``dz^T h`` product per layer, a third of a training step's compute.
+        """
+        out = {}
+        for m in self._modules.values():
+            bias = getattr(m, "bias", None)
+            # no bias parameter (or a parametrized module): its parameters, as a training step would
+            for p in [bias] if isinstance(bias, torch.nn.Parameter) else m.parameters():
+                out[id(p)] = p
+        return list(out.values())
+
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
@@ -152,7 +168,7 @@ class EagerRunner:
     def grads(self, objective: torch.Tensor, *, retain_graph: bool) -> dict[str, torch.Tensor]:
         """``d objective / dz`` of every selected layer as ``(samples, d_out)`` rows."""
         self._dz.clear()
-        torch.autograd.grad(objective, self._params(), retain_graph=retain_graph, allow_unused=True)
+        torch.autograd.grad(objective, self._grad_targets(), retain_graph=retain_graph, allow_unused=True)
         out = {}
         for layer in self.layers:
             dz = self._dz.get(layer.name)

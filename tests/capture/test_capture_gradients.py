@@ -97,3 +97,26 @@ def test_gradient_descent_gram_change_equals_vcs_plus_second_order(rng, make_col
             assert err < 1e-10, f"step {t} layer {layer}: relative residual {err:.3g}"
             # The VCS alone misses exactly the second-order term.
             assert np.linalg.norm(d_gram - vcs) > 1e3 * err * np.linalg.norm(d_gram)
+
+
+def test_capture_skips_the_weight_gradients():
+    """Capture needs dL/dz at each layer, not dL/dW: its backward asks for the
+    biases, so autograd never forms dz^T h. Counted in matmul FLOPs: forward
+    (all layers), the backward's input gradients (all but the first layer) and
+    g = dz W (all layers); a full backward would add 2 n d_in d_out per layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, dims = 64, (12, 16, 8, 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(dims[0], dims[1]), nn.ReLU(), nn.Linear(dims[1], dims[2]), nn.Tanh(), nn.Linear(dims[2], dims[3])
+    )
+    rng = np.random.default_rng(0)
+    probe = make_probe(rng.standard_normal((n, dims[0])).astype(np.float32), labels=rng.integers(0, dims[3], n))
+    with FlopCounterMode(display=False) as counter:
+        capture_step(model, probe, loss="cross_entropy", sink=None, batch_size=n)
+    per_layer = [2 * n * a * b for a, b in zip(dims[:-1], dims[1:], strict=True)]
+    expected = sum(per_layer) + sum(per_layer[1:]) + sum(per_layer)
+    assert counter.get_total_flops() == expected
+    for p in model.parameters():
+        assert p.grad is None  # nothing accumulated into the model
