@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.core import put_step, writable
 
-__all__ = ["ingest_one", "count_nonfinite"]
+__all__ = ["ingest_one", "count_nonfinite", "error_message"]
 
 
 def count_nonfinite(a: np.ndarray) -> int:
@@ -53,6 +54,7 @@ def ingest_one(
 
     path = source["path"]
     result: dict[str, Any] = {"index": index, "status": "failed", "error": "", "nonfinite": -1}
+    layer_nonfinite: dict[str, int] = {}
     try:
         before = _file_state(source["files"])
         reader = reader_for(source["format"], source.get("reader_options"))
@@ -83,7 +85,7 @@ def ingest_one(
                     b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
                     nonfinite += count_nonfinite(b)
                     put_step(writable(grp["bias"]), index, b)
-                put_step(writable(grp["nonfinite"]), index, nonfinite)
+                layer_nonfinite[name] = nonfinite  # the driver writes it with the manifest row
                 total_nonfinite += nonfinite
             meta = h.read_metadata()
             if source.get("capture"):
@@ -98,16 +100,23 @@ def ingest_one(
         result.update(
             status="ok",
             nonfinite=total_nonfinite,
+            layer_nonfinite=layer_nonfinite,
             lr=meta.lr,
             epoch=meta.epoch,
             optimizer=meta.optimizer or "",
         )
     except (GramlinError, OSError, KeyError, ValueError, RuntimeError, EOFError) as err:
-        msg = str(err).strip().strip("'\"") or type(err).__name__
-        if path not in msg and Path(path).name not in msg:
-            msg = f"{path}: {msg}"
-        result["error"] = msg.splitlines()[0] if len(msg) > 2000 else msg
+        result["error"] = error_message(err, path)
     return result
+
+
+def error_message(err: BaseException, path: str | os.PathLike) -> str:
+    """The error's message, prefixed with the checkpoint's path unless it names it."""
+    msg = str(err).strip().strip("'\"") or type(err).__name__
+    path = str(path)
+    if path not in msg and Path(path).name not in msg:
+        msg = f"{path}: {msg}"
+    return msg.splitlines()[0] if len(msg) > 2000 else msg
 
 
 
@@ -134,18 +143,36 @@ def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]
 
     config = CaptureConfig.from_json(source["capture"])
     layers = source["activation_layers"]
+    behind = bool(source.get("write_behind"))
+    if behind:
+        _write_behind_slots.acquire()
     sink = ActivationSink(root[L.LAYERS], index, layers)
+    pending = None
     try:
         result = capture_checkpoint(config, handle, layers=layers, sink=sink, step=source["step"])
-        sink.flush()
+        pending = sink.finish(wait=not behind)
     finally:
         sink.close()
+        if behind:
+            if pending is None:
+                _write_behind_slots.release()
+            else:
+                pending.add_done_callback(lambda _: _write_behind_slots.release())
     sink.check_complete()
     if result.agop:
         for name, mat in result.agop.items():
             if name in layers:
                 writable(root[L.LAYERS][name]["agop"])[index] = mat
-    return {"loss": float(result.loss)}
+    out: dict[str, Any] = {"loss": float(result.loss)}
+    if behind:
+        out["pending"] = pending
+    return out
+
+
+#: Steps whose activation writes may still be running after their task returned
+#: (write-behind, threaded ingest only): a task waits for a slot before capturing,
+#: so at most this many steps' chunk buffers are held by unfinished writes.
+_write_behind_slots = threading.Semaphore(max(2, os.cpu_count() or 1))
 
 
 def _write_external(source: dict[str, Any], root, index: int) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gramlin_analyze._dask import make_runner
-from gramlin_analyze._ingest_task import ingest_one
+from gramlin_analyze._ingest_task import error_message, ingest_one
 from gramlin_analyze._template import LayerSpec, check_against, layers_of, plan_layers
 from gramlin_analyze.errors import GramlinError, ProbeError, UsageError
 from gramlin_analyze.io.discovery import CheckpointSource, scan
@@ -33,6 +33,7 @@ from gramlin_analyze.store.core import (
     GramlinStore,
     declare_activations,
     release_buffers,
+    writable,
     write_probe,
 )
 from gramlin_analyze.store.lock import is_remote
@@ -69,11 +70,6 @@ def default_store_path(directory: str | os.PathLike) -> str:
 
 
 # -- the driver --------------------------------------------------------------------
-
-
-def _msg(err: BaseException, path: Path) -> str:
-    msg = str(err).strip().strip("'\"") or type(err).__name__
-    return msg if str(path) in msg or path.name in msg else f"{path}: {msg}"
 
 
 def ingest(
@@ -202,7 +198,7 @@ def ingest(
             try:
                 listed[src.step] = layers_of(reader_for(src.format, reader_options).list_tensors(src.path))
             except _READ_ERRORS as err:
-                plan_errors[src.step] = _msg(err, src.path)
+                plan_errors[src.step] = error_message(err, src.path)
 
         stored = gs.layer_names()
         if stored:
@@ -275,6 +271,9 @@ def ingest(
                 "external": str(external[s.step]) if s.step in external else None,
                 "external_dir": str(activations) if activations is not None else None,
                 "run_token": run_token,
+                # threads in this process: a task may return while its activation
+                # writes finish (the driver marks the step ok only after them)
+                "write_behind": not (workers or scheduler),
             }
             tasks.append((ingest_one, store, storage_options, pos[s.step], job, template, stored_dtypes))
         by_index = {pos[s.step]: s for s in runnable}
@@ -283,10 +282,19 @@ def ingest(
         # write per flush instead of per step. A step that finished but was not
         # flushed when killed is simply redone; ok is never written early.
         pending_rows: list[tuple[int, dict]] = []
+        pending_nonfinite: dict[str, list[tuple[int, int]]] = {}
+        deferred: list[tuple[dict, Any]] = []  # results whose writes are still running
         last_flush = time.monotonic()
 
         def flush() -> None:
             nonlocal last_flush
+            # Per-layer NaN/Inf counts before the rows that mark their steps ok.
+            for name, pairs in pending_nonfinite.items():
+                arr = writable(gs.layer(name)["nonfinite"])
+                arr.set_coordinate_selection(
+                    np.asarray([i for i, _ in pairs]), np.asarray([n for _, n in pairs], dtype=np.int64)
+                )
+            pending_nonfinite.clear()
             groups: dict[tuple, list[tuple[int, dict]]] = {}
             for idx, fields in pending_rows:
                 groups.setdefault(tuple(sorted(fields)), []).append((idx, fields))
@@ -296,6 +304,26 @@ def ingest(
             last_flush = time.monotonic()
 
         def on_done(res: dict) -> None:
+            """A task returned; its step is recorded once its background writes are done too."""
+            if res.get("pending") is not None:
+                deferred.append((res, res.pop("pending")))
+            else:
+                record(res)
+            drain(block=False)
+
+        def drain(block: bool) -> None:
+            keep = []
+            for res, fut in deferred:
+                if not (block or fut.done()):
+                    keep.append((res, fut))
+                    continue
+                err = fut.exception()
+                if err is not None and res["status"] == "ok":
+                    res = {**res, "status": "failed", "error": error_message(err, by_index[res["index"]].path)}
+                record(res)
+            deferred[:] = keep
+
+        def record(res: dict) -> None:
             nonlocal done
             src = by_index[res["index"]]
             done += 1
@@ -311,6 +339,8 @@ def ingest(
                     "error": "",
                     "status": "ok",
                 }))
+                for name, n in res.get("layer_nonfinite", {}).items():
+                    pending_nonfinite.setdefault(name, []).append((res["index"], n))
                 report.ingested.append(src.step)
                 if res["nonfinite"]:
                     report.nonfinite[src.step] = res["nonfinite"]
@@ -340,6 +370,7 @@ def ingest(
             try:
                 make_runner(workers, scheduler, threads)(tasks, on_done)
             finally:
+                drain(block=True)
                 flush()
                 release_buffers()  # capture's chunk buffers, when tasks ran in this process
         # Steps that failed in an earlier run and were not retried still count.

@@ -234,3 +234,32 @@ def test_torchscript_archives_need_the_flag(tmp_path):
     tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
     np.testing.assert_allclose(tree["layers/0"]["weight"].sel(step=1).values, model[0].weight.detach().numpy())
     assert tree["layers/0"]["input"].shape == (2, 9, 5)
+
+
+def test_a_write_that_fails_after_its_task_returned_fails_the_step(tmp_path):
+    """Activation chunks are written behind the task (the next checkpoint's
+    capture starts meanwhile); a step is marked ok only after its writes
+    finished, and a write that fails then (here: a directory squats the chunk's
+    path) fails that step alone, with the error, keeping the others."""
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((20, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 20)
+    run, _ = _trajectory(tmp_path, build_mlp(), [0, 1, 2], x, y)
+    (run / "step_0002.pt").rename(tmp_path / "later.pt")
+    store = tmp_path / "s.zarr"
+    cfg = CaptureConfig(probe=_probe(tmp_path / "p.npz", x, y), model=FACTORY + "build_mlp")
+    assert ingest(run, store, capture=cfg).ingested == [0, 1]
+    (tmp_path / "later.pt").rename(run / "step_0002.pt")
+    squat = store / "layers/2/input_grad/c.2.0.0"
+    (squat / "x").mkdir(parents=True)  # step 2 lands at index 2
+    rep = ingest(run, store)
+    assert rep.ingested == [] and list(rep.failed) == [2]
+    assert "c.2.0.0" in rep.failed[2]
+    tree = xr.open_datatree(str(store), engine="zarr")
+    assert list(tree["steps"]["status"].values) == ["ok", "ok", "failed"]
+    (squat / "x").rmdir()
+    squat.rmdir()
+    assert ingest(run, store).ingested == [2]
+    tree = xr.open_datatree(str(store), engine="zarr")
+    assert np.isfinite(tree["layers/2"]["input_grad"].sel(step=2).values).all()
+    assert validate_store(store) == []

@@ -23,6 +23,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -725,8 +726,8 @@ class GramlinStore:
                 chunk_key_encoding=L.STEP_CHUNK_KEYS, attributes={"long_name": f"bias of {name}", "units": "1"},
             )
         grp.create_array(
-            "nonfinite", shape=(n,), dtype="int64", chunks=(1,), dimension_names=["step"], fill_value=-1,
-            chunk_key_encoding=L.STEP_CHUNK_KEYS,
+            "nonfinite", shape=(n,), dtype="int64", chunks=(L.MANIFEST_CHUNK,), dimension_names=["step"],
+            fill_value=-1,  # written by the driver with the manifest rows, like them chunked
             attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
         )
         return grp
@@ -907,6 +908,7 @@ class ActivationSink:
         self.max_pending = max_pending
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="gramlin-sink")
         self._pending: list = []
+        self._finished = False
 
     def _write(self, layer: str, chunk: _Chunk) -> None:
         ah, ag = self.arrays[layer]
@@ -948,6 +950,17 @@ class ActivationSink:
                 self._write(layer, chunk)
 
     def flush(self) -> None:
+        """Write what is left and wait for every write (re-raising the first error)."""
+        self.finish(wait=True)
+
+    def finish(self, *, wait: bool) -> Future:
+        """Write what is left; a future that is done when every write of this step is.
+
+        With ``wait=False`` the writes go on in the background (write-behind:
+        the task can return while the device catches up); the future raises
+        the first write error.
+        """
+        self._finished = True
         try:
             for layer, chunk in self.open.items():
                 if chunk is not None and chunk.filled:
@@ -955,14 +968,27 @@ class ActivationSink:
                 elif chunk is not None:
                     chunk.release()
                 self.open[layer] = None
-            while self._pending:
-                self._pending.pop(0).result()
+            pending, self._pending = self._pending, []
+            if wait:
+                for fut in pending:
+                    fut.result()
+                done: Future = Future()
+                done.set_result(None)
+                return done
+
+            def barrier() -> None:  # the writer runs jobs in order: this one runs last
+                for fut in pending:
+                    fut.result()
+
+            return self._pool.submit(barrier)
         finally:
-            self.close()
+            self._pool.shutdown(wait=wait)
 
     def close(self) -> None:
-        """Stop the writer thread (pending writes finish first)."""
-        self._pool.shutdown(wait=True)
+        """Stop the writer thread (pending writes finish first, unless :meth:`finish`
+        already handed them to the background) and drop chunks never written."""
+        if not self._finished:
+            self._pool.shutdown(wait=True)
         for layer, chunk in self.open.items():
             if chunk is not None:
                 chunk.release()

@@ -54,7 +54,7 @@ def _required_chunks(path: str, arr: zarr.Array, index: int) -> list[str]:
     counts = [max(1, math.ceil(s / c)) for s, c in zip(arr.shape[1:], grid[1:], strict=True)]
     keys = []
     for rest in np.ndindex(*counts) if counts else [()]:
-        keys.append(f"{path}/{arr.metadata.encode_chunk_key((index, *rest))}")
+        keys.append(f"{path}/{arr.metadata.encode_chunk_key((index // grid[0], *rest))}")
     return keys
 
 
