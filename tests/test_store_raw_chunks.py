@@ -169,3 +169,22 @@ def test_step_major_chunks_are_flat_files(tmp_path):
     assert validate_store(tmp_path / "s.zarr") == [
         "layers/fc1/weight: step 10 is marked ok but its chunks are missing; re-run ingest to rewrite it"
     ]
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_read_step_reads_whole_chunk_files_directly(tmp_path, aligned):
+    """read_step(out=...) takes a one-step chunk straight from its file (O_DIRECT
+    for large ones, into a page-aligned ``out`` or through the staging buffer);
+    a chunk never written still reads as the fill value (through zarr)."""
+    from gramlin_analyze.store.core import aligned_empty
+
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    shape = (513, 517)  # 1.06 MB of float32: direct, with a ragged last block
+    arr = root.create_array("w", shape=(3, *shape), chunks=(1, *shape), dtype="float32",
+                            fill_value=np.nan, compressors=None)
+    x = np.random.default_rng(3).standard_normal(shape).astype("float32")
+    put_step(arr, 1, x)
+    out = aligned_empty(shape, "float32") if aligned else np.empty((shape[0] * shape[1] + 1,), "float32")[1:].reshape(shape)
+    np.testing.assert_array_equal(read_step(arr, 1, out), x)
+    assert np.isnan(read_step(arr, 0, out)).all()  # no file: zarr's fill value
+    np.testing.assert_array_equal(read_step(arr, 1, out), x)

@@ -36,7 +36,7 @@ from gramlin_analyze.reducers._common import pack
 from gramlin_analyze.reducers.surrogate import _surrogate_np
 from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import put_step, read_step, task_node
+from gramlin_analyze.store.core import aligned_empty, put_step, read_step, task_node
 
 __all__ = ["layer_step_task", "release_scratch"]
 
@@ -72,7 +72,7 @@ def _scratch_array(token: str, name: str, shape: tuple[int, ...], dtype) -> np.n
     if a is None:
         if nbytes > _SCRATCH_MAX_BYTES or nbytes + sum(x.nbytes for x in arrays.values()) > _SCRATCH_MAX_BYTES:
             return np.empty(shape, dtype)
-        a = arrays[key] = np.empty(shape, dtype)
+        a = arrays[key] = aligned_empty(shape, dtype)  # page-aligned: direct I/O needs no copy
     return a
 
 

@@ -220,6 +220,78 @@ def _pwrite_aligned(fd: int, view: memoryview) -> None:
         off += k
 
 
+def read_raw_chunk(path: Path, out: np.ndarray) -> bool:
+    """Fill ``out`` with the bytes of the chunk file ``path``; False to let zarr read it.
+
+    Large chunks are read with ``O_DIRECT``, like they are written (see
+    :func:`_write_direct`): a chunk written that way is not in the page cache,
+    and a buffered read would fill new cache pages with it (on the
+    development VM the costliest part of reading it). A missing file (the
+    chunk reads as the fill value) or one of another size is left to zarr.
+    """
+    view = memoryview(out).cast("B")
+    n = view.nbytes
+    direct = n >= DIRECT_IO_MIN_BYTES and direct_io_enabled() and hasattr(os, "O_DIRECT")
+    try:
+        dev = os.stat(path.parent).st_dev if direct else None
+        if dev in _direct_unsupported:
+            direct = False
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        if not direct or err.errno != errno.EINVAL:
+            raise
+        _direct_unsupported.add(dev)
+        return read_raw_chunk(path, out)
+    try:
+        if os.fstat(fd).st_size != n:
+            return False
+        if direct:
+            _pread_aligned(fd, view)
+        else:
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [view[got:]], got)
+                if k <= 0:
+                    raise OSError(f"{path}: short read ({got} of {n} bytes)")
+                got += k
+    finally:
+        os.close(fd)
+    return True
+
+
+def _pread_aligned(fd: int, view: memoryview) -> None:
+    n = view.nbytes
+    off = 0
+    if np.frombuffer(view, dtype=np.uint8).ctypes.data % _ALIGN == 0:  # straight into ``out``
+        whole = n - n % _ALIGN
+        while off < whole:
+            k = os.preadv(fd, [view[off:whole]], off)
+            if k <= 0:
+                raise OSError(f"short read ({off} of {n} bytes)")
+            off += k
+    stage = _staging_buffer()
+    while off < n:
+        want = min(-(-(n - off) // _ALIGN) * _ALIGN, len(stage))
+        k = os.preadv(fd, [stage[:want]], off)
+        if k <= 0:
+            raise OSError(f"short read ({off} of {n} bytes)")
+        k = min(k, n - off)
+        view[off : off + k] = stage[:k]
+        off += k
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized array on page-aligned memory (direct I/O reads and writes it without a copy)."""
+    import mmap
+
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    buf = mmap.mmap(-1, max(_ALIGN, count * dtype.itemsize))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
 def _check_step(arr: zarr.Array, index: int, rows: tuple[int, int] | None = None) -> None:
     """IndexError for a step (or rows ``first..stop`` of it) outside ``arr``: zarr
     clips slices silently, so a write past the end would otherwise be dropped."""
@@ -275,10 +347,16 @@ def read_step(arr: zarr.Array, index: int, out: np.ndarray | None = None) -> np.
 
     ``out`` (shape ``arr.shape[1:]``, ``arr.dtype``, C-contiguous) lets a
     caller that reads one row after another reuse one buffer instead of
-    zarr allocating a fresh one per read.
+    zarr allocating a fresh one per read. A row that is one whole chunk
+    file of a local uncompressed array is read straight from its file
+    (``O_DIRECT`` when large, see :func:`read_raw_chunk`).
     """
     if out is None:
         return arr[index]
+    if arr.chunks == (1, *arr.shape[1:]) and out.flags.c_contiguous and 0 <= index < arr.shape[0]:
+        path = raw_chunk_path(arr, (index,) + (0,) * out.ndim)
+        if path is not None and read_raw_chunk(path, out):
+            return out
     from zarr.core.buffer import default_buffer_prototype
 
     target = out.reshape((1, *out.shape))  # a view: decoding fills ``out``
