@@ -441,8 +441,8 @@ def _resolve_capture(
     same way. A different probe set or capture setup is refused: it would
     mix two experiments in one store.
     """
-    has_probe = L.PROBE in gs.root
-    attrs = dict(gs.root[L.PROBE].attrs) if has_probe else {}
+    has_probe = L.PROBE in gs.view
+    attrs = dict(gs.view[L.PROBE].attrs) if has_probe else {}
     if capture is None and not attrs.get("capture_config"):
         return None, False  # weights only: no need to import the capture code (and torch)
     from gramlin_analyze.capture.task import CaptureConfig
@@ -476,7 +476,7 @@ def _prepare_capture(
     from gramlin_analyze.capture.task import plan_capture
 
     declared = [n for n in gs.layer_names() if "input" in gs.layer(n)]
-    if L.PROBE in gs.root and declared:
+    if L.PROBE in gs.view and declared:
         return declared
     if not runnable:
         return []

@@ -195,7 +195,7 @@ def test_a_failing_phase2_keeps_the_finished_phase1_results(tmp_path, monkeypatc
     )
 
 
-def test_a_writer_stopped_midway_is_consolidated_by_the_next(tmp_path):
+def test_a_writer_stopped_midway_is_consolidated_by_the_next(tmp_path, monkeypatch):
     """Consolidation is deferred to once per command; a writer that changed the
     structure and stopped before consolidating (killed) leaves
     ``consolidated_current`` false, and the next ingest or analyze repairs the
@@ -209,9 +209,14 @@ def test_a_writer_stopped_midway_is_consolidated_by_the_next(tmp_path):
     ga.analyze(store, metrics=["gram"])
     gs = GramlinStore(store, mode="a")
     assert gs.root.attrs[CONSOLIDATED_ATTR] is True
-    with gs.lock():  # what a writer killed after its first structural change leaves
-        gs.structure_changed()
+
+    def killed(self, nodes):
+        raise KeyboardInterrupt("killed after resizing, before consolidating")
+
+    monkeypatch.setattr(GramlinStore, "_consolidate_nodes", killed)
+    with gs.lock(), pytest.raises(KeyboardInterrupt):
         gs.set_step_axis(np.asarray([0, 10, 20, 30]))
+    monkeypatch.undo()
     assert GramlinStore(store).root.attrs[CONSOLIDATED_ATTR] is False
     assert _node_shapes(store, True)["layers/fc1/weight"] == (3, 6, 5)  # stale
     assert _node_shapes(store, False)["layers/fc1/weight"] == (4, 6, 5)

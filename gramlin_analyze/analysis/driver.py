@@ -123,7 +123,8 @@ class _Scalars:
 
 def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str, dict[str, bool]]:
     """What each layer has: ``{layer: {piece: bool}}`` for every piece a family needs."""
-    probe = gs.root[L.PROBE] if L.PROBE in gs.root else None
+    root = gs.view
+    probe = root[L.PROBE] if L.PROBE in root else None
     shared = {
         "weight": True,
         "targets": probe is not None and ("labels" in probe or "targets" in probe),
@@ -137,9 +138,37 @@ def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str,
     return out
 
 
+def _metrics_missing(gs: GramlinStore, layers: list[str], families: list[str]) -> bool:
+    """Whether any /metrics node these layers and families write is missing (lookups only)."""
+    root = gs.view
+    if L.METRICS not in root:
+        return True
+    m = root[L.METRICS]
+    if INPUTS not in m:
+        return True
+    have = {k for k, _ in m.members()}
+    inputs = {k for k, _ in m[INPUTS].members()}
+    for fam in families:
+        f = FAMILIES[fam]
+        if any(name not in have for name in f.scalars + f.phase2_scalars):
+            return True
+        keys = (fam, fam + "_phase2") if (f.phase2_scalars or f.phase2_matrices) else (fam,)
+        if any(k not in inputs for k in keys):
+            return True
+        for layer in layers:
+            if layer not in have:
+                return True
+            mats = {k for k, _ in m[layer].members()}
+            if any(name not in mats for name in f.matrices + f.phase2_matrices):
+                return True
+    return False
+
+
 def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], spectrum_k: dict) -> None:
     """Declare /metrics arrays that are missing (structure only: the consolidated
     copy is marked stale before each creation and rewritten once, by the caller)."""
+    if not _metrics_missing(gs, layers, families):
+        return
     root = gs.root
     n = root[L.STEPS]["step"].shape[0]
     all_layers = gs.layer_names()
@@ -292,7 +321,7 @@ def analyze(
         spectrum_k = {n: int(min(gs.layer(n)["weight"].shape[1:])) for n in chosen}
         _ensure_metrics(gs, chosen, families, spectrum_k)
         gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
-        m = gs.root[L.METRICS]
+        m = gs.view[L.METRICS]
         layer_index = {str(n): j for j, n in enumerate(m["layer"][:])}
 
         ctx_base: dict[str, Any] = {
@@ -300,8 +329,8 @@ def analyze(
             "final_index": ok[-1], "run_token": uuid.uuid4().hex,
         }
         probe_fp = ""
-        if L.PROBE in gs.root:
-            pg = gs.root[L.PROBE]
+        if L.PROBE in gs.view:
+            pg = gs.view[L.PROBE]
             probe_fp = str(pg.attrs.get("fingerprint", ""))
             if "labels" in pg:
                 raw = np.asarray(pg["labels"][:], dtype=np.int64)

@@ -404,6 +404,18 @@ def write_all(pairs: list[tuple[zarr.Array, np.ndarray]]) -> None:
         sync(run())
 
 
+def read_all(arrays: list[zarr.Array]) -> list[np.ndarray]:
+    """``arr[:]`` of many small arrays at once (their reads issued together)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run() -> list:
+        return await asyncio.gather(*(a.async_array.getitem(slice(None)) for a in arrays))
+
+    return list(sync(run())) if arrays else []
+
+
 def open_for_tasks(url: str, storage_options: dict | None, token: str) -> zarr.Group:
     """The store's root for a writer task, opened once per process and run.
 
@@ -469,7 +481,10 @@ class GramlinStore:
         self.mode = mode
         self.storage_options = storage_options or {}
         self._steps_arrays: dict[str, zarr.Array] | None = None
+        self._man: dict[str, np.ndarray] | None = None  # a writer's copy of the manifest
         self._stale = False  # this writer changed the structure since it last consolidated
+        self._consolidated = False  # this writer wrote the consolidated copy
+        self._view: zarr.Group | None = None
         self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
         try:
             if mode == "r":
@@ -530,6 +545,8 @@ class GramlinStore:
         with _quiet_consolidated():
             zarr.consolidate_metadata(self._zstore, zarr_format=3)
         self._stale = False
+        self._consolidated = True
+        self._view = None
         self.root = zarr.open_group(self._zstore, mode="a" if self.mode != "r" else "r",
                                     zarr_format=3, use_consolidated=False)
 
@@ -547,6 +564,7 @@ class GramlinStore:
     def structure_changed(self) -> None:
         """Note that nodes are about to be created or resized: the consolidated copy goes stale."""
         self._steps_arrays = None
+        self._view = None
         if not self._stale:
             if self.root.attrs.get(CONSOLIDATED_ATTR) is not False:
                 self._stamp({CONSOLIDATED_ATTR: False})
@@ -554,7 +572,7 @@ class GramlinStore:
 
     def ensure_consolidated(self) -> None:
         """Consolidate when this writer, or an earlier one that stopped midway, changed the structure."""
-        if self._stale or self.root.attrs.get(CONSOLIDATED_ATTR) is not True:
+        if self._stale or (not self._consolidated and self.root.attrs.get(CONSOLIDATED_ATTR) is not True):
             self.consolidate()
 
     def touch(self) -> None:
@@ -595,10 +613,10 @@ class GramlinStore:
         )
 
     def group(self, path: str) -> zarr.Group:
-        return self.root[path]
+        return self.view[path]
 
     def steps(self) -> np.ndarray:
-        return np.asarray(self._manifest_arrays()["step"][:], dtype=np.int64)
+        return self.manifest()["step"]
 
     def _manifest_arrays(self) -> dict[str, zarr.Array]:
         """The arrays of ``/steps`` by name.
@@ -610,38 +628,76 @@ class GramlinStore:
         """
         if self._steps_arrays is not None:
             return self._steps_arrays
-        arrays = dict(self.root[L.STEPS].arrays())
+        arrays = dict(self.view[L.STEPS].arrays())
         if self.mode != "r":
             self._steps_arrays = arrays
         return arrays
 
     def manifest(self) -> dict[str, np.ndarray]:
-        arrays = self._manifest_arrays()
-        out = {"step": self.steps()}
-        for name in L.MANIFEST:
-            if name in arrays:
-                v = arrays[name][:]
-                out[name] = np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
-        return out
+        """The ``/steps`` columns by name (copies).
+
+        A writer keeps them in memory: under the lock only it writes them
+        (:meth:`write_rows`, :meth:`set_step_axis` update the copy), so each
+        command reads the manifest once.
+        """
+        if self._man is None:
+            arrays = self._manifest_arrays()
+            names = ["step"] + [n for n in L.MANIFEST if n in arrays]
+            man = {}
+            for name, v in zip(names, read_all([arrays[n] for n in names]), strict=True):
+                if name == "step":
+                    man[name] = np.asarray(v, dtype=np.int64)
+                else:
+                    man[name] = np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
+            if self.mode == "r":
+                return man
+            self._man = man
+        return {k: v.copy() for k, v in self._man.items()}
+
+    @property
+    def view(self) -> zarr.Group:
+        """The root for looking nodes up: the consolidated copy while it is current.
+
+        Each lookup through :attr:`root` reads a ``zarr.json`` (a round trip on
+        an object store); through the consolidated copy it is a dictionary
+        lookup. Nodes are created through :attr:`root` (after
+        :meth:`structure_changed`, from which on this is :attr:`root` too).
+        """
+        if self._stale or not (self._consolidated or self.root.attrs.get(CONSOLIDATED_ATTR) is True):
+            return self.root
+        if self._view is None:
+            self._view = zarr.open_group(
+                self._zstore, mode="r" if self.mode == "r" else "r+", zarr_format=3, use_consolidated=True
+            )
+        return self._view
 
     def layer_names(self) -> list[str]:
-        if L.LAYERS not in self.root:
+        root = self.view
+        if L.LAYERS not in root:
             return []
-        return sorted(k for k, _ in self.root[L.LAYERS].groups())
+        return sorted(k for k, _ in root[L.LAYERS].groups())
 
     def layer(self, name: str) -> zarr.Group:
-        return self.root[L.LAYERS][name]
+        return self.view[L.LAYERS][name]
 
-    def _step_nodes(self) -> tuple[dict[str, zarr.Array], list[zarr.Array]]:
+    def _walk(self) -> dict[str, zarr.Array | zarr.Group]:
+        """Every node of the store by path, each with its metadata.
+
+        From the consolidated copy when it is current (no read per node: under
+        the lock nobody else changes the structure), else one walk of the live
+        metadata, each group's members fetched concurrently.
+        """
+        return dict(self.view.members(max_depth=None))
+
+    @staticmethod
+    def _step_nodes(nodes: dict[str, zarr.Array | zarr.Group]) -> tuple[dict[str, zarr.Array], list[zarr.Array]]:
         """Every array whose first dim is ``step`` by path, and every ``step`` coordinate.
 
-        One walk of the live metadata (the root is opened without consolidated
-        metadata), each group's members fetched concurrently. The handles are
-        resized in place, so they stay valid through :meth:`set_step_axis`.
+        The handles are resized in place, so they stay valid through :meth:`set_step_axis`.
         """
         arrays: dict[str, zarr.Array] = {}
         coords: list[zarr.Array] = []
-        for path, node in self.root.members(max_depth=None):
+        for path, node in nodes.items():
             if not isinstance(node, zarr.Array):
                 continue
             if path.rsplit("/", 1)[-1] == "step":
@@ -649,6 +705,42 @@ class GramlinStore:
             elif (node.metadata.dimension_names or ())[:1] == ("step",):
                 arrays[path] = node
         return arrays, coords
+
+    def _consolidate_nodes(self, nodes: dict[str, zarr.Array | zarr.Group]) -> None:
+        """Write the consolidated copy from ``nodes`` (every node, metadata current).
+
+        What :func:`zarr.consolidate_metadata` does after reading every node's
+        metadata back; :meth:`set_step_axis` has just walked and resized them
+        all, so it writes from memory. Falls back to zarr's when its internals
+        differ from the version this was written against.
+        """
+        import dataclasses
+
+        from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata
+        from zarr.core.sync import sync
+
+        if not all(hasattr(x, a) for x, a in ((ConsolidatedMetadata, "_flat_to_nested"), (AsyncGroup, "_save_metadata"))):
+            self.consolidate()
+            return
+        flat = {}
+        for path, node in nodes.items():
+            md = node.metadata
+            if isinstance(md, GroupMetadata):  # children are filled in below, from ``nodes``
+                md = dataclasses.replace(md, consolidated_metadata=ConsolidatedMetadata(metadata={}))
+            flat[path] = md
+
+        async def run() -> None:
+            root = await AsyncGroup.open(self.root.store_path, zarr_format=3, use_consolidated=False)
+            ConsolidatedMetadata._flat_to_nested(flat)
+            md = dataclasses.replace(root.metadata, consolidated_metadata=ConsolidatedMetadata(metadata=flat))
+            await dataclasses.replace(root, metadata=md)._save_metadata()
+
+        self._steps_arrays = None
+        sync(run())
+        self._stale = False
+        self._consolidated = True
+        self._view = None
+        self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
 
     # -- the step axis ------------------------------------------------------------------
 
@@ -676,8 +768,10 @@ class GramlinStore:
         same = n_old == n_new and np.array_equal(old_steps, new_steps)
         if same:
             return pos
-        self.structure_changed()  # resized below through other handles
-        step_arrays, step_coords = self._step_nodes()
+        nodes = self._walk()  # before marking: from the consolidated copy while it is current
+        self.structure_changed()
+        self._man = None  # rewritten below
+        step_arrays, step_coords = self._step_nodes(nodes)
         g = {name: step_arrays[f"{L.STEPS}/{name}"] for name in L.MANIFEST}
         if moves:
             st = np.asarray(status, dtype=object).copy()
@@ -722,6 +816,10 @@ class GramlinStore:
             g["status"][:] = final_status
         if n_new < n_old:
             resize_all([(arr, (n_new, *arr.shape[1:])) for arr in step_arrays.values()])
+        new_man["status"] = final_status
+        self._man = {"step": new_steps.copy(), **new_man}
+        # Only shapes changed, all through ``nodes``: consolidate from them.
+        self._consolidate_nodes(nodes)
         return pos
 
     @staticmethod
@@ -753,9 +851,9 @@ class GramlinStore:
         if not idx:
             return
         g = self._manifest_arrays()
-        status = fields.pop("status", None)
-        items = list(fields.items()) + ([("status", status)] if status is not None else [])
-        for name, value in items:
+        man = self.manifest()
+        cols: dict[str, np.ndarray] = {}
+        for name, value in fields.items():
             if name not in L.MANIFEST:
                 raise KeyError(f"unknown manifest field {name!r}")
             if isinstance(value, list | tuple | np.ndarray):
@@ -766,12 +864,17 @@ class GramlinStore:
                 values = [value] * len(idx)
             if name == "status" and any(v not in L.STATUSES for v in values):
                 raise ValueError(f"bad status in {values!r}")
-            arr = g[name]
-            col = arr[:]
-            col = np.asarray(col, dtype=object) if L.MANIFEST[name][0] is str else np.array(col)
+            col = man[name]
             for i, v in zip(idx, values, strict=True):
                 col[i] = _coerce(name, v)
-            arr[:] = col
+            cols[name] = col
+        self._man = None  # re-read if a write below fails
+        # Every column but status together; status last (it is what readers trust).
+        write_all([(g[name], col) for name, col in cols.items() if name != "status"])
+        if "status" in cols:
+            g["status"][:] = cols["status"]
+        man.update(cols)
+        self._man = man
 
     # -- layers -----------------------------------------------------------------------
 
