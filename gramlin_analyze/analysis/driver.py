@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,12 @@ import numpy as np
 
 from gramlin_analyze._dask import kernel_threads, make_runner
 from gramlin_analyze.analysis.metrics import FAMILIES, METRIC_DOCS, resolve_families
-from gramlin_analyze.analysis.task import layer_step_task, release_scratch
+from gramlin_analyze.analysis.task import (
+    hold_scratch,
+    layer_step_task,
+    release_scratch,
+    scratch_array,
+)
 from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
@@ -393,7 +399,7 @@ def analyze(
             left[layer] += 1
         cores = os.cpu_count() or 1
         n_threads = max(1, min(threads or 2 * cores, len(chosen)))
-        pool = ThreadPoolExecutor(n_threads, thread_name_prefix="gramlin-phase2")
+        pool = _phase2_pool(n_threads)
         phase2: list = []
 
         def start_phase2(layer: str) -> None:
@@ -424,6 +430,7 @@ def analyze(
         # The BLAS thread limit is process-wide: set it here to what the threaded
         # runner sets for its tasks, so it does not change under a running phase 2.
         n_run = max(1, min(threads or 2 * cores, len(tasks) or 1))
+        hold_scratch()
         try:
             with kernel_threads(max(1, cores // n_run)):
                 for layer in chosen:  # nothing new to compute here; its chain may still need phase 2
@@ -434,8 +441,10 @@ def analyze(
                 for fut in phase2:
                     fut.result()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            release_scratch(ctx_base["run_token"])
+            for fut in phase2:  # after an error: what has not started never will
+                fut.cancel()
+            wait_futures(phase2)
+            release_scratch()  # dropped after a while unless another run starts
             buf.flush()  # what finished is kept even when a task or a phase 2 failed
         # The structure was consolidated before the tasks started; tasks and the
         # manifest write chunk data only, so the consolidated copy is current and
@@ -448,6 +457,18 @@ def analyze(
 def _ratio(num: float, den: float) -> float:
     """num / den, NaN when the denominator is 0 (two identical checkpoints)."""
     return float(num / den) if den > 0 else float("nan")
+
+
+_phase2_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _phase2_pool(n: int) -> ThreadPoolExecutor:
+    """Phase 2's threads, kept across runs: their work arrays (``scratch_array``,
+    per thread) are then reused by the next run instead of allocated anew."""
+    pool = _phase2_pools.get(n)
+    if pool is None:
+        pool = _phase2_pools[n] = ThreadPoolExecutor(n, thread_name_prefix="gramlin-phase2")
+    return pool
 
 
 def _norms(G: np.ndarray, G_prev: np.ndarray | None, rows: int = 64) -> tuple[float, float]:
@@ -490,7 +511,11 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
         prev = ok[pos - 1] if pos > 0 else None
         # Each group lookup reads a zarr.json: look the arrays up once, not per step.
         arrs = {name: lg[name] for name in (("gram",) if fam == "gram" else ("vcs", "gg", "vcs_accumulated"))}
-        G_prev = arrs["gram"][prev] if (fam == "gram" and prev is not None) else None
+        G_prev = None
+        if fam == "gram":  # two work arrays, read into in turn (no fresh multi-MB array per step)
+            bufs = [scratch_array(f"phase2_gram_{k}", arrs["gram"].shape[1:], arrs["gram"].dtype) for k in (0, 1)]
+            if prev is not None:
+                G_prev = read_step(arrs["gram"], prev, bufs[0])
         W = gs.layer(layer)["weight"]
         first = ok[0]
         if fam == "vc":
@@ -498,8 +523,8 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
             acc = np.asarray(arrs["vcs_accumulated"][prev]) if prev is not None else None
             vcs_prev = np.asarray(arrs["vcs"][prev]) if prev is not None else None
         norm_prev = None if G_prev is None else _norms(G_prev, None)[1]
-        if fam == "gram":  # two buffers, read into in turn (no fresh multi-MB array per step)
-            spare = np.empty(arrs["gram"].shape[1:], arrs["gram"].dtype)
+        if fam == "gram":
+            spare = bufs[1]
         for i in ok[pos:]:
             if fam == "gram":
                 # Grams as stored (float32 for float32 weights), differences and
@@ -507,7 +532,7 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
                 G = read_step(arrs["gram"], i, spare)
                 change, norm = _norms(G, G_prev)
                 buf.set("gram_change", i, j, np.nan if G_prev is None else _ratio(change, norm_prev))
-                spare = G_prev if G_prev is not None else np.empty_like(G)
+                spare = G_prev if G_prev is not None else bufs[0]
                 G_prev, norm_prev = G, norm
             else:
                 Wi = np.asarray(W[i], dtype=np.float64)

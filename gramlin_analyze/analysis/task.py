@@ -38,49 +38,80 @@ from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.core import aligned_empty, put_step, read_step, task_node
 
-__all__ = ["layer_step_task", "release_scratch"]
+__all__ = ["layer_step_task", "hold_scratch", "release_scratch"]
 
-#: Largest scratch array a task thread keeps between tasks, and the most it
-#: keeps in all; bigger ones are allocated per task as before.
+#: Most bytes of work arrays a task thread keeps between tasks (and runs);
+#: bigger arrays are allocated per task.
 _SCRATCH_MAX_BYTES = 64 * 2**20
-_scratch: dict[tuple[str, int], dict[tuple, np.ndarray]] = {}
+#: Seconds after the last run before the kept work arrays are dropped.
+SCRATCH_IDLE_SECONDS = 30.0
+_scratch: dict[int, dict[tuple, np.ndarray]] = {}
+_scratch_lock = threading.Lock()
+_scratch_timer: threading.Timer | None = None
+_scratch_users = 0
 
 
-def _scratch_array(token: str, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A per-thread work array reused by the tasks of one run (same thread, same shape).
+def scratch_array(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A per-thread, page-aligned work array, reused by the next tasks (same thread, same shape).
 
     Each task of a layer needs the same few multi-MB arrays (W in float64,
-    its Gram, the Gram in the stored dtype); fresh ones every task meant
-    page faults on every touch of new memory (on a VM, the hypervisor
-    backing it too), about a tenth of ``analyze --metrics gram``. The arrays
-    never leave the task; the driver drops a run's arrays when it ends
-    (:func:`release_scratch`).
+    its Gram, the Gram in the stored dtype). Fresh memory for each meant page
+    faults on every first touch (on the development VM the hypervisor backs
+    new memory at about 2.5 ms per MB, more than the Gram itself costs), so
+    a thread keeps up to 64 MB of them, also across runs: an incremental
+    ``analyze`` of one new step has too few tasks per thread to amortize new
+    memory. They are dropped :data:`SCRATCH_IDLE_SECONDS` after the last run
+    (:func:`release_scratch`). The arrays never leave the task.
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    ident = threading.get_ident()
-    arrays = _scratch.get((token, ident))
-    if arrays is None:
-        # A new run on this thread: drop what an earlier run left here (a worker
-        # process of a long-lived scheduler never sees the driver's release).
-        for key in list(_scratch):
-            if key[1] == ident:
-                _scratch.pop(key, None)
-        arrays = _scratch[(token, ident)] = {}
+    arrays = _scratch.setdefault(threading.get_ident(), {})
     key = (name, tuple(shape), dtype.str)
     a = arrays.get(key)
     if a is None:
-        if nbytes > _SCRATCH_MAX_BYTES or nbytes + sum(x.nbytes for x in arrays.values()) > _SCRATCH_MAX_BYTES:
+        if nbytes > _SCRATCH_MAX_BYTES:
             return np.empty(shape, dtype)
+        if nbytes + sum(x.nbytes for x in arrays.values()) > _SCRATCH_MAX_BYTES:
+            arrays.clear()  # another layer's shapes: make room
         a = arrays[key] = aligned_empty(shape, dtype)  # page-aligned: direct I/O needs no copy
     return a
 
 
-def release_scratch(token: str) -> None:
-    """Drop the work arrays the tasks of run ``token`` kept in this process."""
-    for key in list(_scratch):  # a snapshot: task threads of other runs may add keys
-        if key[0] == token:
-            _scratch.pop(key, None)
+def hold_scratch() -> None:
+    """A run starts: keep the work arrays (cancel a pending release)."""
+    global _scratch_timer, _scratch_users
+    with _scratch_lock:
+        _scratch_users += 1
+        if _scratch_timer is not None:
+            _scratch_timer.cancel()
+            _scratch_timer = None
+
+
+def release_scratch(delay: float | None = None) -> None:
+    """A run ended: drop the kept work arrays ``delay`` seconds from now
+    (default :data:`SCRATCH_IDLE_SECONDS`; 0 drops them at once), unless
+    another run starts before."""
+    global _scratch_timer, _scratch_users
+    with _scratch_lock:
+        _scratch_users = max(0, _scratch_users - 1)
+        if _scratch_timer is not None:
+            _scratch_timer.cancel()
+            _scratch_timer = None
+        if _scratch_users:
+            return
+        delay = SCRATCH_IDLE_SECONDS if delay is None else delay
+        if delay <= 0:
+            _scratch.clear()
+            return
+        _scratch_timer = threading.Timer(delay, _drop_scratch)
+        _scratch_timer.daemon = True
+        _scratch_timer.start()
+
+
+def _drop_scratch() -> None:
+    with _scratch_lock:
+        if not _scratch_users:
+            _scratch.clear()
 
 
 def _add(acc: dict | None, part: dict) -> dict:
@@ -112,10 +143,9 @@ def layer_step_task(
     grp = node(f"{L.LAYERS}/{layer}")
     mgrp = node(f"{L.METRICS}/{layer}")
     out: dict[str, float] = {}
-    token = ctx["run_token"]
     warr = node(f"{L.LAYERS}/{layer}/weight")
-    w = read_step(warr, index, _scratch_array(token, "w_stored", warr.shape[1:], warr.dtype))
-    W = _scratch_array(token, "W", w.shape, np.float64)
+    w = read_step(warr, index, scratch_array("w_stored", warr.shape[1:], warr.dtype))
+    W = scratch_array("W", w.shape, np.float64)
     np.copyto(W, w)
     del w
     has_bias = grp.attrs.get("has_bias")
@@ -126,13 +156,13 @@ def layer_step_task(
     nonfinite = w_nonfinite or (b is not None and not np.isfinite(b).all())
     # NumPy runs W.T @ W as one symmetric rank-k update (syrk): exactly
     # symmetric already, so the reducer's symmetrization pass is skipped here.
-    G = np.matmul(W.T, W, out=_scratch_array(token, "G", (W.shape[1], W.shape[1]), np.float64))
+    G = np.matmul(W.T, W, out=scratch_array("G", (W.shape[1], W.shape[1]), np.float64))
 
     if "gram" in families:
         gram = node(f"{L.METRICS}/{layer}/gram")
         stored = G
         if gram.dtype != G.dtype:
-            stored = _scratch_array(token, "G_stored", G.shape, gram.dtype)
+            stored = scratch_array("G_stored", G.shape, gram.dtype)
             np.copyto(stored, G, casting="same_kind")
         put_step(gram, index, stored)
         # ||W||_F^2 = tr(W^T W): no second pass over W.
