@@ -24,8 +24,8 @@ import numpy as np
 from gramlin_analyze._dask import make_runner
 from gramlin_analyze._ingest_task import error_message, ingest_one
 from gramlin_analyze._template import LayerSpec, check_against, layers_of, plan_layers
-from gramlin_analyze.errors import GramlinError, ProbeError, UsageError
-from gramlin_analyze.io.discovery import CheckpointSource, scan
+from gramlin_analyze.errors import GramlinError, ProbeError, StoreError, UsageError
+from gramlin_analyze.io.discovery import CheckpointSource, fingerprint_files, scan
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
@@ -156,8 +156,10 @@ def ingest(
         reader_options["allow_code"] = True
     if capture is not None and activations is not None:
         raise UsageError("pass either a model to capture with (--model/--mlp-activation) or --activations DIR, not both")
+    known = _known_fingerprints(store, storage_options)
     sources = scan(
-        directory, format=format, order=order, reader_options=reader_options, settle_seconds=settle_seconds
+        directory, format=format, order=order, reader_options=reader_options,
+        settle_seconds=settle_seconds, known=known,
     )
     report = IngestReport(store=store, scan_skipped=list(getattr(sources, "skipped", [])))
     if not is_remote(store) and Path(store).resolve() == Path(directory).resolve():
@@ -180,6 +182,12 @@ def ingest(
         gs.initialize(source=str(directory))
         capture, need_all = _resolve_capture(gs, capture, activations is not None)
         man = gs.manifest()
+        # Fingerprints reused from the manifest read before the lock: the rows
+        # they came from must still say so, else the files are hashed after all.
+        locked = _fingerprint_rows(man)
+        for src in sources:
+            if known.get(str(src.path)) == (src.stat_key, src.fingerprint) != locked.get(str(src.path)):
+                src.fingerprint = fingerprint_files(src.files, src.path if src.path.is_dir() else src.path.parent)
         ok_fp = {
             int(s): fp
             for s, st, fp in zip(man["step"], man["status"], man["fingerprint"], strict=True)
@@ -190,6 +198,22 @@ def ingest(
         else:
             todo = [s for s in sources if ok_fp.get(s.step) != s.fingerprint]
         report.skipped = [s.step for s in sources if s not in todo]
+        # Unchanged checkpoints that moved or were copied (same content, new
+        # path or file stats): remember where they are now, so the next ingest
+        # reuses their fingerprints without hashing.
+        step_row = {int(st): i for i, st in enumerate(man["step"])}
+        moved = [
+            s for s in sources
+            if s not in todo and s.step in step_row
+            and (man["source_path"][step_row[s.step]], man.get("stat_key", [""] * len(man["step"]))[step_row[s.step]])
+            != (str(s.path), s.stat_key)
+        ]
+        if moved:
+            gs.write_rows(
+                [step_row[s.step] for s in moved],
+                source_path=[str(s.path) for s in moved],
+                stat_key=[s.stat_key for s in moved],
+            )
 
         # List tensors (headers only) to fix the template and fail odd checkpoints early.
         listed: dict[int, dict[str, LayerSpec]] = {}
@@ -247,6 +271,7 @@ def ingest(
             source_path=[str(s.path) for s in todo],
             format=[s.format for s in todo],
             fingerprint=[s.fingerprint for s in todo],
+            stat_key=[s.stat_key for s in todo],
             bytes=[s.bytes for s in todo],
             status="pending",
         )
@@ -385,6 +410,25 @@ def ingest(
     report.ingested.sort()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _fingerprint_rows(man: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
+    """``{source_path: (stat_key, fingerprint)}`` of the manifest's ok rows."""
+    if "stat_key" not in man:
+        return {}
+    return {
+        str(p): (str(k), str(f))
+        for p, k, f, st in zip(man["source_path"], man["stat_key"], man["fingerprint"], man["status"], strict=True)
+        if st == "ok" and k
+    }
+
+
+def _known_fingerprints(store: str, storage_options: dict | None) -> dict[str, tuple[str, str]]:
+    """The stored fingerprints :func:`scan` may reuse (none for a new store)."""
+    try:
+        return _fingerprint_rows(GramlinStore(store, mode="r", storage_options=storage_options).manifest())
+    except (StoreError, KeyError, FileNotFoundError):
+        return {}
 
 
 def _torch_dtype(name: str) -> bool:

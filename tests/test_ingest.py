@@ -199,3 +199,50 @@ def test_kill_9_then_resume_gives_identical_arrays(tmp_path):
     assert not report.failed
     assert_store_matches(store, expected)
     assert validate_store(store) == []
+
+
+def test_unchanged_checkpoints_are_not_hashed_again(tmp_path, monkeypatch):
+    """The manifest keeps each checkpoint's file stats with its fingerprint: an
+    ingest hashes only files whose size, mtime or inode changed. A checkpoint
+    rewritten in place (same size, new content) is hashed and re-read; a copied
+    run is hashed once, found unchanged, and its new paths are remembered."""
+    import shutil
+
+    from gramlin_analyze.io import discovery
+
+    hashed: list[str] = []
+    real = discovery.fingerprint_files
+
+    def counting(files, root=None):
+        hashed.extend(f.name for f in files)
+        return real(files, root)
+
+    monkeypatch.setattr(discovery, "fingerprint_files", counting)
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+    expected = write_trajectory(run, [0, 10, 20], formats=("safetensors",))
+    assert ingest(run, store).ingested == [0, 10, 20]
+    assert len(hashed) == 3
+    hashed.clear()
+    assert ingest(run, store).skipped == [0, 10, 20]
+    assert hashed == []
+
+    # Same size, new values: the stats change, so it is hashed and re-read.
+    new = {k: v + 1 for k, v in expected[10].items()}
+    time.sleep(0.01)
+    save_file({k: torch.from_numpy(v) for k, v in new.items()}, str(run / "step_00010.safetensors"))
+    rep = ingest(run, store)
+    assert hashed == ["step_00010.safetensors"] and rep.ingested == [10]
+    w = xr.open_datatree(str(store), engine="zarr")["layers/fc1"]["weight"].sel(step=10).values
+    np.testing.assert_array_equal(w, new["fc1.weight"])
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    hashed.clear()
+    assert ingest(copy, store).skipped == [0, 10, 20]  # same content: nothing re-read
+    assert len(hashed) == 3
+    hashed.clear()
+    assert ingest(copy, store).skipped == [0, 10, 20]
+    assert hashed == []
+    paths = GramlinStore(store).manifest()["source_path"]
+    assert all(str(copy) in p for p in paths)
+    assert validate_store(store) == []

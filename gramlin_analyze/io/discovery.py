@@ -74,6 +74,8 @@ class CheckpointSource:
     fingerprint: str
     mtime: float
     meta: CheckpointMeta = field(default_factory=CheckpointMeta)
+    #: size, mtime and inode of ``files``: equal keys mean files untouched since
+    stat_key: str = ""
 
     @property
     def source_path(self) -> str:
@@ -115,6 +117,19 @@ def step_from_name(path: str | os.PathLike, root: str | os.PathLike | None = Non
             if m:
                 return int(m.group(1))
     return None
+
+
+def stat_key(files: list[Path], stats: list[os.stat_result]) -> str:
+    """A short key of the files' names, sizes, mtimes (ns) and inodes.
+
+    Not a fingerprint (copying a run changes it): a cache key. When a file's
+    key equals the one stored with its fingerprint, the file was not
+    rewritten since, and hashing it again is skipped.
+    """
+    h = hashlib.blake2b(digest_size=12)
+    for f, st in zip(files, stats, strict=True):
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}\n".encode())
+    return h.hexdigest()
 
 
 def fingerprint_files(files: list[Path], root: Path | None = None) -> str:
@@ -209,6 +224,7 @@ def scan(
     order: str | None = None,
     reader_options: dict | None = None,
     settle_seconds: float = 0.0,
+    known: dict[str, tuple[str, str]] | None = None,
 ) -> list[CheckpointSource]:
     """Find every checkpoint under ``root``, sorted by step.
 
@@ -230,6 +246,10 @@ def scan(
     settle_seconds
         Skip files modified less than this many seconds ago (they may still
         be being written).
+    known
+        ``{source_path: (stat_key, fingerprint)}`` from an earlier scan (the
+        store's manifest): a checkpoint whose files have the same
+        :func:`stat_key` keeps its fingerprint instead of being hashed again.
 
     Raises
     ------
@@ -262,6 +282,12 @@ def scan(
             except (CheckpointFormatError, OSError, KeyError, ValueError):
                 meta = CheckpointMeta()
             step, origin = meta.step, "metadata"
+        key = stat_key(files, stats)
+        cached = (known or {}).get(str(path))
+        if cached is not None and cached[0] == key and cached[1]:
+            fingerprint = cached[1]
+        else:
+            fingerprint = fingerprint_files(files, path if path.is_dir() else path.parent)
         sources.append(
             CheckpointSource(
                 path=path,
@@ -270,9 +296,10 @@ def scan(
                 step=step,
                 step_origin=origin if step is not None else "none",
                 bytes=sum(s.st_size for s in stats),
-                fingerprint=fingerprint_files(files, path if path.is_dir() else path.parent),
+                fingerprint=fingerprint,
                 mtime=mtime,
                 meta=meta,
+                stat_key=key,
             )
         )
     return _resolve_steps(sources, order)

@@ -30,6 +30,7 @@ MANIFEST: dict[str, tuple[object, object, str, str | None]] = {
     "nonfinite": ("int64", -1, "number of NaN/Inf values stored for this step", None),
     "lr_source": (str, "", "where lr came from: checkpoint | constant | schedule:<path> | unknown", None),
     "optimizer": (str, "", "optimizer family when the checkpoint says it", None),
+    "stat_key": (str, "", "size, mtime and inode of the files when the fingerprint was taken (lets ingest skip re-hashing them)", None),
 }
 
 STATUSES = ("ok", "pending", "failed")
