@@ -68,25 +68,26 @@ def ingest_one(
             problem = check_against(layers, template)
             if problem:
                 raise ShapeMismatchError(f"{path}: {problem}")
-            for name, (shape, _, has_bias) in template.items():
-                spec = layers[name]
-                grp = layers_grp[name]
-                dtype = np.dtype(stored_dtypes[name])
-                w = h.read_tensor(spec.weight)
-                if tuple(w.shape) != tuple(shape):
-                    raise ShapeMismatchError(
-                        f"{path}: tensor {spec.weight!r} read with shape {w.shape}, listed as {shape}"
-                    )
-                w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
-                nonfinite = count_nonfinite(w)
-                put_step(writable(grp["weight"]), index, w)
-                del w
-                if has_bias:
-                    b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
-                    nonfinite += count_nonfinite(b)
-                    put_step(writable(grp["bias"]), index, b)
-                layer_nonfinite[name] = nonfinite  # the driver writes it with the manifest row
-                total_nonfinite += nonfinite
+            with _Writes() as writes:
+                for name, (shape, _, has_bias) in template.items():
+                    spec = layers[name]
+                    grp = layers_grp[name]
+                    dtype = np.dtype(stored_dtypes[name])
+                    w = h.read_tensor(spec.weight)
+                    if tuple(w.shape) != tuple(shape):
+                        raise ShapeMismatchError(
+                            f"{path}: tensor {spec.weight!r} read with shape {w.shape}, listed as {shape}"
+                        )
+                    w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
+                    nonfinite = count_nonfinite(w)
+                    writes.put(writable(grp["weight"]), index, w)
+                    del w
+                    if has_bias:
+                        b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
+                        nonfinite += count_nonfinite(b)
+                        writes.put(writable(grp["bias"]), index, b)
+                    layer_nonfinite[name] = nonfinite  # the driver writes it with the manifest row
+                    total_nonfinite += nonfinite
             meta = h.read_metadata()
             if source.get("capture"):
                 result.update(_capture(source, h, root, index))
@@ -119,6 +120,48 @@ def error_message(err: BaseException, path: str | os.PathLike) -> str:
     return msg.splitlines()[0] if len(msg) > 2000 else msg
 
 
+
+
+class _Writes:
+    """A checkpoint's weight writes, a few in flight while the next tensors are read.
+
+    A large chunk is written with ``O_DIRECT`` and its call returns when the
+    device has it: one after another, a checkpoint's layers waited on the
+    device in turn. At most ``depth`` writes are in flight (memory stays a few
+    tensors); leaving the block waits for all and re-raises the first error.
+    """
+
+    _pool = None
+    _pool_lock = threading.Lock()
+
+    def __init__(self, depth: int = 4):
+        self.depth = depth
+        self.pending: list = []
+
+    @classmethod
+    def _executor(cls):
+        with cls._pool_lock:
+            if cls._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                cls._pool = ThreadPoolExecutor(2 * (os.cpu_count() or 1), thread_name_prefix="gramlin-weights")
+            return cls._pool
+
+    def put(self, arr, index: int, value: np.ndarray) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.pop(0).result()
+        self.pending.append(self._executor().submit(put_step, arr, index, value))
+
+    def __enter__(self) -> _Writes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from concurrent.futures import wait
+
+        wait(self.pending)
+        if exc[0] is None:
+            for fut in self.pending:
+                fut.result()
 
 
 class _Cached:

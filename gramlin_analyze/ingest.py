@@ -32,8 +32,10 @@ from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.core import (
     GramlinStore,
     declare_activations,
+    read_all,
     release_buffers,
     writable,
+    write_all,
     write_probe,
 )
 from gramlin_analyze.store.lock import is_remote
@@ -314,11 +316,19 @@ def ingest(
         def flush() -> None:
             nonlocal last_flush
             # Per-layer NaN/Inf counts before the rows that mark their steps ok.
+            # Arrays of one chunk (new stores) are rewritten whole, all at once.
+            arrs = {name: writable(gs.layer(name)["nonfinite"]) for name in pending_nonfinite}
+            whole = [n for n, a in arrs.items() if a.chunks[0] >= a.shape[0]]
+            cols = {n: np.array(c) for n, c in zip(whole, read_all([arrs[n] for n in whole]), strict=True)}
             for name, pairs in pending_nonfinite.items():
-                arr = writable(gs.layer(name)["nonfinite"])
-                arr.set_coordinate_selection(
-                    np.asarray([i for i, _ in pairs]), np.asarray([n for _, n in pairs], dtype=np.int64)
-                )
+                if name in cols:
+                    for i, v in pairs:
+                        cols[name][i] = v
+                else:
+                    arrs[name].set_coordinate_selection(
+                        np.asarray([i for i, _ in pairs]), np.asarray([v for _, v in pairs], dtype=np.int64)
+                    )
+            write_all([(arrs[n], c) for n, c in cols.items()])
             pending_nonfinite.clear()
             groups: dict[tuple, list[tuple[int, dict]]] = {}
             for idx, fields in pending_rows:
@@ -426,7 +436,8 @@ def _fingerprint_rows(man: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
 def _known_fingerprints(store: str, storage_options: dict | None) -> dict[str, tuple[str, str]]:
     """The stored fingerprints :func:`scan` may reuse (none for a new store)."""
     try:
-        return _fingerprint_rows(GramlinStore(store, mode="r", storage_options=storage_options).manifest())
+        gs = GramlinStore(store, mode="r", storage_options=storage_options)
+        return _fingerprint_rows(gs.manifest(["source_path", "stat_key", "fingerprint", "status"]))
     except (StoreError, KeyError, FileNotFoundError):
         return {}
 

@@ -633,8 +633,8 @@ class GramlinStore:
             self._steps_arrays = arrays
         return arrays
 
-    def manifest(self) -> dict[str, np.ndarray]:
-        """The ``/steps`` columns by name (copies).
+    def manifest(self, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The ``/steps`` columns by name (copies; all, or ``step`` and ``columns``).
 
         A writer keeps them in memory: under the lock only it writes them
         (:meth:`write_rows`, :meth:`set_step_axis` update the copy), so each
@@ -642,14 +642,14 @@ class GramlinStore:
         """
         if self._man is None:
             arrays = self._manifest_arrays()
-            names = ["step"] + [n for n in L.MANIFEST if n in arrays]
+            names = ["step"] + [n for n in L.MANIFEST if n in arrays and (columns is None or n in columns)]
             man = {}
             for name, v in zip(names, read_all([arrays[n] for n in names]), strict=True):
                 if name == "step":
                     man[name] = np.asarray(v, dtype=np.int64)
                 else:
                     man[name] = np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
-            if self.mode == "r":
+            if self.mode == "r" or columns is not None:
                 return man
             self._man = man
         return {k: v.copy() for k, v in self._man.items()}
