@@ -61,33 +61,34 @@ def ingest_one(
         root = open_for_tasks(store_url, storage_options, source["run_token"])
         layers_grp = root[L.LAYERS]
         total_nonfinite = 0
-        with reader.open(path) as opened:
+        # Weight writes go on while the next tensors are read and the probe set
+        # runs; leaving the block waits for them.
+        with reader.open(path) as opened, _Writes() as writes:
             # Capture rebuilds the model from every tensor: read each one once.
             h = _Cached(opened) if source.get("capture") else opened
             layers = layers_of(h.list_tensors())
             problem = check_against(layers, template)
             if problem:
                 raise ShapeMismatchError(f"{path}: {problem}")
-            with _Writes() as writes:
-                for name, (shape, _, has_bias) in template.items():
-                    spec = layers[name]
-                    grp = layers_grp[name]
-                    dtype = np.dtype(stored_dtypes[name])
-                    w = h.read_tensor(spec.weight)
-                    if tuple(w.shape) != tuple(shape):
-                        raise ShapeMismatchError(
-                            f"{path}: tensor {spec.weight!r} read with shape {w.shape}, listed as {shape}"
-                        )
-                    w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
-                    nonfinite = count_nonfinite(w)
-                    writes.put(writable(grp["weight"]), index, w)
-                    del w
-                    if has_bias:
-                        b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
-                        nonfinite += count_nonfinite(b)
-                        writes.put(writable(grp["bias"]), index, b)
-                    layer_nonfinite[name] = nonfinite  # the driver writes it with the manifest row
-                    total_nonfinite += nonfinite
+            for name, (shape, _, has_bias) in template.items():
+                spec = layers[name]
+                grp = layers_grp[name]
+                dtype = np.dtype(stored_dtypes[name])
+                w = h.read_tensor(spec.weight)
+                if tuple(w.shape) != tuple(shape):
+                    raise ShapeMismatchError(
+                        f"{path}: tensor {spec.weight!r} read with shape {w.shape}, listed as {shape}"
+                    )
+                w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
+                nonfinite = count_nonfinite(w)
+                writes.put(writable(grp["weight"]), index, w)
+                del w
+                if has_bias:
+                    b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
+                    nonfinite += count_nonfinite(b)
+                    writes.put(writable(grp["bias"]), index, b)
+                layer_nonfinite[name] = nonfinite  # the driver writes it with the manifest row
+                total_nonfinite += nonfinite
             meta = h.read_metadata()
             if source.get("capture"):
                 result.update(_capture(source, h, root, index))

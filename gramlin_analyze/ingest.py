@@ -464,6 +464,7 @@ def _lr_for(step: int, meta_lr, constant, schedule) -> tuple[float | None, str]:
 def _declare_layers(gs: GramlinStore, template: dict, listed: dict[int, dict[str, LayerSpec]]) -> None:
     gs.structure_changed()
     first = listed[min(listed)]
+    specs = {}
     for name, (shape, dtype, has_bias) in template.items():
         sdtype = L.storage_dtype(dtype)
         flat = (shape[0], int(np.prod(shape[1:], dtype=np.int64)))
@@ -484,7 +485,8 @@ def _declare_layers(gs: GramlinStore, template: dict, listed: dict[int, dict[str
             )
         if dtype == "bfloat16":
             attrs["bfloat16_stored_as"] = "float32"
-        gs.declare_layer(name, weight_shape=flat, dtype=sdtype, bias=has_bias, attrs=attrs)
+        specs[name] = (flat, sdtype, has_bias, attrs)
+    gs.declare_layers(specs)
 
 
 def _resolve_capture(
@@ -505,9 +507,9 @@ def _resolve_capture(
     stored = CaptureConfig.from_json(attrs["capture_config"]) if attrs.get("capture_config") else None
     if capture is None:
         return stored, False
-    from gramlin_analyze.capture.probe import load_probe
+    from gramlin_analyze.capture.task import cached_probe
 
-    probe = load_probe(capture.probe)
+    probe = cached_probe(capture.probe)
     if has_probe and attrs.get("fingerprint") != probe.fingerprint:
         raise ProbeError(
             f"{capture.probe}: this probe set differs from the one {gs.url} already holds "
@@ -527,8 +529,7 @@ def _prepare_capture(
     gs: GramlinStore, capture: CaptureConfig, runnable: list[CheckpointSource], reader_options: dict
 ) -> list[str]:
     """Declare ``/probe`` and the activation arrays (once); return the captured layers."""
-    from gramlin_analyze.capture.probe import load_probe
-    from gramlin_analyze.capture.task import plan_capture
+    from gramlin_analyze.capture.task import cached_probe, plan_capture
 
     declared = [n for n in gs.layer_names() if "input" in gs.layer(n)]
     if L.PROBE in gs.view and declared:
@@ -538,7 +539,7 @@ def _prepare_capture(
     src = runnable[0]
     with reader_for(src.format, reader_options).open(src.path) as h:
         counts = plan_capture(capture, h, gs.layer_names())
-    probe = load_probe(capture.probe)
+    probe = cached_probe(capture.probe)
     attrs = {
         "fingerprint": probe.fingerprint,
         "n_samples": int(probe.n_samples),
@@ -555,13 +556,12 @@ def _prepare_capture(
     gs.structure_changed()
     write_probe(gs, probe, attrs)
     itemsize = np.dtype(capture.dtype).itemsize
+    specs = {}
     for name, (n, d) in counts.items():
         per_example = max(1, n // probe.n_samples)
         rows = L.activation_rows(n, d, itemsize, batch_rows=capture.batch_size * per_example)
-        declare_activations(
-            gs, name, n_samples=n, d_in=d, dtype=np.dtype(capture.dtype), rows_per_chunk=rows,
-            samples_per_example=per_example, agop=capture.agop,
-        )
+        specs[name] = (n, d, rows, per_example)
+    declare_activations(gs, specs, dtype=np.dtype(capture.dtype), agop=capture.agop)
     return list(counts)
 
 
@@ -619,12 +619,12 @@ def _prepare_external(gs: GramlinStore, files: dict[int, Path], probe: str | Non
         if p.labels is not None:
             attrs["n_classes"] = int(np.max(p.labels)) + 1
         write_probe(gs, p, attrs)
+    by_dtype: dict[np.dtype, dict[str, tuple[int, int, int, int]]] = {}
     for name, arrs in first.items():
         n, d = arrs["input"].shape
         dtype = arrs["input"].dtype if arrs["input"].dtype in (np.float16, np.float32, np.float64) else np.float32
         rows = L.activation_rows(n, d, np.dtype(dtype).itemsize, batch_rows=1)
-        declare_activations(
-            gs, name, n_samples=n, d_in=d, dtype=np.dtype(dtype), rows_per_chunk=rows,
-            samples_per_example=per_example[name], agop=False,
-        )
+        by_dtype.setdefault(np.dtype(dtype), {})[name] = (n, d, rows, per_example[name])
+    for dtype, specs in by_dtype.items():
+        declare_activations(gs, specs, dtype=dtype, agop=False)
     return sorted(first)

@@ -10,6 +10,7 @@ reader handle and hands ``h``/``g`` batches to a sink (the store's writer).
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -146,16 +147,27 @@ def build_model(config: CaptureConfig, handle: CheckpointHandle) -> nn.Module:
     return model
 
 
-_probes: dict[str, ProbeSet] = {}
+_probes: dict[tuple[str, int, int], ProbeSet] = {}
 _probe_lock = threading.Lock()
 
 
-def _probe(path: str) -> ProbeSet:
+def cached_probe(path: str | os.PathLike) -> ProbeSet:
+    """:func:`load_probe`, kept for the file's current version (path, size, mtime).
+
+    The driver reads the probe to check it and to store it, and every task of
+    the process runs it: one read and one validation instead of one each.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_probe(path)  # its error names the file and what to do
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     with _probe_lock:
-        if path not in _probes:
+        if key not in _probes:
             _probes.clear()
-            _probes[path] = load_probe(path)
-        return _probes[path]
+            _probes[key] = load_probe(path)
+        return _probes[key]
+
 
 
 def plan_capture(
@@ -165,7 +177,7 @@ def plan_capture(
     model = build_model(config, handle)
     counts = sample_counts(
         model,
-        _probe(config.probe),
+        cached_probe(config.probe),
         layers=config.layers,
         extra_layers=config.extra_layers,
         pool=config.pool,
@@ -191,7 +203,7 @@ def capture_checkpoint(
     model = build_model(config, handle)
     result = capture_step(
         model,
-        _probe(config.probe),
+        cached_probe(config.probe),
         loss=resolve_loss(config.loss, reduction=config.reduction),
         sink=sink,
         layers=layers,

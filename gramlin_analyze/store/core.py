@@ -404,6 +404,22 @@ def write_all(pairs: list[tuple[zarr.Array, np.ndarray]]) -> None:
         sync(run())
 
 
+def create_arrays(store, specs: list[tuple[str, dict[str, Any]]]) -> None:
+    """Create many arrays at once: ``(path, create_array keywords)`` each, their
+    metadata (and ``data``) writes issued together instead of one round trip
+    (and, locally, one file creation) after another."""
+    import asyncio
+
+    from zarr.api import asynchronous as za
+    from zarr.core.sync import sync
+
+    async def run() -> None:
+        await asyncio.gather(*(za.create_array(store, name=path, zarr_format=3, **kw) for path, kw in specs))
+
+    if specs:
+        sync(run())
+
+
 def read_all(arrays: list[zarr.Array]) -> list[np.ndarray]:
     """``arr[:]`` of many small arrays at once (their reads issued together)."""
     import asyncio
@@ -521,12 +537,12 @@ class GramlinStore:
             )
         if L.STEPS not in self.root:
             self.structure_changed()
-            g = self.root.create_group(
-                L.STEPS, attributes={"description": "manifest: one row per ingested checkpoint"}
+            self.root.create_group(L.STEPS, attributes={"description": "manifest: one row per ingested checkpoint"})
+            create_arrays(
+                self._zstore,
+                [(f"{L.STEPS}/step", self._step_coord_spec(np.zeros(0, np.int64)))]
+                + [(f"{L.STEPS}/{name}", self._manifest_spec(name, 0)) for name in L.MANIFEST],
             )
-            self._create_step_coord(g, 0)
-            for name in L.MANIFEST:
-                self._create_manifest_array(g, name, 0)
         else:
             g = self.root[L.STEPS]
             present = dict(g.arrays())
@@ -593,6 +609,19 @@ class GramlinStore:
     # -- arrays ----------------------------------------------------------------------
 
     @staticmethod
+    def _step_coord_spec(steps: np.ndarray) -> dict[str, Any]:
+        """Keywords creating a group's ``step`` coordinate holding ``steps``."""
+        kw: dict[str, Any] = dict(
+            chunks=(L.MANIFEST_CHUNK,), dimension_names=["step"], fill_value=-1, overwrite=True,
+            attributes={"long_name": "optimizer step", "units": "steps"},
+        )
+        if len(steps):
+            kw["data"] = np.asarray(steps, dtype=np.int64)
+        else:
+            kw.update(shape=(0,), dtype="int64")
+        return kw
+
+    @staticmethod
     def _create_step_coord(group: zarr.Group, n: int) -> zarr.Array:
         return group.create_array(
             "step", shape=(n,), dtype="int64", chunks=(L.MANIFEST_CHUNK,),
@@ -601,16 +630,20 @@ class GramlinStore:
         )
 
     @staticmethod
-    def _create_manifest_array(group: zarr.Group, name: str, n: int) -> zarr.Array:
+    def _manifest_spec(name: str, n: int) -> dict[str, Any]:
+        """Keywords creating manifest column ``name`` of length ``n``."""
         dtype, fill, long_name, units = L.MANIFEST[name]
         kw: dict[str, Any] = {}
         if dtype is not str:
             kw["fill_value"] = fill
-        return group.create_array(
-            name, shape=(n,), dtype=dtype, chunks=(L.MANIFEST_CHUNK,),
-            dimension_names=["step"], overwrite=True,
+        return dict(
+            shape=(n,), dtype=dtype, chunks=(L.MANIFEST_CHUNK,), dimension_names=["step"], overwrite=True,
             attributes={"long_name": long_name, **({"units": units} if units else {})}, **kw,
         )
+
+    @classmethod
+    def _create_manifest_array(cls, group: zarr.Group, name: str, n: int) -> zarr.Array:
+        return group.create_array(name, **cls._manifest_spec(name, n))
 
     def group(self, path: str) -> zarr.Group:
         return self.view[path]
@@ -878,40 +911,41 @@ class GramlinStore:
 
     # -- layers -----------------------------------------------------------------------
 
-    def declare_layer(
-        self,
-        name: str,
-        *,
-        weight_shape: tuple[int, ...],
-        dtype: np.dtype,
-        bias: bool,
-        attrs: dict[str, Any],
-    ) -> zarr.Group:
-        """Create ``/layers/<name>`` with ``weight`` (and ``bias``) for the current step axis."""
+    def declare_layers(self, specs: dict[str, tuple[tuple[int, ...], np.dtype, bool, dict[str, Any]]]) -> None:
+        """Create ``/layers/<name>`` with ``step``, ``weight``, ``bias`` and ``nonfinite``
+        for the current step axis, for each ``name: (weight_shape, dtype, has_bias, attrs)``.
+
+        Groups first, then every array of every layer in one concurrent batch.
+        """
         steps = self.steps()
         n = len(steps)
-        # Attributes go in with each node: ``attrs.update`` rewrites the node once per key.
-        grp = self.root[L.LAYERS].create_group(name, overwrite=True, attributes=attrs)
-        c = self._create_step_coord(grp, n)
-        c[:] = steps
-        shape = (n, *weight_shape)
-        grp.create_array(
-            "weight", shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
-            dimension_names=["step", "out", "in"], fill_value=np.nan, compressors=None,
-            chunk_key_encoding=L.STEP_CHUNK_KEYS, attributes={"long_name": f"weight of {name}, (out, in) order", "units": "1"},
-        )
-        if bias:
-            grp.create_array(
-                "bias", shape=(n, weight_shape[0]), dtype=dtype, chunks=(1, weight_shape[0]),
-                dimension_names=["step", "out"], fill_value=np.nan, compressors=None,
-                chunk_key_encoding=L.STEP_CHUNK_KEYS, attributes={"long_name": f"bias of {name}", "units": "1"},
-            )
-        grp.create_array(
-            "nonfinite", shape=(n,), dtype="int64", chunks=(L.MANIFEST_CHUNK,), dimension_names=["step"],
-            fill_value=-1,  # written by the driver with the manifest rows, like them chunked
-            attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
-        )
-        return grp
+        layers = self.root[L.LAYERS]
+        for name, (_, _, _, attrs) in specs.items():
+            # Attributes go in with each node: ``attrs.update`` rewrites the node once per key.
+            layers.create_group(name, overwrite=True, attributes=attrs)
+        arrays: list[tuple[str, dict[str, Any]]] = []
+        for name, (weight_shape, dtype, bias, _) in specs.items():
+            base = f"{L.LAYERS}/{name}"
+            shape = (n, *weight_shape)
+            arrays.append((f"{base}/step", self._step_coord_spec(steps)))
+            arrays.append((f"{base}/weight", dict(
+                shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
+                dimension_names=["step", "out", "in"], fill_value=np.nan, compressors=None,
+                chunk_key_encoding=L.STEP_CHUNK_KEYS,
+                attributes={"long_name": f"weight of {name}, (out, in) order", "units": "1"},
+            )))
+            if bias:
+                arrays.append((f"{base}/bias", dict(
+                    shape=(n, weight_shape[0]), dtype=dtype, chunks=(1, weight_shape[0]),
+                    dimension_names=["step", "out"], fill_value=np.nan, compressors=None,
+                    chunk_key_encoding=L.STEP_CHUNK_KEYS, attributes={"long_name": f"bias of {name}", "units": "1"},
+                )))
+            arrays.append((f"{base}/nonfinite", dict(
+                shape=(n,), dtype="int64", chunks=(L.MANIFEST_CHUNK,), dimension_names=["step"],
+                fill_value=-1,  # written by the driver with the manifest rows, like them chunked
+                attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
+            )))
+        create_arrays(self._zstore, arrays)
 
 
 def _coerce(name: str, v: Any) -> Any:
@@ -927,78 +961,80 @@ def _coerce(name: str, v: Any) -> Any:
 
 
 def write_probe(store: GramlinStore, probe: Any, attrs: dict[str, Any]) -> zarr.Group:
-    """Create ``/probe`` (dims ``sample``, …) from a ``ProbeSet`` and its capture attrs."""
-    grp = store.root.create_group(L.PROBE, overwrite=True)
-    grp.attrs.update(attrs)
+    """Create ``/probe`` (dims ``sample``, …) from a ``ProbeSet`` and its capture attrs.
+
+    Attributes go in with each node (an ``attrs.update`` afterwards rewrites it).
+    """
+    grp = store.root.create_group(L.PROBE, overwrite=True, attributes=attrs)
     n = probe.n_samples
-    sample = grp.create_array("sample", shape=(n,), dtype="int64", chunks=(n,), dimension_names=["sample"])
+    sample = grp.create_array("sample", shape=(n,), dtype="int64", chunks=(n,), dimension_names=["sample"],
+                              attributes={"long_name": "probe sample index"})
     sample[:] = np.arange(n)
-    sample.attrs.update({"long_name": "probe sample index"})
     x = np.ascontiguousarray(probe.inputs)
     dims = ["sample", *[f"input_dim_{i}" for i in range(1, x.ndim)]]
     arr = grp.create_array(
         "inputs", shape=x.shape, dtype=x.dtype, chunks=L.leading_chunks(x.shape, x.dtype.itemsize),
-        dimension_names=dims,
+        dimension_names=dims, attributes={"long_name": "probe inputs"},
     )
     arr[...] = x
-    arr.attrs.update({"long_name": "probe inputs"})
     if probe.labels is not None:
         y = np.asarray(probe.labels, dtype=np.int64)
         a = grp.create_array("labels", shape=y.shape, dtype="int64", chunks=y.shape or (1,),
-                             dimension_names=["sample", *[f"label_dim_{i}" for i in range(1, y.ndim)]])
+                             dimension_names=["sample", *[f"label_dim_{i}" for i in range(1, y.ndim)]],
+                             attributes={"long_name": "class index"})
         a[...] = y
-        a.attrs.update({"long_name": "class index"})
     if probe.targets is not None:
         t = np.asarray(probe.targets)
         t2 = t.reshape(n, -1)
-        a = grp.create_array("targets", shape=t2.shape, dtype=t2.dtype, chunks=t2.shape, dimension_names=["sample", "target"])
+        a = grp.create_array("targets", shape=t2.shape, dtype=t2.dtype, chunks=t2.shape, dimension_names=["sample", "target"],
+                             attributes={"long_name": "regression target", "original_shape": list(t.shape)})
         a[...] = t2
-        a.attrs.update({"long_name": "regression target", "original_shape": list(t.shape)})
     if probe.sample_id is not None:
         sid = np.asarray(probe.sample_id)
-        if sid.dtype.kind in "US":
-            a = grp.create_array("sample_id", shape=(n,), dtype=str, chunks=(n,), dimension_names=["sample"])
-            a[:] = sid.astype(object)
-        else:
-            a = grp.create_array("sample_id", shape=(n,), dtype=sid.dtype, chunks=(n,), dimension_names=["sample"])
-            a[:] = sid
-        a.attrs.update({"long_name": "sample id from the probe file"})
+        text = sid.dtype.kind in "US"
+        a = grp.create_array("sample_id", shape=(n,), dtype=str if text else sid.dtype, chunks=(n,),
+                             dimension_names=["sample"], attributes={"long_name": "sample id from the probe file"})
+        a[:] = sid.astype(object) if text else sid
     return grp
 
 
 def declare_activations(
     store: GramlinStore,
-    layer: str,
+    layers: dict[str, tuple[int, int, int, int]],
     *,
-    n_samples: int,
-    d_in: int,
     dtype: np.dtype,
-    rows_per_chunk: int,
-    samples_per_example: int,
     agop: bool,
 ) -> None:
-    """Create ``input``/``input_grad`` (step, sample, in) (and ``agop``) in ``/layers/<layer>``."""
-    grp = store.layer(layer)
-    n_steps = store.root[L.STEPS]["step"].shape[0]
-    shape = (n_steps, n_samples, d_in)
-    chunks = (1, max(1, min(n_samples, rows_per_chunk)), d_in)
-    for name, long_name in (
-        ("input", f"input h of {layer} (previous layer's output; conv: unfolded patches)"),
-        ("input_grad", f"g = W^T dL/dz of {layer}: loss gradient w.r.t. h through this layer only"),
-    ):
-        arr = grp.create_array(
-            name, shape=shape, dtype=dtype, chunks=chunks, dimension_names=["step", "sample", "in"],
-            fill_value=np.nan, compressors=None, overwrite=True, chunk_key_encoding=L.STEP_CHUNK_KEYS,
-        )
-        arr.attrs.update({"long_name": long_name, "samples_per_example": samples_per_example})
-    if agop:
-        a = grp.create_array(
-            "agop", shape=(n_steps, d_in, d_in), dtype="float64",
-            chunks=L.matrix_chunks((n_steps, d_in, d_in), 8), dimension_names=["step", "in_i", "in_j"],
-            fill_value=np.nan, compressors=None, overwrite=True, chunk_key_encoding=L.STEP_CHUNK_KEYS,
-        )
-        a.attrs.update({"long_name": f"AGOP of the network output w.r.t. the input of {layer}"})
-    grp.attrs.update({"samples_per_example": samples_per_example})
+    """Create ``input``/``input_grad`` (step, sample, in) (and ``agop``) in each ``/layers/<layer>``.
+
+    ``layers`` maps a layer to ``(n_samples, d_in, rows_per_chunk,
+    samples_per_example)``; every array is created in one concurrent batch.
+    """
+    n_steps = len(store.steps())
+    specs: list[tuple[str, dict[str, Any]]] = []
+    for layer, (n_samples, d_in, rows_per_chunk, per_example) in layers.items():
+        base = f"{L.LAYERS}/{layer}"
+        shape = (n_steps, n_samples, d_in)
+        chunks = (1, max(1, min(n_samples, rows_per_chunk)), d_in)
+        for name, long_name in (
+            ("input", f"input h of {layer} (previous layer's output; conv: unfolded patches)"),
+            ("input_grad", f"g = W^T dL/dz of {layer}: loss gradient w.r.t. h through this layer only"),
+        ):
+            specs.append((f"{base}/{name}", dict(
+                shape=shape, dtype=dtype, chunks=chunks, dimension_names=["step", "sample", "in"],
+                fill_value=np.nan, compressors=None, overwrite=True, chunk_key_encoding=L.STEP_CHUNK_KEYS,
+                attributes={"long_name": long_name, "samples_per_example": per_example},
+            )))
+        if agop:
+            specs.append((f"{base}/agop", dict(
+                shape=(n_steps, d_in, d_in), dtype="float64",
+                chunks=L.matrix_chunks((n_steps, d_in, d_in), 8), dimension_names=["step", "in_i", "in_j"],
+                fill_value=np.nan, compressors=None, overwrite=True, chunk_key_encoding=L.STEP_CHUNK_KEYS,
+                attributes={"long_name": f"AGOP of the network output w.r.t. the input of {layer}"},
+            )))
+    create_arrays(store._zstore, specs)
+    for layer, (_, _, _, per_example) in layers.items():
+        store.root[L.LAYERS][layer].attrs.update({"samples_per_example": per_example})
 
 
 class _AlignedPool:
