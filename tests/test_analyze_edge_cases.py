@@ -228,3 +228,31 @@ def test_a_writer_stopped_midway_is_consolidated_by_the_next(tmp_path, monkeypat
     assert ga.ingest(run, store).ingested == [30]
     assert _node_shapes(store, True) == _node_shapes(store, False)
     assert ga.analyze(store, metrics=["gram"]).computed == 2
+
+
+def test_appended_and_inserted_steps_keep_every_row(tmp_path):
+    """Appending steps takes a one-batch path (resize and rewrite everything
+    together), inserting one moves rows: both leave every stored row where its
+    step is, with the same values as a store ingested in one go."""
+    from tests.trajectory import write_trajectory
+
+    run, store, fresh = tmp_path / "run", tmp_path / "s.zarr", tmp_path / "f.zarr"
+    write_trajectory(run, [0, 20])
+    ga.ingest(run, store)
+    ga.analyze(store, metrics=["gram"])
+    write_trajectory(run, [30, 40], seed=0)  # appended
+    assert ga.ingest(run, store).ingested == [30, 40]
+    write_trajectory(run, [10], seed=0)  # inserted before stored steps
+    assert ga.ingest(run, store).ingested == [10]
+    ga.analyze(store, metrics=["gram"])
+    ga.ingest(run, fresh)
+    ga.analyze(fresh, metrics=["gram"])
+    a, b = ga.open(store), ga.open(fresh)
+    for path in ("layers/fc1", "layers/fc2", "metrics/fc1"):
+        xr.testing.assert_equal(a[path].to_dataset(), b[path].to_dataset())
+    ma, mb = a["steps"].to_dataset(), b["steps"].to_dataset()
+    for name in ("step", "status", "fingerprint", "nonfinite", "bytes"):
+        np.testing.assert_array_equal(ma[name].values, mb[name].values)
+    assert list(ma["status"].values) == ["ok"] * 5
+    assert _node_shapes(store, True) == _node_shapes(store, False)
+    assert validate_store(str(store)) == []

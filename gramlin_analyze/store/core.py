@@ -386,6 +386,26 @@ def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
     sync(run())
 
 
+def _resize_and_write(jobs: list[tuple[zarr.Array, tuple[int, ...], np.ndarray | None]]) -> None:
+    """For each ``(array, shape, value)`` at once: resize to ``shape``, then write
+    ``value`` (when given) as the whole array."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def one(arr: zarr.Array, shape: tuple[int, ...], value: np.ndarray | None) -> None:
+        if tuple(arr.shape) != tuple(shape):
+            await arr.async_array.resize(shape)
+        if value is not None:
+            await arr.async_array.setitem(slice(None), value)
+
+    async def run() -> None:
+        await asyncio.gather(*(one(*job) for job in jobs))
+
+    if jobs:
+        sync(run())
+
+
 def write_all(pairs: list[tuple[zarr.Array, np.ndarray]]) -> None:
     """``arr[:] = value`` for many small arrays at once (their writes issued together).
 
@@ -580,10 +600,13 @@ class GramlinStore:
     def structure_changed(self) -> None:
         """Note that nodes are about to be created or resized: the consolidated copy goes stale."""
         self._steps_arrays = None
-        self._view = None
+        view, self._view = self._view, None
         if not self._stale:
             if self.root.attrs.get(CONSOLIDATED_ATTR) is not False:
-                self._stamp({CONSOLIDATED_ATTR: False})
+                # Through the consolidated view when open (it keeps the copy in
+                # the root document); self.root is not re-read: from now on this
+                # writer consults its own _stale, not the attribute.
+                self._stamp({CONSOLIDATED_ATTR: False}, via=view, reopen=False)
             self._stale = True
 
     def ensure_consolidated(self) -> None:
@@ -601,10 +624,11 @@ class GramlinStore:
         """
         self._stamp({"modified_at": _now(), "creation_library_version": __version__, CONSOLIDATED_ATTR: not self._stale})
 
-    def _stamp(self, attrs: dict[str, Any]) -> None:
-        root = zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=None)
+    def _stamp(self, attrs: dict[str, Any], *, via: zarr.Group | None = None, reopen: bool = True) -> None:
+        root = via if via is not None else zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=None)
         root.update_attributes(attrs)
-        self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
+        if reopen:
+            self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
 
     # -- arrays ----------------------------------------------------------------------
 
@@ -840,6 +864,18 @@ class GramlinStore:
         final_status = new_man["status"].copy()
         for j in moves.values():
             new_man["status"][j] = "pending"
+        if not moves and n_new > n_old and np.array_equal(new_steps[:n_old], old_steps):
+            # Steps appended: old rows keep their place and values, new rows are
+            # unset ("" status: not ok) until written, so no order is needed
+            # for safety; every array is resized and rewritten in one batch.
+            _resize_and_write(
+                [(arr, (n_new, *arr.shape[1:]), None) for path, arr in step_arrays.items() if path not in manifest_paths]
+                + [(g[name], (n_new,), col) for name, col in new_man.items()]
+                + [(c, (n_new,), new_steps) for c in step_coords]
+            )
+            self._man = {"step": new_steps.copy(), **new_man}
+            self._consolidate_nodes(nodes)
+            return pos
         # Every column but status, together; then status; then the coordinates.
         resize_all([(g[name], (n_new,)) for name in new_man] + [(c, (n_new,)) for c in step_coords])
         write_all([(g[name], col) for name, col in new_man.items() if name != "status"])
