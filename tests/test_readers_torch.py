@@ -663,3 +663,44 @@ def test_npz_object_array_is_refused(tmp_path):
         ) as info:
             attempt()
         assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+def test_safetensors_tensors_are_views_of_the_file(tmp_path):
+    """NumPy-dtype tensors are read-only views of the file's memory map (no copy),
+    with the values, dtype and shape safetensors' own loader gives; a tensor
+    whose bytes lie outside the file is one clear error naming it."""
+    import json as _json
+
+    from safetensors.numpy import load_file, save_file
+
+    from gramlin_analyze.errors import CheckpointFormatError
+    from gramlin_analyze.io.registry import reader_for
+
+    rng = np.random.default_rng(5)
+    sd = {
+        "a.weight": rng.standard_normal((7, 3)).astype(np.float32),
+        "b.weight": rng.standard_normal((2, 5)).astype(np.float64),
+        "c": rng.integers(-9, 9, (4,), dtype=np.int16),
+        "d": np.zeros((0, 3), np.float16),
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    ref = load_file(str(path))
+    with reader_for("safetensors").open(path) as h:
+        for name, want in ref.items():
+            got = h.read_tensor(name)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+            assert not got.flags.writeable and not got.flags.owndata
+    # Shrink a tensor's declared extent beyond the end of the file: refused by name.
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = _json.loads(raw[8 : 8 + n])
+    header["a.weight"]["data_offsets"][1] += 4
+    body = _json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (n - len(body))
+    assert len(body) == n
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(raw[:8] + body + raw[8 + n :])
+    with reader_for("safetensors").open(bad) as h, pytest.raises(CheckpointFormatError, match="bad.safetensors"):
+        h._view("a.weight", "F32")  # the map's own check (safetensors' header check comes first in read_tensor)

@@ -204,7 +204,9 @@ def _to_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
     arr = np.asarray(value)
     if arr.dtype.name == "bfloat16":
         return torch.from_numpy(arr.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    # readers may return read-only views of a memory-mapped file; torch wants writable memory
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
 def load_state_dict_strict(
