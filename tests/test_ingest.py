@@ -246,3 +246,21 @@ def test_unchanged_checkpoints_are_not_hashed_again(tmp_path, monkeypatch):
     paths = GramlinStore(store).manifest()["source_path"]
     assert all(str(copy) in p for p in paths)
     assert validate_store(store) == []
+
+
+def test_a_store_from_before_stat_key_gains_the_column(tmp_path):
+    """Stores written before a manifest field existed get it on the next ingest
+    (their rows keep their data; the new column starts empty, then fills)."""
+    import shutil
+
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+    write_trajectory(run, [0, 10])
+    ingest(run, store)
+    shutil.rmtree(store / "steps" / "stat_key")  # as an older version left it
+    GramlinStore(store, mode="a").consolidate()
+    assert "stat_key" not in GramlinStore(store).manifest()
+    rep = ingest(run, store)
+    assert rep.skipped == [0, 10] and rep.ingested == []
+    man = GramlinStore(store).manifest()
+    assert all(len(k) == 24 for k in man["stat_key"])  # filled for the unchanged rows
+    assert validate_store(store) == []

@@ -555,7 +555,7 @@ class GramlinStore:
                     "title": "gramlin-analyze checkpoint store",
                 }
             )
-        if L.STEPS not in self.root:
+        if L.STEPS not in self.view:
             self.structure_changed()
             self.root.create_group(L.STEPS, attributes={"description": "manifest: one row per ingested checkpoint"})
             create_arrays(
@@ -564,16 +564,15 @@ class GramlinStore:
                 + [(f"{L.STEPS}/{name}", self._manifest_spec(name, 0)) for name in L.MANIFEST],
             )
         else:
-            g = self.root[L.STEPS]
-            present = dict(g.arrays())
+            present = dict(self.view[L.STEPS].arrays())  # from the consolidated copy when current
             n = present["step"].shape[0]
-            for name in L.MANIFEST:  # stores from older versions gain new fields
-                if name not in present:
-                    self.structure_changed()
-                    self._create_manifest_array(g, name, n)
-        if L.LAYERS not in self.root:
-            self.root.create_group(L.LAYERS, attributes={"description": "one group per layer"})
+            missing = [name for name in L.MANIFEST if name not in present]
+            if missing:  # stores from older versions gain new fields
+                self.structure_changed()
+                create_arrays(self._zstore, [(f"{L.STEPS}/{name}", self._manifest_spec(name, n)) for name in missing])
+        if L.LAYERS not in self.view:
             self.structure_changed()
+            self.root.create_group(L.LAYERS, attributes={"description": "one group per layer"})
 
     def consolidate(self) -> None:
         """Rewrite the consolidated copy of every node's metadata."""
@@ -622,7 +621,9 @@ class GramlinStore:
         :meth:`consolidate` sees the last consolidated state, instead of
         falling back (with a warning) to one request per node.
         """
-        self._stamp({"modified_at": _now(), "creation_library_version": __version__, CONSOLIDATED_ATTR: not self._stale})
+        attrs = {"modified_at": _now(), "creation_library_version": __version__, CONSOLIDATED_ATTR: not self._stale}
+        # The open consolidated view already holds the current copy: no need to read it again.
+        self._stamp(attrs, via=None if self._stale else self._view)
 
     def _stamp(self, attrs: dict[str, Any], *, via: zarr.Group | None = None, reopen: bool = True) -> None:
         root = via if via is not None else zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=None)
