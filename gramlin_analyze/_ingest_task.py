@@ -188,16 +188,16 @@ def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]
     config = CaptureConfig.from_json(source["capture"])
     layers = source["activation_layers"]
     behind = bool(source.get("write_behind"))
+    sink = ActivationSink(root[L.LAYERS], index, layers)
     if behind:
         _write_behind_slots.acquire()
-    sink = ActivationSink(root[L.LAYERS], index, layers)
     pending = None
     try:
         result = capture_checkpoint(config, handle, layers=layers, sink=sink, step=source["step"])
         pending = sink.finish(wait=not behind)
     finally:
         sink.close()
-        if behind:
+        if behind:  # the slot is given back on every path: now, or when the writes end
             if pending is None:
                 _write_behind_slots.release()
             else:

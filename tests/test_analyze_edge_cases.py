@@ -256,3 +256,30 @@ def test_appended_and_inserted_steps_keep_every_row(tmp_path):
     assert list(ma["status"].values) == ["ok"] * 5
     assert _node_shapes(store, True) == _node_shapes(store, False)
     assert validate_store(str(store)) == []
+
+
+def test_a_store_last_written_by_an_older_version_is_consolidated_first(tmp_path):
+    """Versions before 0.2.0 do not keep ``consolidated_current``: they leave it
+    true while changing the structure (they consolidated first thing instead).
+    Their version stamp makes the next writer consolidate before trusting it."""
+    import zarr
+
+    from gramlin_analyze.store.core import CONSOLIDATED_ATTR, GramlinStore
+    from tests.trajectory import write_trajectory
+
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+    write_trajectory(run, [0, 10])
+    ga.ingest(run, store)
+    root = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=None)
+    root.update_attributes({"creation_library_version": "0.1.0"})  # an older writer's stamp ...
+    live = zarr.open_group(str(store), mode="r+", zarr_format=3, use_consolidated=False)
+    live["layers/fc1/weight"].resize((3, 6, 5))  # ... and its change, killed before consolidating
+    assert GramlinStore(store).root.attrs[CONSOLIDATED_ATTR] is True
+    assert _node_shapes(store, True) != _node_shapes(store, False)
+    gs = GramlinStore(store, mode="a")  # the flag is not trusted: lookups go to the live metadata
+    assert gs.view["layers/fc1/weight"].shape == (3, 6, 5)
+    write_trajectory(run, [20])
+    assert ga.ingest(run, store).ingested == [20]
+    assert _node_shapes(store, True) == _node_shapes(store, False)
+    assert ga.analyze(store, metrics=["gram"]).computed == 6
+    assert validate_store(str(store)) == []

@@ -263,3 +263,23 @@ def test_a_write_that_fails_after_its_task_returned_fails_the_step(tmp_path):
     tree = xr.open_datatree(str(store), engine="zarr")
     assert np.isfinite(tree["layers/2"]["input_grad"].sel(step=2).values).all()
     assert validate_store(store) == []
+
+
+def test_a_capture_that_cannot_start_gives_its_write_behind_slot_back(tmp_path):
+    """Write-behind slots bound the steps whose writes are still running; a
+    capture that fails before it starts (here its arrays are missing) must not
+    keep one, or a long-lived process would run out and hang."""
+    import zarr
+
+    from gramlin_analyze import _ingest_task as T
+
+    np.savez(tmp_path / "p.npz", inputs=np.zeros((4, 5), np.float32), labels=np.zeros(4, np.int64))
+    cfg = CaptureConfig(probe=str(tmp_path / "p.npz"), model=FACTORY + "build_mlp")
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    root.create_group("layers")
+    src = {"capture": cfg.to_json(), "activation_layers": ["0"], "write_behind": True, "step": 0}
+    before = T._write_behind_slots._value
+    for _ in range(before + 1):  # one more than there are slots: hangs if each failure kept one
+        with pytest.raises(KeyError):
+            T._capture(src, None, root, 0)
+    assert T._write_behind_slots._value == before

@@ -188,3 +188,29 @@ def test_read_step_reads_whole_chunk_files_directly(tmp_path, aligned):
     np.testing.assert_array_equal(read_step(arr, 1, out), x)
     assert np.isnan(read_step(arr, 0, out)).all()  # no file: zarr's fill value
     np.testing.assert_array_equal(read_step(arr, 1, out), x)
+
+
+def test_direct_reads_fall_back_where_aligned_reads_are_refused(tmp_path, monkeypatch):
+    """A file system may accept O_DIRECT at open and still refuse the reads
+    (EINVAL): the chunk is read through the page cache, and the device is
+    remembered."""
+    import errno
+    import fcntl
+
+    from gramlin_analyze.store import core
+
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    arr = root.create_array("w", shape=(2, 600, 600), chunks=(1, 600, 600), dtype="float32", compressors=None)
+    x = np.random.default_rng(4).standard_normal((600, 600)).astype("float32")
+    put_step(arr, 1, x)
+    real = os.preadv
+
+    def refusing(fd, buffers, offset, *args):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(core.os, "preadv", refusing)
+    monkeypatch.setattr(core, "_direct_unsupported", set())
+    np.testing.assert_array_equal(read_step(arr, 1, np.empty((600, 600), "float32")), x)
+    assert core._direct_unsupported == {os.stat(tmp_path / "s.zarr" / "w").st_dev}

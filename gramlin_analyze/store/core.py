@@ -43,6 +43,24 @@ _BIG_MOVE_BYTES = 64 * 2**20
 #: Root attribute: false while a writer may have changed the structure since the
 #: consolidated metadata was written (see :meth:`GramlinStore.structure_changed`).
 CONSOLIDATED_ATTR = "consolidated_current"
+#: The first version that keeps CONSOLIDATED_ATTR. Every writer stamps its version
+#: (``creation_library_version``) as its first write; an older writer leaves the
+#: attribute as it found it, so it is trusted only after a writer that keeps it.
+_CONSOLIDATED_ATTR_SINCE = (0, 2, 0)
+
+
+def _version_tuple(text: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in str(text).split(".")[:3])
+    except ValueError:
+        return ()
+
+
+def consolidated_is_current(attrs: dict[str, Any]) -> bool:
+    """Whether root ``attrs`` vouch that the consolidated copy is current."""
+    return attrs.get(CONSOLIDATED_ATTR) is True and _version_tuple(
+        attrs.get("creation_library_version")
+    ) >= _CONSOLIDATED_ATTR_SINCE
 
 
 def zarr_store(url: str | os.PathLike, *, storage_options: dict | None = None, read_only=False):
@@ -248,7 +266,16 @@ def read_raw_chunk(path: Path, out: np.ndarray) -> bool:
         if os.fstat(fd).st_size != n:
             return False
         if direct:
-            _pread_aligned(fd, view)
+            try:
+                _pread_aligned(fd, view)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                # Opened with O_DIRECT but this alignment refused: read through the cache from now on.
+                _direct_unsupported.add(dev)
+                os.close(fd)
+                fd = -1
+                return read_raw_chunk(path, out)
         else:
             got = 0
             while got < n:
@@ -257,7 +284,8 @@ def read_raw_chunk(path: Path, out: np.ndarray) -> bool:
                     raise OSError(f"{path}: short read ({got} of {n} bytes)")
                 got += k
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     return True
 
 
@@ -610,7 +638,7 @@ class GramlinStore:
 
     def ensure_consolidated(self) -> None:
         """Consolidate when this writer, or an earlier one that stopped midway, changed the structure."""
-        if self._stale or (not self._consolidated and self.root.attrs.get(CONSOLIDATED_ATTR) is not True):
+        if self._stale or not (self._consolidated or consolidated_is_current(dict(self.root.attrs))):
             self.consolidate()
 
     def touch(self) -> None:
@@ -721,7 +749,7 @@ class GramlinStore:
         lookup. Nodes are created through :attr:`root` (after
         :meth:`structure_changed`, from which on this is :attr:`root` too).
         """
-        if self._stale or not (self._consolidated or self.root.attrs.get(CONSOLIDATED_ATTR) is True):
+        if self._stale or not (self._consolidated or consolidated_is_current(dict(self.root.attrs))):
             return self.root
         if self._view is None:
             self._view = zarr.open_group(
