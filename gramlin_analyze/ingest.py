@@ -25,7 +25,7 @@ from gramlin_analyze._dask import make_runner
 from gramlin_analyze._ingest_task import error_message, ingest_one
 from gramlin_analyze._template import LayerSpec, check_against, layers_of, plan_layers
 from gramlin_analyze.errors import GramlinError, ProbeError, StoreError, UsageError
-from gramlin_analyze.io.discovery import CheckpointSource, fingerprint_files, scan
+from gramlin_analyze.io.discovery import CheckpointSource, scan
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
@@ -158,38 +158,43 @@ def ingest(
         reader_options["allow_code"] = True
     if capture is not None and activations is not None:
         raise UsageError("pass either a model to capture with (--model/--mlp-activation) or --activations DIR, not both")
-    known = _known_fingerprints(store, storage_options)
-    sources = scan(
-        directory, format=format, order=order, reader_options=reader_options,
-        settle_seconds=settle_seconds, known=known,
-    )
-    report = IngestReport(store=store, scan_skipped=list(getattr(sources, "skipped", [])))
-    if not is_remote(store) and Path(store).resolve() == Path(directory).resolve():
-        raise UsageError("the store cannot be the checkpoint directory itself; pass --store OUT")
-    schedule = None
-    if lr_schedule is not None:
-        from gramlin_analyze.capture.lr import load_lr_schedule
 
-        schedule = load_lr_schedule(lr_schedule)
-    for src in sources:  # a bad --lr/--lr-schedule fails here, before anything is written
-        _lr_for(src.step, None, lr, schedule)
-    external: dict[int, Path] = {}
-    if activations is not None:
-        from gramlin_analyze.capture.external import discover_activation_files
+    def prepare(known: dict[str, tuple[str, str]]):
+        """Scan the run and check the options: everything that can fail before a write."""
+        sources = scan(
+            directory, format=format, order=order, reader_options=reader_options,
+            settle_seconds=settle_seconds, known=known,
+        )
+        if not is_remote(store) and Path(store).resolve() == Path(directory).resolve():
+            raise UsageError("the store cannot be the checkpoint directory itself; pass --store OUT")
+        schedule = None
+        if lr_schedule is not None:
+            from gramlin_analyze.capture.lr import load_lr_schedule
 
-        external = discover_activation_files(activations)
+            schedule = load_lr_schedule(lr_schedule)
+        for src in sources:  # a bad --lr/--lr-schedule fails here, before anything is written
+            _lr_for(src.step, None, lr, schedule)
+        external: dict[int, Path] = {}
+        if activations is not None:
+            from gramlin_analyze.capture.external import discover_activation_files
 
+            external = discover_activation_files(activations)
+        return sources, schedule, external
+
+    # An existing store is locked first: its manifest (read once, under the lock)
+    # gives scan the fingerprints it may reuse. A new one is created only after
+    # the scan succeeded.
+    existing = _is_store(store, storage_options)
+    if not existing:
+        sources, schedule, external = prepare({})
     gs = GramlinStore(store, mode="a", storage_options=storage_options)
     with gs.lock(break_lock=break_lock):
+        if existing:
+            sources, schedule, external = prepare(_fingerprint_rows(gs.manifest()))
+        report = IngestReport(store=store, scan_skipped=list(getattr(sources, "skipped", [])))
         gs.initialize(source=str(directory))
         capture, need_all = _resolve_capture(gs, capture, activations is not None)
         man = gs.manifest()
-        # Fingerprints reused from the manifest read before the lock: the rows
-        # they came from must still say so, else the files are hashed after all.
-        locked = _fingerprint_rows(man)
-        for src in sources:
-            if known.get(str(src.path)) == (src.stat_key, src.fingerprint) != locked.get(str(src.path)):
-                src.fingerprint = fingerprint_files(src.files, src.path if src.path.is_dir() else src.path.parent)
         ok_fp = {
             int(s): fp
             for s, st, fp in zip(man["step"], man["status"], man["fingerprint"], strict=True)
@@ -433,13 +438,13 @@ def _fingerprint_rows(man: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
     }
 
 
-def _known_fingerprints(store: str, storage_options: dict | None) -> dict[str, tuple[str, str]]:
-    """The stored fingerprints :func:`scan` may reuse (none for a new store)."""
+def _is_store(store: str, storage_options: dict | None) -> bool:
+    """Whether a gramlin store is at ``store`` already."""
     try:
-        gs = GramlinStore(store, mode="r", storage_options=storage_options)
-        return _fingerprint_rows(gs.manifest(["source_path", "stat_key", "fingerprint", "status"]))
-    except (StoreError, KeyError, FileNotFoundError):
-        return {}
+        GramlinStore(store, mode="r", storage_options=storage_options)
+    except StoreError:
+        return False
+    return True
 
 
 def _torch_dtype(name: str) -> bool:

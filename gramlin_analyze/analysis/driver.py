@@ -35,7 +35,7 @@ from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import GramlinStore, read_step
+from gramlin_analyze.store.core import GramlinStore, read_step, write_all
 
 __all__ = ["analyze", "AnalyzeReport"]
 
@@ -121,8 +121,9 @@ class _Scalars:
 
     def flush(self) -> None:
         with self.lock:
-            for path in sorted(self.dirty, key=lambda p: p.startswith(INPUTS)):
-                self.m[path][:] = self.cache[path]
+            # Values (together), then their provenance hashes (together).
+            for hashes in (False, True):
+                write_all([(self.m[p], self.cache[p]) for p in sorted(self.dirty) if p.startswith(INPUTS) == hashes])
             self.dirty.clear()
             self.last = time.monotonic()
 

@@ -598,6 +598,7 @@ class GramlinStore:
             if missing:  # stores from older versions gain new fields
                 self.structure_changed()
                 create_arrays(self._zstore, [(f"{L.STEPS}/{name}", self._manifest_spec(name, n)) for name in missing])
+                self._man = None  # read again, with the new columns
         if L.LAYERS not in self.view:
             self.structure_changed()
             self.root.create_group(L.LAYERS, attributes={"description": "one group per layer"})
