@@ -22,7 +22,7 @@ import sys
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,13 +198,8 @@ def _write_direct(tmp: Path, view: memoryview) -> bool:
         _direct_unsupported.add(dev)
         return False
     try:
-        try:
-            _pwrite_aligned(fd, view)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
+        if not _direct_accepted(dev, lambda: _pwrite_aligned(fd, view)):
             # Alignment this device does not accept: written through the page cache.
-            _direct_unsupported.add(dev)
             os.close(fd)
             fd = -1
             with tmp.open("wb") as f:
@@ -214,6 +209,19 @@ def _write_direct(tmp: Path, view: memoryview) -> bool:
     finally:
         if fd >= 0:
             os.close(fd)
+    return True
+
+
+def _direct_accepted(dev: int, transfer: Callable[[], None]) -> bool:
+    """Run a direct transfer: True when done, False (``dev`` then remembered as
+    refusing ``O_DIRECT``) when the device rejects it (EINVAL: alignment or flags)."""
+    try:
+        transfer()
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        _direct_unsupported.add(dev)
+        return False
     return True
 
 
@@ -266,13 +274,8 @@ def read_raw_chunk(path: Path, out: np.ndarray) -> bool:
         if os.fstat(fd).st_size != n:
             return False
         if direct:
-            try:
-                _pread_aligned(fd, view)
-            except OSError as err:
-                if err.errno != errno.EINVAL:
-                    raise
+            if not _direct_accepted(dev, lambda: _pread_aligned(fd, view)):
                 # Opened with O_DIRECT but this alignment refused: read through the cache from now on.
-                _direct_unsupported.add(dev)
                 os.close(fd)
                 fd = -1
                 return read_raw_chunk(path, out)
