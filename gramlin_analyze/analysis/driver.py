@@ -191,8 +191,7 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
                 ),
             }
         )
-        c = gs._create_step_coord(m, n)
-        c[:] = gs.steps()
+        m.create_array("step", **gs._step_coord_spec(gs.steps()))
         lay = m.create_array("layer", shape=(len(all_layers),), dtype=str, chunks=(len(all_layers),), dimension_names=["layer"])
         lay[:] = np.asarray(all_layers, dtype=object)
         lay.attrs.update({"long_name": "layer name"})
@@ -216,8 +215,7 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
             if layer not in m:
                 gs.structure_changed()
                 lg = m.create_group(layer)
-                c = gs._create_step_coord(lg, n)
-                c[:] = gs.steps()
+                lg.create_array("step", **gs._step_coord_spec(gs.steps()))
             lg = m[layer]
             d = gs.layer(layer)["weight"].shape[2]
             for name in f.matrices + f.phase2_matrices:

@@ -257,7 +257,7 @@ def read_raw_chunk(path: Path, out: np.ndarray) -> bool:
     """
     view = memoryview(out).cast("B")
     n = view.nbytes
-    direct = n >= DIRECT_IO_MIN_BYTES and direct_io_enabled() and hasattr(os, "O_DIRECT")
+    direct = n >= DIRECT_IO_MIN_BYTES and direct_io_enabled()
     try:
         dev = os.stat(path.parent).st_dev if direct else None
         if dev in _direct_unsupported:
@@ -395,34 +395,25 @@ def read_step(arr: zarr.Array, index: int, out: np.ndarray | None = None) -> np.
     return out
 
 
-def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
-    """Resize many arrays at once: their metadata writes are issued together.
+def _gather(coros: list) -> list:
+    """Run coroutines on zarr's event loop together; their results in order.
 
-    Each resize rewrites one ``zarr.json``; one after another that is a
-    round trip per array, which on an object store is tens of ms each and a
-    store has a few arrays per layer. Arrays already of their shape are left
-    alone.
+    One round trip for many small metadata or chunk operations instead of one
+    after another (on an object store, tens of ms each).
     """
     import asyncio
 
     from zarr.core.sync import sync
 
-    todo = [(a, tuple(shape)) for a, shape in pairs if tuple(a.shape) != tuple(shape)]
-    if not todo:
-        return
+    async def run() -> list:
+        return await asyncio.gather(*coros)
 
-    async def run() -> None:
-        await asyncio.gather(*(a.async_array.resize(shape) for a, shape in todo))
-
-    sync(run())
+    return list(sync(run())) if coros else []
 
 
 def _resize_and_write(jobs: list[tuple[zarr.Array, tuple[int, ...], np.ndarray | None]]) -> None:
-    """For each ``(array, shape, value)`` at once: resize to ``shape``, then write
-    ``value`` (when given) as the whole array."""
-    import asyncio
-
-    from zarr.core.sync import sync
+    """For each ``(array, shape, value)`` at once: resize to ``shape`` (unless it
+    has it), then write ``value`` (when given) as the whole array."""
 
     async def one(arr: zarr.Array, shape: tuple[int, ...], value: np.ndarray | None) -> None:
         if tuple(arr.shape) != tuple(shape):
@@ -430,57 +421,33 @@ def _resize_and_write(jobs: list[tuple[zarr.Array, tuple[int, ...], np.ndarray |
         if value is not None:
             await arr.async_array.setitem(slice(None), value)
 
-    async def run() -> None:
-        await asyncio.gather(*(one(*job) for job in jobs))
+    _gather([one(*job) for job in jobs])
 
-    if jobs:
-        sync(run())
+
+def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
+    """Resize many arrays at once (their metadata writes issued together); arrays
+    already of their shape are left alone. A store has a few arrays per layer."""
+    _resize_and_write([(a, tuple(shape), None) for a, shape in pairs])
 
 
 def write_all(pairs: list[tuple[zarr.Array, np.ndarray]]) -> None:
-    """``arr[:] = value`` for many small arrays at once (their writes issued together).
-
-    The manifest columns and every group's ``step`` coordinate are rewritten
-    whenever the step axis changes: one round trip each when written one
-    after another, which on an object store adds up to seconds.
-    """
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    async def run() -> None:
-        await asyncio.gather(*(a.async_array.setitem(slice(None), value) for a, value in pairs))
-
-    if pairs:
-        sync(run())
+    """``arr[:] = value`` for many small arrays at once (their writes issued together):
+    the manifest columns, every group's ``step`` coordinate, per-layer counts."""
+    _resize_and_write([(a, tuple(a.shape), value) for a, value in pairs])
 
 
 def create_arrays(store, specs: list[tuple[str, dict[str, Any]]]) -> None:
     """Create many arrays at once: ``(path, create_array keywords)`` each, their
     metadata (and ``data``) writes issued together instead of one round trip
     (and, locally, one file creation) after another."""
-    import asyncio
-
     from zarr.api import asynchronous as za
-    from zarr.core.sync import sync
 
-    async def run() -> None:
-        await asyncio.gather(*(za.create_array(store, name=path, zarr_format=3, **kw) for path, kw in specs))
-
-    if specs:
-        sync(run())
+    _gather([za.create_array(store, name=path, zarr_format=3, **kw) for path, kw in specs])
 
 
 def read_all(arrays: list[zarr.Array]) -> list[np.ndarray]:
     """``arr[:]`` of many small arrays at once (their reads issued together)."""
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    async def run() -> list:
-        return await asyncio.gather(*(a.async_array.getitem(slice(None)) for a in arrays))
-
-    return list(sync(run())) if arrays else []
+    return _gather([a.async_array.getitem(slice(None)) for a in arrays])
 
 
 def open_for_tasks(url: str, storage_options: dict | None, token: str) -> zarr.Group:
@@ -679,14 +646,6 @@ class GramlinStore:
         return kw
 
     @staticmethod
-    def _create_step_coord(group: zarr.Group, n: int) -> zarr.Array:
-        return group.create_array(
-            "step", shape=(n,), dtype="int64", chunks=(L.MANIFEST_CHUNK,),
-            dimension_names=["step"], fill_value=-1, overwrite=True,
-            attributes={"long_name": "optimizer step", "units": "steps"},
-        )
-
-    @staticmethod
     def _manifest_spec(name: str, n: int) -> dict[str, Any]:
         """Keywords creating manifest column ``name`` of length ``n``."""
         dtype, fill, long_name, units = L.MANIFEST[name]
@@ -697,10 +656,6 @@ class GramlinStore:
             shape=(n,), dtype=dtype, chunks=(L.MANIFEST_CHUNK,), dimension_names=["step"], overwrite=True,
             attributes={"long_name": long_name, **({"units": units} if units else {})}, **kw,
         )
-
-    @classmethod
-    def _create_manifest_array(cls, group: zarr.Group, name: str, n: int) -> zarr.Array:
-        return group.create_array(name, **cls._manifest_spec(name, n))
 
     def group(self, path: str) -> zarr.Group:
         return self.view[path]
@@ -723,8 +678,8 @@ class GramlinStore:
             self._steps_arrays = arrays
         return arrays
 
-    def manifest(self, columns: list[str] | None = None) -> dict[str, np.ndarray]:
-        """The ``/steps`` columns by name (copies; all, or ``step`` and ``columns``).
+    def manifest(self) -> dict[str, np.ndarray]:
+        """The ``/steps`` columns by name (copies).
 
         A writer keeps them in memory: under the lock only it writes them
         (:meth:`write_rows`, :meth:`set_step_axis` update the copy), so each
@@ -732,14 +687,14 @@ class GramlinStore:
         """
         if self._man is None:
             arrays = self._manifest_arrays()
-            names = ["step"] + [n for n in L.MANIFEST if n in arrays and (columns is None or n in columns)]
+            names = ["step"] + [n for n in L.MANIFEST if n in arrays]
             man = {}
             for name, v in zip(names, read_all([arrays[n] for n in names]), strict=True):
                 if name == "step":
                     man[name] = np.asarray(v, dtype=np.int64)
                 else:
                     man[name] = np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
-            if self.mode == "r" or columns is not None:
+            if self.mode == "r":
                 return man
             self._man = man
         return {k: v.copy() for k, v in self._man.items()}
