@@ -22,14 +22,30 @@ from typing import Any
 __all__ = ["make_runner", "kernel_threads"]
 
 
+_controller: tuple[int, Any] | None = None
+
+
+def _threadpools():
+    """threadpoolctl's controller, kept while no module was imported since.
+
+    Building one inspects every loaded shared library (about 3 ms); a new
+    import may have loaded another BLAS, so any new module means a new one.
+    """
+    global _controller
+    from threadpoolctl import ThreadpoolController
+
+    n_modules = len(sys.modules)
+    if _controller is None or _controller[0] != n_modules:
+        _controller = (n_modules, ThreadpoolController())
+    return _controller[1]
+
+
 @contextmanager
 def kernel_threads(n: int) -> Iterator[None]:
     """Limit BLAS (threadpoolctl) and, when imported, torch to ``n`` threads."""
-    from threadpoolctl import threadpool_limits
-
     torch = sys.modules.get("torch")
     old = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=n):
+    with _threadpools().limit(limits=n):
         if torch is not None:
             torch.set_num_threads(n)
         try:

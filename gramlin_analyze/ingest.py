@@ -34,6 +34,7 @@ from gramlin_analyze.store.core import (
     declare_activations,
     read_all,
     release_buffers,
+    share_with_tasks,
     writable,
     write_all,
     write_probe,
@@ -406,6 +407,7 @@ def ingest(
             # the weight copy, whose tasks wait on I/O.
             threads = os.cpu_count() or 1
         gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
+        share_with_tasks(store, run_token, gs.view)  # threads of this process skip re-opening it
         if tasks:
             try:
                 make_runner(workers, scheduler, threads)(tasks, on_done)

@@ -35,7 +35,7 @@ from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import GramlinStore, read_step, write_all
+from gramlin_analyze.store.core import GramlinStore, read_step, share_with_tasks, write_all
 
 __all__ = ["analyze", "AnalyzeReport"]
 
@@ -327,11 +327,13 @@ def analyze(
         _ensure_metrics(gs, chosen, families, spectrum_k)
         gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
         m = gs.view[L.METRICS]
+        run_token = uuid.uuid4().hex
+        share_with_tasks(url, run_token, gs.view)  # threads of this process skip re-opening it
         layer_index = {str(n): j for j, n in enumerate(m["layer"][:])}
 
         ctx_base: dict[str, Any] = {
             "tl_lambda": tl_lambda, "center_features": center_features, "intercept": intercept,
-            "final_index": ok[-1], "run_token": uuid.uuid4().hex,
+            "final_index": ok[-1], "run_token": run_token,
         }
         probe_fp = ""
         if L.PROBE in gs.view:

@@ -1,0 +1,129 @@
+"""The store's metadata shortcuts agree with zarr's own paths: growing arrays by
+writing their ``zarr.json`` directly, lookups in consolidated metadata without
+zarr's event loop, the driver's view shared with task threads; and manifest
+rows leave ``ok`` before their new fields are written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from gramlin_analyze.store.core import (
+    ConsolidatedGroup,
+    GramlinStore,
+    _grow_local,
+    open_consolidated,
+    open_for_tasks,
+    share_with_tasks,
+)
+
+
+def _make(path, name, shape, chunks, dtype="float32", **kw):
+    root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    arr = root.create_array(
+        name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=["step", "i"], fill_value=np.nan, **kw
+    )
+    data = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    arr[:] = data
+    return arr, data
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_growing_writes_the_metadata_zarr_writes(tmp_path, compressed):
+    kw = {} if compressed else {"compressors": None}
+    ours, data = _make(tmp_path / "a.zarr", "x", (5, 3), (1, 3), attributes={"long_name": "x"}, **kw)
+    theirs, _ = _make(tmp_path / "b.zarr", "x", (5, 3), (1, 3), attributes={"long_name": "x"}, **kw)
+    assert _grow_local([(ours, (7, 3))]) == []
+    theirs.resize((7, 3))
+    assert ours.shape == (7, 3)  # the handle is updated in place, as zarr's resize does
+    a = json.loads((tmp_path / "a.zarr" / "x" / "zarr.json").read_text())
+    b = json.loads((tmp_path / "b.zarr" / "x" / "zarr.json").read_text())
+    assert a == b and a["shape"] == [7, 3]
+    again = zarr.open_array(str(tmp_path / "a.zarr"), path="x", mode="r")
+    np.testing.assert_array_equal(again[:5], data)
+    assert np.isnan(again[5:]).all()  # new rows read as the fill value
+    assert not list((tmp_path / "a.zarr" / "x").glob("*.partial"))
+
+
+def test_shrinking_and_read_only_arrays_are_left_to_zarr(tmp_path):
+    arr, _ = _make(tmp_path / "a.zarr", "x", (5, 3), (1, 3))
+    ro = zarr.open_array(str(tmp_path / "a.zarr"), path="x", mode="r")
+    assert _grow_local([(arr, (4, 3)), (ro, (6, 3))]) == [(arr, (4, 3)), (ro, (6, 3))]
+    assert arr.shape == (5, 3)
+
+
+def test_consolidated_lookups_match_zarrs(tmp_path):
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    g = root.create_group("layers").create_group("fc1", attributes={"has_bias": True})
+    g.create_array("weight", shape=(2, 3, 4), chunks=(1, 3, 4), dtype="float32")
+    with pytest.warns(UserWarning, match="Consolidated metadata"):
+        zarr.consolidate_metadata(str(tmp_path / "s.zarr"), zarr_format=3)
+    ours = open_consolidated(str(tmp_path / "s.zarr"), "r")
+    theirs = zarr.open_group(str(tmp_path / "s.zarr"), mode="r", zarr_format=3, use_consolidated=True)
+    for path in ("layers", "layers/fc1", "layers/fc1/weight"):
+        a, b = ours[path], theirs[path]
+        assert type(a).__name__ == ("Array" if path.endswith("weight") else "ConsolidatedGroup")
+        assert a.metadata == b.metadata and a.path == b.path
+    assert isinstance(ours["layers"], ConsolidatedGroup)
+    assert ours["layers"]["fc1"]["weight"].path == "layers/fc1/weight"
+    assert dict(ours["layers/fc1"].attrs) == {"has_bias": True}
+    assert "layers/fc1" in ours and "layers/fc2" not in ours and "fc1" in ours["layers"]
+    with pytest.raises(KeyError):
+        ours["layers/fc2"]
+
+
+def test_tasks_share_the_drivers_view(tmp_path):
+    from tests.trajectory import write_trajectory
+
+    import gramlin_analyze as ga
+
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+    write_trajectory(run, [0, 10])
+    ga.ingest(run, store)
+    gs = GramlinStore(store, mode="a")
+    share_with_tasks(str(store), "run-1", gs.view)
+    assert open_for_tasks(str(store), None, "run-1") is gs.view
+    other = open_for_tasks(str(store), None, "run-2")  # another run opens its own
+    assert other is not gs.view and other["layers/fc1/weight"].shape == gs.view["layers/fc1/weight"].shape
+
+
+def test_a_row_leaves_ok_before_its_new_fields_are_written(tmp_path, monkeypatch):
+    """Re-ingesting a changed checkpoint rewrites its fingerprint and marks it
+    pending. Killed between the two writes, the row must not be ok with the new
+    fingerprint (the next ingest would trust the old data)."""
+    import gramlin_analyze.store.core as core
+    from tests.trajectory import write_trajectory
+
+    import gramlin_analyze as ga
+
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+    write_trajectory(run, [0, 10])
+    ga.ingest(run, store)
+    gs = GramlinStore(store, mode="a")
+
+    def killed(pairs):
+        raise KeyboardInterrupt("killed while writing the other columns")
+
+    with gs.lock():
+        monkeypatch.setattr(core, "write_all", killed)
+        with pytest.raises(KeyboardInterrupt):
+            gs.write_rows([1], fingerprint="new", status="pending")
+        monkeypatch.undo()
+    man = GramlinStore(store).manifest()
+    assert list(man["status"]) == ["ok", "pending"]
+    assert man["fingerprint"][1] != "new"
+
+
+def test_kernel_threads_limits_blas_and_restores_it():
+    from threadpoolctl import threadpool_info
+
+    from gramlin_analyze._dask import kernel_threads
+
+    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    assert before
+    with kernel_threads(1):
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
