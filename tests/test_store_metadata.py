@@ -76,9 +76,8 @@ def test_consolidated_lookups_match_zarrs(tmp_path):
 
 
 def test_tasks_share_the_drivers_view(tmp_path):
-    from tests.trajectory import write_trajectory
-
     import gramlin_analyze as ga
+    from tests.trajectory import write_trajectory
 
     run, store = tmp_path / "run", tmp_path / "s.zarr"
     write_trajectory(run, [0, 10])
@@ -94,10 +93,9 @@ def test_a_row_leaves_ok_before_its_new_fields_are_written(tmp_path, monkeypatch
     """Re-ingesting a changed checkpoint rewrites its fingerprint and marks it
     pending. Killed between the two writes, the row must not be ok with the new
     fingerprint (the next ingest would trust the old data)."""
+    import gramlin_analyze as ga
     import gramlin_analyze.store.core as core
     from tests.trajectory import write_trajectory
-
-    import gramlin_analyze as ga
 
     run, store = tmp_path / "run", tmp_path / "s.zarr"
     write_trajectory(run, [0, 10])
