@@ -31,6 +31,7 @@ from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.core import (
     GramlinStore,
+    compact_metadata,
     declare_activations,
     read_all,
     release_buffers,
@@ -189,7 +190,7 @@ def ingest(
     if not existing:
         sources, schedule, external = prepare({})
     gs = GramlinStore(store, mode="a", storage_options=storage_options)
-    with gs.lock(break_lock=break_lock):
+    with gs.lock(break_lock=break_lock), compact_metadata():
         if existing:
             sources, schedule, external = prepare(_fingerprint_rows(gs.manifest()))
         report = IngestReport(store=store, scan_skipped=list(getattr(sources, "skipped", [])))
@@ -261,7 +262,20 @@ def ingest(
             int(s) for s, st in zip(man["step"], man["status"], strict=True) if st in ("ok", "failed")
         }
         new_steps = np.asarray(sorted(keep_old | {s.step for s in sources}), dtype=np.int64)
-        pos = gs.set_step_axis(new_steps)
+        # The rows to (re)do, pending. New steps' fields go in with the axis;
+        # stored rows (changed checkpoints) leave ok only once the options
+        # below are checked.
+        def pending(rows: list) -> dict[int, dict[str, Any]]:
+            return {
+                s.step: dict(
+                    source_path=str(s.path), format=s.format, fingerprint=s.fingerprint,
+                    stat_key=s.stat_key, bytes=s.bytes, status="pending",
+                )
+                for s in rows
+            }
+
+        stored_steps = {int(s) for s in man["step"]}
+        pos = gs.set_step_axis(new_steps, rows=pending([s for s in todo if s.step not in stored_steps]))
         if not stored and template:
             _declare_layers(gs, template, listed)
             pos = gs.set_step_axis(new_steps)
@@ -274,15 +288,11 @@ def ingest(
         elif activations is not None:
             act_layers = _prepare_external(gs, external, probe, activations)
 
-        gs.write_rows(
-            [pos[s.step] for s in todo],
-            source_path=[str(s.path) for s in todo],
-            format=[s.format for s in todo],
-            fingerprint=[s.fingerprint for s in todo],
-            stat_key=[s.stat_key for s in todo],
-            bytes=[s.bytes for s in todo],
-            status="pending",
-        )
+        redo = pending([s for s in todo if s.step in stored_steps])
+        if redo:
+            gs.write_rows([pos[step] for step in redo], **{
+                k: [fields[k] for fields in redo.values()] for k in next(iter(redo.values()))
+            })
         gs.write_rows([pos[s] for s in plan_errors], error=list(plan_errors.values()), status="failed")
         for step, msg in plan_errors.items():
             report.failed[step] = msg

@@ -283,3 +283,47 @@ def test_a_store_last_written_by_an_older_version_is_consolidated_first(tmp_path
     assert _node_shapes(store, True) == _node_shapes(store, False)
     assert ga.analyze(store, metrics=["gram"]).computed == 6
     assert validate_store(str(store)) == []
+
+
+def test_a_new_steps_gram_change_comes_with_its_task(tmp_path, monkeypatch):
+    """An incremental analyze computes a new step's Gram change in the step's
+    own task (the previous Gram is stored and current), not in phase 2; the
+    values equal a full analyze of the same run and an independent reference."""
+    import gramlin_analyze.analysis.task as task_mod
+    from tests.trajectory import write_trajectory
+
+    run, store, fresh = tmp_path / "run", tmp_path / "s.zarr", tmp_path / "f.zarr"
+    write_trajectory(run, [0, 10, 20])
+    ga.ingest(run, store)
+    ga.analyze(store, metrics=["gram"])
+    write_trajectory(run, [30], seed=3)
+    ga.ingest(run, store)
+    import gramlin_analyze.analysis.driver as drv
+
+    seen: list[tuple[str, int, bool]] = []
+    real = task_mod._norms
+
+    def counting(where):
+        def norms(G, G_prev, rows=64):
+            seen.append((where, G.shape[0], G_prev is None))
+            return real(G, G_prev, rows)
+
+        return norms
+
+    monkeypatch.setattr(task_mod, "_norms", counting("task"))
+    monkeypatch.setattr(drv, "_norms", counting("phase2"))
+    rep = ga.analyze(store, metrics=["gram"])
+    monkeypatch.undo()
+    assert rep.computed == 2
+    # per layer, in its task: the change, and the previous Gram's norm; nothing in phase 2
+    assert sorted(seen) == [("task", d, prev) for d in (5, 6) for prev in (False, True)]
+    ga.ingest(run, fresh)
+    ga.analyze(fresh, metrics=["gram"])
+    a = ga.open(store)["metrics"].to_dataset()["gram_change"]
+    b = ga.open(fresh)["metrics"].to_dataset()["gram_change"]
+    xr.testing.assert_equal(a, b)
+    for layer in ("fc1", "fc2"):
+        W = ga.open(store)[f"layers/{layer}"]["weight"].values.astype(np.float32).astype(np.float64)
+        G = [(w.T @ w).astype(np.float32).astype(np.float64) for w in W]  # Grams as stored
+        ref = [np.nan] + [np.linalg.norm(G[k] - G[k - 1]) / np.linalg.norm(G[k - 1]) for k in range(1, 4)]
+        np.testing.assert_allclose(a.sel(layer=layer).values, ref, rtol=1e-12, equal_nan=True)

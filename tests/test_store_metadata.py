@@ -14,10 +14,12 @@ import zarr
 from gramlin_analyze.store.core import (
     ConsolidatedGroup,
     GramlinStore,
-    _grow_local,
     open_consolidated,
     open_for_tasks,
+    read_all,
+    resize_all,
     share_with_tasks,
+    write_all,
 )
 
 
@@ -36,7 +38,7 @@ def test_growing_writes_the_metadata_zarr_writes(tmp_path, compressed):
     kw = {} if compressed else {"compressors": None}
     ours, data = _make(tmp_path / "a.zarr", "x", (5, 3), (1, 3), attributes={"long_name": "x"}, **kw)
     theirs, _ = _make(tmp_path / "b.zarr", "x", (5, 3), (1, 3), attributes={"long_name": "x"}, **kw)
-    assert _grow_local([(ours, (7, 3))]) == []
+    resize_all([(ours, (7, 3))])
     theirs.resize((7, 3))
     assert ours.shape == (7, 3)  # the handle is updated in place, as zarr's resize does
     a = json.loads((tmp_path / "a.zarr" / "x" / "zarr.json").read_text())
@@ -48,11 +50,69 @@ def test_growing_writes_the_metadata_zarr_writes(tmp_path, compressed):
     assert not list((tmp_path / "a.zarr" / "x").glob("*.partial"))
 
 
-def test_shrinking_and_read_only_arrays_are_left_to_zarr(tmp_path):
-    arr, _ = _make(tmp_path / "a.zarr", "x", (5, 3), (1, 3))
-    ro = zarr.open_array(str(tmp_path / "a.zarr"), path="x", mode="r")
-    assert _grow_local([(arr, (4, 3)), (ro, (6, 3))]) == [(arr, (4, 3)), (ro, (6, 3))]
-    assert arr.shape == (5, 3)
+def test_shrinking_goes_through_zarr_and_deletes_the_rows(tmp_path):
+    arr, data = _make(tmp_path / "a.zarr", "x", (5, 3), (1, 3))
+    resize_all([(arr, (3, 3))])
+    assert sorted(_chunk_files(tmp_path / "a.zarr" / "x")) == ["c/0/0", "c/1/0", "c/2/0"]
+    resize_all([(arr, (5, 3))])
+    again = zarr.open_array(str(tmp_path / "a.zarr"), path="x", mode="r")
+    np.testing.assert_array_equal(again[:3], data[:3])
+    assert np.isnan(again[3:]).all()
+
+
+MANIFEST_LIKE = [
+    ("str", "", np.array(["ok", "pending", "", "failed", "x" * 300, "é"], dtype=object)),
+    ("int64", -1, np.arange(6, dtype=np.int64) * 7 - 3),
+    ("float64", np.nan, np.array([0.1, np.nan, 3, -2, 1e300, -0.0])),
+    ("float64", np.nan, np.full(6, np.nan)),  # all fill value: no chunk file, as zarr does
+    ("bool", False, np.array([True, False, True, True, False, False])),
+]
+
+
+def _chunk_files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "zarr.json"}
+
+
+@pytest.mark.parametrize("chunks", [(512,), (4,)])
+@pytest.mark.parametrize("case", range(len(MANIFEST_LIKE)))
+def test_small_arrays_are_written_and_read_as_zarr_does(tmp_path, case, chunks):
+    """The manifest, coordinates and scalar arrays go through zarr's own codecs
+    in the calling thread: the same chunk files as zarr writes, the same values
+    back, for whole and partial edge chunks."""
+    dtype, fill, values = MANIFEST_LIKE[case]
+    dtype = str if dtype == "str" else dtype
+    arrays = []
+    for name in ("ours", "theirs"):
+        root = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        arrays.append(root.create_array("c", shape=(6,), chunks=chunks, dtype=dtype, fill_value=fill))
+    ours, theirs = arrays
+    write_all([(ours, values)])
+    theirs[:] = values
+    assert _chunk_files(tmp_path / "ours.zarr") == _chunk_files(tmp_path / "theirs.zarr")
+    got, = read_all([theirs])
+    expected = theirs[:]
+    assert got.dtype == expected.dtype
+    if dtype is str:
+        assert list(got) == list(expected) == list(values)
+    else:
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(got, values)
+    # a second write replaces the first, including chunks that become all fill value
+    write_all([(ours, np.full(6, fill, dtype=object if dtype is str else dtype))])
+    assert _chunk_files(tmp_path / "ours.zarr") == {}
+
+
+def test_two_dimensional_scalar_arrays(tmp_path):
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((7, 3))
+    values[2, 1] = np.nan
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    a = root.create_array("m", shape=(7, 3), chunks=(4, 3), dtype="float64", fill_value=np.nan)
+    b = root.create_array("n", shape=(7, 3), chunks=(4, 3), dtype="float64", fill_value=np.nan)
+    write_all([(a, values)])
+    b[:] = values
+    assert _chunk_files(tmp_path / "s.zarr" / "m") == _chunk_files(tmp_path / "s.zarr" / "n")
+    np.testing.assert_array_equal(read_all([a])[0], values)
 
 
 def test_consolidated_lookups_match_zarrs(tmp_path):
@@ -102,14 +162,21 @@ def test_a_row_leaves_ok_before_its_new_fields_are_written(tmp_path, monkeypatch
     ga.ingest(run, store)
     gs = GramlinStore(store, mode="a")
 
+    real = core.write_all
+    calls: list[list[str]] = []
+
     def killed(pairs):
-        raise KeyboardInterrupt("killed while writing the other columns")
+        calls.append([a.path.rsplit("/", 1)[-1] for a, _ in pairs])
+        if "fingerprint" in calls[-1]:
+            raise KeyboardInterrupt("killed while writing the other columns")
+        real(pairs)
 
     with gs.lock():
         monkeypatch.setattr(core, "write_all", killed)
         with pytest.raises(KeyboardInterrupt):
             gs.write_rows([1], fingerprint="new", status="pending")
         monkeypatch.undo()
+    assert calls == [["status"], ["fingerprint"]]
     man = GramlinStore(store).manifest()
     assert list(man["status"]) == ["ok", "pending"]
     assert man["fingerprint"][1] != "new"

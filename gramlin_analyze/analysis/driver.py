@@ -26,6 +26,8 @@ import numpy as np
 from gramlin_analyze._dask import kernel_threads, make_runner
 from gramlin_analyze.analysis.metrics import FAMILIES, METRIC_DOCS, resolve_families
 from gramlin_analyze.analysis.task import (
+    _norms,
+    _ratio,
     hold_scratch,
     layer_step_task,
     release_scratch,
@@ -35,7 +37,14 @@ from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import GramlinStore, read_step, share_with_tasks, write_all
+from gramlin_analyze.store.core import (
+    GramlinStore,
+    compact_metadata,
+    read_all,
+    read_step,
+    share_with_tasks,
+    write_all,
+)
 
 __all__ = ["analyze", "AnalyzeReport"]
 
@@ -105,7 +114,7 @@ class _Scalars:
 
     def _load(self, path: str) -> np.ndarray:
         if path not in self.cache:
-            arr = self.m[path][:]
+            arr = read_all([self.m[path]])[0]
             self.cache[path] = np.asarray(arr, dtype=object) if arr.dtype.kind in "OTU" else np.array(arr)
         return self.cache[path]
 
@@ -289,7 +298,7 @@ def analyze(
     GramlinStore(url, mode="r", storage_options=storage_options)  # a mistyped path is an error, not a new store
     gs = GramlinStore(url, mode="a", storage_options=storage_options)
     report = AnalyzeReport(store=url)
-    with gs.lock(break_lock=break_lock):
+    with gs.lock(break_lock=break_lock), compact_metadata():
         all_layers = gs.layer_names()
         chosen = select_layers(all_layers, layers, None)
         if layers and not chosen:
@@ -365,6 +374,7 @@ def analyze(
         # Which (step, layer, family) need computing.
         buf = _Scalars(m)
         inputs = {fam: buf.get(f"{INPUTS}/{fam}") for fam in families}
+        inputs_p2 = buf.get(f"{INPUTS}/gram_phase2") if "gram" in families else None
         jobs: dict[tuple[int, str], list[str]] = {}
         wanted: dict[tuple[int, str, str], str] = {}
         # Layer-major: a layer's tasks finish together, and its phase 2 starts
@@ -386,9 +396,29 @@ def analyze(
                         wanted[(i, layer, fam)] = h
                     else:
                         report.up_to_date += 1
+        # A new step whose previous ok step's Gram is stored and current (an
+        # incremental run) gets its Gram change in its own task, from the Gram
+        # it has in memory; phase 2 then has nothing left to do for it.
+        in_task: dict[tuple[int, str], str] = {}
+        if "gram" in families and not recompute:
+            prev_ok = dict(zip(ok, [None, *ok[:-1]], strict=True))
+            for layer in chosen:
+                if "gram" not in layer_fams[layer]:
+                    continue
+                j = layer_index[layer]
+                hashes = _chain_hashes("gram", ok, fps, lr)
+                prov = inputs_p2[:, j]
+                for i in ok:
+                    p = prev_ok[i]
+                    if "gram" in jobs.get((i, layer), ()) and (
+                        p is None or ("gram" not in jobs.get((p, layer), ()) and prov[p] == hashes[p])
+                    ):
+                        in_task[(i, layer)] = hashes[i]
         tasks = []
         for (i, layer), fams in jobs.items():
             ctx = dict(ctx_base, gamma=float(lr[i]), spectrum_k=spectrum_k[layer])
+            if (i, layer) in in_task:
+                ctx["gram_prev_index"] = prev_ok[i]
             tasks.append((layer_step_task, url, storage_options, layer, i, fams, ctx))
         done = 0
         # Phase 2 of a layer reads only that layer's phase-1 results, so it runs
@@ -418,6 +448,8 @@ def analyze(
             for fam in jobs[(i, layer)]:
                 buf.set(f"{INPUTS}/{fam}", i, j, wanted[(i, layer, fam)])
                 report.computed += 1
+            if (i, layer) in in_task:  # its Gram change came with it
+                buf.set(f"{INPUTS}/gram_phase2", i, j, in_task[(i, layer)])
             if res["nonfinite"]:
                 report.nonfinite.append((int(steps[i]), layer))
             left[layer] -= 1
@@ -455,11 +487,6 @@ def analyze(
     return report
 
 
-def _ratio(num: float, den: float) -> float:
-    """num / den, NaN when the denominator is 0 (two identical checkpoints)."""
-    return float(num / den) if den > 0 else float("nan")
-
-
 _phase2_pools: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -472,20 +499,18 @@ def _phase2_pool(n: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _norms(G: np.ndarray, G_prev: np.ndarray | None, rows: int = 64) -> tuple[float, float]:
-    """``(||G - G_prev||_F, ||G||_F)`` summed in float64 whatever the stored dtype.
-
-    One pass over row blocks: float64 temporaries of a block, not of the
-    whole matrix (fresh multi-MB buffers cost page faults on every call).
-    """
-    sq_diff = sq = 0.0
-    for r in range(0, G.shape[0], rows):
-        g = np.asarray(G[r : r + rows], dtype=np.float64)
-        sq += float(np.vdot(g, g))
-        if G_prev is not None:
-            d = np.subtract(g, G_prev[r : r + rows], dtype=np.float64)
-            sq_diff += float(np.vdot(d, d))
-    return (float(np.sqrt(sq_diff)) if G_prev is not None else float("nan")), float(np.sqrt(sq))
+def _chain_hashes(fam: str, ok: list[int], fps, lr) -> dict[int, str]:
+    """Provenance of each ok step's phase-2 results: every ok step up to it
+    (fingerprints, and learning rates for VC), as a chain."""
+    key = fam + "_phase2"
+    chain: list = []
+    hashes = {}
+    for i in ok:
+        chain.append(fps[i])
+        if fam == "vc":
+            chain.append(float(lr[i]))
+        hashes[i] = _hash(key, chain)
+    return hashes
 
 
 def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> None:
@@ -496,16 +521,8 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
             continue
         key = fam + "_phase2"
         prov = buf.get(f"{INPUTS}/{key}")[:, j]
-        chain: list = []
-        start = None
-        hashes = {}
-        for i in ok:
-            chain.append(fps[i])
-            if fam == "vc":
-                chain.append(float(lr[i]))
-            hashes[i] = _hash(key, chain)
-            if start is None and (recompute or prov[i] != hashes[i]):
-                start = i
+        hashes = _chain_hashes(fam, ok, fps, lr)
+        start = next((i for i in ok if recompute or prov[i] != hashes[i]), None)
         if start is None:
             continue
         pos = ok.index(start)

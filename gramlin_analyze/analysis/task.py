@@ -114,6 +114,27 @@ def _drop_scratch() -> None:
             _scratch.clear()
 
 
+def _ratio(num: float, den: float) -> float:
+    """num / den, NaN when the denominator is 0 (two identical checkpoints)."""
+    return float(num / den) if den > 0 else float("nan")
+
+
+def _norms(G: np.ndarray, G_prev: np.ndarray | None, rows: int = 64) -> tuple[float, float]:
+    """``(||G - G_prev||_F, ||G||_F)`` summed in float64 whatever the stored dtype.
+
+    One pass over row blocks: float64 temporaries of a block, not of the
+    whole matrix (fresh multi-MB buffers cost page faults on every call).
+    """
+    sq_diff = sq = 0.0
+    for r in range(0, G.shape[0], rows):
+        g = np.asarray(G[r : r + rows], dtype=np.float64)
+        sq += float(np.vdot(g, g))
+        if G_prev is not None:
+            d = np.subtract(g, G_prev[r : r + rows], dtype=np.float64)
+            sq_diff += float(np.vdot(d, d))
+    return (float(np.sqrt(sq_diff)) if G_prev is not None else float("nan")), float(np.sqrt(sq))
+
+
 def _add(acc: dict | None, part: dict) -> dict:
     if acc is None:
         return {k: np.array(v, dtype=np.float64) for k, v in part.items()}
@@ -167,6 +188,16 @@ def layer_step_task(
         put_step(gram, index, stored)
         # ||W||_F^2 = tr(W^T W): no second pass over W.
         out["fro_norm"] = float("nan") if w_nonfinite else float(np.sqrt(np.trace(G)))
+        if "gram_prev_index" in ctx:
+            # The relative change from the previous ok step's stored Gram, as
+            # phase 2 computes it (same arrays, same arithmetic).
+            prev = ctx["gram_prev_index"]
+            if prev is None:
+                out["gram_change"] = float("nan")
+            else:
+                G_prev = read_step(gram, prev, scratch_array("G_prev", stored.shape, gram.dtype))
+                change, _ = _norms(stored, G_prev)
+                out["gram_change"] = _ratio(change, _norms(G_prev, None)[1])
     if "spectrum" in families:
         # One symmetric eigendecomposition of the smaller Gram gives every
         # spectral quantity; two SVDs of W cost 5x more.
