@@ -66,6 +66,7 @@ MANIFEST_LIKE = [
     ("float64", np.nan, np.array([0.1, np.nan, 3, -2, 1e300, -0.0])),
     ("float64", np.nan, np.full(6, np.nan)),  # all fill value: no chunk file, as zarr does
     ("bool", False, np.array([True, False, True, True, False, False])),
+    ("float64", 0.0, np.array([-0.0, 0.0, 0.0, 0.0, 0.0, 0.0])),  # -0.0 is not the fill value 0.0
 ]
 
 
@@ -97,6 +98,8 @@ def test_small_arrays_are_written_and_read_as_zarr_does(tmp_path, case, chunks):
     else:
         np.testing.assert_array_equal(got, expected)
         np.testing.assert_array_equal(got, values)
+    if dtype == "float64" and fill == 0.0:
+        assert np.signbit(got[0])
     # a second write replaces the first, including chunks that become all fill value
     write_all([(ours, np.full(6, fill, dtype=object if dtype is str else dtype))])
     assert _chunk_files(tmp_path / "ours.zarr") == {}
@@ -192,3 +195,64 @@ def test_kernel_threads_limits_blas_and_restores_it():
     with kernel_threads(1):
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
+
+
+def test_a_writer_killed_while_appending_a_step_leaves_a_store_the_next_one_repairs(tmp_path, monkeypatch):
+    """The append batch grows and rewrites every array at once; killed midway,
+    manifest columns and arrays have different lengths. The next ingest must
+    take the step coordinate's length, repair the shapes and ingest the step,
+    giving the store a single ingest gives."""
+    import xarray as xr
+
+    import gramlin_analyze as ga
+    import gramlin_analyze.store.core as core
+    from tests.trajectory import write_trajectory
+
+    run, store, fresh = tmp_path / "run", tmp_path / "s.zarr", tmp_path / "f.zarr"
+    write_trajectory(run, [0, 10, 20])
+    ga.ingest(run, store)
+    ga.analyze(store, metrics=["gram"])
+    write_trajectory(run, [30], seed=3)
+    real = core._grow_local
+
+    def killed(arr, shape):
+        if arr.path in ("steps/status", "layers/fc2/weight"):
+            raise KeyboardInterrupt("killed while growing")
+        real(arr, shape)
+
+    monkeypatch.setattr(core, "_grow_local", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ga.ingest(run, store)
+    monkeypatch.undo()
+    live = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
+    assert live["steps/status"].shape == (3,) and live["steps/fingerprint"].shape == (4,)
+    assert live["layers/fc2/weight"].shape[0] == 3 and live["layers/fc1/weight"].shape[0] == 4
+    assert ga.ingest(run, store).ingested == [30]
+    assert ga.analyze(store, metrics=["gram"]).computed == 2
+    ga.ingest(run, fresh)
+    ga.analyze(fresh, metrics=["gram"])
+    a, b = ga.open(store), ga.open(fresh)
+    for path in ("layers/fc1", "layers/fc2", "metrics/fc1", "metrics/fc2"):
+        xr.testing.assert_equal(a[path].to_dataset(), b[path].to_dataset())
+    assert list(a["steps"].to_dataset()["status"].values) == ["ok"] * 4
+
+
+def test_compact_metadata_nests_across_threads():
+    import threading
+
+    from gramlin_analyze.store.core import compact_metadata
+
+    before = zarr.config.get("json_indent")
+    inner_done = threading.Event()
+    with compact_metadata():
+        assert zarr.config.get("json_indent") is None
+
+        def other():
+            with compact_metadata():
+                inner_done.set()
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert inner_done.is_set() and zarr.config.get("json_indent") is None  # still ours
+    assert zarr.config.get("json_indent") == before

@@ -164,6 +164,7 @@ def layer_step_task(
     grp = node(f"{L.LAYERS}/{layer}")
     mgrp = node(f"{L.METRICS}/{layer}")
     out: dict[str, float] = {}
+    gram_change = float("nan")
     warr = node(f"{L.LAYERS}/{layer}/weight")
     w = read_step(warr, index, scratch_array("w_stored", warr.shape[1:], warr.dtype))
     W = scratch_array("W", w.shape, np.float64)
@@ -190,14 +191,13 @@ def layer_step_task(
         out["fro_norm"] = float("nan") if w_nonfinite else float(np.sqrt(np.trace(G)))
         if "gram_prev_index" in ctx:
             # The relative change from the previous ok step's stored Gram, as
-            # phase 2 computes it (same arrays, same arithmetic).
+            # phase 2 computes it (same arrays, same arithmetic; non-finite
+            # weights give NaN through it, and nothing else of the step enters).
             prev = ctx["gram_prev_index"]
-            if prev is None:
-                out["gram_change"] = float("nan")
-            else:
+            if prev is not None:
                 G_prev = read_step(gram, prev, scratch_array("G_prev", stored.shape, gram.dtype))
                 change, _ = _norms(stored, G_prev)
-                out["gram_change"] = _ratio(change, _norms(G_prev, None)[1])
+                gram_change = _ratio(change, _norms(G_prev, None)[1])
     if "spectrum" in families:
         # One symmetric eigendecomposition of the smaller Gram gives every
         # spectral quantity; two SVDs of W cost 5x more.
@@ -300,4 +300,6 @@ def layer_step_task(
             out["cka_to_final"] = float(linear_cka_from_stats_np(cka))
     if nonfinite:
         out = {k: float("nan") for k in out}
+    if "gram_prev_index" in ctx:
+        out["gram_change"] = gram_change
     return {"layer": layer, "index": index, "scalars": out, "nonfinite": bool(nonfinite or lr_missing)}

@@ -466,12 +466,6 @@ def _chunk_spec(arr: zarr.Array):
     return md.get_chunk_spec((0,) * len(arr.shape), arr.async_array.config, default_buffer_prototype())
 
 
-def _all_fill(block: np.ndarray, fill) -> bool:
-    if block.dtype.kind == "f" or block.dtype.kind == "c":
-        return bool(np.array_equal(block, np.full_like(block, fill), equal_nan=True))
-    return bool(np.all(block == fill))
-
-
 def _write_small(arr: zarr.Array, value: np.ndarray, codecs: list) -> None:
     """``arr[:] = value`` through zarr's codecs, in this thread (see :func:`_small_codecs`).
 
@@ -486,10 +480,11 @@ def _write_small(arr: zarr.Array, value: np.ndarray, codecs: list) -> None:
         block = np.full(spec.shape, spec.fill_value, dtype=native)
         block[inner] = value[sel]
         path = root / key
-        if not spec.config.write_empty_chunks and _all_fill(block, spec.fill_value):
+        nd = spec.prototype.nd_buffer.from_numpy_array(block)
+        if not spec.config.write_empty_chunks and nd.all_equal(spec.fill_value):  # zarr's test (bitwise for 0.0)
             path.unlink(missing_ok=True)
             continue
-        buf = codecs[0]._encode_sync(spec.prototype.nd_buffer.from_numpy_array(block), spec)
+        buf = codecs[0]._encode_sync(nd, spec)
         for c in codecs[1:]:
             buf = c._encode_sync(buf, spec)
         write_raw_chunk(path, buf.as_numpy_array())
@@ -702,6 +697,11 @@ def task_node(url: str, storage_options: dict | None, token: str, path: str) -> 
     return node
 
 
+_compact_lock = threading.Lock()
+_compact_users = 0
+_compact_saved: Any = None
+
+
 @contextmanager
 def compact_metadata() -> Iterator[None]:
     """Write ``zarr.json`` documents as compact JSON while a command runs.
@@ -710,10 +710,22 @@ def compact_metadata() -> Iterator[None]:
     Python's JSON encoder take its pure-Python path: the root document holds
     the consolidated metadata of every node, and a writer rewrites it a few
     times per command (9 ms each with indentation, 4 ms without, for 8
-    layers). Readers parse either.
+    layers). Readers parse either. zarr's setting is process-wide, so
+    overlapping commands (threads) count: the last one out restores it.
     """
-    with zarr.config.set({"json_indent": None}):
+    global _compact_users, _compact_saved
+    with _compact_lock:
+        if _compact_users == 0:
+            _compact_saved = zarr.config.get("json_indent")
+            zarr.config.set({"json_indent": None})
+        _compact_users += 1
+    try:
         yield
+    finally:
+        with _compact_lock:
+            _compact_users -= 1
+            if _compact_users == 0:
+                zarr.config.set({"json_indent": _compact_saved})
 
 
 @contextmanager
@@ -750,6 +762,7 @@ class GramlinStore:
         self._stale = False  # this writer changed the structure since it last consolidated
         self._consolidated = False  # this writer wrote the consolidated copy
         self._view: zarr.Group | None = None
+        self._interrupted = False  # the last writer stopped midway through a structural change
         self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
         try:
             if mode == "r":
@@ -761,6 +774,8 @@ class GramlinStore:
                 f"{self.url}: not a gramlin store (no Zarr group there); create one with "
                 "`gramlin-analyze ingest DIR --store " + self.url + "`"
             ) from err
+        # Only writers since 0.2.0 clear the flag, and they set it only while changing the structure.
+        self._interrupted = mode != "r" and self.root.attrs.get(CONSOLIDATED_ATTR) is False
         if mode == "r" and "gramlin_schema_version" not in self.root.attrs:
             raise StoreError(f"{self.url}: a Zarr group, but not a gramlin store (no gramlin_schema_version)")
 
@@ -925,6 +940,14 @@ class GramlinStore:
                     man[name] = np.asarray(v, dtype=np.int64)
                 else:
                     man[name] = np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
+            # A writer killed while resizing leaves columns of different lengths:
+            # the step coordinate's is the manifest's (extra rows are dropped,
+            # missing ones are unset, so never ok); set_step_axis repairs the shapes.
+            n = len(man["step"])
+            for name, col in man.items():
+                if len(col) != n:
+                    fill = "" if col.dtype == object else L.MANIFEST[name][1]
+                    man[name] = np.concatenate([col[:n], np.full(max(0, n - len(col)), fill, dtype=col.dtype)])
             if self.mode == "r":
                 return man
             self._man = man
@@ -1054,12 +1077,17 @@ class GramlinStore:
             if st == "ok" and int(s) in pos and pos[int(s)] != i:
                 moves[i] = pos[int(s)]
         same = n_old == n_new and np.array_equal(old_steps, new_steps)
-        if same:
+        if same and not self._interrupted:
             return pos
         nodes = self._walk()  # before marking: from the consolidated copy while it is current
         self.structure_changed()
         self._man = None  # rewritten below
         step_arrays, step_coords = self._step_nodes(nodes)
+        if self._interrupted:
+            # The last writer stopped while resizing: first give every array the
+            # manifest's length again, then change the axis as usual.
+            resize_all([(a, (n_old, *a.shape[1:])) for a in [*step_arrays.values(), *step_coords] if a.shape[0] != n_old])
+            self._interrupted = False
         g = {name: step_arrays[f"{L.STEPS}/{name}"] for name in L.MANIFEST}
         if moves:
             st = np.asarray(status, dtype=object).copy()
