@@ -289,10 +289,7 @@ def ingest(
             act_layers = _prepare_external(gs, external, probe, activations)
 
         redo = pending([s for s in todo if s.step in stored_steps])
-        if redo:
-            gs.write_rows([pos[step] for step in redo], **{
-                k: [fields[k] for fields in redo.values()] for k in next(iter(redo.values()))
-            })
+        gs.write_row_fields([(pos[step], fields) for step, fields in redo.items()])
         gs.write_rows([pos[s] for s in plan_errors], error=list(plan_errors.values()), status="failed")
         for step, msg in plan_errors.items():
             report.failed[step] = msg
@@ -346,11 +343,7 @@ def ingest(
                     )
             write_all([(arrs[n], c) for n, c in cols.items()])
             pending_nonfinite.clear()
-            groups: dict[tuple, list[tuple[int, dict]]] = {}
-            for idx, fields in pending_rows:
-                groups.setdefault(tuple(sorted(fields)), []).append((idx, fields))
-            for keys, rows in groups.items():
-                gs.write_rows([i for i, _ in rows], **{k: [f[k] for _, f in rows] for k in keys})
+            gs.write_row_fields(pending_rows)
             pending_rows.clear()
             last_flush = time.monotonic()
 

@@ -402,11 +402,11 @@ def analyze(
         in_task: dict[tuple[int, str], str] = {}
         if "gram" in families and not recompute:
             prev_ok = dict(zip(ok, [None, *ok[:-1]], strict=True))
+            hashes = _chain_hashes("gram", ok, fps, lr)  # the same chain for every layer
             for layer in chosen:
                 if "gram" not in layer_fams[layer]:
                     continue
                 j = layer_index[layer]
-                hashes = _chain_hashes("gram", ok, fps, lr)
                 prov = inputs_p2[:, j]
                 for i in ok:
                     p = prev_ok[i]

@@ -90,6 +90,22 @@ def writable(arr: zarr.Array) -> zarr.Array:
     return arr.with_config({"write_empty_chunks": True})
 
 
+def _local_dir(arr: zarr.Array, *, write: bool = True) -> Path | None:
+    """The directory of ``arr`` when this module may use its files directly:
+    a local store (writable when ``write``), zarr v3 metadata and a regular
+    chunk grid. Otherwise None, and callers go through zarr."""
+    from zarr.core.chunk_grids import RegularChunkGrid
+    from zarr.storage import LocalStore
+
+    store, md = arr.store, arr.metadata
+    if (
+        not isinstance(store, LocalStore) or (write and store.read_only) or md.zarr_format != 3
+        or not isinstance(md.chunk_grid, RegularChunkGrid)
+    ):
+        return None
+    return Path(store.root, arr.path)
+
+
 def raw_chunk_path(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
     """The file holding chunk ``coords`` of ``arr``, when that file is just its values.
 
@@ -100,12 +116,10 @@ def raw_chunk_path(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
     callers write through zarr.
     """
     from zarr.codecs import BytesCodec
-    from zarr.core.chunk_grids import RegularChunkGrid
-    from zarr.storage import LocalStore
 
-    store = arr.store
+    root = _local_dir(arr)
     md = arr.metadata
-    if not isinstance(store, LocalStore) or store.read_only or md.zarr_format != 3:
+    if root is None:
         return None
     codecs = md.codecs
     if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
@@ -113,9 +127,9 @@ def raw_chunk_path(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
     endian = codecs[0].endian
     if sys.byteorder != "little" or (endian is not None and getattr(endian, "value", endian) != "little"):
         return None
-    if not isinstance(md.chunk_grid, RegularChunkGrid) or arr.dtype.kind not in "biufc":
+    if arr.dtype.kind not in "biufc":
         return None
-    return Path(store.root, arr.path, md.encode_chunk_key(coords))
+    return root / md.encode_chunk_key(coords)
 
 
 def write_raw_chunk(path: Path, data: np.ndarray) -> None:
@@ -428,16 +442,10 @@ def _small_codecs(arr: zarr.Array, *, write: bool) -> list | None:
     codecs' own synchronous encoders and decoders make them.
     """
     from zarr.abc.codec import ArrayBytesCodec, BytesBytesCodec
-    from zarr.core.chunk_grids import RegularChunkGrid
-    from zarr.storage import LocalStore
 
-    store, md = arr.store, arr.metadata
-    if (
-        not isinstance(store, LocalStore) or (write and store.read_only) or md.zarr_format != 3
-        or not isinstance(md.chunk_grid, RegularChunkGrid) or arr.nbytes > SMALL_ARRAY_BYTES
-    ):
+    if _local_dir(arr, write=write) is None or arr.nbytes > SMALL_ARRAY_BYTES:
         return None
-    codecs = list(md.codecs)
+    codecs = list(arr.metadata.codecs)
     if not codecs or not isinstance(codecs[0], ArrayBytesCodec):
         return None
     if not all(isinstance(c, BytesBytesCodec) for c in codecs[1:]):
@@ -475,7 +483,7 @@ def _write_small(arr: zarr.Array, value: np.ndarray, codecs: list) -> None:
     spec = _chunk_spec(arr)
     native = arr.metadata.dtype.to_native_dtype()
     value = np.broadcast_to(np.asarray(value, dtype=native), arr.shape)
-    root = Path(arr.store.root, arr.path)
+    root = _local_dir(arr)
     for key, sel, inner in _chunk_slices(arr):
         block = np.full(spec.shape, spec.fill_value, dtype=native)
         block[inner] = value[sel]
@@ -494,7 +502,7 @@ def _read_small(arr: zarr.Array, codecs: list) -> np.ndarray:
     """``arr[:]`` through zarr's codecs, in this thread; missing chunks read as the fill value."""
     spec = _chunk_spec(arr)
     out = np.full(arr.shape, spec.fill_value, dtype=arr.metadata.dtype.to_native_dtype())
-    root = Path(arr.store.root, arr.path)
+    root = _local_dir(arr, write=False)
     for key, sel, inner in _chunk_slices(arr):
         try:
             raw = (root / key).read_bytes()
@@ -509,14 +517,11 @@ def _read_small(arr: zarr.Array, codecs: list) -> np.ndarray:
 
 
 def _growable(arr: zarr.Array, shape: tuple[int, ...]) -> bool:
-    """Whether :func:`_grow_local` can resize ``arr`` to ``shape``: a writable
-    local store, zarr v3, and no dimension shrinks (nothing to delete)."""
-    from zarr.storage import LocalStore
-
-    store = arr.store
+    """Whether :func:`_grow_local` can resize ``arr`` to ``shape``: its files are
+    local and writable (:func:`_local_dir`) and no dimension shrinks (nothing to delete)."""
     return (
-        isinstance(store, LocalStore) and not store.read_only and arr.metadata.zarr_format == 3
-        and len(shape) == len(arr.shape) and all(n >= o for n, o in zip(shape, arr.shape, strict=True))
+        _local_dir(arr) is not None and len(shape) == len(arr.shape)
+        and all(n >= o for n, o in zip(shape, arr.shape, strict=True))
     )
 
 
@@ -532,7 +537,7 @@ def _grow_local(arr: zarr.Array, shape: tuple[int, ...]) -> None:
 
     md = arr.metadata.update_shape(tuple(shape))
     for key, buf in md.to_buffer_dict(default_buffer_prototype()).items():
-        write_raw_chunk(Path(arr.store.root, arr.path, key), buf.as_numpy_array())
+        write_raw_chunk(_local_dir(arr) / key, buf.as_numpy_array())
     object.__setattr__(arr.async_array, "metadata", md)
 
 
@@ -762,7 +767,6 @@ class GramlinStore:
         self._stale = False  # this writer changed the structure since it last consolidated
         self._consolidated = False  # this writer wrote the consolidated copy
         self._view: zarr.Group | None = None
-        self._interrupted = False  # the last writer stopped midway through a structural change
         self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
         try:
             if mode == "r":
@@ -774,7 +778,8 @@ class GramlinStore:
                 f"{self.url}: not a gramlin store (no Zarr group there); create one with "
                 "`gramlin-analyze ingest DIR --store " + self.url + "`"
             ) from err
-        # Only writers since 0.2.0 clear the flag, and they set it only while changing the structure.
+        # The last writer stopped midway through a structural change (only
+        # writers since 0.2.0 clear the flag, and they set it only while changing the structure).
         self._interrupted = mode != "r" and self.root.attrs.get(CONSOLIDATED_ATTR) is False
         if mode == "r" and "gramlin_schema_version" not in self.root.attrs:
             raise StoreError(f"{self.url}: a Zarr group, but not a gramlin store (no gramlin_schema_version)")
@@ -1056,11 +1061,7 @@ class GramlinStore:
         incremental ingest), the others after it. Returns ``{step: index}``.
         """
         pos = self._set_step_axis(np.asarray(new_steps, dtype=np.int64), rows := dict(rows or {}))
-        groups: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = {}
-        for step, fields in rows.items():  # what the axis did not take
-            groups.setdefault(tuple(sorted(fields)), []).append((pos[step], fields))
-        for keys, items in groups.items():
-            self.write_rows([i for i, _ in items], **{k: [f[k] for _, f in items] for k in keys})
+        self.write_row_fields([(pos[step], fields) for step, fields in rows.items()])  # what the axis did not take
         return pos
 
     def _set_step_axis(self, new_steps: np.ndarray, rows: dict[int, dict[str, Any]]) -> dict[int, int]:
@@ -1174,6 +1175,14 @@ class GramlinStore:
             arr[moves[i]] = arr[i]
 
     # -- manifest rows ----------------------------------------------------------------
+
+    def write_row_fields(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
+        """:meth:`write_rows` for ``(row index, fields)`` pairs: one call per set of field names."""
+        groups: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = {}
+        for i, fields in rows:
+            groups.setdefault(tuple(sorted(fields)), []).append((i, fields))
+        for keys, items in groups.items():
+            self.write_rows([i for i, _ in items], **{k: [f[k] for _, f in items] for k in keys})
 
     def write_rows(self, index: int | list[int], **fields: Any) -> None:
         """Write manifest fields of one or more rows; ``status`` is written last.
