@@ -325,12 +325,11 @@ def capture_step(
                         "(a diverged run?): leave this step out or check the loss and targets"
                     )
                 total_loss += float(term.detach())
-                dz = runner.grads(term, retain_graph=capture_agop)
+                gs = runner.input_grads(term, retain_graph=capture_agop)
                 n_ex = stop - start
                 for layer in runner.layers:
-                    w = runner.weight(layer.name)
                     h = pool_samples(runner.h[layer.name], n_ex, pool)
-                    g = pool_samples(dz[layer.name] @ w, n_ex, pool)
+                    g = pool_samples(gs[layer.name], n_ex, pool)
                     if sink is not None:
                         sink(
                             layer.name,
@@ -375,16 +374,15 @@ def _accumulate_agop(
     n_out = f.shape[1]
     exact = n_out <= AGOP_EXACT_MAX_OUTPUTS
     passes = n_out if exact else projections
-    weights = {layer.name: runner.weight(layer.name) for layer in runner.layers}
     for k in range(passes):
         if exact:
             objective = f[:, k].sum()
         else:
             signs = torch.randint(0, 2, f.shape, generator=generator).to(f.dtype) * 2 - 1
             objective = (f * signs).sum()
-        dz = runner.grads(objective, retain_graph=k < passes - 1)
+        gs = runner.input_grads(objective, retain_graph=k < passes - 1)
         for layer in runner.layers:
-            jt = pool_samples(dz[layer.name] @ weights[layer.name], n_ex, pool).to(torch.float64)
+            jt = pool_samples(gs[layer.name], n_ex, pool).to(torch.float64)
             contribution = jt.T @ jt
             agop[layer.name] += contribution if exact else contribution / projections
     return "exact" if exact else f"rademacher:{projections}"

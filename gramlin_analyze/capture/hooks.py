@@ -7,6 +7,15 @@ taken at the layer's own output, never from ``h.grad``, which with skip
 connections or weight tying also holds other paths. Tensor hooks registered
 on ``z`` before an in-place op (``ReLU(inplace=True)``) still receive the
 gradient of ``z`` itself.
+
+``g = W^T dL/dz`` is what backpropagation computes anyway to go on past a
+plain ``nn.Linear``. For such a layer a forward pre-hook hands the module an
+alias of its input (``h.view_as(h)``) that nothing else uses, and a tensor
+hook on the alias records its gradient: exactly the gradient through this
+layer only, computed once by autograd instead of a second time as
+``dz @ W``. Where backward never reaches the alias (the first layer, whose
+input needs no gradient; a layer below every other selected one), ``g`` is
+``dz @ W`` as before.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ class EagerRunner:
         self.h: dict[str, torch.Tensor] = {}
         self.z_shapes: dict[str, torch.Size] = {}
         self._dz: dict[str, torch.Tensor] = {}
+        self._dh: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = []
         self._verify = False
@@ -58,6 +68,10 @@ class EagerRunner:
 
     def __enter__(self) -> EagerRunner:
         for name, module in self._modules.items():
+            if self._plain_linear(module):
+                self._handles.append(
+                    module.register_forward_pre_hook(self._make_alias_hook(name), with_kwargs=True)
+                )
             self._handles.append(
                 module.register_forward_hook(self._make_hook(name), with_kwargs=True)
             )
@@ -93,6 +107,30 @@ class EagerRunner:
         for p, flag in self._saved_requires_grad:
             p.requires_grad_(flag)
         self._saved_requires_grad.clear()
+
+    @staticmethod
+    def _plain_linear(module: nn.Module) -> bool:
+        """An ``nn.Linear`` whose forward is ``F.linear(input, weight, bias)``: its
+        input's gradient through the module is ``W^T dz`` and nothing else (a
+        subclass with its own forward, e.g. an adapter, may use the input twice)."""
+        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+    def _make_alias_hook(self, name: str) -> Callable[[nn.Module, tuple, dict], tuple | None]:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            given = args[0] if args else kwargs.get("input")
+            if not isinstance(given, torch.Tensor) or not given.requires_grad:
+                return None
+            alias = given.view_as(given)
+
+            def record(grad: torch.Tensor) -> None:
+                self._dh[name] = grad.detach()
+
+            alias.register_hook(record)
+            if args:
+                return (alias, *args[1:]), kwargs
+            return args, {**kwargs, "input": alias}
+
+        return pre_hook
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple, dict, torch.Tensor], None]:
         layer = self._by_name[name]
@@ -165,15 +203,20 @@ class EagerRunner:
             )
         return out
 
-    def grads(self, objective: torch.Tensor, *, retain_graph: bool) -> dict[str, torch.Tensor]:
-        """``d objective / dz`` of every selected layer as ``(samples, d_out)`` rows."""
+    def input_grads(self, objective: torch.Tensor, *, retain_graph: bool) -> dict[str, torch.Tensor]:
+        """``g = W^T d objective / dz`` of every selected layer as ``(samples, d_in)`` rows."""
         self._dz.clear()
+        self._dh.clear()
         torch.autograd.grad(objective, self._grad_targets(), retain_graph=retain_graph, allow_unused=True)
         out = {}
         for layer in self.layers:
-            dz = self._dz.get(layer.name)
-            if dz is None:
-                # The objective does not depend on this layer's output.
-                dz = torch.zeros(self.z_shapes[layer.name], dtype=objective.dtype)
-            out[layer.name] = output_rows(dz, layer)
+            dh = self._dh.get(layer.name)
+            if dh is not None:  # autograd's own W^T dz at the alias of this layer's input
+                out[layer.name] = dh.reshape(-1, dh.shape[-1])
+            else:
+                dz = self._dz.get(layer.name)
+                if dz is None:
+                    # The objective does not depend on this layer's output.
+                    dz = torch.zeros(self.z_shapes[layer.name], dtype=objective.dtype)
+                out[layer.name] = output_rows(dz, layer) @ self.weight(layer.name)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,9 +102,13 @@ def test_gradient_descent_gram_change_equals_vcs_plus_second_order(rng, make_col
 
 def test_capture_skips_the_weight_gradients():
     """Capture needs dL/dz at each layer, not dL/dW: its backward asks for the
-    biases, so autograd never forms dz^T h. Counted in matmul FLOPs: forward
-    (all layers), the backward's input gradients (all but the first layer) and
-    g = dz W (all layers); a full backward would add 2 n d_in d_out per layer."""
+    biases, so autograd never forms dz^T h. And the input gradients that
+    backward computes anyway (all but the first layer) are those layers' g:
+    only the first layer's g = dz W is computed on top. Counted in matmul
+    FLOPs: forward (all layers), the backward's input gradients (all but the
+    first layer) and the first layer's g; a full backward would add
+    2 n d_in d_out per layer, computing g apart another 2 n d_in d_out per
+    layer but the first."""
     from torch.utils.flop_counter import FlopCounterMode
 
     n, dims = 64, (12, 16, 8, 3)
@@ -116,7 +121,131 @@ def test_capture_skips_the_weight_gradients():
     with FlopCounterMode(display=False) as counter:
         capture_step(model, probe, loss="cross_entropy", sink=None, batch_size=n)
     per_layer = [2 * n * a * b for a, b in zip(dims[:-1], dims[1:], strict=True)]
-    expected = sum(per_layer) + sum(per_layer[1:]) + sum(per_layer)
+    expected = sum(per_layer) + sum(per_layer[1:]) + per_layer[0]
     assert counter.get_total_flops() == expected
     for p in model.parameters():
         assert p.grad is None  # nothing accumulated into the model
+
+
+def _softmax_grad(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """d(mean cross-entropy)/d(logits), float64."""
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return (p - np.eye(logits.shape[1])[labels]) / len(labels)
+
+
+class DeepSkipNet(nn.Module):
+    """a = tanh(pre(x)); y = a + fc(a); out = head(tanh(y)): the skip is around a
+    layer whose input needs a gradient, so backward computes dL/da itself."""
+
+    def __init__(self, d: int, c: int) -> None:
+        super().__init__()
+        self.pre = nn.Linear(d, d)
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(self.pre(x))
+        return self.head(torch.tanh(a + self.fc(a)))
+
+
+def test_g_from_backward_excludes_the_skip_path(rng, collector):
+    """g of a Linear layer below others comes from backward's own input gradient
+    (no second dz W product, checked in FLOPs), and is still the gradient through
+    that layer only: not dL/da, which also holds the skip path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, d, c = 12, 6, 4
+    model = DeepSkipNet(d, c).double()
+    x = rng.normal(size=(n, d))
+    labels = rng.integers(0, c, n)
+    probe = make_probe(x, labels=labels)
+    with FlopCounterMode(display=False) as counter:
+        capture_step(model, probe, loss="cross_entropy", sink=collector, batch_size=n, dtype=np.float64)
+    # forward: pre, fc, head; backward's input gradients: head, fc; on top: pre's g only
+    assert counter.get_total_flops() == 2 * n * (2 * d * d + d * c) + 2 * n * (d * c + d * d) + 2 * n * d * d
+
+    w_pre, b_pre = model.pre.weight.detach().numpy(), model.pre.bias.detach().numpy()
+    w_fc, b_fc = model.fc.weight.detach().numpy(), model.fc.bias.detach().numpy()
+    w_head, b_head = model.head.weight.detach().numpy(), model.head.bias.detach().numpy()
+    a = np.tanh(x @ w_pre.T + b_pre)
+    t = np.tanh(a + a @ w_fc.T + b_fc)
+    d_out = _softmax_grad(t @ w_head.T + b_head, labels)
+    d_y = (d_out @ w_head) * (1 - t**2)  # = dL/dz_fc
+    g_fc = d_y @ w_fc
+    d_a = d_y + g_fc  # both paths
+    g_pre = (d_a * (1 - a**2)) @ w_pre
+    np.testing.assert_allclose(collector.h("fc"), a, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(collector.g("head"), d_out @ w_head, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(collector.g("fc"), g_fc, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(collector.g("pre"), g_pre, rtol=1e-10, atol=1e-14)
+    assert np.linalg.norm(d_a - collector.g("fc")) > 0.1 * np.linalg.norm(g_fc)
+
+
+class LowRankAdapter(nn.Linear):
+    """A Linear subclass whose forward uses its input twice (base + low-rank path)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int) -> None:
+        super().__init__(d_in, d_out)
+        self.down = nn.Parameter(torch.randn(rank, d_in))
+        self.up = nn.Parameter(torch.randn(d_out, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + (x @ self.down.T) @ self.up.T
+
+
+def test_linear_subclass_with_own_forward_gets_w_transpose_dz(rng, collector):
+    """A Linear subclass may use its input on other paths: its g is W^T dz with its
+    own weight, never the input gradient through the whole module."""
+    n, d, c = 10, 5, 3
+    torch.manual_seed(int(rng.integers(2**31)))
+    model = nn.Sequential(nn.Linear(d, d), nn.Tanh(), LowRankAdapter(d, d, 2), nn.Tanh(), nn.Linear(d, c)).double()
+    x = rng.normal(size=(n, d))
+    labels = rng.integers(0, c, n)
+    capture_step(model, make_probe(x, labels=labels), loss="cross_entropy", sink=collector, batch_size=4, dtype=np.float64)
+
+    (w0, b0), (w2, b2), (w4, b4) = (
+        (m.weight.detach().numpy(), m.bias.detach().numpy()) for m in (model[0], model[2], model[4])
+    )
+    low_rank = model[2].up.detach().numpy() @ model[2].down.detach().numpy()
+    a1 = np.tanh(x @ w0.T + b0)
+    a2 = np.tanh(a1 @ (w2 + low_rank).T + b2)
+    d_out = _softmax_grad(a2 @ w4.T + b4, labels)
+    dz2 = (d_out @ w4) * (1 - a2**2)
+    np.testing.assert_allclose(collector.g("2"), dz2 @ w2, rtol=1e-10, atol=1e-14)
+    through_module = dz2 @ (w2 + low_rank)
+    assert np.linalg.norm(through_module - collector.g("2")) > 0.1 * np.linalg.norm(dz2 @ w2)
+    dz0 = (through_module * (1 - a1**2))
+    np.testing.assert_allclose(collector.g("0"), dz0 @ w0, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("selected", [["4"], ["2"], ["2", "4"], ["0", "4"]])
+def test_g_of_a_layer_selection(rng, make_collector, selected):
+    """With some layers left out, backward may stop short of a selected layer's
+    input (nothing below it is asked for): its g is then W^T dz. Either way the
+    values are the reference's."""
+    n, dims = 14, (5, 7, 6, 3)
+    torch.manual_seed(int(rng.integers(2**31)))
+    model = nn.Sequential(
+        nn.Linear(dims[0], dims[1]), nn.Tanh(), nn.Linear(dims[1], dims[2]), nn.Tanh(), nn.Linear(dims[2], dims[3])
+    ).double()
+    x = rng.normal(size=(n, dims[0]))
+    labels = rng.integers(0, dims[3], n)
+    sink = make_collector()
+    capture_step(
+        model, make_probe(x, labels=labels), loss="cross_entropy", sink=sink, layers=selected,
+        batch_size=5, dtype=np.float64,
+    )
+    assert sorted(sink.parts) == sorted(selected)
+    ws = {k: (model[int(k)].weight.detach().numpy(), model[int(k)].bias.detach().numpy()) for k in ("0", "2", "4")}
+    h = {"0": x}
+    h["2"] = np.tanh(x @ ws["0"][0].T + ws["0"][1])
+    h["4"] = np.tanh(h["2"] @ ws["2"][0].T + ws["2"][1])
+    dz = {"4": _softmax_grad(h["4"] @ ws["4"][0].T + ws["4"][1], labels)}
+    dz["2"] = (dz["4"] @ ws["4"][0]) * (1 - h["4"] ** 2)
+    dz["0"] = (dz["2"] @ ws["2"][0]) * (1 - h["2"] ** 2)
+    for k in selected:
+        np.testing.assert_allclose(sink.h(k), h[k], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(sink.g(k), dz[k] @ ws[k][0], rtol=1e-10, atol=1e-14)
+    for p in model.parameters():
+        assert p.requires_grad and p.grad is None  # requires_grad restored, nothing accumulated
