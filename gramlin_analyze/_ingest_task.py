@@ -216,7 +216,13 @@ def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]
 #: Steps whose activation writes may still be running after their task returned
 #: (write-behind, threaded ingest only): a task waits for a slot before capturing,
 #: so at most this many steps' chunk buffers are held by unfinished writes.
-_write_behind_slots = threading.Semaphore(max(2, os.cpu_count() or 1))
+#: Capture runs one task per core, and each running task holds a slot: with
+#: only as many slots as cores, every task waited for the previous step's last
+#: writes before it could start (0.35 s of waiting over benchmarks/capture.py's
+#: 20 checkpoints). One more slot lets a step's writes finish while the next
+#: is computed; more than that made no difference there, and each costs up to
+#: a step's chunk buffers of memory.
+_write_behind_slots = threading.Semaphore((os.cpu_count() or 1) + 1)
 
 
 def _write_external(source: dict[str, Any], root, index: int) -> None:
