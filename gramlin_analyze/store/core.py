@@ -609,12 +609,68 @@ def write_all(pairs: list[tuple[zarr.Array, np.ndarray]]) -> None:
 
 
 def create_arrays(store, specs: list[tuple[str, dict[str, Any]]]) -> None:
-    """Create many arrays at once: ``(path, create_array keywords)`` each, their
-    metadata (and ``data``) writes issued together instead of one round trip
-    (and, locally, one file creation) after another."""
-    from zarr.api import asynchronous as za
+    """Create many arrays at once: ``(path, create_array keywords)`` each (see :func:`create_nodes`)."""
+    create_nodes(store, arrays=specs)
 
-    _gather([za.create_array(store, name=path, zarr_format=3, **kw) for path, kw in specs])
+
+def create_nodes(
+    store,
+    *,
+    groups: list[tuple[str, dict[str, Any]]] = (),
+    arrays: list[tuple[str, dict[str, Any]]] = (),
+    overwrite_groups: bool = False,
+) -> None:
+    """Create groups, then arrays: ``(path, attributes)`` and ``(path, create_array keywords)``.
+
+    ``overwrite_groups`` replaces groups that exist (and everything under
+    them), as ``create_group(overwrite=True)``; otherwise an existing one is
+    an error, as in zarr.
+
+    zarr makes the documents (and the encoded chunks of ``data``). In a local
+    store where none of the nodes exists yet and every parent is a group,
+    zarr makes them in memory and they are written here, each file atomically
+    as zarr's local store writes it, on a few threads. Through zarr, creating
+    a node of a local store cost about 2 ms: existence checks of the node and
+    each parent and a write of the parents' documents, each a thread hop from
+    its event loop; a new capture store creates about 50. Otherwise (another
+    store, a node to overwrite, a missing parent) zarr does it all, with the
+    groups' creations issued together, then the arrays'.
+    """
+    from zarr.api import asynchronous as za
+    from zarr.storage import LocalStore, MemoryStore
+
+    groups, arrays = list(groups), list(arrays)
+    if not groups and not arrays:
+        return
+    root = Path(store.root) if isinstance(store, LocalStore) and not store.read_only else None
+    if root is not None:
+        paths = [p for p, _ in groups + arrays]
+        made = set(paths)
+        for path in paths:
+            parent = path.rsplit("/", 1)[0] if "/" in path else ""
+            if (root / path).exists() or not (parent in made or (root / parent / "zarr.json").is_file()):
+                root = None
+                break
+    if root is None:
+        _gather([
+            za.create_group(store=store, path=path, zarr_format=3, overwrite=overwrite_groups, attributes=attrs)
+            for path, attrs in groups
+        ])
+        _gather([za.create_array(store, name=path, zarr_format=3, **kw) for path, kw in arrays])
+        return
+    memory: dict[str, Any] = {}
+    mem = MemoryStore(memory)
+    # Groups first: an array's creation makes its missing parents, with no attributes.
+    _gather([za.create_group(store=mem, path=path, zarr_format=3, attributes=attrs) for path, attrs in groups])
+    _gather([za.create_array(mem, name=path, zarr_format=3, **kw) for path, kw in arrays])
+    # Only each node's own keys: the parents zarr made in memory exist on disk.
+    own = tuple(f"{path}/" for path in paths)
+    group_docs = {f"{path}/zarr.json" for path, _ in groups}
+    files = {key: buf.as_numpy_array() for key, buf in memory.items() if key.startswith(own)}
+    # Groups' documents first: a node is never there before its parent.
+    for batch in ([k for k in files if k in group_docs], [k for k in files if k not in group_docs]):
+        for fut in [_small_io_pool().submit(write_raw_chunk, root / key, files[key]) for key in batch]:
+            fut.result()
 
 
 def read_all(arrays: list[zarr.Array]) -> list[np.ndarray]:
@@ -804,25 +860,24 @@ class GramlinStore:
                     "title": "gramlin-analyze checkpoint store",
                 }
             )
+        groups: list[tuple[str, dict[str, Any]]] = []
+        arrays: list[tuple[str, dict[str, Any]]] = []
         if L.STEPS not in self.view:
-            self.structure_changed()
-            self.root.create_group(L.STEPS, attributes={"description": "manifest: one row per ingested checkpoint"})
-            create_arrays(
-                self._zstore,
-                [(f"{L.STEPS}/step", self._step_coord_spec(np.zeros(0, np.int64)))]
-                + [(f"{L.STEPS}/{name}", self._manifest_spec(name, 0)) for name in L.MANIFEST],
-            )
+            groups.append((L.STEPS, {"description": "manifest: one row per ingested checkpoint"}))
+            arrays.append((f"{L.STEPS}/step", self._step_coord_spec(np.zeros(0, np.int64))))
+            arrays.extend((f"{L.STEPS}/{name}", self._manifest_spec(name, 0)) for name in L.MANIFEST)
         else:
             present = dict(self.view[L.STEPS].arrays())  # from the consolidated copy when current
             n = present["step"].shape[0]
             missing = [name for name in L.MANIFEST if name not in present]
             if missing:  # stores from older versions gain new fields
-                self.structure_changed()
-                create_arrays(self._zstore, [(f"{L.STEPS}/{name}", self._manifest_spec(name, n)) for name in missing])
+                arrays.extend((f"{L.STEPS}/{name}", self._manifest_spec(name, n)) for name in missing)
                 self._man = None  # read again, with the new columns
         if L.LAYERS not in self.view:
+            groups.append((L.LAYERS, {"description": "one group per layer"}))
+        if groups or arrays:
             self.structure_changed()
-            self.root.create_group(L.LAYERS, attributes={"description": "one group per layer"})
+            create_nodes(self._zstore, groups=groups, arrays=arrays)
 
     def consolidate(self) -> None:
         """Rewrite the consolidated copy of every node's metadata."""
@@ -1239,10 +1294,8 @@ class GramlinStore:
         """
         steps = self.steps()
         n = len(steps)
-        layers = self.root[L.LAYERS]
-        for name, (_, _, _, attrs) in specs.items():
-            # Attributes go in with each node: ``attrs.update`` rewrites the node once per key.
-            layers.create_group(name, overwrite=True, attributes=attrs)
+        # Attributes go in with each node: ``attrs.update`` rewrites the node once per key.
+        groups = [(f"{L.LAYERS}/{name}", attrs) for name, (_, _, _, attrs) in specs.items()]
         arrays: list[tuple[str, dict[str, Any]]] = []
         for name, (weight_shape, dtype, bias, _) in specs.items():
             base = f"{L.LAYERS}/{name}"
@@ -1265,7 +1318,7 @@ class GramlinStore:
                 fill_value=-1,  # written by the driver with the manifest rows, like them chunked
                 attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
             )))
-        create_arrays(self._zstore, arrays)
+        create_nodes(self._zstore, groups=groups, arrays=arrays, overwrite_groups=True)
 
 
 def _coerce(name: str, v: Any) -> Any:
@@ -1280,42 +1333,47 @@ def _coerce(name: str, v: Any) -> Any:
 # -- probe set and activations (capture) --------------------------------------------
 
 
-def write_probe(store: GramlinStore, probe: Any, attrs: dict[str, Any]) -> zarr.Group:
+def write_probe(store: GramlinStore, probe: Any, attrs: dict[str, Any]) -> None:
     """Create ``/probe`` (dims ``sample``, …) from a ``ProbeSet`` and its capture attrs.
 
-    Attributes go in with each node (an ``attrs.update`` afterwards rewrites it).
+    Attributes go in with each node (an ``attrs.update`` afterwards rewrites
+    it); the group and its arrays, with their data, are created together.
     """
-    grp = store.root.create_group(L.PROBE, overwrite=True, attributes=attrs)
     n = probe.n_samples
-    sample = grp.create_array("sample", shape=(n,), dtype="int64", chunks=(n,), dimension_names=["sample"],
-                              attributes={"long_name": "probe sample index"})
-    sample[:] = np.arange(n)
+    base = L.PROBE
+    arrays: list[tuple[str, dict[str, Any]]] = [
+        (f"{base}/sample", dict(data=np.arange(n, dtype=np.int64), chunks=(n,), dimension_names=["sample"],
+                                attributes={"long_name": "probe sample index"})),
+    ]
     x = np.ascontiguousarray(probe.inputs)
-    dims = ["sample", *[f"input_dim_{i}" for i in range(1, x.ndim)]]
-    arr = grp.create_array(
-        "inputs", shape=x.shape, dtype=x.dtype, chunks=L.leading_chunks(x.shape, x.dtype.itemsize),
-        dimension_names=dims, attributes={"long_name": "probe inputs"},
-    )
-    arr[...] = x
+    arrays.append((f"{base}/inputs", dict(
+        data=x, chunks=L.leading_chunks(x.shape, x.dtype.itemsize),
+        dimension_names=["sample", *[f"input_dim_{i}" for i in range(1, x.ndim)]],
+        attributes={"long_name": "probe inputs"},
+    )))
     if probe.labels is not None:
         y = np.asarray(probe.labels, dtype=np.int64)
-        a = grp.create_array("labels", shape=y.shape, dtype="int64", chunks=y.shape or (1,),
-                             dimension_names=["sample", *[f"label_dim_{i}" for i in range(1, y.ndim)]],
-                             attributes={"long_name": "class index"})
-        a[...] = y
+        arrays.append((f"{base}/labels", dict(
+            data=y, chunks=y.shape or (1,),
+            dimension_names=["sample", *[f"label_dim_{i}" for i in range(1, y.ndim)]],
+            attributes={"long_name": "class index"},
+        )))
     if probe.targets is not None:
         t = np.asarray(probe.targets)
         t2 = t.reshape(n, -1)
-        a = grp.create_array("targets", shape=t2.shape, dtype=t2.dtype, chunks=t2.shape, dimension_names=["sample", "target"],
-                             attributes={"long_name": "regression target", "original_shape": list(t.shape)})
-        a[...] = t2
-    if probe.sample_id is not None:
-        sid = np.asarray(probe.sample_id)
-        text = sid.dtype.kind in "US"
-        a = grp.create_array("sample_id", shape=(n,), dtype=str if text else sid.dtype, chunks=(n,),
-                             dimension_names=["sample"], attributes={"long_name": "sample id from the probe file"})
-        a[:] = sid.astype(object) if text else sid
-    return grp
+        arrays.append((f"{base}/targets", dict(
+            data=t2, chunks=t2.shape, dimension_names=["sample", "target"],
+            attributes={"long_name": "regression target", "original_shape": list(t.shape)},
+        )))
+    sid = None if probe.sample_id is None else np.asarray(probe.sample_id)
+    text = sid is not None and sid.dtype.kind in "US"
+    if sid is not None:
+        # Text ids are stored as zarr's variable-length strings (no fixed-width dtype): created, then written.
+        spec = dict(chunks=(n,), dimension_names=["sample"], attributes={"long_name": "sample id from the probe file"})
+        arrays.append((f"{base}/sample_id", {**spec, "shape": (n,), "dtype": str} if text else {**spec, "data": sid}))
+    create_nodes(store._zstore, groups=[(base, attrs)], arrays=arrays, overwrite_groups=True)
+    if text:
+        store.root[f"{base}/sample_id"][:] = sid.astype(object)
 
 
 def declare_activations(
@@ -1353,8 +1411,8 @@ def declare_activations(
                 attributes={"long_name": f"AGOP of the network output w.r.t. the input of {layer}"},
             )))
     create_arrays(store._zstore, specs)
-    for layer, (_, _, _, per_example) in layers.items():
-        store.root[L.LAYERS][layer].attrs.update({"samples_per_example": per_example})
+    groups = [(store.root[f"{L.LAYERS}/{layer}"], per) for layer, (_, _, _, per) in layers.items()]
+    _gather([g._async_group.update_attributes({"samples_per_example": per}) for g, per in groups])
 
 
 class _AlignedPool:
