@@ -14,9 +14,14 @@ then, side by side in this run (alternating, ``--repeats`` times each; medians):
    ``g = dL/dz @ W`` (the same math), results discarded, with
    ``loss.backward()`` as a user writes it. Capture's backward asks autograd
    for each layer's bias instead (it needs ``dL/dz``, never ``dL/dW``), which
-   spares the ``dz^T h`` products; for a like-for-like view of the rest,
-   ``ratio_vs_pruned_bare_loop`` compares with the bare loop doing the same
-   (``torch.autograd.grad(loss, biases)``).
+   spares the ``dz^T h`` products; ``ratio_vs_pruned_bare_loop`` compares
+   with the bare loop doing the same passes (``torch.autograd.grad(loss,
+   biases)``) and computing ``g = dz @ W`` in its hooks as written above.
+   Capture also takes ``g`` of every Linear layer but the first from the
+   input gradient that backward computes anyway (see
+   ``gramlin_analyze.capture.hooks``); ``ratio_vs_matched_bare_loop``
+   compares with a bare loop that does that too: the same arithmetic as
+   capture, so that ratio is what storing costs and nothing else.
 
 3. the write floor: the bare loop that also ``np.save``s each layer's ``h``
    and ``g`` per checkpoint (the same bytes capture stores, as plain files).
@@ -86,7 +91,9 @@ def write_probe(path: Path, n: int, seed: int = 0) -> None:
     np.savez(path, inputs=x, labels=y)
 
 
-def bare_loop(run: Path, probe: Path, batch_size: int, save_to: Path | None = None, pruned: bool = False) -> None:
+def bare_loop(
+    run: Path, probe: Path, batch_size: int, save_to: Path | None = None, pruned: bool = False, matched: bool = False
+) -> None:
     """What a user writes without a store: same passes, same hooks, nothing kept.
 
     With ``save_to``, the write floor: the same loop also saves every layer's
@@ -94,6 +101,10 @@ def bare_loop(run: Path, probe: Path, batch_size: int, save_to: Path | None = No
     bytes capture stores), i.e. the cost of writing them and nothing else.
     With ``pruned``, the backward asks autograd for the biases only (as
     capture does) instead of ``loss.backward()``: no ``dL/dW`` products.
+    With ``matched`` (implies ``pruned``), ``g`` of a layer whose input needs
+    a gradient is that input's gradient through the layer (the gradient of
+    an alias of the input only the layer uses), as capture takes it: only
+    the first layer's ``g`` is a product of its own.
     """
     import torch
     from torch import nn
@@ -106,8 +117,20 @@ def bare_loop(run: Path, probe: Path, batch_size: int, save_to: Path | None = No
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     results: list = []
 
+    pruned = pruned or matched
+
+    def alias_input(module, args):
+        x = args[0]
+        if not x.requires_grad:  # the first layer: g from dz below
+            return None
+        alias = x.view_as(x)
+        alias.register_hook(results.append)  # g = W^T dL/dz, computed by backward itself
+        return (alias, *args[1:])
+
     def fwd_hook(module, args, output):
         results.append(args[0].detach())  # h
+        if matched and args[0].requires_grad:
+            return
         w = module.weight
 
         def grad_hook(dz):
@@ -116,6 +139,8 @@ def bare_loop(run: Path, probe: Path, batch_size: int, save_to: Path | None = No
         output.register_hook(grad_hook)
 
     handles = [m.register_forward_hook(fwd_hook) for m in linears]
+    if matched:
+        handles += [m.register_forward_pre_hook(alias_input) for m in linears]
     try:
         for ckpt in sorted(run.glob("*.pt")):
             model.load_state_dict(torch.load(ckpt, weights_only=True))
@@ -232,12 +257,13 @@ def main() -> None:
     report = ingest(run, store, capture=cfg, lr=LR)
     if report.failed:
         raise RuntimeError(f"capture ingest failed: {report.failed}")
-    t_cap, t_bare, t_w, t_floor, t_pruned = [], [], [], [], []
+    t_cap, t_bare, t_w, t_floor, t_pruned, t_matched = [], [], [], [], [], []
     saved = work / "saved"
     floor_bytes = 0
     for _ in range(a.repeats):
         t_bare.append(timed(lambda: bare_loop(run, probe, a.batch_size)))
         t_pruned.append(timed(lambda: bare_loop(run, probe, a.batch_size, pruned=True)))
+        t_matched.append(timed(lambda: bare_loop(run, probe, a.batch_size, matched=True)))
         shutil.rmtree(saved, ignore_errors=True)
         t_floor.append(timed(lambda: bare_loop(run, probe, a.batch_size, save_to=saved)))
         floor_bytes = du(saved)
@@ -245,8 +271,8 @@ def main() -> None:
         t_w.append(fresh())
         t_cap.append(fresh(capture=cfg, lr=LR))
     store_bytes = du(store)  # the last capture's store
-    cap, bare, w_only, floor, pruned = (
-        statistics.median(t[0] for t in ts) for ts in (t_cap, t_bare, t_w, t_floor, t_pruned)
+    cap, bare, w_only, floor, pruned, matched = (
+        statistics.median(t[0] for t in ts) for ts in (t_cap, t_bare, t_w, t_floor, t_pruned, t_matched)
     )
     cap_sync = statistics.median(c + s for c, s in t_cap)
     per_ckpt = 2 * a.probe * sum(SIZES[:-1]) * 4
@@ -264,6 +290,8 @@ def main() -> None:
         "target_ratio": 1.5,
         "bare_loop_pruned_backward_s": round(pruned, 3),
         "ratio_vs_pruned_bare_loop": round(cap / pruned, 3),
+        "bare_loop_matched_s": round(matched, 3),
+        "ratio_vs_matched_bare_loop": round(cap / matched, 3),
         "capture_plus_sync_s": round(cap_sync, 3),
         "ratio_with_sync": round(cap_sync / bare, 3),
         "weights_only_ingest_s": round(w_only, 3),
@@ -275,6 +303,7 @@ def main() -> None:
         "capture_all_s": [round(t[0], 3) for t in t_cap],
         "bare_loop_all_s": [round(t[0], 3) for t in t_bare],
         "bare_loop_pruned_all_s": [round(t[0], 3) for t in t_pruned],
+        "bare_loop_matched_all_s": [round(t[0], 3) for t in t_matched],
         "store_MB": round(store_bytes / 2**20, 1),
         "h_g_MB_per_checkpoint": round(per_ckpt / 2**20, 1),
         "capture_write_MB_per_s": round(a.n * per_ckpt / 2**20 / cap, 1),
