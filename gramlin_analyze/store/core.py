@@ -139,9 +139,19 @@ def write_raw_chunk(path: Path, data: np.ndarray) -> None:
     (``O_DIRECT``, see :func:`_write_direct`) where the file system allows
     it; ``GRAMLIN_DIRECT_IO=0`` turns that off.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     view = memoryview(np.ascontiguousarray(data)).cast("B")
+    try:
+        _write_replacing(path, view)
+    except FileNotFoundError:
+        # A new directory, made only now: a mkdir before every write (a failing
+        # system call and an exception when it exists) was a fifth of the file
+        # system's time in setting up a store.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_replacing(path, view)
+
+
+def _write_replacing(path: Path, view: memoryview) -> None:
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
         if not _write_direct(tmp, view):
             with tmp.open("wb") as f:
