@@ -119,7 +119,7 @@ def bare_loop(
     the first layer's ``g`` is a product of its own.
     With ``direct`` (and ``save_to``), the bytes are written the fastest way
     this machine has: each checkpoint's ``h`` and ``g`` per layer assembled
-    in reused buffers (two sets, alternating) and written with ``O_DIRECT``
+    in reused page-aligned buffers (two sets, alternating) and written with ``O_DIRECT``
     by a background thread while the next checkpoint runs (the library's
     ``write_raw_chunk``, as capture writes its chunks): the floor of storing
     them at all.
@@ -161,13 +161,17 @@ def bare_loop(
         handles += [m.register_forward_pre_hook(alias_input) for m in linears]
     direct = direct and save_to is not None
     if direct:
+        import mmap
         from concurrent.futures import ThreadPoolExecutor
 
         from gramlin_analyze.store.core import write_raw_chunk
 
         writer = ThreadPoolExecutor(1)
         widths = [m.in_features for m in linears] * 2
-        sets = [[np.empty((n, d), np.float32) for d in widths] for _ in range(2)]
+        # page-aligned, as capture's chunk buffers: O_DIRECT writes them with no staging copy
+        sets = [
+            [np.frombuffer(mmap.mmap(-1, n * d * 4), np.float32).reshape(n, d) for d in widths] for _ in range(2)
+        ]
         writing: list[list] = [[], []]
     try:
         for i, ckpt in enumerate(sorted(run.glob("*.pt"))):

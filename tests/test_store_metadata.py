@@ -328,3 +328,7 @@ def test_creating_over_existing_nodes_goes_through_zarr(tmp_path):
     # A missing parent: zarr makes it (an implicit group), as it would have.
     create_nodes(root.store, arrays=[("a/b/c", dict(shape=(2,), dtype="float32"))])
     assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["a/b/c"].shape == (2,)
+    # An array cannot have children: zarr refuses, and nothing is written under it.
+    with pytest.raises(ValueError):
+        create_nodes(root.store, arrays=[("g/fresh/child", dict(shape=(2,), dtype="float32"))])
+    assert not (tmp_path / "s.zarr" / "g" / "fresh" / "child").exists()

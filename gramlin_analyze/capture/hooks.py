@@ -9,7 +9,8 @@ on ``z`` before an in-place op (``ReLU(inplace=True)``) still receive the
 gradient of ``z`` itself.
 
 ``g = W^T dL/dz`` is what backpropagation computes anyway to go on past a
-plain ``nn.Linear``. For such a layer a forward pre-hook hands the module an
+plain ``nn.Linear`` (its own forward, no hooks but ours: see
+``EagerRunner._plain_linear``). For such a layer a forward pre-hook hands the module an
 alias of its input (``h.view_as(h)``) that nothing else uses, and a tensor
 hook on the alias records its gradient: exactly the gradient through this
 layer only, computed once by autograd instead of a second time as
@@ -67,8 +68,10 @@ class EagerRunner:
         return weight.reshape(weight.shape[0], -1)
 
     def __enter__(self) -> EagerRunner:
+        # Decided before any hook of ours is registered (the check looks for others').
+        plain = {name: self._plain_linear(module) for name, module in self._modules.items()}
         for name, module in self._modules.items():
-            if self._plain_linear(module):
+            if plain[name]:
                 self._handles.append(
                     module.register_forward_pre_hook(self._make_alias_hook(name), with_kwargs=True)
                 )
@@ -110,10 +113,25 @@ class EagerRunner:
 
     @staticmethod
     def _plain_linear(module: nn.Module) -> bool:
-        """An ``nn.Linear`` whose forward is ``F.linear(input, weight, bias)``: its
-        input's gradient through the module is ``W^T dz`` and nothing else (a
-        subclass with its own forward, e.g. an adapter, may use the input twice)."""
-        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+        """Whether the module's call is ``F.linear(input, weight, bias)`` and nothing
+        else, so that its input's gradient through the call is ``W^T dz``.
+
+        Not so for a subclass with its own forward (an adapter may use the
+        input twice), a forward replaced on the instance (wrappers), or a
+        module or process with hooks of someone else's: a forward hook may add
+        a path from the input to the output, and a backward hook may change
+        the input's gradient. Those layers get ``g = dz @ W``.
+        """
+        from torch.nn.modules import module as torch_module
+
+        if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+            return False
+        if "forward" in vars(module):
+            return False
+        own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        if any(getattr(module, name, None) for name in own):
+            return False
+        return not any(getattr(torch_module, f"_global{name}", None) for name in own)
 
     def _make_alias_hook(self, name: str) -> Callable[[nn.Module, tuple, dict], tuple | None]:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import json
 import os
 import sys
 import threading
@@ -653,12 +654,15 @@ def create_nodes(
     if not groups and not arrays:
         return
     root = Path(store.root) if isinstance(store, LocalStore) and not store.read_only else None
+    paths = [p for p, _ in groups + arrays]
     if root is not None:
-        paths = [p for p, _ in groups + arrays]
-        made = set(paths)
+        made = {p for p, _ in groups}
+        parents: dict[str, bool] = {}
         for path in paths:
             parent = path.rsplit("/", 1)[0] if "/" in path else ""
-            if (root / path).exists() or not (parent in made or (root / parent / "zarr.json").is_file()):
+            if parent not in made and parent not in parents:
+                parents[parent] = _is_group_doc(root / parent / "zarr.json")
+            if (root / path).exists() or not (parent in made or parents[parent]):
                 root = None
                 break
     if root is None:
@@ -679,8 +683,19 @@ def create_nodes(
     files = {key: buf.as_numpy_array() for key, buf in memory.items() if key.startswith(own)}
     # Groups' documents first: a node is never there before its parent.
     for batch in ([k for k in files if k in group_docs], [k for k in files if k not in group_docs]):
-        for fut in [_small_io_pool().submit(write_raw_chunk, root / key, files[key]) for key in batch]:
-            fut.result()
+        futures = [_small_io_pool().submit(write_raw_chunk, root / key, files[key]) for key in batch]
+        errors = [fut.exception() for fut in futures]  # every write ends before one is reported
+        for err in errors:
+            if err is not None:
+                raise err
+
+
+def _is_group_doc(path: Path) -> bool:
+    """Whether ``path`` is a zarr v3 group's ``zarr.json`` (not an array's: arrays have no children)."""
+    try:
+        return json.loads(path.read_bytes()).get("node_type") == "group"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_all(arrays: list[zarr.Array]) -> list[np.ndarray]:
