@@ -34,7 +34,7 @@ lint: $(STAMP_DEV)
 
 bench: $(STAMP_DEV)
 	$(PY) benchmarks/ingest.py
-	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/capture.py --repeats 5
 	$(PY) benchmarks/reduce.py
 
 clean:
