@@ -129,9 +129,10 @@ class EagerRunner:
         if "forward" in vars(module):
             return False
         own = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-        if any(getattr(module, name, None) for name in own):
+        # torch's hook registries; one this version of torch does not have counts as holding hooks
+        if any(getattr(module, name, True) for name in own):
             return False
-        return not any(getattr(torch_module, f"_global{name}", None) for name in own)
+        return not any(getattr(torch_module, f"_global{name}", True) for name in own)
 
     def _make_alias_hook(self, name: str) -> Callable[[nn.Module, tuple, dict], tuple | None]:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
