@@ -305,16 +305,18 @@ def scan(
 def _fingerprint_all(sources: list[CheckpointSource]) -> None:
     """Set each source's fingerprint, a few files at a time: blake2b releases
     the GIL while it hashes, so threads overlap (0.9 GB/s per core here)."""
-    if len(sources) < 2:
-        for s in sources:
-            s.fingerprint = fingerprint_files(s.files, s.path if s.path.is_dir() else s.path.parent)
-        return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(len(sources), os.cpu_count() or 1, 8), thread_name_prefix="gramlin-scan") as pool:
-        prints = pool.map(lambda s: fingerprint_files(s.files, s.path if s.path.is_dir() else s.path.parent), sources)
-        for s, fp in zip(sources, prints, strict=True):
-            s.fingerprint = fp
+    def one(s: CheckpointSource) -> str:
+        return fingerprint_files(s.files, s.path if s.path.is_dir() else s.path.parent)
+
+    if len(sources) < 2:
+        prints = [one(s) for s in sources]
+    else:
+        with ThreadPoolExecutor(min(len(sources), os.cpu_count() or 1, 8), thread_name_prefix="gramlin-scan") as pool:
+            prints = list(pool.map(one, sources))
+    for s, fp in zip(sources, prints, strict=True):
+        s.fingerprint = fp
 
 
 _VERSIONED = re.compile(r"-v(\d+)(?=(\.[^/]*)?$)")

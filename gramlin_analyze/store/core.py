@@ -619,11 +619,6 @@ def write_all(pairs: list[tuple[zarr.Array, np.ndarray]]) -> None:
     _resize_and_write([(a, tuple(a.shape), value) for a, value in pairs])
 
 
-def create_arrays(store, specs: list[tuple[str, dict[str, Any]]]) -> None:
-    """Create many arrays at once: ``(path, create_array keywords)`` each (see :func:`create_nodes`)."""
-    create_nodes(store, arrays=specs)
-
-
 def create_nodes(
     store,
     *,
@@ -1435,7 +1430,7 @@ def declare_activations(
                 fill_value=np.nan, compressors=None, overwrite=True, chunk_key_encoding=L.STEP_CHUNK_KEYS,
                 attributes={"long_name": f"AGOP of the network output w.r.t. the input of {layer}"},
             )))
-    create_arrays(store._zstore, specs)
+    create_nodes(store._zstore, arrays=specs)
     groups = [(store.root[f"{L.LAYERS}/{layer}"], per) for layer, (_, _, _, per) in layers.items()]
     _gather([g._async_group.update_attributes({"samples_per_example": per}) for g, per in groups])
 
