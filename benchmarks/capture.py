@@ -164,7 +164,7 @@ def bare_loop(
         import mmap
         from concurrent.futures import ThreadPoolExecutor
 
-        from gramlin_analyze.store.core import write_raw_chunk
+        from gramlin_analyze.store import write_raw_chunk
 
         writer = ThreadPoolExecutor(1)
         widths = [m.in_features for m in linears] * 2

@@ -13,7 +13,7 @@ from gramlin_analyze._template import check_against, layers_of
 from gramlin_analyze.errors import CheckpointFormatError, GramlinError, ShapeMismatchError
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import put_step, writable
+from gramlin_analyze.store import put_step, writable
 
 __all__ = ["ingest_one", "count_nonfinite", "error_message"]
 
@@ -50,7 +50,7 @@ def ingest_one(
     from an external activation file. Returns the manifest fields for the
     driver, which marks the step ``ok`` only then.
     """
-    from gramlin_analyze.store.core import open_for_tasks
+    from gramlin_analyze.store import open_for_tasks
 
     path = source["path"]
     result: dict[str, Any] = {"index": index, "status": "failed", "error": "", "nonfinite": -1}
@@ -183,7 +183,7 @@ class _Cached:
 
 def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]:
     from gramlin_analyze.capture.task import CaptureConfig, capture_checkpoint
-    from gramlin_analyze.store.core import ActivationSink
+    from gramlin_analyze.store import ActivationSink
 
     config = CaptureConfig.from_json(source["capture"])
     layers = source["activation_layers"]

@@ -200,7 +200,7 @@ def test_a_writer_stopped_midway_is_consolidated_by_the_next(tmp_path, monkeypat
     structure and stopped before consolidating (killed) leaves
     ``consolidated_current`` false, and the next ingest or analyze repairs the
     consolidated copy before its tasks read it."""
-    from gramlin_analyze.store.core import CONSOLIDATED_ATTR, GramlinStore
+    from gramlin_analyze.store import CONSOLIDATED_ATTR, GramlinStore
     from tests.trajectory import write_trajectory
 
     run, store = tmp_path / "run", tmp_path / "s.zarr"
@@ -264,7 +264,7 @@ def test_a_store_last_written_by_an_older_version_is_consolidated_first(tmp_path
     Their version stamp makes the next writer consolidate before trusting it."""
     import zarr
 
-    from gramlin_analyze.store.core import CONSOLIDATED_ATTR, GramlinStore
+    from gramlin_analyze.store import CONSOLIDATED_ATTR, GramlinStore
     from tests.trajectory import write_trajectory
 
     run, store = tmp_path / "run", tmp_path / "s.zarr"

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from gramlin_analyze.cli import main
 from gramlin_analyze.errors import StoreLockedError
 from gramlin_analyze.ingest import ingest
-from gramlin_analyze.store.core import GramlinStore
+from gramlin_analyze.store import GramlinStore
 from gramlin_analyze.store.validate import validate_store
 from tests.trajectory import write_trajectory
 

@@ -22,7 +22,7 @@ from moto.server import ThreadedMotoServer
 from gramlin_analyze.cli import main
 from gramlin_analyze.errors import StoreLockedError
 from gramlin_analyze.ingest import ingest
-from gramlin_analyze.store.core import GramlinStore
+from gramlin_analyze.store import GramlinStore
 from gramlin_analyze.store.info import store_info
 from gramlin_analyze.store.validate import validate_store
 from tests.trajectory import write_trajectory

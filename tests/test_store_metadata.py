@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import zarr
 
-from gramlin_analyze.store.core import (
-    ConsolidatedGroup,
+from gramlin_analyze.store import (
     GramlinStore,
-    open_consolidated,
     open_for_tasks,
     read_all,
     resize_all,
     share_with_tasks,
     write_all,
 )
+from gramlin_analyze.store.consolidated import ConsolidatedGroup, open_consolidated
+
+pytestmark = pytest.mark.usefixtures("zarr_paths")
 
 
 def _make(path, name, shape, chunks, dtype="float32", **kw):
@@ -118,7 +119,7 @@ def test_two_dimensional_scalar_arrays(tmp_path):
     np.testing.assert_array_equal(read_all([a])[0], values)
 
 
-def test_consolidated_lookups_match_zarrs(tmp_path):
+def test_consolidated_lookups_match_zarrs(tmp_path, zarr_paths):
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     g = root.create_group("layers").create_group("fc1", attributes={"has_bias": True})
     g.create_array("weight", shape=(2, 3, 4), chunks=(1, 3, 4), dtype="float32")
@@ -128,9 +129,10 @@ def test_consolidated_lookups_match_zarrs(tmp_path):
     theirs = zarr.open_group(str(tmp_path / "s.zarr"), mode="r", zarr_format=3, use_consolidated=True)
     for path in ("layers", "layers/fc1", "layers/fc1/weight"):
         a, b = ours[path], theirs[path]
-        assert type(a).__name__ == ("Array" if path.endswith("weight") else "ConsolidatedGroup")
+        group = "ConsolidatedGroup" if zarr_paths == "internals" else "Group"
+        assert type(a).__name__ == ("Array" if path.endswith("weight") else group)
         assert a.metadata == b.metadata and a.path == b.path
-    assert isinstance(ours["layers"], ConsolidatedGroup)
+    assert isinstance(ours["layers"], ConsolidatedGroup) == (zarr_paths == "internals")
     assert ours["layers"]["fc1"]["weight"].path == "layers/fc1/weight"
     assert dict(ours["layers/fc1"].attrs) == {"has_bias": True}
     assert "layers/fc1" in ours and "layers/fc2" not in ours and "fc1" in ours["layers"]
@@ -205,7 +207,6 @@ def test_a_writer_killed_while_appending_a_step_leaves_a_store_the_next_one_repa
     import xarray as xr
 
     import gramlin_analyze as ga
-    import gramlin_analyze.store.core as core
     from tests.trajectory import write_trajectory
 
     run, store, fresh = tmp_path / "run", tmp_path / "s.zarr", tmp_path / "f.zarr"
@@ -213,20 +214,24 @@ def test_a_writer_killed_while_appending_a_step_leaves_a_store_the_next_one_repa
     ga.ingest(run, store)
     ga.analyze(store, metrics=["gram"])
     write_trajectory(run, [30], seed=3)
-    real = core._grow_local
+    real = zarr.AsyncArray.resize
 
-    def killed(arr, shape):
-        if arr.path in ("steps/status", "layers/fc2/weight"):
-            raise KeyboardInterrupt("killed while growing")
-        real(arr, shape)
+    class Killed(Exception):
+        pass
 
-    monkeypatch.setattr(core, "_grow_local", killed)
-    with pytest.raises(KeyboardInterrupt):
+    async def killed(self, shape, *args, **kw):
+        if self.path in ("steps/status", "layers/fc2/weight"):
+            raise Killed("killed while growing")
+        return await real(self, shape, *args, **kw)
+
+    monkeypatch.setattr(zarr.AsyncArray, "resize", killed)
+    with pytest.raises(Killed):
         ga.ingest(run, store)
     monkeypatch.undo()
     live = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
-    assert live["steps/status"].shape == (3,) and live["steps/fingerprint"].shape == (4,)
-    assert live["layers/fc2/weight"].shape[0] == 3 and live["layers/fc1/weight"].shape[0] == 4
+    assert live["steps/status"].shape == (3,) and live["layers/fc2/weight"].shape[0] == 3
+    lengths = {a.shape[0] for _, a in live.members(max_depth=None) if isinstance(a, zarr.Array) and a.ndim}
+    assert {3, 4} <= lengths  # killed midway: arrays of both lengths
     assert ga.ingest(run, store).ingested == [30]
     assert ga.analyze(store, metrics=["gram"]).computed == 2
     ga.ingest(run, fresh)
@@ -237,25 +242,21 @@ def test_a_writer_killed_while_appending_a_step_leaves_a_store_the_next_one_repa
     assert list(a["steps"].to_dataset()["status"].values) == ["ok"] * 4
 
 
-def test_compact_metadata_nests_across_threads():
-    import threading
+def test_a_command_leaves_zarrs_configuration_alone(tmp_path):
+    """No process-wide setting of zarr's changes under a user's notebook."""
+    import gramlin_analyze as ga
+    from tests.trajectory import write_trajectory
 
-    from gramlin_analyze.store.core import compact_metadata
-
-    before = zarr.config.get("json_indent")
-    inner_done = threading.Event()
-    with compact_metadata():
-        assert zarr.config.get("json_indent") is None
-
-        def other():
-            with compact_metadata():
-                inner_done.set()
-
-        t = threading.Thread(target=other)
-        t.start()
-        t.join()
-        assert inner_done.is_set() and zarr.config.get("json_indent") is None  # still ours
-    assert zarr.config.get("json_indent") == before
+    before = dict(zarr.config.get("json_indent") and {"json_indent": zarr.config.get("json_indent")} or {})
+    snapshot = zarr.config.config.copy() if hasattr(zarr.config, "config") else None
+    write_trajectory(tmp_path / "run", [0, 10])
+    ga.ingest(tmp_path / "run", tmp_path / "s.zarr")
+    ga.analyze(tmp_path / "s.zarr", metrics=["gram"])
+    assert dict(zarr.config.get("json_indent") and {"json_indent": zarr.config.get("json_indent")} or {}) == before
+    if snapshot is not None:
+        assert zarr.config.config == snapshot
+    doc = (tmp_path / "s.zarr" / "steps" / "status" / "zarr.json").read_text()
+    assert doc.startswith("{\n"), "documents keep zarr's own (indented) format"
 
 
 def _files(root) -> dict[str, bytes]:
@@ -285,7 +286,7 @@ def test_creating_nodes_writes_the_files_zarr_writes(tmp_path):
     here: the same documents and chunk files, byte for byte, as zarr creating them."""
     from zarr.api import synchronous as zs
 
-    from gramlin_analyze.store.core import create_nodes
+    from gramlin_analyze.store import create_nodes
 
     rng = np.random.default_rng(11)
     groups, arrays = _node_specs(rng)
@@ -310,7 +311,7 @@ def test_creating_nodes_writes_the_files_zarr_writes(tmp_path):
 def test_creating_over_existing_nodes_goes_through_zarr(tmp_path):
     """Where a node exists, zarr decides: an existing group is an error unless it is
     to be overwritten, and then everything under it goes."""
-    from gramlin_analyze.store.core import create_nodes
+    from gramlin_analyze.store import create_nodes
 
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     old = root.create_group("g", attributes={"old": True})
@@ -332,3 +333,15 @@ def test_creating_over_existing_nodes_goes_through_zarr(tmp_path):
     with pytest.raises(ValueError):
         create_nodes(root.store, arrays=[("g/fresh/child", dict(shape=(2,), dtype="float32"))])
     assert not (tmp_path / "s.zarr" / "g" / "fresh" / "child").exists()
+
+
+def test_updating_attributes_merges_them(tmp_path):
+    from gramlin_analyze.store.chunks import update_attributes_all
+
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    g = root.create_group("g", attributes={"kept": 1, "changed": "old"})
+    a = root.create_array("a", shape=(2,), dtype="f4", attributes={"long_name": "a"})
+    update_attributes_all([(g, {"changed": "new", "added": [1, 2]}), (a, {"units": "1"})])
+    again = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert dict(again["g"].attrs) == {"kept": 1, "changed": "new", "added": [1, 2]}
+    assert dict(again["a"].attrs) == {"long_name": "a", "units": "1"}

@@ -9,7 +9,7 @@ import pytest
 import zarr
 from zarr.codecs import BytesCodec, ZstdCodec
 
-from gramlin_analyze.store.core import put_step, raw_chunk_path, read_step
+from gramlin_analyze.store import put_step, raw_chunk_path, read_step
 
 
 def _pair(tmp_path, dtype, shape, **kw):
@@ -63,7 +63,7 @@ def test_put_step_writes_through_zarr_when_the_chunk_file_is_not_the_values(tmp_
 def test_put_rows_matches_zarr_for_whole_and_partial_chunks(tmp_path):
     """Activation rows: whole chunks take the raw path, the ragged last chunk and
     unaligned pieces go through zarr; the stored values and bytes agree."""
-    from gramlin_analyze.store.core import put_rows
+    from gramlin_analyze.store import put_rows
 
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     kw = dict(shape=(2, 10, 3), chunks=(1, 4, 3), dtype="float32", fill_value=np.nan, compressors=None)
@@ -82,7 +82,7 @@ def test_put_rows_matches_zarr_for_whole_and_partial_chunks(tmp_path):
 
 
 def test_raw_writes_refuse_rows_outside_the_array(tmp_path):
-    from gramlin_analyze.store.core import put_rows
+    from gramlin_analyze.store import put_rows
 
     _, (fast, _) = _pair(tmp_path, "float32", (4, 3), compressors=None)
     with pytest.raises(IndexError):
@@ -102,7 +102,7 @@ def test_direct_io_writes_the_same_bytes(tmp_path, monkeypatch, nbytes, aligned)
     (padded for the device, then truncated), as through the page cache."""
     import mmap
 
-    from gramlin_analyze.store import core
+    from gramlin_analyze.store import direct_io as core
 
     rng = np.random.default_rng(nbytes)
     raw = rng.integers(0, 256, nbytes, dtype=np.uint8)
@@ -131,7 +131,7 @@ def test_direct_io_falls_back_where_the_file_system_refuses_it(tmp_path, monkeyp
     the page cache, and remembered so that the next chunk does not try again."""
     import errno
 
-    from gramlin_analyze.store import core
+    from gramlin_analyze.store import direct_io as core
 
     real_open = os.open
     tries = []
@@ -178,7 +178,7 @@ def test_read_step_reads_whole_chunk_files_directly(tmp_path, aligned):
     """read_step(out=...) takes a one-step chunk straight from its file (O_DIRECT
     for large ones, into a page-aligned ``out`` or through the staging buffer);
     a chunk never written still reads as the fill value (through zarr)."""
-    from gramlin_analyze.store.core import aligned_empty
+    from gramlin_analyze.store import aligned_empty
 
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     shape = (513, 517)  # 1.06 MB of float32: direct, with a ragged last block
@@ -199,7 +199,7 @@ def test_direct_reads_fall_back_where_aligned_reads_are_refused(tmp_path, monkey
     import errno
     import fcntl
 
-    from gramlin_analyze.store import core
+    from gramlin_analyze.store import direct_io as core
 
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     arr = root.create_array("w", shape=(2, 600, 600), chunks=(1, 600, 600), dtype="float32", compressors=None)

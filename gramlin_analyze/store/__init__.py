@@ -1,0 +1,65 @@
+"""The gramlin store: the only package that knows the on-disk layout.
+
+``core`` (the store handle), ``layout`` (names, dims, chunking), ``lock``,
+``location`` (local paths and URLs), ``consolidated`` (the consolidated copy of
+the metadata and task-side lookups), ``chunks`` (array I/O), ``direct_io``,
+``sink`` (capture activations), ``probe``, ``validate`` and ``info``. zarr's
+internals are used only in ``_zarr_compat``.
+"""
+
+from gramlin_analyze.store.chunks import (
+    create_nodes,
+    put_rows,
+    put_step,
+    raw_chunk_path,
+    read_all,
+    read_step,
+    resize_all,
+    writable,
+    write_all,
+)
+from gramlin_analyze.store.consolidated import (
+    CONSOLIDATED_ATTR,
+    open_for_tasks,
+    share_with_tasks,
+    task_node,
+)
+from gramlin_analyze.store.core import GramlinStore
+from gramlin_analyze.store.direct_io import (
+    aligned_empty,
+    read_raw_chunk,
+    release_buffers,
+    write_raw_chunk,
+)
+from gramlin_analyze.store.location import canonical_url, is_remote, zarr_store
+from gramlin_analyze.store.lock import StoreLock
+from gramlin_analyze.store.probe import declare_activations, write_probe
+from gramlin_analyze.store.sink import ActivationSink
+
+__all__ = [
+    "CONSOLIDATED_ATTR",
+    "ActivationSink",
+    "GramlinStore",
+    "StoreLock",
+    "aligned_empty",
+    "canonical_url",
+    "create_nodes",
+    "declare_activations",
+    "is_remote",
+    "open_for_tasks",
+    "put_rows",
+    "put_step",
+    "raw_chunk_path",
+    "read_all",
+    "read_raw_chunk",
+    "read_step",
+    "release_buffers",
+    "resize_all",
+    "share_with_tasks",
+    "task_node",
+    "writable",
+    "write_all",
+    "write_probe",
+    "write_raw_chunk",
+    "zarr_store",
+]

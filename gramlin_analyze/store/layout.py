@@ -7,10 +7,24 @@ JSON Schemas in ``schemas/`` describe the same contract for other readers.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 SCHEMA_VERSION = "1.0"
+
+
+def schema_tuple(version: object) -> tuple[int, ...]:
+    """``"1.2"`` as ``(1, 2)``; an unreadable version sorts after every real one."""
+    try:
+        return tuple(int(p) for p in str(version).split("."))
+    except ValueError:
+        return (10**9,)
+
+
+def schema_major(version: object) -> int:
+    """The major part of a schema version: a reader reads every minor version of its major."""
+    return schema_tuple(version)[0]
 
 STEPS = "steps"
 LAYERS = "layers"
@@ -111,3 +125,55 @@ def layer_kind(layer: str, shape: tuple[int, ...]) -> str:
     if "embed" in layer.lower() or "wte" in layer.lower() or "wpe" in layer.lower():
         return "embedding"
     return "linear"
+
+
+# -- node specs: keywords for zarr's ``create_array`` ----------------------------------
+
+
+def step_coord_spec(steps) -> dict[str, Any]:
+    """Keywords creating a group's ``step`` coordinate holding ``steps``."""
+    kw: dict[str, Any] = dict(
+        chunks=(MANIFEST_CHUNK,), dimension_names=["step"], fill_value=-1, overwrite=True,
+        attributes={"long_name": "optimizer step", "units": "steps"},
+    )
+    if len(steps):
+        kw["data"] = np.asarray(steps, dtype=np.int64)
+    else:
+        kw.update(shape=(0,), dtype="int64")
+    return kw
+
+
+def manifest_spec(name: str, n: int) -> dict[str, Any]:
+    """Keywords creating manifest column ``name`` of length ``n``."""
+    dtype, fill, long_name, units = MANIFEST[name]
+    kw: dict[str, Any] = {} if dtype is str else {"fill_value": fill}
+    return dict(
+        shape=(n,), dtype=dtype, chunks=(MANIFEST_CHUNK,), dimension_names=["step"], overwrite=True,
+        attributes={"long_name": long_name, **({"units": units} if units else {})}, **kw,
+    )
+
+
+def layer_array_specs(name: str, steps, weight_shape: tuple[int, ...], dtype: np.dtype, bias: bool):
+    """``(path, keywords)`` of the arrays of ``/layers/<name>``: ``step``, ``weight``,
+    ``bias`` when the layer has one, and ``nonfinite``."""
+    base = f"{LAYERS}/{name}"
+    n = len(steps)
+    shape = (n, *weight_shape)
+    specs = [(f"{base}/step", step_coord_spec(steps)), (f"{base}/weight", dict(
+        shape=shape, dtype=dtype, chunks=matrix_chunks(shape, dtype.itemsize),
+        dimension_names=["step", "out", "in"], fill_value=np.nan, compressors=None,
+        chunk_key_encoding=STEP_CHUNK_KEYS,
+        attributes={"long_name": f"weight of {name}, (out, in) order", "units": "1"},
+    ))]
+    if bias:
+        specs.append((f"{base}/bias", dict(
+            shape=(n, weight_shape[0]), dtype=dtype, chunks=(1, weight_shape[0]),
+            dimension_names=["step", "out"], fill_value=np.nan, compressors=None,
+            chunk_key_encoding=STEP_CHUNK_KEYS, attributes={"long_name": f"bias of {name}", "units": "1"},
+        )))
+    specs.append((f"{base}/nonfinite", dict(
+        shape=(n,), dtype="int64", chunks=(MANIFEST_CHUNK,), dimension_names=["step"],
+        fill_value=-1,  # written by the driver with the manifest rows, like them chunked
+        attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
+    )))
+    return specs

@@ -1,6 +1,8 @@
 """One writer per store: a lock beside the store.
 
-A local store is locked with ``flock`` on ``<store>.lock``: the kernel drops
+The lock is keyed on the store's canonical spelling (its resolved real path,
+or the remote URL normalized), so symlinks and ``./a/../a.zarr`` reach the
+same lock. A local store is locked with ``flock`` on ``<store>.lock``: the kernel drops
 the lock when the process dies, so a ``kill -9`` never leaves a stale lock.
 A remote store (``s3://…``) gets a lock object ``<store>.lock`` written with
 the writer's host, pid and time; a writer that died leaves it behind, and
@@ -19,12 +21,9 @@ import uuid
 from pathlib import Path
 
 from gramlin_analyze.errors import StoreLockedError
+from gramlin_analyze.store.location import canonical_url, is_remote
 
 __all__ = ["StoreLock", "is_remote"]
-
-
-def is_remote(url: str | os.PathLike) -> bool:
-    return "://" in str(url) and not str(url).startswith("file://")
 
 
 class StoreLock:
@@ -34,7 +33,7 @@ class StoreLock:
         self, url: str | os.PathLike, *, storage_options: dict | None = None, break_lock: bool = False
     ):
         self.url = str(url).rstrip("/")
-        self.lock_url = self.url + ".lock"
+        self.lock_url = canonical_url(self.url) + ".lock"
         self.storage_options = storage_options or {}
         self.break_lock = break_lock
         self._fh = None

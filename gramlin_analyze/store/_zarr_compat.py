@@ -1,0 +1,216 @@
+"""The one module that uses zarr's private internals, each behind a named capability probe.
+
+Every helper here has a fallback through zarr's public API, taken when the
+probe fails (a zarr release renamed or removed the internal) or when
+``GRAMLIN_ZARR_PUBLIC=1`` is set; the suite runs both paths and compares the
+bytes they write. A private use stays here only while a row of
+``benchmarks/`` shows it buys at least 20% (``docs/performance.md``).
+
+Probes:
+
+- :data:`SYNC_CODECS`: chunks of small arrays encoded and decoded in the
+  calling thread by the codecs' synchronous methods (``_encode_sync``,
+  zarr's ``SupportsSyncCodec`` protocol) and an ``ArraySpec``.
+- :data:`EVENT_LOOP`: many coroutines gathered in one trip through zarr's
+  event loop (``zarr.core.sync.sync``).
+- :data:`CONSOLIDATED_LOOKUP`: a node looked up in consolidated metadata
+  without a coroutine (``AsyncGroup._getitem_consolidated``).
+- :data:`CONSOLIDATED_WRITE`: consolidated metadata written from node
+  metadata already in memory (``ConsolidatedMetadata._flat_to_nested``,
+  ``AsyncGroup._save_metadata``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+
+__all__ = [
+    "CONSOLIDATED_LOOKUP",
+    "CONSOLIDATED_WRITE",
+    "EVENT_LOOP",
+    "SYNC_CODECS",
+    "async_group",
+    "available",
+    "consolidated_lookup",
+    "decode_chunk",
+    "encode_chunk",
+    "run_together",
+    "save_consolidated",
+    "sync_codecs",
+]
+
+SYNC_CODECS = "sync_codecs"
+EVENT_LOOP = "event_loop"
+CONSOLIDATED_LOOKUP = "consolidated_lookup"
+CONSOLIDATED_WRITE = "consolidated_write"
+
+
+def public_only() -> bool:
+    """Whether ``GRAMLIN_ZARR_PUBLIC`` asks for zarr's public API alone."""
+    return os.environ.get("GRAMLIN_ZARR_PUBLIC", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _probe(name: str) -> bool:
+    try:
+        if name == SYNC_CODECS:
+            from zarr.abc.codec import ArrayBytesCodec, BytesBytesCodec  # noqa: F401
+            from zarr.codecs import BytesCodec, ZstdCodec
+            from zarr.core.array_spec import ArraySpec  # noqa: F401
+
+            return all(hasattr(c, "_encode_sync") and hasattr(c, "_decode_sync") for c in (BytesCodec, ZstdCodec))
+        if name == EVENT_LOOP:
+            from zarr.core.sync import sync  # noqa: F401
+
+            return True
+        if name == CONSOLIDATED_LOOKUP:
+            from zarr.core.group import AsyncGroup
+
+            return hasattr(AsyncGroup, "_getitem_consolidated")
+        if name == CONSOLIDATED_WRITE:
+            from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata  # noqa: F401
+
+            return hasattr(ConsolidatedMetadata, "_flat_to_nested") and hasattr(AsyncGroup, "_save_metadata")
+    except ImportError:
+        return False
+    raise ValueError(f"unknown capability {name!r}")
+
+
+def available(name: str) -> bool:
+    """Whether the private path ``name`` may be used: the installed zarr has it and
+    ``GRAMLIN_ZARR_PUBLIC`` does not ask for the public API alone."""
+    return not public_only() and _probe(name)
+
+
+# -- small arrays: chunks encoded in the calling thread -----------------------------------
+
+
+def sync_codecs(arr: zarr.Array) -> list | None:
+    """The codecs of ``arr`` when its chunks can be encoded here by their synchronous
+    methods (an array-to-bytes codec, then bytes-to-bytes codecs); else None."""
+    if not available(SYNC_CODECS):
+        return None
+    from zarr.abc.codec import ArrayBytesCodec, BytesBytesCodec
+
+    codecs = [*arr.filters, arr.serializer, *arr.compressors]
+    if arr.filters or not isinstance(codecs[0], ArrayBytesCodec):
+        return None
+    if not all(isinstance(c, BytesBytesCodec) for c in codecs[1:]):
+        return None
+    if not all(hasattr(c, "_encode_sync") and hasattr(c, "_decode_sync") for c in codecs):
+        return None
+    return codecs
+
+
+def _chunk_spec(arr: zarr.Array):
+    from zarr.buffer import default_buffer_prototype
+    from zarr.core.array_spec import ArraySpec
+
+    md = arr.metadata
+    return ArraySpec(
+        shape=tuple(arr.chunks), dtype=md.data_type, fill_value=md.fill_value,
+        config=arr.async_array.config, prototype=default_buffer_prototype(),
+    )
+
+
+def encode_chunk(arr: zarr.Array, codecs: list, block: np.ndarray) -> np.ndarray | None:
+    """The stored bytes of one whole chunk ``block`` of ``arr`` (None: all fill value,
+    not to be stored unless the array writes empty chunks, as zarr decides)."""
+    spec = _chunk_spec(arr)
+    nd = spec.prototype.nd_buffer.from_numpy_array(block)
+    if not spec.config.write_empty_chunks and nd.all_equal(spec.fill_value):  # zarr's test (bitwise for 0.0)
+        return None
+    buf = codecs[0]._encode_sync(nd, spec)
+    for c in codecs[1:]:
+        buf = c._encode_sync(buf, spec)
+    return buf.as_numpy_array()
+
+
+def decode_chunk(arr: zarr.Array, codecs: list, raw: bytes) -> np.ndarray:
+    """One chunk of ``arr`` decoded from its stored bytes."""
+    spec = _chunk_spec(arr)
+    buf = spec.prototype.buffer.from_bytes(raw)
+    for c in reversed(codecs[1:]):
+        buf = c._decode_sync(buf, spec)
+    return codecs[0]._decode_sync(buf, spec).as_numpy_array().reshape(spec.shape)
+
+
+# -- many operations in one trip through zarr's event loop ----------------------------------
+
+
+def run_together(jobs: Sequence[tuple[Callable[[], Any], Callable[[], Any]]]) -> list:
+    """Run ``(coroutine factory, public call)`` pairs; their results in order.
+
+    With the event loop at hand, the coroutines go in one trip, concurrently
+    (on an object store, one round trip instead of one per job); otherwise the
+    public calls run one after another.
+    """
+    if not jobs:
+        return []
+    if not available(EVENT_LOOP):
+        return [public() for _, public in jobs]
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run() -> list:
+        return await asyncio.gather(*(coro() for coro, _ in jobs))
+
+    return list(sync(run()))
+
+
+# -- consolidated metadata ------------------------------------------------------------------
+
+
+def consolidated_lookup(group: zarr.Group, path: str) -> zarr.Array | zarr.Group | None:
+    """``group[path]`` from the group's consolidated metadata as a plain call (zarr runs
+    it as a coroutine on its I/O thread); None when that is not possible here."""
+    if not available(CONSOLIDATED_LOOKUP):
+        return None
+    from zarr.core.group import AsyncGroup
+
+    ag = group._async_group
+    if ag.metadata.consolidated_metadata is None:
+        return None
+    node = ag._getitem_consolidated(ag.store_path / path, path, prefix=ag.name)
+    return type(group)(node) if isinstance(node, AsyncGroup) else zarr.Array(node)
+
+
+def async_group(group: zarr.Group):
+    """The ``AsyncGroup`` behind ``group`` (for :class:`zarr.Group` subclasses)."""
+    return group._async_group
+
+
+def save_consolidated(root: zarr.Group, nodes: dict[str, zarr.Array | zarr.Group]) -> zarr.Group | None:
+    """Write ``root``'s consolidated metadata from ``nodes`` (every node by path, its
+    metadata current) and return the root holding it; None when not possible here
+    (the caller then runs :func:`zarr.consolidate_metadata`, which reads every node back)."""
+    if not available(CONSOLIDATED_WRITE) or not available(EVENT_LOOP):
+        return None
+    import dataclasses
+
+    from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata
+    from zarr.core.sync import sync
+
+    flat = {}
+    for path, node in nodes.items():
+        md = node.metadata
+        if isinstance(md, GroupMetadata):  # children are filled in below, from ``nodes``
+            md = dataclasses.replace(md, consolidated_metadata=ConsolidatedMetadata(metadata={}))
+        flat[path] = md
+
+    async def run() -> AsyncGroup:
+        live = await AsyncGroup.open(root.store_path, zarr_format=3, use_consolidated=False)
+        ConsolidatedMetadata._flat_to_nested(flat)
+        md = dataclasses.replace(live.metadata, consolidated_metadata=ConsolidatedMetadata(metadata=flat))
+        written = dataclasses.replace(live, metadata=md)
+        await written._save_metadata()
+        return written
+
+    return zarr.Group(sync(run()))
