@@ -29,9 +29,8 @@ from gramlin_analyze.io.discovery import CheckpointSource, scan
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import (
+from gramlin_analyze.store import (
     GramlinStore,
-    compact_metadata,
     declare_activations,
     read_all,
     release_buffers,
@@ -40,7 +39,7 @@ from gramlin_analyze.store.core import (
     write_all,
     write_probe,
 )
-from gramlin_analyze.store.lock import is_remote
+from gramlin_analyze.store.location import is_remote
 
 if TYPE_CHECKING:
     from gramlin_analyze.capture.task import CaptureConfig
@@ -190,7 +189,7 @@ def ingest(
     if not existing:
         sources, schedule, external = prepare({})
     gs = GramlinStore(store, mode="a", storage_options=storage_options)
-    with gs.lock(break_lock=break_lock), compact_metadata():
+    with gs.lock(break_lock=break_lock):
         if existing:
             sources, schedule, external = prepare(_fingerprint_rows(gs.manifest()))
         report = IngestReport(store=store, scan_skipped=list(getattr(sources, "skipped", [])))

@@ -37,9 +37,8 @@ from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.core import (
+from gramlin_analyze.store import (
     GramlinStore,
-    compact_metadata,
     read_all,
     read_step,
     share_with_tasks,
@@ -200,7 +199,7 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
                 ),
             }
         )
-        m.create_array("step", **gs._step_coord_spec(gs.steps()))
+        m.create_array("step", **L.step_coord_spec(gs.steps()))
         lay = m.create_array("layer", shape=(len(all_layers),), dtype=str, chunks=(len(all_layers),), dimension_names=["layer"])
         lay[:] = np.asarray(all_layers, dtype=object)
         lay.attrs.update({"long_name": "layer name"})
@@ -224,7 +223,7 @@ def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], sp
             if layer not in m:
                 gs.structure_changed()
                 lg = m.create_group(layer)
-                lg.create_array("step", **gs._step_coord_spec(gs.steps()))
+                lg.create_array("step", **L.step_coord_spec(gs.steps()))
             lg = m[layer]
             d = gs.layer(layer)["weight"].shape[2]
             for name in f.matrices + f.phase2_matrices:
@@ -298,7 +297,7 @@ def analyze(
     GramlinStore(url, mode="r", storage_options=storage_options)  # a mistyped path is an error, not a new store
     gs = GramlinStore(url, mode="a", storage_options=storage_options)
     report = AnalyzeReport(store=url)
-    with gs.lock(break_lock=break_lock), compact_metadata():
+    with gs.lock(break_lock=break_lock):
         all_layers = gs.layer_names()
         chosen = select_layers(all_layers, layers, None)
         if layers and not chosen:
