@@ -7,7 +7,11 @@ STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 DEMO_DIR ?= demo-output
 
-.PHONY: demo test lint bench clean
+# The newest dependencies on Python 3.13 (zarr 3.4+), in a venv of their own.
+PY313 ?= $(shell PYENV_VERSION=3.13.0 pyenv which python3.13 2>/dev/null || command -v python3.13)
+VENV_NEWEST ?= .venv-newest
+
+.PHONY: demo test test-newest lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +33,15 @@ demo: $(STAMP_RUN)
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q
 
+# CI's second run: a fresh venv on Python 3.13, newest releases of everything.
+test-newest:
+	@test -n "$(PY313)" || { echo "python3.13 not found (pyenv install 3.13)"; exit 2; }
+	$(PY313) -m venv $(VENV_NEWEST)
+	$(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_NEWEST)/bin/python -m pip install --quiet --upgrade -e '.[dev]'
+	$(VENV_NEWEST)/bin/python -m pip check
+	$(VENV_NEWEST)/bin/python -m pytest -q
+
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check gramlin_analyze tests benchmarks examples
 
@@ -38,4 +51,4 @@ bench: $(STAMP_DEV)
 	$(PY) benchmarks/reduce.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache build dist *.egg-info
+	rm -rf $(DEMO_DIR) .pytest_cache build dist *.egg-info $(VENV_NEWEST)

@@ -33,11 +33,18 @@ from gramlin_analyze.store.direct_io import (
 )
 from gramlin_analyze.store.location import canonical_url, is_remote, zarr_store
 from gramlin_analyze.store.lock import StoreLock
+from gramlin_analyze.store.metrics import INPUTS, MatrixSpec, MetricsSpec, declare_metrics
 from gramlin_analyze.store.probe import declare_activations, write_probe
+from gramlin_analyze.store.session import WriteSession
 from gramlin_analyze.store.sink import ActivationSink
 
 __all__ = [
     "CONSOLIDATED_ATTR",
+    "INPUTS",
+    "MatrixSpec",
+    "MetricsSpec",
+    "WriteSession",
+    "declare_metrics",
     "ActivationSink",
     "GramlinStore",
     "StoreLock",

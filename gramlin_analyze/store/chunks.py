@@ -257,7 +257,17 @@ def _resize_and_write(jobs: list[tuple[zarr.Array, tuple[int, ...], np.ndarray |
 
 
 def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
-    """Resize many arrays (handles updated in place); arrays of their shape are left alone."""
+    """Resize many arrays (handles updated in place); arrays of their shape are left alone.
+
+    Shrinking along ``step`` first resets the rows it drops to the fill value
+    where they share a chunk with rows it keeps: zarr deletes only whole
+    chunks, and a later growth would bring the old values back.
+    """
+    for arr, shape in pairs:
+        n = shape[0]
+        if arr.ndim and n < arr.shape[0] and n % arr.chunks[0]:
+            stop = min(arr.shape[0], -(-n // arr.chunks[0]) * arr.chunks[0])
+            writable(arr)[n:stop] = arr.metadata.fill_value
     _resize_and_write([(a, tuple(shape), None) for a, shape in pairs])
 
 

@@ -37,6 +37,19 @@ __all__ = ["GramlinStore", "zarr_store"]
 
 
 
+def root_attributes(source: str, run_name: str | None) -> dict[str, Any]:
+    """The root attributes of a new store."""
+    return {
+        "gramlin_schema_version": L.SCHEMA_VERSION,
+        "created_at": _now(),
+        "creation_library": "gramlin-analyze",
+        "creation_library_version": __version__,
+        "source": str(source),
+        "run_name": run_name or os.path.basename(str(source).rstrip("/")) or "run",
+        "title": "gramlin-analyze checkpoint store",
+    }
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -55,7 +68,10 @@ class GramlinStore:
         Passed to fsspec for remote stores.
     """
 
-    def __init__(self, url: str | os.PathLike, *, mode: str = "r", storage_options: dict | None = None):
+    def __init__(
+        self, url: str | os.PathLike, *, mode: str = "r", storage_options: dict | None = None,
+        source: str | None = None, run_name: str | None = None,
+    ):
         self.url = str(url)
         self.mode = mode
         self.storage_options = storage_options or {}
@@ -64,12 +80,13 @@ class GramlinStore:
         self._stale = False  # this writer changed the structure since it last consolidated
         self._consolidated = False  # this writer wrote the consolidated copy
         self._view: zarr.Group | None = None
+        self.created = False  #: this handle created the store
         self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
         try:
             if mode == "r":
                 self.root = zarr.open_group(self._zstore, mode="r", zarr_format=3, use_consolidated=False)
             else:
-                self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
+                self.root = self._open_or_create(source, run_name)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise StoreError(
                 f"{self.url}: not a gramlin store (no Zarr group there); create one with "
@@ -79,6 +96,17 @@ class GramlinStore:
         # The last writer stopped midway through a structural change (only
         # writers since 0.2.0 clear the flag, and they set it only while changing the structure).
         self._interrupted = mode != "r" and self.root.attrs.get(CONSOLIDATED_ATTR) is False
+
+    def _open_or_create(self, source: str | None, run_name: str | None) -> zarr.Group:
+        """The root group; a new store is created with its root attributes in one write
+        (a writer killed right after leaves a store, not an anonymous Zarr group)."""
+        try:
+            return zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=False)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            if source is None:
+                raise
+        self.created = True
+        return zarr.create_group(self._zstore, zarr_format=3, attributes=root_attributes(source, run_name))
 
     def _check_owner(self) -> None:
         """Refuse a Zarr group another tool wrote, and a store of a newer schema."""
@@ -108,24 +136,19 @@ class GramlinStore:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    @property
+    def zstore(self):
+        """The zarr ``Store`` under this handle."""
+        return self._zstore
+
     def lock(self, *, break_lock: bool = False) -> StoreLock:
+        """The single-writer lock (writers use :class:`~.session.WriteSession`, which takes it)."""
         return StoreLock(self.url, storage_options=self.storage_options, break_lock=break_lock)
 
     def initialize(self, *, source: str, run_name: str | None = None) -> None:
         """Write root attributes and the empty ``/steps`` group if they are missing."""
-        attrs = dict(self.root.attrs)
-        if "gramlin_schema_version" not in attrs:
-            self.root.update_attributes(
-                {
-                    "gramlin_schema_version": L.SCHEMA_VERSION,
-                    "created_at": _now(),
-                    "creation_library": "gramlin-analyze",
-                    "creation_library_version": __version__,
-                    "source": str(source),
-                    "run_name": run_name or os.path.basename(str(source).rstrip("/")) or "run",
-                    "title": "gramlin-analyze checkpoint store",
-                }
-            )
+        if "gramlin_schema_version" not in self.root.attrs:  # an empty group made by zarr or a writer before 0.3
+            self.root.update_attributes(root_attributes(source, run_name))
         groups: list[tuple[str, dict[str, Any]]] = []
         arrays: list[tuple[str, dict[str, Any]]] = []
         if L.STEPS not in self.view:

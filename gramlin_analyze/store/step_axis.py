@@ -18,6 +18,7 @@ import zarr
 from gramlin_analyze.errors import UsageError
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.chunks import _resize_and_write, resize_all, write_all
+from gramlin_analyze.store.metrics import INPUTS
 
 if TYPE_CHECKING:
     from gramlin_analyze.store.core import GramlinStore
@@ -66,7 +67,11 @@ def _change_axis(gs: GramlinStore, man: dict, new_steps: np.ndarray, pos: dict[i
         _repair_lengths([*step_arrays.values(), *step_coords], n_old)
         gs._interrupted = False
     manifest_paths = {f"{L.STEPS}/{k}" for k in L.MANIFEST}
-    data_arrays = [arr for path, arr in step_arrays.items() if path not in manifest_paths]
+    # The hashes of /metrics results move after every result: a kill between leaves no
+    # hash vouching for a result that is not in its place (it is recomputed instead).
+    provenance = f"{L.METRICS}/{INPUTS}/"
+    data_arrays = [arr for path, arr in sorted(step_arrays.items(), key=lambda kv: kv[0].startswith(provenance))
+                   if path not in manifest_paths]
     g = {name: step_arrays[f"{L.STEPS}/{name}"] for name in L.MANIFEST}
     new_man = _permuted_manifest(man, new_steps, pos)
     final_status = new_man["status"].copy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import fsspec
 import jsonschema
@@ -12,6 +13,7 @@ import zarr
 
 from gramlin_analyze.schemas import load_schema
 from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.consolidated import CONSOLIDATED_ATTR
 from gramlin_analyze.store.core import GramlinStore
 
 __all__ = ["validate_store", "describe_group"]
@@ -50,7 +52,7 @@ def _chunk_keys(url: str, storage_options: dict | None) -> set[str]:
 
 
 def _required_chunks(path: str, arr: zarr.Array, index: int) -> list[str]:
-    grid = arr.metadata.chunk_grid.chunk_shape
+    grid = arr.chunks
     counts = [max(1, math.ceil(s / c)) for s, c in zip(arr.shape[1:], grid[1:], strict=True)]
     keys = []
     for rest in np.ndindex(*counts) if counts else [()]:
@@ -67,9 +69,14 @@ def validate_store(
     as consolidated metadata lagging behind a writer that was interrupted:
     readers then see the previous consistent state until the next ingest.
     """
-    url = str(url)
+    with warnings.catch_warnings():
+        # directories and temporary files of writes a killed writer cut short: not nodes, never read
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
+        return _validate(str(url), storage_options, notes if notes is not None else [])
+
+
+def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[str]:
     problems: list[str] = []
-    notes = notes if notes is not None else []
     try:
         gs = GramlinStore(url, mode="r", storage_options=storage_options)
     except Exception as err:  # noqa: BLE001 - report any failure to open as a problem
@@ -77,42 +84,60 @@ def validate_store(
     root = gs.root
     problems += _errors(load_schema("store"), dict(root.attrs), "/ attrs")
     if L.STEPS not in root:
+        if not _members(root):
+            notes.append("an empty store: the ingest that made it stopped before recording a step; run it again")
+            return problems
         return problems + ["/steps: missing"]
     man = gs.manifest()
-    rows = []
-    for i in range(len(man["step"])):
-        rows.append({k: _json_value(v[i]) for k, v in man.items()})
+    interrupted = root.attrs.get(CONSOLIDATED_ATTR) is False
+    arrays = _walk_arrays(root)
+    # Consolidated metadata must describe the same arrays as the metadata itself.
+    try:
+        cons = zarr.open_group(gs.zstore, mode="r", zarr_format=3, use_consolidated=True)
+        seen = _walk_arrays(cons)
+    except (ValueError, FileNotFoundError) as err:
+        if interrupted:
+            notes.append("the writer that created this store was interrupted before its first step landed; "
+                         "run the ingest again")
+            return problems
+        problems.append(f"consolidated metadata missing or unreadable ({err}); re-run ingest to repair")
+        seen = arrays
+    lagging = sorted(p for p in set(arrays) | set(seen) if p not in seen or p not in arrays or seen[p].shape != arrays[p].shape)
+    if lagging and interrupted:
+        # What readers open is the consolidated copy: check that, and say what the next writer finishes.
+        notes.append(
+            f"a writer was interrupted while changing {len(lagging)} arrays (such as {lagging[0]}); readers see "
+            "the previous state, and the next ingest or analyze finishes the change"
+        )
+        arrays = seen
+        man = _reader_manifest(seen, man)
+    elif lagging:
+        notes.append(f"consolidated metadata lags behind the store at {lagging[0]}; the next ingest refreshes it")
+    rows = [{k: _json_value(v[i]) for k, v in man.items()} for i in range(len(man["step"]))]
+    if interrupted:  # rows a killed writer added but never wrote: unset, so never ok
+        rows = [r for r in rows if r["status"] != ""]
     desc = describe_group(root[L.STEPS])
     problems += _errors(load_schema("steps"), {"variables": desc["variables"], "rows": rows}, "/steps")
     steps = man["step"]
     if np.any(np.diff(steps) <= 0):
         problems.append("/steps: step is not sorted and unique; re-run ingest to repair")
 
-    arrays = _walk_arrays(root)
-    # Consolidated metadata must describe the same arrays as the metadata itself.
-    try:
-        cons = zarr.open_group(gs._zstore, mode="r", zarr_format=3, use_consolidated=True)
-        for path, arr in arrays.items():
-            carr = cons[path]
-            if carr.shape != arr.shape:
-                notes.append(
-                    f"{path}: consolidated metadata shows shape {carr.shape}, the array has {arr.shape} "
-                    "(a writer was interrupted; readers see the previous state until the next ingest)"
-                )
-    except KeyError as err:
-        notes.append(f"consolidated metadata lags behind the store ({err}); the next ingest refreshes it")
-    except (ValueError, FileNotFoundError) as err:
-        problems.append(f"consolidated metadata missing or unreadable ({err}); re-run ingest to repair")
-
     layer_schema = load_schema("layer")
     ok_rows = [i for i, s in enumerate(man["status"]) if s == "ok"]
     keys = _chunk_keys(url, storage_options)
-    for name in gs.layer_names():
-        grp = gs.layer(name)
+    stray = [k for k in keys if k.endswith(".partial")]
+    if stray:
+        notes.append(f"{len(stray)} temporary files of writes cut short (*.partial); never read, safe to delete")
+    # What readers see: the consolidated copy while a writer's change is unfinished.
+    tree = cons if interrupted else root
+    layers = {k: g for k, g in _members(tree[L.LAYERS])} if L.LAYERS in tree else {}
+    for name, grp in sorted(layers.items()):
         problems += _errors(layer_schema, describe_group(grp), f"/layers/{name}")
-        coord = arrays.get(f"{L.LAYERS}/{name}/step")
-        if coord is not None and not np.array_equal(coord[:], steps):
-            problems.append(f"/layers/{name}: step coordinate differs from /steps/step")
+    coordinate_problems = _coordinate_problems(arrays, steps, sorted(layers))
+    if interrupted:  # the interrupted change rewrote some coordinates and not others yet
+        notes += [f"{p} (a writer was interrupted; the next ingest or analyze rewrites it)" for p in coordinate_problems]
+    else:
+        problems += coordinate_problems
     for path, arr in arrays.items():
         dims = arr.metadata.dimension_names or ()
         if not dims or dims[0] != "step" or path.startswith(L.STEPS + "/") or path.endswith("/step"):
@@ -130,11 +155,45 @@ def validate_store(
     return problems
 
 
+def _reader_manifest(seen: dict[str, zarr.Array], man: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The manifest as readers see it: each column at its consolidated length."""
+    out = {}
+    for name, col in man.items():
+        arr = seen.get(f"{L.STEPS}/{name}")
+        out[name] = col if arr is None else np.asarray(arr[:], dtype=col.dtype)
+    n = min(len(c) for c in out.values())
+    return {k: v[:n] for k, v in out.items()}
+
+
+def _coordinate_problems(arrays: dict[str, zarr.Array], steps: np.ndarray, layers: list[str]) -> list[str]:
+    """Every group's ``step`` coordinate holds the manifest's steps, and ``/metrics``'s
+    ``layer`` coordinate names stored layers, each once."""
+    problems = []
+    for path, arr in arrays.items():
+        if path.rsplit("/", 1)[-1] != "step" or path == f"{L.STEPS}/step":
+            continue
+        if arr.shape != steps.shape or not np.array_equal(arr[:], steps):
+            problems.append(f"/{path.rsplit('/', 1)[0]}: step coordinate differs from /steps/step; re-run ingest to repair")
+    lay = arrays.get(f"{L.METRICS}/layer")
+    if lay is not None:
+        names = [str(v) for v in lay[:]]
+        if len(set(names)) != len(names) or not set(names) <= set(layers):
+            problems.append(f"/{L.METRICS}: layer coordinate {names} does not name stored layers; re-run analyze")
+    return problems
+
+
 def _walk_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
     """Every array below ``group`` by path, in path order, from one walk.
 
     zarr fetches each group's members concurrently (in no set order), which
-    on an object store saves a round trip per array.
+    on an object store saves a round trip per array. Temporary files of a
+    write cut short are noted by the caller, not warned about here.
     """
-    members = group.members(max_depth=None)
-    return {path: node for path, node in sorted(members) if isinstance(node, zarr.Array)}
+    return {path: node for path, node in sorted(_members(group, max_depth=None)) if isinstance(node, zarr.Array)}
+
+
+def _members(group: zarr.Group, **kw) -> list:
+    """``group.members(**kw)``, quiet about the temporary files of writes cut short."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
+        return list(group.members(**kw))

@@ -1,0 +1,106 @@
+"""The write session: the one way a command writes to a store.
+
+``with WriteSession(url) as gs:`` takes the store's lock (keyed on its
+canonical location), opens the store, finishes what a writer killed midway
+left (:func:`repair`), and on the way out stamps the store as consistent
+(``touch``) when the body ended without an error or was stopped by a signal.
+A body that fails leaves the structure flag as it is, so the next session
+repairs again. Drivers never take the lock or stamp the store themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+
+import numpy as np
+import zarr
+
+from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.chunks import resize_all
+from gramlin_analyze.store.core import GramlinStore
+from gramlin_analyze.store.lock import StoreLock
+from gramlin_analyze.store.metrics import repair_metrics
+
+__all__ = ["WriteSession", "repair"]
+
+
+class WriteSession:
+    """Context manager owning a writer's whole protocol; yields the :class:`GramlinStore`.
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL of the store.
+    storage_options
+        Passed to fsspec for remote stores.
+    break_lock
+        Remove a remote lock left by a writer that died (``--break-lock``).
+    source
+        What a new store is made from (its root attributes): a store is
+        created only when this is given.
+    """
+
+    def __init__(
+        self, url: str | os.PathLike, *, storage_options: dict | None = None, break_lock: bool = False,
+        source: str | None = None,
+    ):
+        self.url = str(url)
+        self.storage_options = storage_options
+        self.source = source
+        self._lock = StoreLock(self.url, storage_options=storage_options, break_lock=break_lock)
+        self.store: GramlinStore | None = None
+
+    def __enter__(self) -> GramlinStore:
+        self._lock.acquire()
+        try:
+            self.store = GramlinStore(self.url, mode="a", storage_options=self.storage_options, source=self.source)
+            if self.store._interrupted:
+                repair(self.store)
+        except BaseException:
+            self._lock.release()
+            raise
+        return self.store
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self.store is not None and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+                if "gramlin_schema_version" in self.store.root.attrs:
+                    self.store.touch()
+        finally:
+            self._lock.release()
+
+
+def repair(gs: GramlinStore) -> None:
+    """Finish a structural change a killed writer left: every step-major array gets the
+    manifest's length again, ``/metrics`` coordinates are rewritten, and the
+    consolidated copy is written anew. A store whose first ingest was killed before
+    any step landed holds nothing to keep: its nodes are removed, and the ingest
+    makes them again."""
+    if not _has_ok_step(gs):
+        for name in (L.STEPS, L.LAYERS, L.PROBE, L.METRICS):
+            if name in gs.root:
+                del gs.root[name]
+        gs._man = None
+    if L.STEPS in gs.root:
+        n = len(gs.steps())
+        arrays = [
+            node for _, node in gs._walk().items()
+            if isinstance(node, zarr.Array) and (node.metadata.dimension_names or ())[:1] == ("step",)
+        ]
+        resize_all([(a, (n, *a.shape[1:])) for a in arrays if a.shape[0] != n])
+        repair_metrics(gs)
+    gs.consolidate()
+    gs._interrupted = False
+
+
+def _has_ok_step(gs: GramlinStore) -> bool:
+    """Whether the manifest is whole and holds an ``ok`` row."""
+    if L.STEPS not in gs.root:
+        return False
+    present = {k for k, _ in gs.root[L.STEPS].arrays()}
+    if not {"step", *L.MANIFEST} <= present:
+        return False
+    return bool(np.any(gs.manifest()["status"] == "ok"))
