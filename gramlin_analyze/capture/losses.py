@@ -28,13 +28,18 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gramlin_analyze.errors import ModelError, ProbeError, UsageError
 
-__all__ = ["LossFunction", "resolve_loss", "BUILTIN_LOSSES", "REDUCTIONS"]
+if TYPE_CHECKING:
+    from gramlin_analyze.capture.probe import ProbeSet
+
+__all__ = ["LossFunction", "resolve_loss", "check_loss", "BUILTIN_LOSSES", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -233,3 +238,69 @@ def resolve_loss(name: str, *, reduction: str = "mean") -> LossFunction:
             ) from err
 
     return LossFunction(name=name, reduction=reduction, elementwise=elementwise)
+
+
+def _bounding_samples(probe: ProbeSet) -> list[int]:
+    """The first sample, and the one holding the largest label: enough to check labels against outputs."""
+    rows = [0]
+    if probe.labels is not None and probe.labels.size:
+        per_sample = probe.labels.reshape(probe.n_samples, -1).max(axis=1)
+        top = int(np.argmax(per_sample))
+        if top:
+            rows.append(top)
+    return rows
+
+
+def check_loss(loss: LossFunction, model: torch.nn.Module, probe: ProbeSet) -> None:
+    """Run ``loss`` once through ``model`` on the probe samples that bound its labels.
+
+    Labels beyond the model's outputs, targets of another shape, or a custom
+    loss that does not follow the convention fail here, once, before a store
+    records the capture setup (instead of failing every checkpoint later).
+
+    Raises
+    ------
+    ProbeError
+        The probe's labels or targets do not fit the model's outputs (the
+        message names the probe file).
+    ModelError
+        The model does not return a tensor, or the loss fails otherwise.
+    """
+    rows = _bounding_samples(probe)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.from_numpy(np.ascontiguousarray(probe.inputs[rows]))
+    x = x.to(dtype) if x.is_floating_point() else x.long()
+    if probe.labels is not None:
+        y = torch.from_numpy(np.ascontiguousarray(probe.labels[rows])).long()
+    else:
+        y = torch.from_numpy(np.ascontiguousarray(probe.targets[rows])).to(dtype)
+    where = f"probe file {str(probe.path)!r}" if probe.path is not None else "the probe set"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                out = model(x)
+            except RuntimeError as err:
+                raise ProbeError(
+                    f"{where}: the model rejected inputs of shape {tuple(x.shape)}: {str(err).splitlines()[0]}"
+                ) from err
+            if not isinstance(out, torch.Tensor):
+                raise ModelError(
+                    f"model returned a {type(out).__name__}; capture needs a tensor of outputs "
+                    "(wrap the model so that forward returns the logits)"
+                )
+            try:
+                loss(out, y)
+            except ProbeError as err:
+                raise ProbeError(f"{where}: {err}") from err
+            except (ModelError, UsageError):
+                raise
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise ModelError(
+                    f"loss {loss.name!r} failed on outputs {tuple(out.shape)} and {where}'s "
+                    f"{'labels' if probe.labels is not None else 'targets'} {tuple(y.shape)}: "
+                    f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                ) from err
+    finally:
+        model.train(was_training)

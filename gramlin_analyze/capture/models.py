@@ -39,6 +39,7 @@ from gramlin_analyze.io.names import common_wrapper_prefix, split_param_name
 
 __all__ = [
     "ACTIVATIONS",
+    "check_factory",
     "StateDictDiff",
     "RebuiltMLP",
     "load_factory",
@@ -116,6 +117,25 @@ def _takes_one_argument(fn: Any) -> bool:
     return bool(params)
 
 
+def check_factory(spec: str) -> Any:
+    """Import a model factory without calling it, and return it.
+
+    A wrong module path, file or name fails here, before anything is stored.
+
+    Raises
+    ------
+    ModelError
+        If the import fails or the attribute is missing or not callable.
+    """
+    factory = _import_target(spec)
+    if not callable(factory):
+        raise ModelError(
+            f"model factory {spec!r} is a {type(factory).__name__}, not a callable; "
+            "name a function or class that returns a torch.nn.Module"
+        )
+    return factory
+
+
 def load_factory(spec: str, config: Mapping[str, Any] | None = None) -> nn.Module:
     """Import a model factory and call it.
 
@@ -139,12 +159,7 @@ def load_factory(spec: str, config: Mapping[str, Any] | None = None) -> nn.Modul
         If the import fails, the attribute is missing or not callable, the
         factory raises, or it returns something other than a ``torch.nn.Module``.
     """
-    factory = _import_target(spec)
-    if not callable(factory):
-        raise ModelError(
-            f"model factory {spec!r} is a {type(factory).__name__}, not a callable; "
-            "name a function or class that returns a torch.nn.Module"
-        )
+    factory = check_factory(spec)
     try:
         model = factory(dict(config or {})) if _takes_one_argument(factory) else factory()
     except Exception as err:
