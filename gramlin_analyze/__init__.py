@@ -4,24 +4,71 @@
 >>> tree = ga.open("digits.zarr")            # doctest: +SKIP
 >>> tree["metrics"]["target_linearity"]       # doctest: +SKIP
 
-Importing the package registers the ``gramlin`` xarray accessor
-(``da.gramlin.gram()``, ``ds.gramlin.target_linearity(...)``).
+Importing the package makes the ``gramlin`` xarray accessor available
+(``da.gramlin.gram()``, ``ds.gramlin.target_linearity(...)``): at once when
+xarray is already imported, else as soon as xarray is.
+
+The package imports nothing heavy itself: its public names are loaded on
+first use (PEP 562), so the command line starts without xarray, Dask or
+torch, and each command imports only what it needs.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import types
 
-from gramlin_analyze import reducers  # registers the xarray accessor
 from gramlin_analyze._version import __version__
-from gramlin_analyze.analysis import analyze
-from gramlin_analyze.ingest import ingest
-from gramlin_analyze.io.discovery import scan
 
 __all__ = ["__version__", "open", "ingest", "analyze", "scan", "reducers"]
 
+# public name -> (module, attribute; None for the module itself)
+_LAZY = {
+    "ingest": ("gramlin_analyze.ingest", "ingest"),
+    "analyze": ("gramlin_analyze.analysis", "analyze"),
+    "scan": ("gramlin_analyze.io.discovery", "scan"),
+    "reducers": ("gramlin_analyze.reducers", None),
+}
 
-def open(path: str | os.PathLike, *, storage_options: dict | None = None, chunks: dict | None = None):  # noqa: A001
+
+def __getattr__(name: str):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    import importlib
+
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: ``gramlin_analyze.ingest`` stays the function.
+
+    Importing the submodule ``gramlin_analyze.ingest`` makes the import system
+    bind the module as the package's ``ingest`` attribute; the public name is
+    the function of that module, as it was when the package imported it eagerly.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "ingest" and isinstance(value, types.ModuleType) and hasattr(value, "ingest"):
+            value = value.ingest
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def open(
+    path: str | os.PathLike, *, storage_options: dict | None = None, chunks: dict | None = None
+):  # noqa: A001
     """Open a store as a lazy, Dask-backed :class:`xarray.DataTree`.
 
     Nothing is read until computed; ``/steps.status`` says which steps are
@@ -44,5 +91,64 @@ def open(path: str | os.PathLike, *, storage_options: dict | None = None, chunks
     """
     import xarray as xr
 
+    import gramlin_analyze.reducers.accessor  # noqa: F401  (the accessor, whatever imported xarray)
+
     kwargs = {"storage_options": storage_options} if storage_options else {}
-    return xr.open_datatree(str(path), engine="zarr", chunks={} if chunks is None else chunks, **kwargs)
+    return xr.open_datatree(
+        str(path), engine="zarr", chunks={} if chunks is None else chunks, **kwargs
+    )
+
+
+# -- the accessor: registered with xarray, without importing xarray here --------------
+
+
+def _register_accessor() -> None:
+    try:
+        import gramlin_analyze.reducers.accessor  # noqa: F401  (registers .gramlin)
+    except Exception:  # noqa: BLE001 - never break the user's import of xarray; reducers says why on use
+        pass
+
+
+class _AccessorOnXarrayImport:
+    """A one-shot import hook: once xarray has been imported, register the accessor.
+
+    It wraps only the ``exec_module`` of xarray's own loader (the loader and the
+    spec stay xarray's), and removes itself at xarray's first import.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "xarray":
+            return None
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            return None
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("xarray")
+        except (ImportError, ValueError):
+            return None
+        loader = getattr(spec, "loader", None) if spec is not None else None
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_register(module) -> None:
+            try:
+                exec_module(module)
+            finally:
+                try:
+                    del loader.exec_module  # back to the loader's own method
+                except AttributeError:
+                    pass
+            _register_accessor()
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+if "xarray" in sys.modules:
+    _register_accessor()
+elif not any(isinstance(f, _AccessorOnXarrayImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AccessorOnXarrayImport())

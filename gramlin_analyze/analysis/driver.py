@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gramlin_analyze._dask import kernel_threads, make_runner
+from gramlin_analyze._dask import kernel_threads, make_runner, stop_requested
 from gramlin_analyze.analysis.metrics import FAMILIES, METRIC_DOCS, resolve_families
 from gramlin_analyze.analysis.task import (
     _norms,
@@ -36,18 +36,22 @@ from gramlin_analyze.analysis.task import (
 from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
-from gramlin_analyze.store import layout as L
 from gramlin_analyze.store import (
+    INPUTS,
     GramlinStore,
+    MatrixSpec,
+    MetricsSpec,
+    WriteSession,
+    declare_metrics,
     read_all,
     read_step,
     share_with_tasks,
     write_all,
 )
+from gramlin_analyze.store import layout as L
 
 __all__ = ["analyze", "AnalyzeReport"]
 
-INPUTS = "_inputs"
 
 
 @dataclass
@@ -153,98 +157,32 @@ def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str,
     return out
 
 
-def _metrics_missing(gs: GramlinStore, layers: list[str], families: list[str]) -> bool:
-    """Whether any /metrics node these layers and families write is missing (lookups only)."""
-    root = gs.view
-    if L.METRICS not in root:
-        return True
-    m = root[L.METRICS]
-    if INPUTS not in m:
-        return True
-    have = {k for k, _ in m.members()}
-    inputs = {k for k, _ in m[INPUTS].members()}
-    for fam in families:
-        f = FAMILIES[fam]
-        if any(name not in have for name in f.scalars + f.phase2_scalars):
-            return True
-        keys = (fam, fam + "_phase2") if (f.phase2_scalars or f.phase2_matrices) else (fam,)
-        if any(k not in inputs for k in keys):
-            return True
-        for layer in layers:
-            if layer not in have:
-                return True
-            mats = {k for k, _ in m[layer].members()}
-            if any(name not in mats for name in f.matrices + f.phase2_matrices):
-                return True
-    return False
-
-
-def _ensure_metrics(gs: GramlinStore, layers: list[str], families: list[str], spectrum_k: dict) -> None:
-    """Declare /metrics arrays that are missing (structure only: the consolidated
-    copy is marked stale before each creation and rewritten once, by the caller)."""
-    if not _metrics_missing(gs, layers, families):
-        return
-    root = gs.root
-    n = root[L.STEPS]["step"].shape[0]
-    all_layers = gs.layer_names()
-    if L.METRICS not in root:
-        gs.structure_changed()
-        m = root.create_group(L.METRICS)
-        m.attrs.update(
-            {
-                "description": "per-(step, layer) measurements; definitions in docs/metrics.md of gramlin-analyze",
-                "vcs_accumulated_note": (
-                    "vcs_accumulated is an estimate: the trapezoid rule over checkpoint intervals "
-                    "of the probe-set VCS, standing in for the sum over every training batch"
-                ),
-            }
-        )
-        m.create_array("step", **L.step_coord_spec(gs.steps()))
-        lay = m.create_array("layer", shape=(len(all_layers),), dtype=str, chunks=(len(all_layers),), dimension_names=["layer"])
-        lay[:] = np.asarray(all_layers, dtype=object)
-        lay.attrs.update({"long_name": "layer name"})
-        m.create_group(INPUTS).attrs.update({"description": "provenance hash of each (step, layer) result's inputs"})
-    m = root[L.METRICS]
-    nl = m["layer"].shape[0]
+def _metrics_spec(gs: GramlinStore, layers: list[str], families: list[str], spectrum_k: dict) -> MetricsSpec:
+    """What these families write for these layers (the store lays it out)."""
+    scalars: dict[str, dict[str, Any]] = {}
+    inputs: list[str] = []
+    matrices: dict[str, dict[str, MatrixSpec]] = {layer: {} for layer in layers}
     for fam in families:
         f = FAMILIES[fam]
         for name in f.scalars + f.phase2_scalars:
-            if name not in m:
-                gs.structure_changed()
-                a = m.create_array(name, shape=(n, nl), dtype="float64", chunks=(L.MANIFEST_CHUNK, nl),
-                                   dimension_names=["step", "layer"], fill_value=np.nan)
-                a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam})
-        for key in (fam, fam + "_phase2") if (f.phase2_scalars or f.phase2_matrices) else (fam,):
-            if key not in m[INPUTS]:
-                gs.structure_changed()
-                m[INPUTS].create_array(key, shape=(n, nl), dtype=str, chunks=(L.MANIFEST_CHUNK, nl),
-                                       dimension_names=["step", "layer"])
+            scalars[name] = {"long_name": METRIC_DOCS[name], "family": fam}
+        inputs += [fam, fam + "_phase2"] if (f.phase2_scalars or f.phase2_matrices) else [fam]
         for layer in layers:
-            if layer not in m:
-                gs.structure_changed()
-                lg = m.create_group(layer)
-                lg.create_array("step", **L.step_coord_spec(gs.steps()))
-            lg = m[layer]
-            d = gs.layer(layer)["weight"].shape[2]
+            weight = gs.layer(layer)["weight"]
+            d = weight.shape[2]
             for name in f.matrices + f.phase2_matrices:
-                if name in lg:
-                    continue
-                gs.structure_changed()
                 if name == "spectrum":
-                    shape, dims = (n, spectrum_k[layer]), ["step", "k"]
+                    shape, dims = (spectrum_k[layer],), ("k",)
                 else:
-                    shape, dims = (n, d, d), ["step", "in_i", "in_j"]
+                    shape, dims = (d, d), ("in_i", "in_j")
                 # The Gram is stored in its weight's dtype: computed in float64, but
                 # its precision is that of W, and float64 doubled the bytes written
                 # (the cost of --metrics gram). VC/VCS are sums over samples and
                 # steps and stay float64.
-                dtype = (
-                    np.promote_types(gs.layer(layer)["weight"].dtype, np.float32) if name == "gram" else np.dtype("float64")
-                )
-                a = lg.create_array(name, shape=shape, dtype=dtype, chunks=L.matrix_chunks(shape, dtype.itemsize),
-                                    dimension_names=dims, fill_value=np.nan, compressors=None,
-                                    chunk_key_encoding=L.STEP_CHUNK_KEYS)
-                a.attrs.update({"long_name": METRIC_DOCS[name], "family": fam, "computed_in": "float64"})
+                dtype = np.promote_types(weight.dtype, np.float32) if name == "gram" else np.dtype("float64")
+                attrs = {"long_name": METRIC_DOCS[name], "family": fam, "computed_in": "float64"}
+                matrices[layer][name] = MatrixSpec(shape, dims, np.dtype(dtype), attrs)
+    return MetricsSpec(scalars=scalars, inputs=tuple(inputs), matrices=matrices)
 
 
 def analyze(
@@ -295,9 +233,8 @@ def analyze(
     url = str(store)
     requested = resolve_families(metrics)
     GramlinStore(url, mode="r", storage_options=storage_options)  # a mistyped path is an error, not a new store
-    gs = GramlinStore(url, mode="a", storage_options=storage_options)
     report = AnalyzeReport(store=url)
-    with gs.lock(break_lock=break_lock):
+    with WriteSession(url, storage_options=storage_options, break_lock=break_lock) as gs:
         all_layers = gs.layer_names()
         chosen = select_layers(all_layers, layers, None)
         if layers and not chosen:
@@ -332,7 +269,7 @@ def analyze(
             report.seconds = time.perf_counter() - t0
             return report
         spectrum_k = {n: int(min(gs.layer(n)["weight"].shape[1:])) for n in chosen}
-        _ensure_metrics(gs, chosen, families, spectrum_k)
+        declare_metrics(gs, _metrics_spec(gs, chosen, families, spectrum_k))
         gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
         m = gs.view[L.METRICS]
         run_token = uuid.uuid4().hex
@@ -478,10 +415,6 @@ def analyze(
             wait_futures(phase2)
             release_scratch()  # dropped after a while unless another run starts
             buf.flush()  # what finished is kept even when a task or a phase 2 failed
-        # The structure was consolidated before the tasks started; tasks and the
-        # manifest write chunk data only, so the consolidated copy is current and
-        # touch() keeps it (one metadata write instead of re-reading every node).
-        gs.touch()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -543,6 +476,8 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
         if fam == "gram":
             spare = bufs[1]
         for i in ok[pos:]:
+            if stop_requested():  # a stop (SIGINT/SIGTERM): the steps done so far are recorded
+                return
             if fam == "gram":
                 # Grams as stored (float32 for float32 weights), differences and
                 # sums of squares in float64.

@@ -24,7 +24,6 @@ import importlib.util
 import inspect
 import re
 import sys
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from gramlin_analyze.errors import ModelError, UnsafeCheckpointError
+from gramlin_analyze.errors import ModelError
 from gramlin_analyze.io.names import common_wrapper_prefix, split_param_name
+from gramlin_analyze.io.torchscript import load_torchscript  # the one place TorchScript is loaded
 
 __all__ = [
     "ACTIVATIONS",
@@ -282,56 +282,6 @@ def load_state_dict_strict(
     }
     model.load_state_dict(remapped, strict=False)
     return diff
-
-
-def load_torchscript(path: str | Path, *, allow_code: bool = False) -> torch.jit.ScriptModule:
-    """Load a TorchScript archive on the CPU.
-
-    TorchScript archives contain code (the compiled ``forward`` and every
-    method) that runs when the model runs. Loading one is therefore the
-    user's explicit choice: ``allow_code=True`` (on the CLI a loudly named
-    flag). Only archives from a trusted source should be loaded.
-
-    Parameters
-    ----------
-    path : str or pathlib.Path
-        The ``torch.jit.save`` archive.
-    allow_code : bool, default False
-        Must be True; the default refuses.
-
-    Returns
-    -------
-    torch.jit.ScriptModule
-        The module, in eval mode. Capture runs it through its inlined graph
-        (hooks are not available on script modules).
-
-    Raises
-    ------
-    UnsafeCheckpointError
-        Without ``allow_code=True``.
-    ModelError
-        If the file is missing or not a TorchScript archive.
-    """
-    path = Path(path)
-    if not allow_code:
-        raise UnsafeCheckpointError(
-            f"TorchScript archive {str(path)!r} contains code that runs with the model; "
-            "load it only if you trust its source, by passing allow_code=True "
-            "(CLI: --allow-torchscript-code)"
-        )
-    if not path.is_file():
-        raise ModelError(f"TorchScript archive {str(path)!r} does not exist")
-    try:
-        with warnings.catch_warnings():
-            # torch 2.9+ deprecates TorchScript; the user chose this source explicitly.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
-            module = torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError, OSError) as err:
-        raise ModelError(
-            f"{str(path)!r} is not a loadable TorchScript archive ({err}); "
-            "save the model with torch.jit.save(torch.jit.script(model), path)"
-        ) from err
-    return module.eval()
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -10,12 +10,14 @@ without unpickling anything.
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gramlin_analyze.errors import CheckpointFormatError, UnsafeCheckpointError
+from gramlin_analyze.errors import CheckpointFormatError, ModelError, UnsafeCheckpointError
 from gramlin_analyze.io.base import (
     CheckpointHandle,
     CheckpointMeta,
@@ -24,7 +26,10 @@ from gramlin_analyze.io.base import (
     to_numpy,
 )
 
-__all__ = ["TorchScriptReader", "is_torchscript_archive"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TorchScriptReader", "is_torchscript_archive", "load_torchscript"]
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
@@ -76,9 +81,6 @@ class TorchScriptReader(CheckpointReader):
 
     def load(self, path: str | os.PathLike):
         """The archive as a ``torch.jit.ScriptModule`` (runs its code: opt-in only)."""
-        from gramlin_analyze.capture.models import load_torchscript
-        from gramlin_analyze.errors import ModelError
-
         if not self.allow_code:
             raise UnsafeCheckpointError(
                 f"{path}: a TorchScript archive contains code that runs with the model; it is read "
@@ -88,3 +90,55 @@ class TorchScriptReader(CheckpointReader):
             return load_torchscript(path, allow_code=True)
         except ModelError as err:
             raise CheckpointFormatError(f"{path}: {err}") from err
+
+
+def load_torchscript(path: str | Path, *, allow_code: bool = False) -> torch.jit.ScriptModule:
+    """Load a TorchScript archive on the CPU.
+
+    TorchScript archives contain code (the compiled ``forward`` and every
+    method) that runs when the model runs. Loading one is therefore the
+    user's explicit choice: ``allow_code=True`` (on the CLI a loudly named
+    flag). Only archives from a trusted source should be loaded.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The ``torch.jit.save`` archive.
+    allow_code : bool, default False
+        Must be True; the default refuses.
+
+    Returns
+    -------
+    torch.jit.ScriptModule
+        The module, in eval mode. Capture runs it through its inlined graph
+        (hooks are not available on script modules).
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        Without ``allow_code=True``.
+    ModelError
+        If the file is missing or not a TorchScript archive.
+    """
+    import torch
+
+    path = Path(path)
+    if not allow_code:
+        raise UnsafeCheckpointError(
+            f"TorchScript archive {str(path)!r} contains code that runs with the model; "
+            "load it only if you trust its source, by passing allow_code=True "
+            "(CLI: --allow-torchscript-code)"
+        )
+    if not path.is_file():
+        raise ModelError(f"TorchScript archive {str(path)!r} does not exist")
+    try:
+        with warnings.catch_warnings():
+            # torch 2.9+ deprecates TorchScript; the user chose this source explicitly.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+            module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as err:
+        raise ModelError(
+            f"{str(path)!r} is not a loadable TorchScript archive ({err}); "
+            "save the model with torch.jit.save(torch.jit.script(model), path)"
+        ) from err
+    return module.eval()

@@ -3,10 +3,14 @@
 Each module holds one measurement: a NumPy kernel (``*_np``, batched over
 leading axes, reduced axes last) and an xarray wrapper that works on NumPy-
 and Dask-backed DataArrays. Importing this package registers the
-``.gramlin`` accessor on DataArrays and Datasets.
+``.gramlin`` accessor on DataArrays and Datasets (once xarray is imported:
+the NumPy kernels import neither xarray nor Dask).
 """
 
-from gramlin_analyze.reducers import accessor as _accessor  # noqa: F401  (registers .gramlin)
+import sys as _sys
+
+if "xarray" in _sys.modules:  # else gramlin_analyze registers it when xarray is imported
+    from gramlin_analyze.reducers import accessor as _accessor  # noqa: F401  (registers .gramlin)
 from gramlin_analyze.reducers._common import nonfinite, one_hot_np
 from gramlin_analyze.reducers.agop import (
     agop,

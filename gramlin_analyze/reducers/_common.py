@@ -16,17 +16,35 @@ entry such as one step, the whole matrix or scalar of that entry).
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
-try:
+
+class _OnFirstUse:
+    """A module imported at its first attribute lookup: the NumPy kernels
+    (what ``analyze`` runs) then import neither xarray nor Dask."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+if TYPE_CHECKING:
     import dask.array as dask_array
-except ImportError:  # pragma: no cover - dask is a hard dependency of the package
-    dask_array = None
+    import xarray as xr
+else:
+    xr = _OnFirstUse("xarray")
+    dask_array = _OnFirstUse("dask.array")
 
 __all__ = ["nonfinite", "one_hot_np"]
 
@@ -163,8 +181,11 @@ def pinvh(a: FloatArray, *, rtol: float | None = None) -> FloatArray:
 
 
 def is_dask(x: Any) -> bool:
+    da = sys.modules.get("dask.array")  # a Dask array exists only once dask.array is imported
+    if da is None:
+        return False
     data = x.data if isinstance(x, xr.DataArray) else x
-    return dask_array is not None and isinstance(data, dask_array.Array)
+    return isinstance(data, da.Array)
 
 
 def require_dims(da: xr.DataArray, dims: Sequence[Hashable], what: str) -> None:

@@ -13,7 +13,6 @@ from collections.abc import Hashable
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     FloatArray,
@@ -27,6 +26,7 @@ from gramlin_analyze.reducers._common import (
     require_dims,
     stream_sum,
     sym,
+    xr,
 )
 from gramlin_analyze.reducers.alignment import Mode, pearson_np
 from gramlin_analyze.reducers.gram import gram_np

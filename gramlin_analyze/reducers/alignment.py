@@ -16,7 +16,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     FloatArray,
@@ -25,6 +24,7 @@ from gramlin_analyze.reducers._common import (
     mask_nonfinite,
     quiet,
     require_dims,
+    xr,
 )
 from gramlin_analyze.reducers.vc import _step_pairs, interval_vcs
 

@@ -18,7 +18,6 @@ from collections.abc import Hashable, Mapping
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     STAT_DIM,
@@ -35,6 +34,7 @@ from gramlin_analyze.reducers._common import (
     stream_sum,
     sym,
     unpack,
+    xr,
 )
 
 __all__ = ["cka_stats_np", "linear_cka_from_stats_np", "linear_cka_np", "linear_cka"]

@@ -26,7 +26,6 @@ from collections.abc import Hashable, Mapping
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     STAT_DIM,
@@ -46,6 +45,7 @@ from gramlin_analyze.reducers._common import (
     stream_sum,
     sym,
     unpack,
+    xr,
 )
 
 __all__ = [

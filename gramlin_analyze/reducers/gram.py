@@ -12,7 +12,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     FloatArray,
@@ -24,6 +23,7 @@ from gramlin_analyze.reducers._common import (
     require_dims,
     stream_sum,
     sym,
+    xr,
 )
 
 __all__ = ["gram_np", "gram", "gram_change"]

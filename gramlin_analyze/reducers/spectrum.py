@@ -11,7 +11,6 @@ from collections.abc import Hashable
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     FloatArray,
@@ -23,6 +22,7 @@ from gramlin_analyze.reducers._common import (
     quiet,
     require_dims,
     sanitize,
+    xr,
 )
 from gramlin_analyze.reducers.gram import gram_np
 

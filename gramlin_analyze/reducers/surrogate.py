@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 import numpy as np
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     STAT_DIM,
@@ -22,6 +21,7 @@ from gramlin_analyze.reducers._common import (
     quiet,
     require_dims,
     unpack,
+    xr,
 )
 from gramlin_analyze.reducers.target_linearity import streamed_tl_stats
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     EPS,
@@ -44,6 +43,7 @@ from gramlin_analyze.reducers._common import (
     stream_sum,
     sym,
     unpack,
+    xr,
 )
 
 __all__ = [

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import xarray as xr
 
 from gramlin_analyze.reducers._common import (
     FloatArray,
@@ -35,6 +34,7 @@ from gramlin_analyze.reducers._common import (
     stream_sum,
     sym,
     unpack,
+    xr,
 )
 from gramlin_analyze.reducers.gram import check_steps
 

@@ -51,9 +51,20 @@ CONSOLIDATED_LOOKUP = "consolidated_lookup"
 CONSOLIDATED_WRITE = "consolidated_write"
 
 
+def _switched_off() -> set[str] | bool:
+    """``GRAMLIN_ZARR_PUBLIC``: ``1`` turns every shortcut off (zarr's public API
+    alone), a comma-separated list of capability names only those (benchmarks)."""
+    value = os.environ.get("GRAMLIN_ZARR_PUBLIC", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return set()
+    if value in ("1", "true", "yes", "on", "all"):
+        return True
+    return {v.strip() for v in value.split(",")}
+
+
 def public_only() -> bool:
     """Whether ``GRAMLIN_ZARR_PUBLIC`` asks for zarr's public API alone."""
-    return os.environ.get("GRAMLIN_ZARR_PUBLIC", "").strip().lower() in ("1", "true", "yes", "on")
+    return _switched_off() is True
 
 
 @functools.cache
@@ -84,8 +95,9 @@ def _probe(name: str) -> bool:
 
 def available(name: str) -> bool:
     """Whether the private path ``name`` may be used: the installed zarr has it and
-    ``GRAMLIN_ZARR_PUBLIC`` does not ask for the public API alone."""
-    return not public_only() and _probe(name)
+    ``GRAMLIN_ZARR_PUBLIC`` does not switch it off."""
+    off = _switched_off()
+    return off is not True and name not in off and _probe(name)
 
 
 # -- small arrays: chunks encoded in the calling thread -----------------------------------

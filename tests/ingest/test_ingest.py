@@ -186,7 +186,7 @@ def test_kill_9_then_resume_gives_identical_arrays(tmp_path):
     expected = write_trajectory(run, list(range(0, 24)))
     store = tmp_path / "s.zarr"
     rng = np.random.default_rng(3)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(run), str(store)], env=env)
         time.sleep(float(rng.uniform(2.0, 6.0)))

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from reader_conformance import ReaderConformance, Written
+from gramlin_analyze.testing import ReaderConformance, Written
 
 from gramlin_analyze.errors import CheckpointFormatError, MissingDependencyError
 from gramlin_analyze.io.registry import get_reader

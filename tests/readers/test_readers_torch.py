@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reader_conformance import ReaderConformance, Written, seeded_arrays
+from gramlin_analyze.testing import ReaderConformance, Written, seeded_arrays
 from safetensors.torch import save_file, save_model
 from torch import nn
 

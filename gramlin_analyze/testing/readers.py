@@ -2,7 +2,17 @@
 
 A reader's test module subclasses :class:`ReaderConformance` and supplies one
 fixture, ``written``, that writes a tiny real checkpoint to ``tmp_path`` with
-the framework's own saving code and returns a :class:`Written`.
+the framework's own saving code and returns a :class:`Written`::
+
+    from gramlin_analyze.testing import ReaderConformance, Written
+
+    class TestMyReader(ReaderConformance):
+        reader_name = "myformat"
+
+        @pytest.fixture
+        def written(self, tmp_path):
+            ...  # save a tiny checkpoint with the framework's own code
+            return Written(path, expected={"fc1.weight": w}, main_file=path)
 """
 
 from __future__ import annotations

@@ -1,0 +1,135 @@
+"""What each shortcut through zarr's internals buys (``store/_zarr_compat.py``).
+
+A private path stays only while it buys at least 20% on a row of the
+performance table. This times the rows where the store's bookkeeping
+dominates, with every shortcut on, with each one switched off
+(``GRAMLIN_ZARR_PUBLIC=<name>``) and with zarr's public API alone
+(``GRAMLIN_ZARR_PUBLIC=1``), in alternating rounds, medians:
+
+- *incremental*: 20 checkpoints stored and analyzed (``--metrics gram``), a
+  21st appears; ``ingest`` + ``analyze`` of it, in process;
+- *incremental CLI*: the same as two ``gramlin-analyze`` processes (start-up
+  included), as users run it;
+- *cold*: ``ingest`` + ``analyze --metrics gram`` of the 20 into a new store.
+
+Prints each mode's time and its ratio to all-shortcuts (> 1: the shortcut helps).
+Run: ``.venv/bin/python benchmarks/zarr_paths.py [--n 20] [--layers 8] [--dim 256] [--repeats 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+MODES = {
+    "all_shortcuts": "",
+    "no_event_loop": "event_loop",
+    "no_sync_codecs": "sync_codecs",
+    "no_consolidated_lookup": "consolidated_lookup",
+    "no_consolidated_write": "consolidated_write",
+    "public_api_only": "1",
+}
+
+IN_PROCESS = r"""
+import json, sys, time
+import gramlin_analyze as ga
+store, run = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+ga.ingest(run, store)
+ga.analyze(store, metrics=["gram"])
+print(json.dumps(time.perf_counter() - t0))
+"""
+
+
+def write_checkpoint(directory: Path, step: int, layers: int, dim: int) -> None:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(step)
+    save_file(
+        {f"layer{i}.weight": rng.standard_normal((dim, dim)).astype(np.float32) for i in range(layers)},
+        str(directory / f"step_{step:06d}.safetensors"),
+    )
+
+
+def _env(mode: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "GRAMLIN_ZARR_PUBLIC"}
+    if MODES[mode]:
+        env["GRAMLIN_ZARR_PUBLIC"] = MODES[mode]
+    return env
+
+
+def _cli(args: list[str], mode: str) -> None:
+    subprocess.run([sys.executable, "-m", "gramlin_analyze", *args, "--quiet"], cwd=REPO, env=_env(mode), check=True)
+
+
+def one_round(work: Path, run: Path, n: int, layers: int, dim: int, mode: str) -> dict[str, float]:
+    """Cold, incremental (in process) and incremental CLI times for one mode."""
+    store = work / f"{mode}.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    last = run / f"step_{n:06d}.safetensors"
+    last.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    _cli(["ingest", str(run), "--store", str(store)], mode)
+    _cli(["analyze", str(store), "--metrics", "gram"], mode)
+    cold = time.perf_counter() - t0
+    write_checkpoint(run, n, layers, dim)
+    out = subprocess.run([sys.executable, "-c", IN_PROCESS, str(store), str(run)], cwd=REPO, env=_env(mode),
+                         check=True, capture_output=True, text=True)
+    # the in-process figure excludes the interpreter's start and imports
+    incremental = json.loads(out.stdout.strip().splitlines()[-1])
+    write_checkpoint(run, n + 1, layers, dim)
+    t0 = time.perf_counter()
+    _cli(["ingest", str(run), "--store", str(store)], mode)
+    _cli(["analyze", str(store), "--metrics", "gram"], mode)
+    incremental_cli = time.perf_counter() - t0
+    (run / f"step_{n + 1:06d}.safetensors").unlink()
+    last.unlink()
+    shutil.rmtree(store)
+    return {"cold_cli_s": cold, "incremental_s": incremental, "incremental_cli_s": incremental_cli}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=20)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--work", default=str(HERE / "_work" / "zarr_paths"))
+    args = p.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    run = work / "run"
+    run.mkdir(parents=True)
+    for step in range(args.n):
+        write_checkpoint(run, step, args.layers, args.dim)
+    modes = args.modes.split(",")
+    times: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    for _ in range(args.repeats):
+        for mode in modes:  # alternating: each round runs every mode once
+            for row, t in one_round(work, run, args.n, args.layers, args.dim, mode).items():
+                times[mode].setdefault(row, []).append(t)
+    med = {m: {row: statistics.median(ts) for row, ts in rows.items()} for m, rows in times.items()}
+    base = med["all_shortcuts"]
+    print(f"{'mode':26s} " + " ".join(f"{row:>20s}" for row in base))
+    for mode in modes:
+        cells = " ".join(f"{med[mode][row]:8.3f}s ({med[mode][row] / base[row]:5.2f}x)" for row in base)
+        print(f"{mode:26s} {cells}")
+    print(json.dumps({"medians": med, "all": times}))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
