@@ -14,6 +14,7 @@ from gramlin_analyze.errors import CheckpointFormatError, GramlinError, ShapeMis
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store import put_step, writable
+from gramlin_analyze.store.faults import is_store_fault
 
 __all__ = ["ingest_one", "count_nonfinite", "error_message"]
 
@@ -108,6 +109,8 @@ def ingest_one(
             optimizer=meta.optimizer or "",
         )
     except (GramlinError, OSError, KeyError, ValueError, RuntimeError, EOFError) as err:
+        if is_store_fault(err, store_url):  # not the checkpoint's fault: the run stops
+            raise
         result["error"] = error_message(err, path)
     return result
 

@@ -18,6 +18,7 @@ __all__ = [
     "ShapeMismatchError",
     "StoreError",
     "StoreLockedError",
+    "StoreUnavailableError",
     "SchemaValidationError",
     "ProbeError",
     "ModelError",
@@ -59,6 +60,11 @@ class StoreError(GramlinError, OSError):
 
 class StoreLockedError(StoreError):
     """Another process is writing to the store."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be used: its disk is full or read-only, permission is
+    denied, or its remote endpoint cannot be reached."""
 
 
 class SchemaValidationError(StoreError):

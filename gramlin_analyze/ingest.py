@@ -40,6 +40,7 @@ from gramlin_analyze.store import (
     write_probe,
 )
 from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.faults import StoreUnavailableError, is_store_fault
 from gramlin_analyze.store.location import is_remote
 from gramlin_analyze.store.provenance import describe_run, holds_run_from, source_of
 
@@ -263,6 +264,8 @@ def ingest(
                     keep.append((res, fut))
                     continue
                 err = fut.exception()
+                if err is not None and is_store_fault(err, store):
+                    raise err
                 if err is not None and res["status"] == "ok":
                     res = {**res, "status": "failed", "error": error_message(err, by_index[res["index"]].path)}
                 record(res)
@@ -344,6 +347,8 @@ def _is_store(store: str, storage_options: dict | None) -> bool:
     """Whether a gramlin store is at ``store`` already."""
     try:
         GramlinStore(store, mode="r", storage_options=storage_options)
+    except StoreUnavailableError:
+        raise
     except StoreError:
         return False
     return True

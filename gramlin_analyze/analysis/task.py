@@ -35,8 +35,8 @@ from gramlin_analyze.reducers import (
 from gramlin_analyze.reducers._common import pack
 from gramlin_analyze.reducers.surrogate import _surrogate_np
 from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
-from gramlin_analyze.store import layout as L
 from gramlin_analyze.store import aligned_empty, put_step, read_step, task_node
+from gramlin_analyze.store import layout as L
 
 __all__ = ["layer_step_task", "hold_scratch", "release_scratch"]
 

@@ -92,6 +92,12 @@ class GramlinStore:
                 f"{self.url}: not a gramlin store (no Zarr group there); create one with "
                 "`gramlin-analyze ingest DIR --store " + self.url + "`"
             ) from err
+        except Exception as err:
+            from gramlin_analyze.store.faults import as_store_error, is_store_fault
+
+            if is_store_fault(err, self.url):
+                raise as_store_error(err, self.url) from err
+            raise
         self._check_owner()
         # The last writer stopped midway through a structural change (only
         # writers since 0.2.0 clear the flag, and they set it only while changing the structure).

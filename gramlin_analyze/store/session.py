@@ -19,6 +19,7 @@ import zarr
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.chunks import resize_all
 from gramlin_analyze.store.core import GramlinStore
+from gramlin_analyze.store.faults import StoreUnavailableError, as_store_error, is_store_fault
 from gramlin_analyze.store.lock import StoreLock
 from gramlin_analyze.store.metrics import repair_metrics
 
@@ -52,13 +53,20 @@ class WriteSession:
         self.store: GramlinStore | None = None
 
     def __enter__(self) -> GramlinStore:
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except Exception as err:
+            if is_store_fault(err, self.url):
+                raise as_store_error(err, self.url) from err
+            raise
         try:
             self.store = GramlinStore(self.url, mode="a", storage_options=self.storage_options, source=self.source)
             if self.store._interrupted:
                 repair(self.store)
-        except BaseException:
+        except BaseException as err:
             self._lock.release()
+            if is_store_fault(err, self.url):
+                raise as_store_error(err, self.url) from err
             raise
         return self.store
 
@@ -71,6 +79,8 @@ class WriteSession:
                     self.store.touch()
         finally:
             self._lock.release()
+        if exc is not None and not isinstance(exc, StoreUnavailableError) and is_store_fault(exc, self.url):
+            raise as_store_error(exc, self.url) from exc
 
 
 def repair(gs: GramlinStore) -> None:

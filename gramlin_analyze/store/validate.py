@@ -15,6 +15,7 @@ from gramlin_analyze.schemas import load_schema
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.consolidated import CONSOLIDATED_ATTR
 from gramlin_analyze.store.core import GramlinStore
+from gramlin_analyze.store.faults import StoreUnavailableError
 
 __all__ = ["validate_store", "describe_group"]
 
@@ -79,6 +80,8 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
     problems: list[str] = []
     try:
         gs = GramlinStore(url, mode="r", storage_options=storage_options)
+    except StoreUnavailableError:  # not a verdict on the store: the command fails (exit 2)
+        raise
     except Exception as err:  # noqa: BLE001 - report any failure to open as a problem
         return [str(err)]
     root = gs.root

@@ -11,7 +11,7 @@ import pytest
 
 from gramlin_analyze.schemas import load_schema, schema_dir
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_schemas_load():
