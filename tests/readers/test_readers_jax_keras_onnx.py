@@ -14,10 +14,10 @@ import sys
 
 import numpy as np
 import pytest
-from gramlin_analyze.testing import ReaderConformance, Written
 
 from gramlin_analyze.errors import CheckpointFormatError, MissingDependencyError
 from gramlin_analyze.io.registry import get_reader
+from gramlin_analyze.testing import ReaderConformance, Written
 
 
 def _has(*modules: str) -> bool:

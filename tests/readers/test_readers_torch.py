@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gramlin_analyze.testing import ReaderConformance, Written, seeded_arrays
 from safetensors.torch import save_file, save_model
 from torch import nn
 
 import gramlin_analyze
 from gramlin_analyze.errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
 from gramlin_analyze.io.registry import get_reader, guess_reader
+from gramlin_analyze.testing import ReaderConformance, Written, seeded_arrays
 
 requires_lightning = pytest.mark.skipif(
     importlib.util.find_spec("lightning") is None, reason="needs lightning"
