@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Commands that run tasks: SIGINT/SIGTERM stop them between tasks (see _dask.stop_on_signals).
+#: Commands that run tasks: SIGINT/SIGTERM stop them between tasks (see scheduling.stop_on_signals).
 _STOPPABLE = ("ingest", "analyze")
 
 
@@ -539,7 +539,7 @@ def _main(argv: list[str] | None) -> int:
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
     if args.command in _STOPPABLE:
-        from gramlin_analyze._dask import stop_on_signals
+        from gramlin_analyze.scheduling import stop_on_signals
 
         stopping = stop_on_signals()
     else:

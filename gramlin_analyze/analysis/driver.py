@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from gramlin_analyze._dask import kernel_threads, make_runner, stop_requested
 from gramlin_analyze.analysis.metrics import FAMILIES, METRIC_DOCS, resolve_families
 from gramlin_analyze.analysis.task import (
     _norms,
@@ -36,6 +35,7 @@ from gramlin_analyze.analysis.task import (
 from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.reducers.alignment import cosine_np, norm_ratio_np, pearson_np
+from gramlin_analyze.scheduling import kernel_threads, make_runner, stop_requested
 from gramlin_analyze.store import (
     INPUTS,
     GramlinStore,

@@ -144,7 +144,13 @@ def assert_arrays_match(t, r, path: str) -> None:
     assert sorted(t.array_keys()) == sorted(r.array_keys()), path
     assert sorted(t.group_keys()) == sorted(r.group_keys()), path
     for var in r.array_keys():
-        np.testing.assert_array_equal(t[var][:], r[var][:], err_msg=f"{path}/{var}")
+        got, want = t[var][:], r[var][:]
+        if path.startswith("metrics") and want.dtype.kind == "f":
+            # computed in float64 with BLAS, whose thread count (and so its last bit)
+            # follows the number of tasks running: equal to rounding, not bit for bit
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0, err_msg=f"{path}/{var}")
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=f"{path}/{var}")
     for sub in r.group_keys():
         assert_arrays_match(t[sub], r[sub], f"{path}/{sub}")
 

@@ -271,7 +271,7 @@ def test_a_capture_that_cannot_start_gives_its_write_behind_slot_back(tmp_path):
     keep one, or a long-lived process would run out and hang."""
     import zarr
 
-    from gramlin_analyze import _ingest_task as T
+    from gramlin_analyze.ingest import task as T
 
     np.savez(tmp_path / "p.npz", inputs=np.zeros((4, 5), np.float32), labels=np.zeros(4, np.int64))
     cfg = CaptureConfig(probe=str(tmp_path / "p.npz"), model=FACTORY + "build_mlp")

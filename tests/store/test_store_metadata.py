@@ -190,7 +190,7 @@ def test_a_row_leaves_ok_before_its_new_fields_are_written(tmp_path, monkeypatch
 def test_kernel_threads_limits_blas_and_restores_it():
     from threadpoolctl import threadpool_info
 
-    from gramlin_analyze._dask import kernel_threads
+    from gramlin_analyze.scheduling import kernel_threads
 
     before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
     assert before

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from gramlin_analyze._template import check_against, layers_of
 from gramlin_analyze.errors import CheckpointFormatError, GramlinError, ShapeMismatchError
+from gramlin_analyze.ingest.template import check_against, layers_of
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store import put_step, writable

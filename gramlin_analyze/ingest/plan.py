@@ -1,335 +1,38 @@
-"""``ingest``: checkpoints -> store, as one Dask graph with one task per checkpoint.
-
-The driver plans (scan, layer template, step axis) and is the only writer of
-the ``/steps`` manifest; each task reads one checkpoint, one tensor at a
-time, and writes its own step's chunks. A step becomes ``ok`` only after the
-task has written every array of it, so a killed ingest is finished by the
-next run, and an unchanged checkpoint (same fingerprint, status ``ok``) is
-never read again.
-"""
+"""The ingest plan: every check, the layer template and the steps to read, before
+anything is written; then the plan written (step axis, layers, capture arrays)."""
 
 from __future__ import annotations
 
 import os
-import sys
-import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gramlin_analyze._dask import make_runner
-from gramlin_analyze._ingest_task import error_message, ingest_one
-from gramlin_analyze._template import LayerSpec, check_against, layers_of, plan_layers
 from gramlin_analyze.errors import GramlinError, ProbeError, StoreError, UsageError
+from gramlin_analyze.ingest.task import error_message
+from gramlin_analyze.ingest.template import LayerSpec, check_against, layers_of, plan_layers
 from gramlin_analyze.io.discovery import CheckpointSource, scan
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import (
     GramlinStore,
-    WriteSession,
     declare_activations,
-    read_all,
-    release_buffers,
-    share_with_tasks,
-    writable,
-    write_all,
     write_probe,
 )
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.faults import StoreUnavailableError, is_store_fault
+from gramlin_analyze.store.faults import StoreUnavailableError
 from gramlin_analyze.store.location import is_remote
-from gramlin_analyze.store.provenance import describe_run, holds_run_from, source_of
+from gramlin_analyze.store.provenance import describe_run, holds_run_from
 
 if TYPE_CHECKING:
     from gramlin_analyze.capture.task import CaptureConfig
 
-__all__ = ["ingest", "IngestReport", "default_store_path"]
+__all__ = ["Plan", "Request", "is_store", "lr_for", "make_plan", "write_plan"]
 
 _READ_ERRORS = (GramlinError, OSError, KeyError, ValueError, RuntimeError, EOFError)
 
-
-
-@dataclass
-class IngestReport:
-    """What one ``ingest`` did."""
-
-    store: str
-    ingested: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
-    nonfinite: dict[int, int] = field(default_factory=dict)
-    bytes_read: int = 0
-    seconds: float = 0.0
-    scan_skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-
-def default_store_path(directory: str | os.PathLike) -> str:
-    return str(Path(directory).resolve()).rstrip("/") + ".zarr"
-
-
-# -- the driver --------------------------------------------------------------------
-
-
-def ingest(
-    directory: str | os.PathLike,
-    store: str | os.PathLike | None = None,
-    *,
-    layers: list[str] | None = None,
-    exclude: list[str] | None = None,
-    format: str | None = None,
-    order: str | None = None,
-    state_dict_key: str | None = None,
-    settle_seconds: float = 0.0,
-    allow_torchscript_code: bool = False,
-    capture: CaptureConfig | None = None,
-    activations: str | os.PathLike | None = None,
-    probe: str | os.PathLike | None = None,
-    lr: float | None = None,
-    lr_schedule: str | os.PathLike | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-    scheduler: str | None = None,
-    storage_options: dict | None = None,
-    break_lock: bool = False,
-    progress: Callable[[int, int, int], None] | None = None,
-    on_error: Callable[[str], None] | None = None,
-) -> IngestReport:
-    """Ingest every checkpoint under ``directory`` into the store at ``store``.
-
-    Only new, changed (fingerprint) or not-yet-``ok`` checkpoints are read.
-
-    Parameters
-    ----------
-    directory
-        Run directory (searched recursively) or one checkpoint.
-    store
-        Store path or fsspec URL; default ``<directory>.zarr``.
-    layers, exclude
-        Glob patterns over normalized layer names (``encoder.*``).
-    format, order, state_dict_key, settle_seconds
-        See :func:`gramlin_analyze.io.discovery.scan`.
-    allow_torchscript_code
-        Read TorchScript archives (they carry code that runs with the model).
-    capture
-        Capture probe-set activations and gradients for every checkpoint
-        (:class:`gramlin_analyze.capture.task.CaptureConfig`). A store that
-        was captured before keeps capturing new checkpoints the same way.
-    activations
-        Directory of activation files computed elsewhere (one per step; see
-        :mod:`gramlin_analyze.capture.external`), instead of ``capture``.
-    probe
-        Probe file to store beside external ``activations`` (for labels).
-    lr, lr_schedule
-        Learning rate: a constant, or a file of ``(step, lr)`` pairs; both
-        win over what the checkpoints record.
-    workers
-        Run on a ``LocalCluster`` of this many processes instead of threads.
-    threads
-        Tasks in parallel on the threaded scheduler (default: twice the cores,
-        each with one BLAS/torch thread, so kernels overlap zarr I/O; one per
-        core when capturing).
-    scheduler
-        Address of a running Dask scheduler (``tcp://host:8786``).
-    progress
-        Called as ``progress(done, total, bytes_done)`` after each checkpoint.
-    on_error
-        Called with one message per failed checkpoint.
-
-    Returns
-    -------
-    IngestReport
-
-    Raises
-    ------
-    UsageError, ProbeError, ModelError
-        Before anything is written (no new store, an existing one unchanged):
-        a bad option, probe, loss or model, or checkpoints that belong to
-        another model or another run than the store's. A stored ``ok`` step
-        is never given up for a new checkpoint that cannot replace it.
-
-    Examples
-    --------
-    >>> report = ingest("runs/digits/ckpts", "digits.zarr")  # doctest: +SKIP
-    >>> report.ingested, report.failed  # doctest: +SKIP
-    ([0, 100, 200], {})
-    """
-    t0 = time.perf_counter()
-    store = str(store) if store is not None else default_store_path(directory)
-    reader_options: dict[str, Any] = {}
-    if state_dict_key:
-        reader_options["state_dict_key"] = state_dict_key
-    if allow_torchscript_code:
-        reader_options["allow_code"] = True
-    if capture is not None and activations is not None:
-        raise UsageError("pass either a model to capture with (--model/--mlp-activation) or --activations DIR, not both")
-    request = _Request(
-        directory=directory, store=store, layers=layers, exclude=exclude, format=format, order=order,
-        reader_options=reader_options, settle_seconds=settle_seconds, capture=capture,
-        activations=activations, probe=probe, lr=lr, lr_schedule=lr_schedule,
-    )
-
-    # Every check runs before the store is created or changed: a usage error
-    # leaves no new store, and an existing one as it was. An existing store is
-    # planned under its lock (its manifest, read once, gives scan the
-    # fingerprints it may reuse); a new one is created only once its plan holds.
-    existing = _is_store(store, storage_options)
-    plan = None if existing else _plan(request, None)
-    with WriteSession(
-        store, storage_options=storage_options, break_lock=break_lock, source=source_of(directory)
-    ) as gs:
-        if plan is None or not gs.created:  # (or another writer made it meanwhile)
-            plan = _plan(request, gs)
-        sources, schedule, external, capture = plan.sources, plan.schedule, plan.external, plan.capture
-        template, runnable = plan.template, plan.runnable
-        report = IngestReport(store=store, scan_skipped=list(getattr(sources, "skipped", [])))
-        report.skipped = plan.skipped
-        gs.initialize(source=source_of(directory))
-        pos, stored_dtypes, act_layers = _write_plan(gs, plan, request)
-        for step, msg in {**plan.failed, **plan.kept}.items():
-            report.failed[step] = msg
-            if on_error:
-                on_error(msg)
-
-        capture_json = capture.to_json() if capture is not None else None
-        run_token = uuid.uuid4().hex
-        tasks = []
-        for s in runnable:
-            job = {
-                "path": str(s.path),
-                "format": s.format,
-                "step": s.step,
-                "files": [str(f) for f in s.files],
-                "reader_options": reader_options,
-                "capture": capture_json,
-                "activation_layers": act_layers,
-                "external": str(external[s.step]) if s.step in external else None,
-                "external_dir": str(activations) if activations is not None else None,
-                "run_token": run_token,
-                # threads in this process: a task may return while its activation
-                # writes finish (the driver marks the step ok only after them)
-                "write_behind": not (workers or scheduler),
-            }
-            tasks.append((ingest_one, store, storage_options, pos[s.step], job, template, stored_dtypes))
-        by_index = {pos[s.step]: s for s in runnable}
-        done = 0
-        # Manifest rows are buffered and flushed about once a second: one column
-        # write per flush instead of per step. A step that finished but was not
-        # flushed when killed is simply redone; ok is never written early.
-        pending_rows: list[tuple[int, dict]] = []
-        pending_nonfinite: dict[str, list[tuple[int, int]]] = {}
-        deferred: list[tuple[dict, Any]] = []  # results whose writes are still running
-        last_flush = time.monotonic()
-
-        def flush() -> None:
-            nonlocal last_flush
-            # Per-layer NaN/Inf counts before the rows that mark their steps ok.
-            # Arrays of one chunk (new stores) are rewritten whole, all at once.
-            arrs = {name: writable(gs.layer(name)["nonfinite"]) for name in pending_nonfinite}
-            whole = [n for n, a in arrs.items() if a.chunks[0] >= a.shape[0]]
-            cols = {n: np.array(c) for n, c in zip(whole, read_all([arrs[n] for n in whole]), strict=True)}
-            for name, pairs in pending_nonfinite.items():
-                if name in cols:
-                    for i, v in pairs:
-                        cols[name][i] = v
-                else:
-                    arrs[name].set_coordinate_selection(
-                        np.asarray([i for i, _ in pairs]), np.asarray([v for _, v in pairs], dtype=np.int64)
-                    )
-            write_all([(arrs[n], c) for n, c in cols.items()])
-            pending_nonfinite.clear()
-            gs.write_row_fields(pending_rows)
-            pending_rows.clear()
-            last_flush = time.monotonic()
-
-        def on_done(res: dict) -> None:
-            """A task returned; its step is recorded once its background writes are done too."""
-            if res.get("pending") is not None:
-                deferred.append((res, res.pop("pending")))
-            else:
-                record(res)
-            drain(block=False)
-
-        def drain(block: bool) -> None:
-            keep = []
-            for res, fut in deferred:
-                if not (block or fut.done()):
-                    keep.append((res, fut))
-                    continue
-                err = fut.exception()
-                if err is not None and is_store_fault(err, store):
-                    raise err
-                if err is not None and res["status"] == "ok":
-                    res = {**res, "status": "failed", "error": error_message(err, by_index[res["index"]].path)}
-                record(res)
-            deferred[:] = keep
-
-        def record(res: dict) -> None:
-            nonlocal done
-            src = by_index[res["index"]]
-            done += 1
-            report.bytes_read += src.bytes
-            if res["status"] == "ok":
-                rate, rate_source = _lr_for(src.step, res.get("lr"), lr, schedule)
-                pending_rows.append((res["index"], {
-                    "lr": rate,
-                    "epoch": res.get("epoch"),
-                    "lr_source": rate_source,
-                    "optimizer": res.get("optimizer", ""),
-                    "nonfinite": res["nonfinite"],
-                    "error": "",
-                    "status": "ok",
-                }))
-                for name, n in res.get("layer_nonfinite", {}).items():
-                    pending_nonfinite.setdefault(name, []).append((res["index"], n))
-                report.ingested.append(src.step)
-                if res["nonfinite"]:
-                    report.nonfinite[src.step] = res["nonfinite"]
-            else:
-                pending_rows.append((res["index"], {"error": res["error"], "status": "failed"}))
-                report.failed[src.step] = res["error"]
-                if on_error:
-                    on_error(res["error"])
-            if time.monotonic() - last_flush > 1.0:
-                flush()
-            if progress:
-                progress(done, len(tasks), report.bytes_read)
-
-        if progress:
-            progress(0, len(tasks), 0)
-        if "torch" not in sys.modules and any(_torch_dtype(d) for _, d, _ in template.values()):
-            # bf16/fp8 weights are widened through torch inside the tasks; importing
-            # it here lets the runner limit its threads like BLAS's (one per task).
-            import torch  # noqa: F401
-        if threads is None and capture is not None:
-            # Capture is torch compute plus a background writer per task: one task
-            # per core was 1.1x faster than two (benchmarks/capture.py), unlike
-            # the weight copy, whose tasks wait on I/O.
-            threads = os.cpu_count() or 1
-        gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
-        share_with_tasks(store, run_token, gs.view)  # threads of this process skip re-opening it
-        if tasks:
-            try:
-                make_runner(workers, scheduler, threads)(tasks, on_done)
-            finally:
-                drain(block=True)
-                flush()
-                release_buffers()  # capture's chunk buffers, when tasks ran in this process
-        # Steps that failed in an earlier run and were not retried still count.
-        man = gs.manifest()
-        for s, st, err in zip(man["step"], man["status"], man["error"], strict=True):
-            if st == "failed" and int(s) not in report.failed:
-                report.failed[int(s)] = err
-    report.ingested.sort()
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _fingerprint_rows(man: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
@@ -343,7 +46,7 @@ def _fingerprint_rows(man: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
     }
 
 
-def _is_store(store: str, storage_options: dict | None) -> bool:
+def is_store(store: str, storage_options: dict | None) -> bool:
     """Whether a gramlin store is at ``store`` already."""
     try:
         GramlinStore(store, mode="r", storage_options=storage_options)
@@ -354,16 +57,7 @@ def _is_store(store: str, storage_options: dict | None) -> bool:
     return True
 
 
-def _torch_dtype(name: str) -> bool:
-    """Whether a stored dtype has no NumPy type (bf16, fp8): reading it needs torch."""
-    try:
-        np.dtype(name)
-    except TypeError:
-        return True
-    return False
-
-
-def _lr_for(step: int, meta_lr, constant, schedule) -> tuple[float | None, str]:
+def lr_for(step: int, meta_lr, constant, schedule) -> tuple[float | None, str]:
     if schedule is not None or constant is not None:
         from gramlin_analyze.capture.lr import resolve_lr
 
@@ -405,7 +99,7 @@ def _declare_layers(gs: GramlinStore, template: dict, listed: dict[int, dict[str
 
 
 @dataclass(frozen=True)
-class _Request:
+class Request:
     """What the command asked for: the options that decide what is read and stored."""
 
     directory: str | os.PathLike
@@ -435,7 +129,7 @@ class _Stored:
     activation_layers: list[str]  # layers whose activation arrays are declared
 
     @classmethod
-    def read(cls, gs: GramlinStore | None, req: _Request) -> _Stored:
+    def read(cls, gs: GramlinStore | None, req: Request) -> _Stored:
         if gs is None:
             return cls(req.store, {}, _empty_manifest(), {}, None, [])
         view = gs.view
@@ -466,7 +160,7 @@ class _ExternalPlan:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """What an ingest will write, decided (and checked) before it writes anything."""
 
     stored: _Stored
@@ -486,7 +180,7 @@ class _Plan:
     external_plan: _ExternalPlan | None
 
 
-def _plan(req: _Request, gs: GramlinStore | None) -> _Plan:
+def make_plan(req: Request, gs: GramlinStore | None) -> Plan:
     """Scan the run and check every option against it and the store; write nothing.
 
     Usage errors (a missing or bad probe, a loss or model that does not fit,
@@ -506,7 +200,7 @@ def _plan(req: _Request, gs: GramlinStore | None) -> _Plan:
 
         schedule = load_lr_schedule(req.lr_schedule)
     for src in sources:  # a bad --lr/--lr-schedule fails here
-        _lr_for(src.step, None, req.lr, schedule)
+        lr_for(src.step, None, req.lr, schedule)
     external: dict[int, Path] = {}
     if req.activations is not None:
         from gramlin_analyze.capture.external import discover_activation_files
@@ -558,7 +252,7 @@ def _plan(req: _Request, gs: GramlinStore | None) -> _Plan:
         step: f"{msg} ({req.store} keeps step {step} as ingested before)" for step, msg in errors.items() if step in ok_fp
     }
     runnable = [s for s in todo if s.step not in errors]
-    return _Plan(
+    return Plan(
         stored=st, sources=sources, schedule=schedule, external=external, capture=capture, todo=todo,
         skipped=[s.step for s in sources if s not in todo], moved=moved, listed=listed, template=template,
         runnable=runnable, failed={s: m for s, m in errors.items() if s not in kept}, kept=kept,
@@ -574,7 +268,7 @@ def _empty_manifest() -> dict[str, np.ndarray]:
     return man
 
 
-def _new_template(req: _Request, listed: dict[int, dict[str, LayerSpec]]) -> dict:
+def _new_template(req: Request, listed: dict[int, dict[str, LayerSpec]]) -> dict:
     template = plan_layers(listed, include=req.layers, exclude=req.exclude)
     if not template and listed:
         avail = sorted({k for v in listed.values() for k in v})
@@ -610,7 +304,7 @@ def _first_difference(stored: dict, layers: dict[str, LayerSpec]) -> str:
     return ""
 
 
-def _refuse_another_model(req: _Request, st: _Stored, listed: dict[int, dict[str, LayerSpec]], unchanged: int) -> None:
+def _refuse_another_model(req: Request, st: _Stored, listed: dict[int, dict[str, LayerSpec]], unchanged: int) -> None:
     """Refuse checkpoints none of which fits the store's layers: they are another model's.
 
     (One odd checkpoint among fitting ones fails alone, as in a new store.)
@@ -627,7 +321,7 @@ def _refuse_another_model(req: _Request, st: _Stored, listed: dict[int, dict[str
     )
 
 
-def _refuse_another_run(req: _Request, st: _Stored, sources: list[CheckpointSource], ok_fp: dict[int, str]) -> None:
+def _refuse_another_run(req: Request, st: _Stored, sources: list[CheckpointSource], ok_fp: dict[int, str]) -> None:
     """Refuse replacing stored steps with checkpoints of the same model from another run.
 
     A run read from another directory whose checkpoints differ at every
@@ -680,7 +374,7 @@ def _resolve_capture(st: _Stored, capture: CaptureConfig | None) -> tuple[Captur
 
 
 def _check_capture(
-    req: _Request, st: _Stored, capture: CaptureConfig | None, runnable: list[CheckpointSource], template: dict
+    req: Request, st: _Stored, capture: CaptureConfig | None, runnable: list[CheckpointSource], template: dict
 ) -> dict[str, tuple[int, int]] | None:
     """Check the capture setup on the first checkpoint to read; ``layer -> (rows, d_in)`` to declare.
 
@@ -712,7 +406,7 @@ def _check_capture(
     return counts
 
 
-def _check_external(req: _Request, st: _Stored, files: dict[int, Path], template: dict) -> _ExternalPlan | None:
+def _check_external(req: Request, st: _Stored, files: dict[int, Path], template: dict) -> _ExternalPlan | None:
     """Check activations computed elsewhere against the store's layers and the probe.
 
     Rows per layer may be a multiple ``P`` of the probe's samples (conv
@@ -776,8 +470,8 @@ def _pending(rows: list[CheckpointSource]) -> dict[int, dict[str, Any]]:
     }
 
 
-def _write_plan(
-    gs: GramlinStore, plan: _Plan, req: _Request
+def write_plan(
+    gs: GramlinStore, plan: Plan, req: Request
 ) -> tuple[dict[int, int], dict[str, str], list[str]]:
     """Moved paths, the step axis, new layers, capture's arrays, each row's status.
 
@@ -845,7 +539,7 @@ def _declare_capture(gs: GramlinStore, capture: CaptureConfig, counts: dict[str,
     return list(counts)
 
 
-def _declare_external(gs: GramlinStore, ext: _ExternalPlan, req: _Request) -> list[str]:
+def _declare_external(gs: GramlinStore, ext: _ExternalPlan, req: Request) -> list[str]:
     """Store the probe (when given) and declare the arrays of activations computed elsewhere."""
     if ext.by_dtype is None:
         return ext.layers
