@@ -235,188 +235,256 @@ def analyze(
     GramlinStore(url, mode="r", storage_options=storage_options)  # a mistyped path is an error, not a new store
     report = AnalyzeReport(store=url)
     with WriteSession(url, storage_options=storage_options, break_lock=break_lock) as gs:
-        all_layers = gs.layer_names()
-        chosen = select_layers(all_layers, layers, None)
-        if layers and not chosen:
-            raise UsageError(f"--layers {layers} matches no layer of {url}; layers: {', '.join(all_layers)}")
-        man = gs.manifest()
-        steps, status, fps = man["step"], man["status"], man["fingerprint"]
-        lr = np.asarray(man["lr"], dtype=np.float64)
-        ok = [i for i, s in enumerate(status) if s == "ok"]
-        report.skipped_steps = {int(steps[i]): str(status[i]) for i in range(len(steps)) if status[i] != "ok"}
-        avail = _available(gs, chosen, lr)
-        # A family runs on the layers that have its data (an embedding without
-        # captured inputs does not stop TL on the others); it is reported as
-        # unavailable only when no chosen layer has the data.
-        layer_fams: dict[str, list[str]] = {n: [] for n in chosen}
-        families = []
-        for fam in requested or list(FAMILIES):
-            ready = [n for n in chosen if all(avail[n][p] for p in FAMILIES[fam].needs)]
-            if not ready:
-                missing = next(p for p in FAMILIES[fam].needs if not any(avail[n][p] for n in chosen))
-                if requested:
-                    raise MissingDataError(f"{fam}: {_how_to_add(missing, url)}")
-                report.unavailable[fam] = _how_to_add(missing, url)
-                continue
-            families.append(fam)
-            for n in ready:
-                layer_fams[n].append(fam)
-            skipped = [n for n in chosen if n not in ready]
-            if skipped:
-                report.partial[fam] = skipped
-        report.families = families
-        if not families or not ok or not chosen:
-            report.seconds = time.perf_counter() - t0
-            return report
-        spectrum_k = {n: int(min(gs.layer(n)["weight"].shape[1:])) for n in chosen}
-        declare_metrics(gs, _metrics_spec(gs, chosen, families, spectrum_k))
-        gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
-        m = gs.view[L.METRICS]
-        run_token = uuid.uuid4().hex
-        share_with_tasks(url, run_token, gs.view)  # threads of this process skip re-opening it
-        layer_index = {str(n): j for j, n in enumerate(m["layer"][:])}
+        run = _select(gs, url, layers, requested, report)
+        if run is not None:
+            declare_metrics(gs, _metrics_spec(gs, run.layers, run.families, run.spectrum_k))
+            gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
+            m = gs.view[L.METRICS]
+            run_token = uuid.uuid4().hex
+            share_with_tasks(url, run_token, gs.view)  # threads of this process skip re-opening it
+            layer_index = {str(n): j for j, n in enumerate(m["layer"][:])}
+            ctx_base, probe_fp = _task_context(gs, run, report, run_token,
+                                               tl_lambda=tl_lambda, center_features=center_features,
+                                               intercept=intercept)
+            buf = _Scalars(m)
+            options = {"tl": [tl_lambda, center_features, intercept]}
+            jobs, wanted = _plan_jobs(buf, run, layer_index, probe_fp, options, recompute, report)
+            in_task = _gram_change_in_task(buf, run, layer_index, jobs, recompute)
+            tasks = []
+            for (i, layer), fams in jobs.items():
+                ctx = dict(ctx_base, gamma=float(run.lr[i]), spectrum_k=run.spectrum_k[layer])
+                if (i, layer) in in_task:
+                    ctx["gram_prev_index"] = run.prev_ok[i]
+                tasks.append((layer_step_task, url, storage_options, layer, i, fams, ctx))
+            _Execution(gs, m, buf, run, layer_index, jobs, wanted, in_task, report, progress, recompute).run(
+                tasks, workers=workers, scheduler=scheduler, threads=threads
+            )
+    report.seconds = time.perf_counter() - t0
+    return report
 
-        ctx_base: dict[str, Any] = {
-            "tl_lambda": tl_lambda, "center_features": center_features, "intercept": intercept,
-            "final_index": ok[-1], "run_token": run_token,
-        }
-        probe_fp = ""
-        if L.PROBE in gs.view:
-            pg = gs.view[L.PROBE]
-            probe_fp = str(pg.attrs.get("fingerprint", ""))
-            if "labels" in pg:
-                raw = np.asarray(pg["labels"][:], dtype=np.int64)
-                labels = raw.reshape(-1)
-                c = int(pg.attrs.get("n_classes", labels.max() + 1))
-                # (n,) labels go with every position of an example; (n, T) token
-                # labels go with their own row (example-major, like the activations).
-                per_label = int(np.prod(raw.shape[1:], dtype=np.int64)) if raw.ndim > 1 else 1
-                ctx_base.update(labels=labels, n_classes=c, Y=np.eye(c)[labels], labels_per_example=per_label)
-                for n in chosen:
-                    per = int(gs.layer(n).attrs.get("samples_per_example", 1))
-                    if per_label not in (1, per):
-                        for fam in ("tl", "nc"):
-                            if fam in layer_fams[n]:
-                                layer_fams[n].remove(fam)
-                                report.partial.setdefault(fam, []).append(n)
-                        report.unavailable[f"tl/nc for {n}"] = (
-                            f"the probe has {per_label} labels per example but layer {n} has {per} samples "
-                            "per example; give one label per example or per position"
-                        )
-            elif "targets" in pg:
-                ctx_base["Y"] = np.asarray(pg["targets"][:], dtype=np.float64)
-        options = {"tl": [tl_lambda, center_features, intercept]}
 
-        # Which (step, layer, family) need computing.
-        buf = _Scalars(m)
-        inputs = {fam: buf.get(f"{INPUTS}/{fam}") for fam in families}
-        inputs_p2 = buf.get(f"{INPUTS}/gram_phase2") if "gram" in families else None
-        jobs: dict[tuple[int, str], list[str]] = {}
-        wanted: dict[tuple[int, str, str], str] = {}
-        # Layer-major: a layer's tasks finish together, and its phase 2 starts
-        # while the next layers' tasks still run.
-        for layer in chosen:
-            for i in ok:
-                j = layer_index[layer]
-                for fam in layer_fams[layer]:
-                    parts = [fps[i], options.get(fam)]
-                    if fam in ("vc", "tl", "nc", "cka"):
-                        parts.append(probe_fp)
-                    if fam == "vc":
-                        parts.append(float(lr[i]))
-                    if fam == "cka":
-                        parts.append(fps[ok[-1]])
-                    h = _hash(fam, *parts)
-                    if recompute or inputs[fam][i, j] != h:
-                        jobs.setdefault((i, layer), []).append(fam)
-                        wanted[(i, layer, fam)] = h
-                    else:
-                        report.up_to_date += 1
-        # A new step whose previous ok step's Gram is stored and current (an
-        # incremental run) gets its Gram change in its own task, from the Gram
-        # it has in memory; phase 2 then has nothing left to do for it.
-        in_task: dict[tuple[int, str], str] = {}
-        if "gram" in families and not recompute:
-            prev_ok = dict(zip(ok, [None, *ok[:-1]], strict=True))
-            hashes = _chain_hashes("gram", ok, fps, lr)  # the same chain for every layer
-            for layer in chosen:
-                if "gram" not in layer_fams[layer]:
-                    continue
-                j = layer_index[layer]
-                prov = inputs_p2[:, j]
-                for i in ok:
-                    p = prev_ok[i]
-                    if "gram" in jobs.get((i, layer), ()) and (
-                        p is None or ("gram" not in jobs.get((p, layer), ()) and prov[p] == hashes[p])
-                    ):
-                        in_task[(i, layer)] = hashes[i]
-        tasks = []
-        for (i, layer), fams in jobs.items():
-            ctx = dict(ctx_base, gamma=float(lr[i]), spectrum_k=spectrum_k[layer])
-            if (i, layer) in in_task:
-                ctx["gram_prev_index"] = prev_ok[i]
-            tasks.append((layer_step_task, url, storage_options, layer, i, fams, ctx))
-        done = 0
-        # Phase 2 of a layer reads only that layer's phase-1 results, so it runs
-        # (in the driver, on its own threads) as soon as the layer's last task is
-        # done, overlapping the tasks of the layers after it. NumPy and zarr
-        # release the GIL; the buffer's lock serializes the bookkeeping.
-        left = {layer: 0 for layer in chosen}
+@dataclass(frozen=True)
+class _Run:
+    """What one ``analyze`` computes, decided before anything is written."""
+
+    layers: list[str]
+    families: list[str]
+    layer_fams: dict[str, list[str]]
+    ok: list[int]
+    steps: np.ndarray
+    fps: np.ndarray
+    lr: np.ndarray
+    spectrum_k: dict[str, int]
+
+    @property
+    def prev_ok(self) -> dict[int, int | None]:
+        return dict(zip(self.ok, [None, *self.ok[:-1]], strict=True))
+
+
+def _select(gs: GramlinStore, url: str, layers: list[str] | None, requested: list[str] | None,
+            report: AnalyzeReport) -> _Run | None:
+    """The layers, families and ok steps to compute; None when there is nothing to do.
+
+    A family runs on the layers that have its data (an embedding without
+    captured inputs does not stop TL on the others); it is reported as
+    unavailable only when no chosen layer has the data.
+    """
+    all_layers = gs.layer_names()
+    chosen = select_layers(all_layers, layers, None)
+    if layers and not chosen:
+        raise UsageError(f"--layers {layers} matches no layer of {url}; layers: {', '.join(all_layers)}")
+    man = gs.manifest()
+    steps, status, fps = man["step"], man["status"], man["fingerprint"]
+    lr = np.asarray(man["lr"], dtype=np.float64)
+    ok = [i for i, s in enumerate(status) if s == "ok"]
+    report.skipped_steps = {int(steps[i]): str(status[i]) for i in range(len(steps)) if status[i] != "ok"}
+    avail = _available(gs, chosen, lr)
+    layer_fams: dict[str, list[str]] = {n: [] for n in chosen}
+    families = []
+    for fam in requested or list(FAMILIES):
+        ready = [n for n in chosen if all(avail[n][p] for p in FAMILIES[fam].needs)]
+        if not ready:
+            missing = next(p for p in FAMILIES[fam].needs if not any(avail[n][p] for n in chosen))
+            if requested:
+                raise MissingDataError(f"{fam}: {_how_to_add(missing, url)}")
+            report.unavailable[fam] = _how_to_add(missing, url)
+            continue
+        families.append(fam)
+        for n in ready:
+            layer_fams[n].append(fam)
+        skipped = [n for n in chosen if n not in ready]
+        if skipped:
+            report.partial[fam] = skipped
+    report.families = families
+    if not families or not ok or not chosen:
+        return None
+    spectrum_k = {n: int(min(gs.layer(n)["weight"].shape[1:])) for n in chosen}
+    return _Run(chosen, families, layer_fams, ok, steps, fps, lr, spectrum_k)
+
+
+def _task_context(gs: GramlinStore, run: _Run, report: AnalyzeReport, run_token: str, *,
+                  tl_lambda: float, center_features: bool, intercept: bool) -> tuple[dict[str, Any], str]:
+    """What every task gets (targets from the probe set), and the probe's fingerprint.
+
+    (n,) labels go with every position of an example; (n, T) token labels go
+    with their own row (example-major, like the activations). A layer whose
+    samples per example match neither loses TL and NC, with a note.
+    """
+    ctx: dict[str, Any] = {
+        "tl_lambda": tl_lambda, "center_features": center_features, "intercept": intercept,
+        "final_index": run.ok[-1], "run_token": run_token,
+    }
+    if L.PROBE not in gs.view:
+        return ctx, ""
+    pg = gs.view[L.PROBE]
+    if "labels" in pg:
+        raw = np.asarray(pg["labels"][:], dtype=np.int64)
+        labels = raw.reshape(-1)
+        c = int(pg.attrs.get("n_classes", labels.max() + 1))
+        per_label = int(np.prod(raw.shape[1:], dtype=np.int64)) if raw.ndim > 1 else 1
+        ctx.update(labels=labels, n_classes=c, Y=np.eye(c)[labels], labels_per_example=per_label)
+        for n in run.layers:
+            per = int(gs.layer(n).attrs.get("samples_per_example", 1))
+            if per_label not in (1, per):
+                for fam in ("tl", "nc"):
+                    if fam in run.layer_fams[n]:
+                        run.layer_fams[n].remove(fam)
+                        report.partial.setdefault(fam, []).append(n)
+                report.unavailable[f"tl/nc for {n}"] = (
+                    f"the probe has {per_label} labels per example but layer {n} has {per} samples "
+                    "per example; give one label per example or per position"
+                )
+    elif "targets" in pg:
+        ctx["Y"] = np.asarray(pg["targets"][:], dtype=np.float64)
+    return ctx, str(pg.attrs.get("fingerprint", ""))
+
+
+def _plan_jobs(buf: _Scalars, run: _Run, layer_index: dict[str, int], probe_fp: str, options: dict,
+               recompute: bool, report: AnalyzeReport):
+    """Which (step, layer) compute which families, and the input hash each result will carry.
+
+    Layer-major: a layer's tasks finish together, and its phase 2 starts while
+    the next layers' tasks still run.
+    """
+    inputs = {fam: buf.get(f"{INPUTS}/{fam}") for fam in run.families}
+    jobs: dict[tuple[int, str], list[str]] = {}
+    wanted: dict[tuple[int, str, str], str] = {}
+    for layer in run.layers:
+        j = layer_index[layer]
+        for i in run.ok:
+            for fam in run.layer_fams[layer]:
+                parts = [run.fps[i], options.get(fam)]
+                if fam in ("vc", "tl", "nc", "cka"):
+                    parts.append(probe_fp)
+                if fam == "vc":
+                    parts.append(float(run.lr[i]))
+                if fam == "cka":
+                    parts.append(run.fps[run.ok[-1]])
+                h = _hash(fam, *parts)
+                if recompute or inputs[fam][i, j] != h:
+                    jobs.setdefault((i, layer), []).append(fam)
+                    wanted[(i, layer, fam)] = h
+                else:
+                    report.up_to_date += 1
+    return jobs, wanted
+
+
+def _gram_change_in_task(buf: _Scalars, run: _Run, layer_index: dict[str, int], jobs: dict,
+                         recompute: bool) -> dict[tuple[int, str], str]:
+    """New steps whose previous ok step's Gram is stored and current (an incremental
+    run): each gets its Gram change in its own task, from the Gram it has in memory,
+    and phase 2 has nothing left to do for it."""
+    in_task: dict[tuple[int, str], str] = {}
+    if "gram" not in run.families or recompute:
+        return in_task
+    prov_all = buf.get(f"{INPUTS}/gram_phase2")
+    prev_ok = run.prev_ok
+    hashes = _chain_hashes("gram", run.ok, run.fps, run.lr)  # the same chain for every layer
+    for layer in run.layers:
+        if "gram" not in run.layer_fams[layer]:
+            continue
+        prov = prov_all[:, layer_index[layer]]
+        for i in run.ok:
+            p = prev_ok[i]
+            if "gram" in jobs.get((i, layer), ()) and (
+                p is None or ("gram" not in jobs.get((p, layer), ()) and prov[p] == hashes[p])
+            ):
+                in_task[(i, layer)] = hashes[i]
+    return in_task
+
+
+class _Execution:
+    """The tasks of one run, and each layer's phase 2 once its last task is done.
+
+    Phase 2 of a layer reads only that layer's phase-1 results, so it runs (in
+    the driver, on its own threads) while the tasks of the layers after it do.
+    NumPy and zarr release the GIL; the buffer's lock serializes the bookkeeping.
+    """
+
+    def __init__(self, gs, m, buf, run: _Run, layer_index, jobs, wanted, in_task, report, progress, recompute):
+        self.gs, self.m, self.buf, self.run_, self.layer_index = gs, m, buf, run, layer_index
+        self.jobs, self.wanted, self.in_task, self.report = jobs, wanted, in_task, report
+        self.progress, self.recompute = progress, recompute
+        self.left = {layer: 0 for layer in run.layers}
         for _, layer in jobs:
-            left[layer] += 1
+            self.left[layer] += 1
+        self.done = 0
+        self.total = 0
+        self.phase2: list = []
+        self.pool: ThreadPoolExecutor | None = None
+
+    def start_phase2(self, layer: str) -> None:
+        r = self.run_
+        self.phase2.append(self.pool.submit(
+            _phase2, self.gs, self.m, self.buf, layer, self.layer_index[layer], r.ok, r.steps, r.fps, r.lr,
+            r.layer_fams[layer], self.recompute,
+        ))
+
+    def on_done(self, res: dict) -> None:
+        self.done += 1
+        i, layer = res["index"], res["layer"]
+        j = self.layer_index[layer]
+        for name, value in res["scalars"].items():
+            self.buf.set(name, i, j, value)
+        for fam in self.jobs[(i, layer)]:
+            self.buf.set(f"{INPUTS}/{fam}", i, j, self.wanted[(i, layer, fam)])
+            self.report.computed += 1
+        if (i, layer) in self.in_task:  # its Gram change came with it
+            self.buf.set(f"{INPUTS}/gram_phase2", i, j, self.in_task[(i, layer)])
+        if res["nonfinite"]:
+            self.report.nonfinite.append((int(self.run_.steps[i]), layer))
+        self.left[layer] -= 1
+        if self.left[layer] == 0:
+            self.start_phase2(layer)
+        if self.progress:
+            self.progress(self.done, self.total, 0)
+
+    def run(self, tasks: list, *, workers, scheduler, threads) -> None:
+        """Every task and phase 2; what finished is kept even when one failed."""
         cores = os.cpu_count() or 1
-        n_threads = max(1, min(threads or 2 * cores, len(chosen)))
-        pool = _phase2_pool(n_threads)
-        phase2: list = []
-
-        def start_phase2(layer: str) -> None:
-            phase2.append(pool.submit(
-                _phase2, gs, m, buf, layer, layer_index[layer], ok, steps, fps, lr, layer_fams[layer], recompute
-            ))
-
-        def on_done(res: dict) -> None:
-            nonlocal done
-            done += 1
-            i, layer = res["index"], res["layer"]
-            j = layer_index[layer]
-            for name, value in res["scalars"].items():
-                buf.set(name, i, j, value)
-            for fam in jobs[(i, layer)]:
-                buf.set(f"{INPUTS}/{fam}", i, j, wanted[(i, layer, fam)])
-                report.computed += 1
-            if (i, layer) in in_task:  # its Gram change came with it
-                buf.set(f"{INPUTS}/gram_phase2", i, j, in_task[(i, layer)])
-            if res["nonfinite"]:
-                report.nonfinite.append((int(steps[i]), layer))
-            left[layer] -= 1
-            if left[layer] == 0:
-                start_phase2(layer)
-            if progress:
-                progress(done, len(tasks), 0)
-
-        if progress:
-            progress(0, len(tasks), 0)
+        self.total = len(tasks)
+        self.pool = _phase2_pool(max(1, min(threads or 2 * cores, len(self.run_.layers))))
+        if self.progress:
+            self.progress(0, len(tasks), 0)
         # The BLAS thread limit is process-wide: set it here to what the threaded
         # runner sets for its tasks, so it does not change under a running phase 2.
         n_run = max(1, min(threads or 2 * cores, len(tasks) or 1))
         hold_scratch()
         try:
             with kernel_threads(max(1, cores // n_run)):
-                for layer in chosen:  # nothing new to compute here; its chain may still need phase 2
-                    if left[layer] == 0:
-                        start_phase2(layer)
+                for layer in self.run_.layers:  # nothing new to compute here; its chain may still need phase 2
+                    if self.left[layer] == 0:
+                        self.start_phase2(layer)
                 if tasks:
-                    make_runner(workers, scheduler, threads)(tasks, on_done)
-                for fut in phase2:
+                    make_runner(workers, scheduler, threads)(tasks, self.on_done)
+                for fut in self.phase2:
                     fut.result()
         finally:
-            for fut in phase2:  # after an error: what has not started never will
+            for fut in self.phase2:  # after an error: what has not started never will
                 fut.cancel()
-            wait_futures(phase2)
+            wait_futures(self.phase2)
             release_scratch()  # dropped after a while unless another run starts
-            buf.flush()  # what finished is kept even when a task or a phase 2 failed
-    report.seconds = time.perf_counter() - t0
-    return report
+            self.buf.flush()
 
 
 _phase2_pools: dict[int, ThreadPoolExecutor] = {}
