@@ -13,6 +13,9 @@ dominates, with every shortcut on, with each one switched off
 - *cold*: ``ingest`` + ``analyze --metrics gram`` of the 20 into a new store.
 
 Prints each mode's time and its ratio to all-shortcuts (> 1: the shortcut helps).
+``--baseline DIR`` adds a mode running the same commands from another checkout
+(e.g. the commit before this work, ``git worktree add DIR <commit>``), in the
+same alternating rounds.
 Run: ``.venv/bin/python benchmarks/zarr_paths.py [--n 20] [--layers 8] [--dim 256] [--repeats 5]``
 """
 
@@ -38,7 +41,6 @@ MODES = {
     "no_event_loop": "event_loop",
     "no_sync_codecs": "sync_codecs",
     "no_consolidated_lookup": "consolidated_lookup",
-    "no_consolidated_write": "consolidated_write",
     "public_api_only": "1",
 }
 
@@ -63,15 +65,24 @@ def write_checkpoint(directory: Path, step: int, layers: int, dim: int) -> None:
     )
 
 
+BASELINE: Path | None = None  # --baseline: another checkout, run as mode "baseline"
+
+
 def _env(mode: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "GRAMLIN_ZARR_PUBLIC"}
-    if MODES[mode]:
+    if MODES.get(mode):
         env["GRAMLIN_ZARR_PUBLIC"] = MODES[mode]
+    env["PYTHONPATH"] = str(_repo(mode))
     return env
 
 
+def _repo(mode: str) -> Path:
+    return BASELINE if mode == "baseline" and BASELINE is not None else REPO
+
+
 def _cli(args: list[str], mode: str) -> None:
-    subprocess.run([sys.executable, "-m", "gramlin_analyze", *args, "--quiet"], cwd=REPO, env=_env(mode), check=True)
+    subprocess.run([sys.executable, "-m", "gramlin_analyze", *args, "--quiet"], cwd=_repo(mode), env=_env(mode),
+                   check=True)
 
 
 def one_round(work: Path, run: Path, n: int, layers: int, dim: int, mode: str) -> dict[str, float]:
@@ -85,7 +96,7 @@ def one_round(work: Path, run: Path, n: int, layers: int, dim: int, mode: str) -
     _cli(["analyze", str(store), "--metrics", "gram"], mode)
     cold = time.perf_counter() - t0
     write_checkpoint(run, n, layers, dim)
-    out = subprocess.run([sys.executable, "-c", IN_PROCESS, str(store), str(run)], cwd=REPO, env=_env(mode),
+    out = subprocess.run([sys.executable, "-c", IN_PROCESS, str(store), str(run)], cwd=_repo(mode), env=_env(mode),
                          check=True, capture_output=True, text=True)
     # the in-process figure excludes the interpreter's start and imports
     incremental = json.loads(out.stdout.strip().splitlines()[-1])
@@ -108,14 +119,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--work", default=str(HERE / "_work" / "zarr_paths"))
+    p.add_argument("--baseline", help="another checkout to time beside this one (mode 'baseline')")
     args = p.parse_args()
+    global BASELINE
+    if args.baseline:
+        BASELINE = Path(args.baseline).resolve()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     run = work / "run"
     run.mkdir(parents=True)
     for step in range(args.n):
         write_checkpoint(run, step, args.layers, args.dim)
-    modes = args.modes.split(",")
+    modes = args.modes.split(",") + (["baseline"] if args.baseline else [])
     times: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
     for _ in range(args.repeats):
         for mode in modes:  # alternating: each round runs every mode once

@@ -68,7 +68,6 @@ def lr_for(step: int, meta_lr, constant, schedule) -> tuple[float | None, str]:
 
 
 def _declare_layers(gs: GramlinStore, template: dict, listed: dict[int, dict[str, LayerSpec]]) -> None:
-    gs.structure_changed()
     first = listed[min(listed)]
     specs = {}
     for name, (shape, dtype, has_bias) in template.items():
@@ -527,7 +526,6 @@ def _declare_capture(gs: GramlinStore, capture: CaptureConfig, counts: dict[str,
     }
     if probe.labels is not None:
         attrs["n_classes"] = int(np.max(probe.labels)) + 1
-    gs.structure_changed()
     write_probe(gs, probe, attrs)
     itemsize = np.dtype(capture.dtype).itemsize
     specs = {}
@@ -543,7 +541,6 @@ def _declare_external(gs: GramlinStore, ext: _ExternalPlan, req: Request) -> lis
     """Store the probe (when given) and declare the arrays of activations computed elsewhere."""
     if ext.by_dtype is None:
         return ext.layers
-    gs.structure_changed()
     p = ext.probe
     if p is not None and L.PROBE not in gs.root:
         attrs = {

@@ -89,6 +89,7 @@ def to_numpy(tensor_like: Any, *, layout: str = "out_in") -> np.ndarray:
     bfloat16 becomes float32 (NumPy has no native bfloat16); other float
     dtypes are kept.
     """
+    torch: Any
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency

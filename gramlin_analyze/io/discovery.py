@@ -13,8 +13,10 @@ import os
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from gramlin_analyze.errors import (
     CheckpointFormatError,
@@ -331,7 +333,7 @@ def _name_key(s: CheckpointSource) -> tuple[str, int]:
     return (path, 0)
 
 
-def _order_key(order: str):
+def _order_key(order: str | None) -> Callable[[CheckpointSource], tuple[Any, ...]]:
     if order == "mtime":
         return lambda s: (s.mtime, _name_key(s))
     return _name_key
@@ -365,7 +367,8 @@ def _resolve_steps(sources: list[CheckpointSource], order: str | None) -> ScanRe
         )
     by_step: dict[int, list[CheckpointSource]] = defaultdict(list)
     for s in sources:
-        by_step[s.step].append(s)
+        # Every step is set here: checkpoints without one raised above.
+        by_step[cast(int, s.step)].append(s)
     dups = {k: v for k, v in by_step.items() if len(v) > 1}
     if dups and order is None:
         lines = [

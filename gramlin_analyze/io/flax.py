@@ -234,6 +234,8 @@ def _read(
 class _FlaxHandle(CheckpointHandle):
     """Decodes the msgpack file once and serves every tensor from memory."""
 
+    reader: FlaxMsgpackReader
+
     def __init__(self, reader: FlaxMsgpackReader, path: str | os.PathLike):
         super().__init__(reader, path)
         self._loaded: tuple[dict[str, TreeLeaf], dict[tuple[str, ...], np.ndarray]] | None = None

@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -285,6 +285,8 @@ class KerasWeightsReader(CheckpointReader):
 class _KerasHandle(CheckpointHandle):
     """Keeps the HDF5 file open and its layout parsed while many tensors are read."""
 
+    reader: KerasWeightsReader
+
     def __init__(self, reader: KerasWeightsReader, path: str | os.PathLike):
         super().__init__(reader, path)
         self._file: Any = None
@@ -299,7 +301,8 @@ class _KerasHandle(CheckpointHandle):
                 self._file.close()
                 self._file = None
                 raise
-        return self._file, self._entries
+        # _entries is set together with _file.
+        return self._file, cast("dict[str, _Entry]", self._entries)
 
     def list_tensors(self) -> dict[str, TensorInfo]:
         _, entries = self._ensure()

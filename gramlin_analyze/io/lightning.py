@@ -16,7 +16,7 @@ import argparse
 import os
 import pathlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,7 +34,7 @@ class _AttributeDictAsDict:
     class, allow-listed, fails to load; the values matter here, not the class.
     """
 
-    def __new__(cls, *args: Any) -> dict:
+    def __new__(cls, *args: Any) -> Any:  # a plain dict, not an instance of cls
         return dict(*args)
 
 
@@ -78,7 +78,9 @@ def lightning_safe_globals() -> Iterator[None]:
 
     with _ALLOW_LIST_LOCK:
         present = set(torch.serialization.get_safe_globals())
-        added = [entry for entry in LIGHTNING_SAFE_GLOBALS if entry not in present]
+        added: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+            entry for entry in LIGHTNING_SAFE_GLOBALS if entry not in present
+        ]
         with torch.serialization.safe_globals(added):
             yield
 

@@ -257,6 +257,8 @@ class OnnxReader(CheckpointReader):
 class _OnnxHandle(CheckpointHandle):
     """Parses the model once and reads every initializer from it."""
 
+    reader: OnnxReader
+
     def __init__(self, reader: OnnxReader, path: str | os.PathLike):
         super().__init__(reader, path)
         self._loaded: tuple[Any, dict[str, _Entry]] | None = None

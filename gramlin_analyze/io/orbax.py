@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -268,6 +268,8 @@ def _lookup(leaves: dict[str, TreeLeaf], path: Path, name: str) -> TreeLeaf:
 class _OrbaxHandle(CheckpointHandle):
     """Restores the whole pytree on the first read and serves every tensor from it."""
 
+    reader: OrbaxReader
+
     def __init__(self, reader: OrbaxReader, path: str | os.PathLike):
         super().__init__(reader, path)
         self._leaves: dict[str, TreeLeaf] | None = None
@@ -280,9 +282,10 @@ class _OrbaxHandle(CheckpointHandle):
 
     def read_tensor(self, name: str) -> np.ndarray:
         self.list_tensors()
-        leaf = _lookup(self._leaves, self.path, name)
+        leaves = cast("dict[str, TreeLeaf]", self._leaves)  # set by list_tensors()
+        leaf = _lookup(leaves, self.path, name)
         if self._arrays is None:
-            self._arrays = self.reader._restore(self.path, list(self._leaves.values()))
+            self._arrays = self.reader._restore(self.path, list(leaves.values()))
         return convert_leaf(self._arrays[leaf.path], leaf.convert)
 
     def close(self) -> None:

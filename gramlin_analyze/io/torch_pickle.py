@@ -22,7 +22,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -238,7 +238,7 @@ def as_float(value: Any) -> float | None:
     return None
 
 
-def _is_optimizer_state(node: Any) -> bool:
+def _is_optimizer_state(node: Any) -> TypeGuard[Mapping]:
     return isinstance(node, Mapping) and "param_groups" in node and "state" in node
 
 
@@ -272,7 +272,7 @@ def optimizer_family(state: Mapping) -> str | None:
     if "exp_avg" in buffers or "betas" in group:
         if "amsgrad" in group:
             # Adam and AdamW share buffers and options; only recent PyTorch records the flag.
-            decoupled = group.get("decoupled_weight_decay")
+            decoupled: Any = group.get("decoupled_weight_decay")
             return {True: "AdamW", False: "Adam"}.get(decoupled, "Adam/AdamW")
         # Without amsgrad: RAdam records the flag; older RAdam and SparseAdam look alike.
         return "RAdam" if "decoupled_weight_decay" in group else None
@@ -347,7 +347,7 @@ class TorchPickleReader(CheckpointReader):
     """
 
     name = "torch"
-    suffixes = (".pt", ".pth", ".bin", ".pth.tar")
+    suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".pth.tar")
 
     def __init__(self, *, state_dict_key: str | None = None):
         self.state_dict_key = state_dict_key

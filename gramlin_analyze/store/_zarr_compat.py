@@ -15,9 +15,6 @@ Probes:
   event loop (``zarr.core.sync.sync``).
 - :data:`CONSOLIDATED_LOOKUP`: a node looked up in consolidated metadata
   without a coroutine (``AsyncGroup._getitem_consolidated``).
-- :data:`CONSOLIDATED_WRITE`: consolidated metadata written from node
-  metadata already in memory (``ConsolidatedMetadata._flat_to_nested``,
-  ``AsyncGroup._save_metadata``).
 """
 
 from __future__ import annotations
@@ -25,14 +22,16 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import zarr
 
+if TYPE_CHECKING:
+    from zarr.core.metadata import ArrayV3Metadata
+
 __all__ = [
     "CONSOLIDATED_LOOKUP",
-    "CONSOLIDATED_WRITE",
     "EVENT_LOOP",
     "SYNC_CODECS",
     "async_group",
@@ -41,17 +40,15 @@ __all__ = [
     "decode_chunk",
     "encode_chunk",
     "run_together",
-    "save_consolidated",
     "sync_codecs",
 ]
 
 SYNC_CODECS = "sync_codecs"
 EVENT_LOOP = "event_loop"
 CONSOLIDATED_LOOKUP = "consolidated_lookup"
-CONSOLIDATED_WRITE = "consolidated_write"
 
 
-def _switched_off() -> set[str] | bool:
+def _switched_off() -> set[str] | Literal[True]:
     """``GRAMLIN_ZARR_PUBLIC``: ``1`` turns every shortcut off (zarr's public API
     alone), a comma-separated list of capability names only those (benchmarks)."""
     value = os.environ.get("GRAMLIN_ZARR_PUBLIC", "").strip().lower()
@@ -84,10 +81,6 @@ def _probe(name: str) -> bool:
             from zarr.core.group import AsyncGroup
 
             return hasattr(AsyncGroup, "_getitem_consolidated")
-        if name == CONSOLIDATED_WRITE:
-            from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata  # noqa: F401
-
-            return hasattr(ConsolidatedMetadata, "_flat_to_nested") and hasattr(AsyncGroup, "_save_metadata")
     except ImportError:
         return False
     raise ValueError(f"unknown capability {name!r}")
@@ -124,7 +117,7 @@ def _chunk_spec(arr: zarr.Array):
     from zarr.buffer import default_buffer_prototype
     from zarr.core.array_spec import ArraySpec
 
-    md = arr.metadata
+    md = cast("ArrayV3Metadata", arr.metadata)  # chunks encoded here are Zarr v3 (local_dir)
     return ArraySpec(
         shape=tuple(arr.chunks), dtype=md.data_type, fill_value=md.fill_value,
         config=arr.async_array.config, prototype=default_buffer_prototype(),
@@ -156,17 +149,20 @@ def decode_chunk(arr: zarr.Array, codecs: list, raw: bytes) -> np.ndarray:
 # -- many operations in one trip through zarr's event loop ----------------------------------
 
 
-def run_together(jobs: Sequence[tuple[Callable[[], Any], Callable[[], Any]]]) -> list:
+def run_together(jobs: Sequence[tuple[Callable[..., Any], Callable[..., Any]]]) -> list:
     """Run ``(coroutine factory, public call)`` pairs; their results in order.
 
     With the event loop at hand, the coroutines go in one trip, concurrently
     (on an object store, one round trip instead of one per job); otherwise the
-    public calls run one after another.
+    public calls run on a few threads, still concurrently.
     """
     if not jobs:
         return []
     if not available(EVENT_LOOP):
-        return [public() for _, public in jobs]
+        if len(jobs) == 1:
+            return [jobs[0][1]()]
+        # zarr's synchronous calls are thread-safe: on threads they still overlap
+        return list(_public_pool().map(lambda job: job[1](), jobs))
     import asyncio
 
     from zarr.core.sync import sync
@@ -175,6 +171,18 @@ def run_together(jobs: Sequence[tuple[Callable[[], Any], Callable[[], Any]]]) ->
         return await asyncio.gather(*(coro() for coro, _ in jobs))
 
     return list(sync(run()))
+
+
+_pool = None
+
+
+def _public_pool():
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(8, thread_name_prefix="gramlin-zarr")
+    return _pool
 
 
 # -- consolidated metadata ------------------------------------------------------------------
@@ -197,32 +205,3 @@ def consolidated_lookup(group: zarr.Group, path: str) -> zarr.Array | zarr.Group
 def async_group(group: zarr.Group):
     """The ``AsyncGroup`` behind ``group`` (for :class:`zarr.Group` subclasses)."""
     return group._async_group
-
-
-def save_consolidated(root: zarr.Group, nodes: dict[str, zarr.Array | zarr.Group]) -> zarr.Group | None:
-    """Write ``root``'s consolidated metadata from ``nodes`` (every node by path, its
-    metadata current) and return the root holding it; None when not possible here
-    (the caller then runs :func:`zarr.consolidate_metadata`, which reads every node back)."""
-    if not available(CONSOLIDATED_WRITE) or not available(EVENT_LOOP):
-        return None
-    import dataclasses
-
-    from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata
-    from zarr.core.sync import sync
-
-    flat = {}
-    for path, node in nodes.items():
-        md = node.metadata
-        if isinstance(md, GroupMetadata):  # children are filled in below, from ``nodes``
-            md = dataclasses.replace(md, consolidated_metadata=ConsolidatedMetadata(metadata={}))
-        flat[path] = md
-
-    async def run() -> AsyncGroup:
-        live = await AsyncGroup.open(root.store_path, zarr_format=3, use_consolidated=False)
-        ConsolidatedMetadata._flat_to_nested(flat)
-        md = dataclasses.replace(live.metadata, consolidated_metadata=ConsolidatedMetadata(metadata=flat))
-        written = dataclasses.replace(live, metadata=md)
-        await written._save_metadata()
-        return written
-
-    return zarr.Group(sync(run()))

@@ -12,15 +12,21 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
 
+from gramlin_analyze.errors import StoreError
 from gramlin_analyze.store import _zarr_compat as compat
 from gramlin_analyze.store.direct_io import read_raw_chunk, write_raw_chunk
+
+if TYPE_CHECKING:
+    from zarr.core.buffer import Buffer
+    from zarr.core.metadata import ArrayV3Metadata
 
 __all__ = [
     "create_nodes",
@@ -49,6 +55,27 @@ def writable(arr: zarr.Array) -> zarr.Array:
     a step that was never written.
     """
     return arr.with_config({"write_empty_chunks": True})
+
+
+def v3_metadata(arr: zarr.Array) -> ArrayV3Metadata:
+    """``arr.metadata``, typed as Zarr v3's: gramlin stores are Zarr format 3 only."""
+    return cast("ArrayV3Metadata", arr.metadata)
+
+
+def group_at(parent: zarr.Group, key: str) -> zarr.Group:
+    """``parent[key]``, a node the store layout makes a group."""
+    node = parent[key]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{parent.path}/{key}: expected a Zarr group, found an array")
+    return node
+
+
+def array_at(parent: zarr.Group, key: str) -> zarr.Array:
+    """``parent[key]``, a node the store layout makes an array."""
+    node = parent[key]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{parent.path}/{key}: expected a Zarr array, found a group")
+    return node
 
 
 def local_dir(arr: zarr.Array, *, write: bool = True) -> Path | None:
@@ -138,7 +165,7 @@ def read_step(arr: zarr.Array, index: int, out: np.ndarray | None = None) -> np.
     reading one row after another reuses one buffer); a whole chunk file of a local
     uncompressed array is read straight from its file."""
     if out is None:
-        return arr[index]
+        return cast(np.ndarray, arr[index])
     if arr.chunks == (1, *arr.shape[1:]) and out.flags.c_contiguous and 0 <= index < arr.shape[0]:
         path = raw_chunk_path(arr, (index,) + (0,) * out.ndim)
         if path is not None and read_raw_chunk(path, out):
@@ -172,7 +199,7 @@ def _chunk_slices(arr: zarr.Array):
 
 
 def _native(arr: zarr.Array) -> np.dtype:
-    return arr.metadata.data_type.to_native_dtype()
+    return v3_metadata(arr).data_type.to_native_dtype()
 
 
 def _write_small(arr: zarr.Array, value: np.ndarray, codecs: list) -> None:
@@ -267,7 +294,7 @@ def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
         n = shape[0]
         if arr.ndim and n < arr.shape[0] and n % arr.chunks[0]:
             stop = min(arr.shape[0], -(-n // arr.chunks[0]) * arr.chunks[0])
-            writable(arr)[n:stop] = arr.metadata.fill_value
+            writable(arr)[n:stop] = cast(Any, arr.metadata.fill_value)
     _resize_and_write([(a, tuple(shape), None) for a, shape in pairs])
 
 
@@ -308,8 +335,8 @@ def update_attributes_all(pairs: list[tuple[zarr.Group | zarr.Array, dict[str, A
 def create_nodes(
     store,
     *,
-    groups: list[tuple[str, dict[str, Any]]] = (),
-    arrays: list[tuple[str, dict[str, Any]]] = (),
+    groups: Sequence[tuple[str, dict[str, Any]]] = (),
+    arrays: Sequence[tuple[str, dict[str, Any]]] = (),
     overwrite_groups: bool = False,
 ) -> None:
     """Create groups, then arrays: ``(path, attributes)`` and ``(path, create_array keywords)``.
@@ -328,6 +355,7 @@ def create_nodes(
     if not groups and not arrays:
         return
     root = _fresh_local_root(store, groups, arrays)
+    memory: dict[str, Buffer]
     target = store if root is None else zarr.storage.MemoryStore(memory := {})
     overwrite = overwrite_groups and root is None
     # Groups first: an array's creation makes its missing parents, with no attributes.

@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import zarr
 
@@ -83,7 +83,7 @@ class ConsolidatedGroup(zarr.Group):
         return True
 
 
-def open_consolidated(zstore, mode: str) -> zarr.Group:
+def open_consolidated(zstore, mode: Literal["r", "r+", "a", "w", "w-"]) -> zarr.Group:
     """The root of ``zstore`` from its consolidated metadata (see :class:`ConsolidatedGroup`)."""
     return as_consolidated(zarr.open_group(zstore, mode=mode, zarr_format=3, use_consolidated=True))
 

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
 
 from gramlin_analyze._version import __version__
 from gramlin_analyze.errors import StoreError
-from gramlin_analyze.store import _zarr_compat as compat
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.chunks import (
     create_nodes,
+    group_at,
     read_all,
+    v3_metadata,
     write_all,
 )
 from gramlin_analyze.store.consolidated import (
     CONSOLIDATED_ATTR,
-    as_consolidated,
     consolidated_is_current,
     open_consolidated,
     quiet_consolidated,
@@ -162,7 +162,7 @@ class GramlinStore:
             arrays.append((f"{L.STEPS}/step", L.step_coord_spec(np.zeros(0, np.int64))))
             arrays.extend((f"{L.STEPS}/{name}", L.manifest_spec(name, 0)) for name in L.MANIFEST)
         else:
-            present = dict(self.view[L.STEPS].arrays())  # from the consolidated copy when current
+            present = dict(group_at(self.view, L.STEPS).arrays())  # from the consolidated copy when current
             n = present["step"].shape[0]
             missing = [name for name in L.MANIFEST if name not in present]
             if missing:  # stores from older versions gain new fields
@@ -234,7 +234,7 @@ class GramlinStore:
     # -- arrays ----------------------------------------------------------------------
 
     def group(self, path: str) -> zarr.Group:
-        return self.view[path]
+        return cast(zarr.Group, self.view[path])
 
     def steps(self) -> np.ndarray:
         return self.manifest()["step"]
@@ -249,7 +249,7 @@ class GramlinStore:
         """
         if self._steps_arrays is not None:
             return self._steps_arrays
-        arrays = dict(self.view[L.STEPS].arrays())
+        arrays = dict(group_at(self.view, L.STEPS).arrays())
         if self.mode != "r":
             self._steps_arrays = arrays
         return arrays
@@ -302,10 +302,10 @@ class GramlinStore:
         root = self.view
         if L.LAYERS not in root:
             return []
-        return sorted(k for k, _ in root[L.LAYERS].groups())
+        return sorted(k for k, _ in group_at(root, L.LAYERS).groups())
 
     def layer(self, name: str) -> zarr.Group:
-        return self.view[L.LAYERS][name]
+        return group_at(group_at(self.view, L.LAYERS), name)
 
     def _walk(self) -> dict[str, zarr.Array | zarr.Group]:
         """Every node of the store by path, each with its metadata.
@@ -329,24 +329,9 @@ class GramlinStore:
                 continue
             if path.rsplit("/", 1)[-1] == "step":
                 coords.append(node)
-            elif (node.metadata.dimension_names or ())[:1] == ("step",):
+            elif (v3_metadata(node).dimension_names or ())[:1] == ("step",):
                 arrays[path] = node
         return arrays, coords
-
-    def _consolidate_nodes(self, nodes: dict[str, zarr.Array | zarr.Group]) -> None:
-        """Write the consolidated copy from ``nodes`` (every node, metadata current):
-        :meth:`set_step_axis` has just walked and resized them all, so it is written
-        from memory where :mod:`._zarr_compat` allows, else by :meth:`consolidate`."""
-        self._steps_arrays = None
-        written = compat.save_consolidated(self.root, nodes)
-        if written is None:
-            self.consolidate()
-            return
-        self._stale = False
-        self._consolidated = True
-        # What was just written is the view: no need to read and parse it back.
-        self._view = as_consolidated(written)
-        self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
 
     # -- the step axis ------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def write_raw_chunk(path: Path, data: np.ndarray) -> None:
     (``O_DIRECT``, see :func:`_write_direct`) where the file system allows
     it; ``GRAMLIN_DIRECT_IO=0`` turns that off.
     """
-    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    view = memoryview(np.ascontiguousarray(data)).cast("B")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ on 3.12+ only
     try:
         _write_replacing(path, view)
     except FileNotFoundError:
@@ -171,7 +172,7 @@ def read_raw_chunk(path: Path, out: np.ndarray) -> bool:
     development VM the costliest part of reading it). A missing file (the
     chunk reads as the fill value) or one of another size is left to zarr.
     """
-    view = memoryview(out).cast("B")
+    view = memoryview(out).cast("B")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ on 3.12+ only
     n = view.nbytes
     direct = n >= DIRECT_IO_MIN_BYTES and direct_io_enabled()
     try:
@@ -184,13 +185,13 @@ def read_raw_chunk(path: Path, out: np.ndarray) -> bool:
     except OSError as err:
         if not direct or err.errno != errno.EINVAL:
             raise
-        _direct_unsupported.add(dev)
+        _direct_unsupported.add(cast(int, dev))  # direct: dev was read
         return read_raw_chunk(path, out)
     try:
         if os.fstat(fd).st_size != n:
             return False
         if direct:
-            if not _direct_accepted(dev, lambda: _pread_aligned(fd, view)):
+            if not _direct_accepted(cast(int, dev), lambda: _pread_aligned(fd, view)):
                 # Opened with O_DIRECT but this alignment refused: read through the cache from now on.
                 os.close(fd)
                 fd = -1

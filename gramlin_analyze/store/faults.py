@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 
 from gramlin_analyze.errors import StoreUnavailableError
 from gramlin_analyze.store.location import canonical_url, is_remote
@@ -59,7 +60,7 @@ def as_store_error(err: BaseException, url: str | os.PathLike) -> StoreUnavailab
     )
 
 
-def _chain(err: BaseException):
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

@@ -9,6 +9,7 @@ import fsspec
 import numpy as np
 
 from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.chunks import array_at, group_at
 from gramlin_analyze.store.core import GramlinStore
 
 __all__ = ["store_info"]
@@ -66,10 +67,10 @@ def store_info(url: str | os.PathLike, *, storage_options: dict | None = None) -
     for name in names:
         grp = gs.layer(name)
         la = dict(grp.attrs)
-        w = grp["weight"]
+        w = array_at(grp, "weight")
         acts = "-"
         if "input" in grp:
-            acts = f"{grp['input'].shape[1]} samples x {grp['input'].shape[2]}"
+            acts = f"{array_at(grp, 'input').shape[1]} samples x {array_at(grp, 'input').shape[2]}"
         size = _du(url, f"{L.LAYERS}/{name}", storage_options)
         lines.append(
             f"{name:<28} {la.get('kind', '?'):<10} {str(tuple(w.shape[1:])):<18} {w.dtype.name:<8} "
@@ -85,7 +86,7 @@ def store_info(url: str | os.PathLike, *, storage_options: dict | None = None) -
             f"({pa.get('reduction', '?')}), fingerprint {str(pa.get('fingerprint', '?'))[:16]}"
         )
     if L.METRICS in gs.root:
-        mg = gs.root[L.METRICS]
+        mg = group_at(gs.root, L.METRICS)
         scalars = sorted(k for k, _ in mg.arrays() if k not in ("step", "layer"))
         lines.append("")
         lines.append("metrics  " + (", ".join(scalars) or "(none)"))

@@ -32,7 +32,7 @@ PROBE = "probe"
 METRICS = "metrics"
 
 #: Manifest variables of ``/steps``: name -> (zarr dtype, fill value, long_name, units)
-MANIFEST: dict[str, tuple[object, object, str, str | None]] = {
+MANIFEST: dict[str, tuple[type[str] | str, object, str, str | None]] = {
     "source_path": (str, "", "checkpoint path (file or directory)", None),
     "format": (str, "", "checkpoint reader that read it", None),
     "fingerprint": (str, "", "content fingerprint (size + sampled blake2b)", None),

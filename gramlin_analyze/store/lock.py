@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import IO
 
 from gramlin_analyze.errors import StoreLockedError
 from gramlin_analyze.store.location import canonical_url, is_remote
@@ -36,7 +37,7 @@ class StoreLock:
         self.lock_url = canonical_url(self.url) + ".lock"
         self.storage_options = storage_options or {}
         self.break_lock = break_lock
-        self._fh = None
+        self._fh: IO[str] | None = None
         self._fs = None
         self._path = ""
         self._body = b""

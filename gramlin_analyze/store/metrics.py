@@ -21,13 +21,13 @@ hold the manifest's steps or the layer names (:func:`repair_metrics`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
 
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.chunks import create_nodes, read_all, write_all
+from gramlin_analyze.store.chunks import array_at, create_nodes, group_at, read_all, write_all
 
 if TYPE_CHECKING:
     from gramlin_analyze.store.core import GramlinStore
@@ -73,7 +73,7 @@ def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, boo
     n = len(gs.steps())
     groups: list[tuple[str, dict]] = []
     arrays: list[tuple[str, dict]] = []
-    have = {k for k, _ in root[L.METRICS].members()} if L.METRICS in root else None
+    have = {k for k, _ in group_at(root, L.METRICS).members()} if L.METRICS in root else None
     new_layer_coord = have is None or "layer" not in have
     if have is None:
         groups.append((L.METRICS, _DESCRIPTION))
@@ -81,7 +81,7 @@ def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, boo
     if "step" not in have:
         arrays.append((f"{L.METRICS}/step", L.step_coord_spec(gs.steps())))
     layers = gs.layer_names()
-    nl = len(layers) if new_layer_coord else root[L.METRICS]["layer"].shape[0]
+    nl = len(layers) if new_layer_coord else array_at(group_at(root, L.METRICS), "layer").shape[0]
     if new_layer_coord:
         arrays.append((f"{L.METRICS}/layer", dict(
             shape=(nl,), dtype=str, chunks=(max(nl, 1),), dimension_names=["layer"],
@@ -93,7 +93,7 @@ def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, boo
                 shape=(n, nl), dtype="float64", chunks=(L.MANIFEST_CHUNK, nl),
                 dimension_names=["step", "layer"], fill_value=np.nan, attributes=attrs,
             )))
-    inputs = {k for k, _ in root[f"{L.METRICS}/{INPUTS}"].members()} if INPUTS in have else None
+    inputs = {k for k, _ in group_at(root, f"{L.METRICS}/{INPUTS}").members()} if INPUTS in have else None
     if inputs is None:
         groups.append((f"{L.METRICS}/{INPUTS}", _INPUTS_DESCRIPTION))
         inputs = set()
@@ -104,7 +104,7 @@ def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, boo
             )))
     for layer, matrices in spec.matrices.items():
         base = f"{L.METRICS}/{layer}"
-        present = {k for k, _ in root[base].members()} if layer in have else None
+        present = {k for k, _ in group_at(root, base).members()} if layer in have else None
         if present is None:
             groups.append((base, {}))
             present = set()
@@ -129,7 +129,7 @@ def declare_metrics(gs: GramlinStore, spec: MetricsSpec) -> None:
     create_nodes(gs.zstore, groups=groups, arrays=arrays)
     if new_layer_coord:  # variable-length strings: created, then written
         layers = gs.layer_names()
-        write_all([(gs.root[f"{L.METRICS}/layer"], np.asarray(layers, dtype=object))])
+        write_all([(array_at(gs.root, f"{L.METRICS}/layer"), np.asarray(layers, dtype=object))])
 
 
 def repair_metrics(gs: GramlinStore) -> None:
@@ -139,13 +139,13 @@ def repair_metrics(gs: GramlinStore) -> None:
     if L.METRICS not in root:
         return
     steps = gs.steps()
-    coords = [a for _, a in root[L.METRICS].members(max_depth=None)
+    coords = [a for _, a in group_at(root, L.METRICS).members(max_depth=None)
               if isinstance(a, zarr.Array) and a.path.rsplit("/", 1)[-1] == "step"]
     wrong = [(a, steps) for a, v in zip(coords, read_all(coords), strict=True)
              if a.shape == steps.shape and not np.array_equal(v, steps)]
-    lay = root[L.METRICS].get("layer")
+    lay = group_at(root, L.METRICS).get("layer")
     if isinstance(lay, zarr.Array):
-        names = [str(v) for v in lay[:]]
+        names = [str(v) for v in cast(np.ndarray, lay[:])]
         layers = gs.layer_names()
         if "" in names and len(names) == len(layers):  # created, never written
             wrong.append((lay, np.asarray(layers, dtype=object)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -50,9 +50,10 @@ def write_probe(store, probe: Any, attrs: dict[str, Any]) -> None:
         # Text ids are stored as zarr's variable-length strings (no fixed-width dtype): created, then written.
         spec = dict(chunks=(n,), dimension_names=["sample"], attributes={"long_name": "sample id from the probe file"})
         arrays.append((f"{base}/sample_id", {**spec, "shape": (n,), "dtype": str} if text else {**spec, "data": sid}))
-    create_nodes(store._zstore, groups=[(base, attrs)], arrays=arrays, overwrite_groups=True)
+    store.structure_changed()
+    create_nodes(store.zstore, groups=[(base, attrs)], arrays=arrays, overwrite_groups=True)
     if text:
-        store.root[f"{base}/sample_id"][:] = sid.astype(object)
+        store.root[f"{base}/sample_id"][:] = cast(np.ndarray, sid).astype(object)  # text implies sid
 
 
 def declare_activations(
@@ -89,7 +90,8 @@ def declare_activations(
                 fill_value=np.nan, compressors=None, overwrite=True, chunk_key_encoding=L.STEP_CHUNK_KEYS,
                 attributes={"long_name": f"AGOP of the network output w.r.t. the input of {layer}"},
             )))
-    create_nodes(store._zstore, arrays=specs)
+    store.structure_changed()
+    create_nodes(store.zstore, arrays=specs)
     groups = [(store.root[f"{L.LAYERS}/{layer}"], per) for layer, (_, _, _, per) in layers.items()]
     update_attributes_all([(g, {"samples_per_example": per}) for g, per in groups])
 

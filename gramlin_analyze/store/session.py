@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.chunks import resize_all
+from gramlin_analyze.store.chunks import group_at, resize_all, v3_metadata
 from gramlin_analyze.store.core import GramlinStore
 from gramlin_analyze.store.faults import StoreUnavailableError, as_store_error, is_store_fault
 from gramlin_analyze.store.lock import StoreLock
@@ -98,7 +98,7 @@ def repair(gs: GramlinStore) -> None:
         n = len(gs.steps())
         arrays = [
             node for _, node in gs._walk().items()
-            if isinstance(node, zarr.Array) and (node.metadata.dimension_names or ())[:1] == ("step",)
+            if isinstance(node, zarr.Array) and (v3_metadata(node).dimension_names or ())[:1] == ("step",)
         ]
         resize_all([(a, (n, *a.shape[1:])) for a in arrays if a.shape[0] != n])
         repair_metrics(gs)
@@ -110,7 +110,7 @@ def _has_ok_step(gs: GramlinStore) -> bool:
     """Whether the manifest is whole and holds an ``ok`` row."""
     if L.STEPS not in gs.root:
         return False
-    present = {k for k, _ in gs.root[L.STEPS].arrays()}
+    present = {k for k, _ in group_at(gs.root, L.STEPS).arrays()}
     if not {"step", *L.MANIFEST} <= present:
         return False
     return bool(np.any(gs.manifest()["status"] == "ok"))

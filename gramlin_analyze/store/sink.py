@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import cast
 
 import numpy as np
 import zarr
 
 from gramlin_analyze.errors import StoreError
-from gramlin_analyze.store.chunks import put_rows, writable
+from gramlin_analyze.store.chunks import array_at, group_at, put_rows, writable
 from gramlin_analyze.store.direct_io import chunk_buffers
 
 __all__ = ["ActivationSink"]
@@ -26,7 +27,7 @@ class _Chunk:
         self.H, self.G = (np.frombuffer(b, dtype=dtype, count=rows * d).reshape(rows, d) for b in self.bufs)
 
     def release(self) -> None:
-        self.H = self.G = None
+        self.H = self.G = cast(np.ndarray, None)  # a released chunk is never read again
         for b in self.bufs:
             chunk_buffers.give(b)
 
@@ -47,7 +48,11 @@ class ActivationSink:
 
         self.index = index
         self.arrays = {
-            n: (writable(layers_group[n]["input"]), writable(layers_group[n]["input_grad"])) for n in layers
+            n: (
+                writable(array_at(group_at(layers_group, n), "input")),
+                writable(array_at(group_at(layers_group, n), "input_grad")),
+            )
+            for n in layers
         }
         self.rows = {n: a[0].chunks[1] for n, a in self.arrays.items()}
         self.open: dict[str, _Chunk | None] = {n: None for n in layers}

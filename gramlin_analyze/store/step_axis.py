@@ -10,14 +10,14 @@ again (:func:`_repair_lengths`), then changes the axis as usual.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
 
 from gramlin_analyze.errors import UsageError
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.chunks import _resize_and_write, resize_all, write_all
+from gramlin_analyze.store.chunks import _resize_and_write, resize_all, v3_metadata, write_all
 from gramlin_analyze.store.metrics import INPUTS
 
 if TYPE_CHECKING:
@@ -83,8 +83,7 @@ def _change_axis(gs: GramlinStore, man: dict, new_steps: np.ndarray, pos: dict[i
         _rearrange(moves, status, n_old, n_new, data_arrays, g, step_coords, new_man, final_status, new_steps)
         new_man["status"] = final_status
     gs._man = {"step": new_steps.copy(), **new_man}
-    # Only shapes changed, all through ``nodes``: consolidate from them.
-    gs._consolidate_nodes(nodes)
+    gs.consolidate()
 
 
 def _repair_lengths(arrays: list[zarr.Array], n: int) -> None:
@@ -161,7 +160,7 @@ def _step_nodes(nodes: dict[str, zarr.Array | zarr.Group]) -> tuple[dict[str, za
             continue
         if path.rsplit("/", 1)[-1] == "step":
             coords.append(node)
-        elif (node.metadata.dimension_names or ())[:1] == ("step",):
+        elif (v3_metadata(node).dimension_names or ())[:1] == ("step",):
             arrays[path] = node
     return arrays, coords
 
@@ -170,7 +169,7 @@ def _move_rows(arr: zarr.Array, moves: dict[int, int]) -> None:
     if not moves:
         return
     if arr.nbytes <= _BIG_MOVE_BYTES:
-        data = arr[:]
+        data = cast(np.ndarray, arr[:])
         out = data.copy()
         for i, j in moves.items():
             out[j] = data[i]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import cast
 
 import fsspec
 import jsonschema
@@ -13,6 +14,7 @@ import zarr
 
 from gramlin_analyze.schemas import load_schema
 from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.chunks import v3_metadata
 from gramlin_analyze.store.consolidated import CONSOLIDATED_ATTR
 from gramlin_analyze.store.core import GramlinStore
 from gramlin_analyze.store.faults import StoreUnavailableError
@@ -32,9 +34,9 @@ def describe_group(group: zarr.Group) -> dict:
     """``{"attrs": ..., "variables": {name: {"dims", "dtype"}}}`` for schema checks."""
     variables = {}
     for name, arr in group.arrays():
-        dtype = arr.metadata.data_type
+        dtype: object = v3_metadata(arr).data_type
         dtype = "str" if "String" in type(dtype).__name__ or "UTF8" in type(dtype).__name__ else str(arr.dtype)
-        variables[name] = {"dims": list(arr.metadata.dimension_names or []), "dtype": dtype}
+        variables[name] = {"dims": list(v3_metadata(arr).dimension_names or []), "dtype": dtype}
     return {"attrs": dict(group.attrs), "variables": variables}
 
 
@@ -119,7 +121,7 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
     rows = [{k: _json_value(v[i]) for k, v in man.items()} for i in range(len(man["step"]))]
     if interrupted:  # rows a killed writer added but never wrote: unset, so never ok
         rows = [r for r in rows if r["status"] != ""]
-    desc = describe_group(root[L.STEPS])
+    desc = describe_group(cast(zarr.Group, root[L.STEPS]))
     problems += _errors(load_schema("steps"), {"variables": desc["variables"], "rows": rows}, "/steps")
     steps = man["step"]
     if np.any(np.diff(steps) <= 0):
@@ -133,7 +135,7 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
         notes.append(f"{len(stray)} temporary files of writes cut short (*.partial); never read, safe to delete")
     # What readers see: the consolidated copy while a writer's change is unfinished.
     tree = cons if interrupted else root
-    layers = {k: g for k, g in _members(tree[L.LAYERS])} if L.LAYERS in tree else {}
+    layers = {k: g for k, g in _members(cast(zarr.Group, tree[L.LAYERS]))} if L.LAYERS in tree else {}
     for name, grp in sorted(layers.items()):
         problems += _errors(layer_schema, describe_group(grp), f"/layers/{name}")
     coordinate_problems = _coordinate_problems(arrays, steps, sorted(layers))
@@ -142,7 +144,7 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
     else:
         problems += coordinate_problems
     for path, arr in arrays.items():
-        dims = arr.metadata.dimension_names or ()
+        dims = v3_metadata(arr).dimension_names or ()
         if not dims or dims[0] != "step" or path.startswith(L.STEPS + "/") or path.endswith("/step"):
             continue
         missing = [i for i in ok_rows if any(k not in keys for k in _required_chunks(path, arr, i))]
@@ -179,7 +181,7 @@ def _coordinate_problems(arrays: dict[str, zarr.Array], steps: np.ndarray, layer
             problems.append(f"/{path.rsplit('/', 1)[0]}: step coordinate differs from /steps/step; re-run ingest to repair")
     lay = arrays.get(f"{L.METRICS}/layer")
     if lay is not None:
-        names = [str(v) for v in lay[:]]
+        names = [str(v) for v in cast(np.ndarray, lay[:])]
         if len(set(names)) != len(names) or not set(names) <= set(layers):
             problems.append(f"/{L.METRICS}: layer coordinate {names} does not name stored layers; re-run analyze")
     return problems

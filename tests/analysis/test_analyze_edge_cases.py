@@ -210,10 +210,10 @@ def test_a_writer_stopped_midway_is_consolidated_by_the_next(tmp_path, monkeypat
     gs = GramlinStore(store, mode="a")
     assert gs.root.attrs[CONSOLIDATED_ATTR] is True
 
-    def killed(self, nodes):
+    def killed(self):
         raise KeyboardInterrupt("killed after resizing, before consolidating")
 
-    monkeypatch.setattr(GramlinStore, "_consolidate_nodes", killed)
+    monkeypatch.setattr(GramlinStore, "consolidate", killed)
     with gs.lock(), pytest.raises(KeyboardInterrupt):
         gs.set_step_axis(np.asarray([0, 10, 20, 30]))
     monkeypatch.undo()
