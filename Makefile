@@ -44,6 +44,8 @@ test-newest:
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check gramlin_analyze tests benchmarks examples
+	$(VENV)/bin/ruff format --check gramlin_analyze tests benchmarks examples
+	$(VENV)/bin/mypy
 
 bench: $(STAMP_DEV)
 	$(PY) benchmarks/ingest.py

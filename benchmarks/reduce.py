@@ -147,6 +147,8 @@ def part_ab(work: Path, n: int, n_layers: int, dim: int, repeats: int) -> dict:
         )
     extra = spare / f"checkpoint-{(n + 1) * 100}"
     write_checkpoint(extra / "model.safetensors", n_layers, dim, rng)
+    extra_cli = spare / f"checkpoint-{(n + 2) * 100}"
+    write_checkpoint(extra_cli / "model.safetensors", n_layers, dim, rng)
     store, out = work / "store.zarr", work / "user_out"
 
     # a. raw matmul rate on the same matrices (float64, in memory, NumPy's threads)
@@ -203,6 +205,16 @@ def part_ab(work: Path, n: int, n_layers: int, dim: int, repeats: int) -> dict:
             f"incremental analyze computed {rep[0].computed} pairs, expected {n_layers}"
         )
 
+    # b (incremental, through the CLI as users run it): one more new checkpoint;
+    # ``ingest`` and ``analyze`` as two processes, the user script as one, start-up included.
+    shutil.move(str(extra_cli), str(run / extra_cli.name))
+    cli = [sys.executable, "-m", "gramlin_analyze"]
+    script = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import reduce; "
+              f"reduce.user_script(__import__('pathlib').Path({str(run)!r}), __import__('pathlib').Path({str(out)!r}))"]
+    t_user_cli = timed(lambda: subprocess.run(script, check=True))
+    t_ours_cli = timed(lambda: (subprocess.run([*cli, "ingest", str(run), "--store", str(store), "-q"], check=True),
+                                subprocess.run([*cli, "analyze", str(store), "--metrics", "gram", "-q"], check=True)))
+
     first_ours = sum(t_ingest_first) + sum(t_analyze_first)
     ours_inc = sum(t_ingest_inc) + sum(t_analyze_inc)
     return {
@@ -238,6 +250,10 @@ def part_ab(work: Path, n: int, n_layers: int, dim: int, repeats: int) -> dict:
             "incremental_ours_s": round(ours_inc, 3),
             "incremental_ratio": round(ours_inc / sum(t_user_inc), 3),
             "incremental_target": 0.1,
+            "incremental_cli_user_script_s": round(sum(t_user_cli), 3),
+            "incremental_cli_ours_s": round(sum(t_ours_cli), 3),
+            "incremental_cli_ratio": round(sum(t_ours_cli) / sum(t_user_cli), 3),
+            "incremental_cli_target": 0.15,
             "store_GB": round(du(store) / 1e9, 2),
             "user_out_GB": round(du(out) / 1e9, 2),
         },
