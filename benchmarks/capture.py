@@ -170,7 +170,8 @@ def bare_loop(
         widths = [m.in_features for m in linears] * 2
         # page-aligned, as capture's chunk buffers: O_DIRECT writes them with no staging copy
         sets = [
-            [np.frombuffer(mmap.mmap(-1, n * d * 4), np.float32).reshape(n, d) for d in widths] for _ in range(2)
+            [np.frombuffer(mmap.mmap(-1, n * d * 4), np.float32).reshape(n, d) for d in widths]
+            for _ in range(2)
         ]
         writing: list[list] = [[], []]
     try:
@@ -316,13 +317,20 @@ def main() -> None:
         t_floor.append(timed(lambda: bare_loop(run, probe, a.batch_size, save_to=saved)))
         floor_bytes = du(saved)
         shutil.rmtree(saved)
-        t_mfloor.append(timed(lambda: bare_loop(run, probe, a.batch_size, save_to=saved, matched=True, direct=True)))
+        t_mfloor.append(
+            timed(
+                lambda: bare_loop(
+                    run, probe, a.batch_size, save_to=saved, matched=True, direct=True
+                )
+            )
+        )
         shutil.rmtree(saved)
         t_w.append(fresh())
         t_cap.append(fresh(capture=cfg, lr=LR))
     store_bytes = du(store)  # the last capture's store
     cap, bare, w_only, floor, pruned, matched, mfloor = (
-        statistics.median(t[0] for t in ts) for ts in (t_cap, t_bare, t_w, t_floor, t_pruned, t_matched, t_mfloor)
+        statistics.median(t[0] for t in ts)
+        for ts in (t_cap, t_bare, t_w, t_floor, t_pruned, t_matched, t_mfloor)
     )
     cap_sync = statistics.median(c + s for c, s in t_cap)
     per_ckpt = 2 * a.probe * sum(SIZES[:-1]) * 4

@@ -66,7 +66,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def peak_rss_mb(run: Path, store: Path) -> float:
     shutil.rmtree(store, ignore_errors=True)
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT, str(run), str(store)], check=True, capture_output=True, text=True
+        [sys.executable, "-c", _RSS_SCRIPT, str(run), str(store)],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
@@ -92,7 +95,16 @@ def main() -> None:
     shutil.rmtree(work / "store.zarr")
     shutil.rmtree(work / "copy")
     t_cp2 = timed(lambda: subprocess.run(["cp", "-r", str(run), str(work / "copy")], check=True))
-    cli = [sys.executable, "-m", "gramlin_analyze", "ingest", str(run), "--store", str(work / "store.zarr"), "-q"]
+    cli = [
+        sys.executable,
+        "-m",
+        "gramlin_analyze",
+        "ingest",
+        str(run),
+        "--store",
+        str(work / "store.zarr"),
+        "-q",
+    ]
     t_cli = timed(lambda: subprocess.run(cli, check=True))
     res = {
         "checkpoints": a.n,

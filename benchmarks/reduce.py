@@ -169,7 +169,9 @@ def part_ab(work: Path, n: int, n_layers: int, dim: int, repeats: int) -> dict:
         t_i = timed(lambda: ga.ingest(run, store))
         t_a = timed(lambda: rep.append(ga.analyze(store, metrics=["gram"])))
         if rep[0].computed != n_mats:
-            raise RuntimeError(f"analyze computed {rep[0].computed} (step, layer) pairs, expected {n_mats}")
+            raise RuntimeError(
+                f"analyze computed {rep[0].computed} (step, layer) pairs, expected {n_mats}"
+            )
         return t_i, t_a
 
     # b (cold, first): the user script into a fresh directory, then ingest + analyze a
@@ -184,7 +186,9 @@ def part_ab(work: Path, n: int, n_layers: int, dim: int, repeats: int) -> dict:
         shutil.rmtree(store)
         t_i, t_a = ours_cold()
         reps.append((sum(t_u), sum(t_i), sum(t_a), t_a[0]))
-    user_rep, ingest_rep, analyze_rep, analyze_call_rep = (statistics.median(r[k] for r in reps) for k in range(4))
+    user_rep, ingest_rep, analyze_rep, analyze_call_rep = (
+        statistics.median(r[k] for r in reps) for k in range(4)
+    )
     # a (recompute): analyze --recompute of the same store; each Gram chunk file
     # replaces the previous one, so its pages are recycled at once.
     recompute = []
@@ -209,11 +213,19 @@ def part_ab(work: Path, n: int, n_layers: int, dim: int, repeats: int) -> dict:
     # ``ingest`` and ``analyze`` as two processes, the user script as one, start-up included.
     shutil.move(str(extra_cli), str(run / extra_cli.name))
     cli = [sys.executable, "-m", "gramlin_analyze"]
-    script = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import reduce; "
-              f"reduce.user_script(__import__('pathlib').Path({str(run)!r}), __import__('pathlib').Path({str(out)!r}))"]
+    script = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {str(HERE)!r}); import reduce; "
+        f"reduce.user_script(__import__('pathlib').Path({str(run)!r}), __import__('pathlib').Path({str(out)!r}))",
+    ]
     t_user_cli = timed(lambda: subprocess.run(script, check=True))
-    t_ours_cli = timed(lambda: (subprocess.run([*cli, "ingest", str(run), "--store", str(store), "-q"], check=True),
-                                subprocess.run([*cli, "analyze", str(store), "--metrics", "gram", "-q"], check=True)))
+    t_ours_cli = timed(
+        lambda: (
+            subprocess.run([*cli, "ingest", str(run), "--store", str(store), "-q"], check=True),
+            subprocess.run([*cli, "analyze", str(store), "--metrics", "gram", "-q"], check=True),
+        )
+    )
 
     first_ours = sum(t_ingest_first) + sum(t_analyze_first)
     ours_inc = sum(t_ingest_inc) + sum(t_analyze_inc)

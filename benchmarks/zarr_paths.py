@@ -60,7 +60,10 @@ def write_checkpoint(directory: Path, step: int, layers: int, dim: int) -> None:
 
     rng = np.random.default_rng(step)
     save_file(
-        {f"layer{i}.weight": rng.standard_normal((dim, dim)).astype(np.float32) for i in range(layers)},
+        {
+            f"layer{i}.weight": rng.standard_normal((dim, dim)).astype(np.float32)
+            for i in range(layers)
+        },
         str(directory / f"step_{step:06d}.safetensors"),
     )
 
@@ -81,8 +84,12 @@ def _repo(mode: str) -> Path:
 
 
 def _cli(args: list[str], mode: str) -> None:
-    subprocess.run([sys.executable, "-m", "gramlin_analyze", *args, "--quiet"], cwd=_repo(mode), env=_env(mode),
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "gramlin_analyze", *args, "--quiet"],
+        cwd=_repo(mode),
+        env=_env(mode),
+        check=True,
+    )
 
 
 def one_round(work: Path, run: Path, n: int, layers: int, dim: int, mode: str) -> dict[str, float]:
@@ -96,8 +103,14 @@ def one_round(work: Path, run: Path, n: int, layers: int, dim: int, mode: str) -
     _cli(["analyze", str(store), "--metrics", "gram"], mode)
     cold = time.perf_counter() - t0
     write_checkpoint(run, n, layers, dim)
-    out = subprocess.run([sys.executable, "-c", IN_PROCESS, str(store), str(run)], cwd=_repo(mode), env=_env(mode),
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", IN_PROCESS, str(store), str(run)],
+        cwd=_repo(mode),
+        env=_env(mode),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     # the in-process figure excludes the interpreter's start and imports
     incremental = json.loads(out.stdout.strip().splitlines()[-1])
     write_checkpoint(run, n + 1, layers, dim)
@@ -112,7 +125,9 @@ def one_round(work: Path, run: Path, n: int, layers: int, dim: int, mode: str) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--dim", type=int, default=256)
@@ -140,7 +155,9 @@ def main() -> None:
     base = med["all_shortcuts"]
     print(f"{'mode':26s} " + " ".join(f"{row:>20s}" for row in base))
     for mode in modes:
-        cells = " ".join(f"{med[mode][row]:8.3f}s ({med[mode][row] / base[row]:5.2f}x)" for row in base)
+        cells = " ".join(
+            f"{med[mode][row]:8.3f}s ({med[mode][row] / base[row]:5.2f}x)" for row in base
+        )
         print(f"{mode:26s} {cells}")
     print(json.dumps({"medians": med, "all": times}))
     shutil.rmtree(work, ignore_errors=True)

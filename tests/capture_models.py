@@ -8,9 +8,7 @@ from torch import nn
 
 def build_mlp(config=None) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)
-    )
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
 def build_mlp64() -> nn.Module:

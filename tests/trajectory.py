@@ -11,13 +11,24 @@ from safetensors.torch import save_file
 SHAPES = {"fc1.weight": (6, 5), "fc1.bias": (6,), "fc2.weight": (3, 6), "fc2.bias": (3,)}
 
 
-def state_dict(step: int, *, shapes=None, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def state_dict(
+    step: int, *, shapes=None, seed: int = 0, dtype=torch.float32
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed * 100_003 + step)
-    return {k: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for k, s in (shapes or SHAPES).items()}
+    return {
+        k: torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+        for k, s in (shapes or SHAPES).items()
+    }
 
 
 def write_trajectory(
-    directory: Path, steps, *, formats=("safetensors", "torch"), shapes=None, seed: int = 0, prefix: str = ""
+    directory: Path,
+    steps,
+    *,
+    formats=("safetensors", "torch"),
+    shapes=None,
+    seed: int = 0,
+    prefix: str = "",
 ) -> dict[int, dict[str, np.ndarray]]:
     """Write one checkpoint per step, alternating formats; return the expected arrays."""
     directory = Path(directory)
@@ -33,5 +44,8 @@ def write_trajectory(
             torch.save({"model": sd_saved, "global_step": step}, directory / f"ckpt_{step:06d}.pt")
         else:
             raise ValueError(fmt)
-        expected[step] = {k: v.to(torch.float32).numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
+        expected[step] = {
+            k: v.to(torch.float32).numpy() if v.dtype == torch.bfloat16 else v.numpy()
+            for k, v in sd.items()
+        }
     return expected

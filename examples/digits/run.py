@@ -24,7 +24,9 @@ HERE = Path(__file__).resolve().parent
 LAYERS = ["fc1", "fc2", "fc3", "fc4", "head"]
 
 
-def run_pipeline(out: str | Path, *, steps: int = 2900, every: int = 100, heldout: bool = True) -> dict:
+def run_pipeline(
+    out: str | Path, *, steps: int = 2900, every: int = 100, heldout: bool = True
+) -> dict:
     """Train, ingest (with capture), analyze; return the numbers the demo prints."""
     import gramlin_analyze as ga
     from examples.digits.train import train
@@ -37,7 +39,9 @@ def run_pipeline(out: str | Path, *, steps: int = 2900, every: int = 100, heldou
     log = train(out, steps=steps, every=every)
     factory = f"{HERE / 'train.py'}:build"
     stores = {}
-    probes = [("train", out / "probe_train.npz")] + ([("heldout", out / "probe_test.npz")] if heldout else [])
+    probes = [("train", out / "probe_train.npz")] + (
+        [("heldout", out / "probe_test.npz")] if heldout else []
+    )
     for name, probe in probes:
         store = out / f"digits-{name}.zarr"
         cfg = CaptureConfig(probe=str(probe), model=factory, batch_size=512, agop=name == "train")
@@ -69,7 +73,9 @@ def run_pipeline(out: str | Path, *, steps: int = 2900, every: int = 100, heldou
         result["layers"][layer] = {
             "tl": float(last["target_linearity"].sel(layer=layer)),
             "tl_null": float(last["tl_null"].sel(layer=layer)),
-            "tl_heldout": float(mh["target_linearity"].sel(layer=layer).isel(step=-1)) if heldout else float("nan"),
+            "tl_heldout": float(mh["target_linearity"].sel(layer=layer).isel(step=-1))
+            if heldout
+            else float("nan"),
             "tl_first": float(col["target_linearity"].isel(step=0)),
             "gram_vc_corr": float(last["gram_vc_corr"].sel(layer=layer)),
             "gram_vcs_acc_corr": float(last["gram_vcs_acc_corr"].sel(layer=layer)),
@@ -77,11 +83,15 @@ def run_pipeline(out: str | Path, *, steps: int = 2900, every: int = 100, heldou
             "interval_corr_early": float(np.nanmedian(early)),
             "interval_corr_early_min": float(np.nanmin(early)),
             "interval_corr_late": float(np.nanmedian(late)),
-            "interval_ratio_late": float(np.nanmedian(col["vcs_interval_ratio"].sel(step=slice(early_end + 1, None)).values)),
+            "interval_ratio_late": float(
+                np.nanmedian(col["vcs_interval_ratio"].sel(step=slice(early_end + 1, None)).values)
+            ),
             "effective_rank": float(last["effective_rank"].sel(layer=layer)),
         }
     result["info"] = store_info(stores["train"])
-    (out / "summary.json").write_text(json.dumps({k: v for k, v in result.items() if k != "info"}, indent=1))
+    (out / "summary.json").write_text(
+        json.dumps({k: v for k, v in result.items() if k != "info"}, indent=1)
+    )
     return result
 
 
@@ -112,7 +122,9 @@ def format_table(res: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="demo-output")
     a = p.parse_args()
     res = run_pipeline(a.out)

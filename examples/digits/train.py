@@ -104,7 +104,9 @@ def train(
             if step >= steps:
                 break
     with torch.no_grad():
-        log["test_accuracy"] = float((model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean())
+        log["test_accuracy"] = float(
+            (model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean()
+        )
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
 

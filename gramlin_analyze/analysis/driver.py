@@ -53,7 +53,6 @@ from gramlin_analyze.store import layout as L
 __all__ = ["analyze", "AnalyzeReport"]
 
 
-
 @dataclass
 class AnalyzeReport:
     store: str
@@ -68,7 +67,9 @@ class AnalyzeReport:
 
 
 def _hash(*parts: Any) -> str:
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+    return hashlib.blake2b(
+        json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12
+    ).hexdigest()
 
 
 def _how_to_add(piece: str, url: str) -> str:
@@ -118,7 +119,9 @@ class _Scalars:
     def _load(self, path: str) -> np.ndarray:
         if path not in self.cache:
             arr = read_all([self.m[path]])[0]
-            self.cache[path] = np.asarray(arr, dtype=object) if arr.dtype.kind in "OTU" else np.array(arr)
+            self.cache[path] = (
+                np.asarray(arr, dtype=object) if arr.dtype.kind in "OTU" else np.array(arr)
+            )
         return self.cache[path]
 
     def get(self, path: str) -> np.ndarray:
@@ -135,7 +138,13 @@ class _Scalars:
         with self.lock:
             # Values (together), then their provenance hashes (together).
             for hashes in (False, True):
-                write_all([(self.m[p], self.cache[p]) for p in sorted(self.dirty) if p.startswith(INPUTS) == hashes])
+                write_all(
+                    [
+                        (self.m[p], self.cache[p])
+                        for p in sorted(self.dirty)
+                        if p.startswith(INPUTS) == hashes
+                    ]
+                )
             self.dirty.clear()
             self.last = time.monotonic()
 
@@ -157,7 +166,9 @@ def _available(gs: GramlinStore, layers: list[str], lr: np.ndarray) -> dict[str,
     return out
 
 
-def _metrics_spec(gs: GramlinStore, layers: list[str], families: list[str], spectrum_k: dict) -> MetricsSpec:
+def _metrics_spec(
+    gs: GramlinStore, layers: list[str], families: list[str], spectrum_k: dict
+) -> MetricsSpec:
     """What these families write for these layers (the store lays it out)."""
     scalars: dict[str, dict[str, Any]] = {}
     inputs: list[str] = []
@@ -179,7 +190,11 @@ def _metrics_spec(gs: GramlinStore, layers: list[str], families: list[str], spec
                 # its precision is that of W, and float64 doubled the bytes written
                 # (the cost of --metrics gram). VC/VCS are sums over samples and
                 # steps and stay float64.
-                dtype = np.promote_types(weight.dtype, np.float32) if name == "gram" else np.dtype("float64")
+                dtype = (
+                    np.promote_types(weight.dtype, np.float32)
+                    if name == "gram"
+                    else np.dtype("float64")
+                )
                 attrs = {"long_name": METRIC_DOCS[name], "family": fam, "computed_in": "float64"}
                 matrices[layer][name] = MatrixSpec(shape, dims, np.dtype(dtype), attrs)
     return MetricsSpec(scalars=scalars, inputs=tuple(inputs), matrices=matrices)
@@ -232,7 +247,9 @@ def analyze(
     t0 = time.perf_counter()
     url = str(store)
     requested = resolve_families(metrics)
-    GramlinStore(url, mode="r", storage_options=storage_options)  # a mistyped path is an error, not a new store
+    GramlinStore(
+        url, mode="r", storage_options=storage_options
+    )  # a mistyped path is an error, not a new store
     report = AnalyzeReport(store=url)
     with WriteSession(url, storage_options=storage_options, break_lock=break_lock) as gs:
         run = _select(gs, url, layers, requested, report)
@@ -243,9 +260,15 @@ def analyze(
             run_token = uuid.uuid4().hex
             share_with_tasks(url, run_token, gs.view)  # threads of this process skip re-opening it
             layer_index = {str(n): j for j, n in enumerate(m["layer"][:])}
-            ctx_base, probe_fp = _task_context(gs, run, report, run_token,
-                                               tl_lambda=tl_lambda, center_features=center_features,
-                                               intercept=intercept)
+            ctx_base, probe_fp = _task_context(
+                gs,
+                run,
+                report,
+                run_token,
+                tl_lambda=tl_lambda,
+                center_features=center_features,
+                intercept=intercept,
+            )
             buf = _Scalars(m)
             options = {"tl": [tl_lambda, center_features, intercept]}
             jobs, wanted = _plan_jobs(buf, run, layer_index, probe_fp, options, recompute, report)
@@ -256,9 +279,9 @@ def analyze(
                 if (i, layer) in in_task:
                     ctx["gram_prev_index"] = run.prev_ok[i]
                 tasks.append((layer_step_task, url, storage_options, layer, i, fams, ctx))
-            _Execution(gs, m, buf, run, layer_index, jobs, wanted, in_task, report, progress, recompute).run(
-                tasks, workers=workers, scheduler=scheduler, threads=threads
-            )
+            _Execution(
+                gs, m, buf, run, layer_index, jobs, wanted, in_task, report, progress, recompute
+            ).run(tasks, workers=workers, scheduler=scheduler, threads=threads)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -281,8 +304,13 @@ class _Run:
         return dict(zip(self.ok, [None, *self.ok[:-1]], strict=True))
 
 
-def _select(gs: GramlinStore, url: str, layers: list[str] | None, requested: list[str] | None,
-            report: AnalyzeReport) -> _Run | None:
+def _select(
+    gs: GramlinStore,
+    url: str,
+    layers: list[str] | None,
+    requested: list[str] | None,
+    report: AnalyzeReport,
+) -> _Run | None:
     """The layers, families and ok steps to compute; None when there is nothing to do.
 
     A family runs on the layers that have its data (an embedding without
@@ -292,12 +320,16 @@ def _select(gs: GramlinStore, url: str, layers: list[str] | None, requested: lis
     all_layers = gs.layer_names()
     chosen = select_layers(all_layers, layers, None)
     if layers and not chosen:
-        raise UsageError(f"--layers {layers} matches no layer of {url}; layers: {', '.join(all_layers)}")
+        raise UsageError(
+            f"--layers {layers} matches no layer of {url}; layers: {', '.join(all_layers)}"
+        )
     man = gs.manifest()
     steps, status, fps = man["step"], man["status"], man["fingerprint"]
     lr = np.asarray(man["lr"], dtype=np.float64)
     ok = [i for i, s in enumerate(status) if s == "ok"]
-    report.skipped_steps = {int(steps[i]): str(status[i]) for i in range(len(steps)) if status[i] != "ok"}
+    report.skipped_steps = {
+        int(steps[i]): str(status[i]) for i in range(len(steps)) if status[i] != "ok"
+    }
     avail = _available(gs, chosen, lr)
     layer_fams: dict[str, list[str]] = {n: [] for n in chosen}
     families = []
@@ -322,8 +354,16 @@ def _select(gs: GramlinStore, url: str, layers: list[str] | None, requested: lis
     return _Run(chosen, families, layer_fams, ok, steps, fps, lr, spectrum_k)
 
 
-def _task_context(gs: GramlinStore, run: _Run, report: AnalyzeReport, run_token: str, *,
-                  tl_lambda: float, center_features: bool, intercept: bool) -> tuple[dict[str, Any], str]:
+def _task_context(
+    gs: GramlinStore,
+    run: _Run,
+    report: AnalyzeReport,
+    run_token: str,
+    *,
+    tl_lambda: float,
+    center_features: bool,
+    intercept: bool,
+) -> tuple[dict[str, Any], str]:
     """What every task gets (targets from the probe set), and the probe's fingerprint.
 
     (n,) labels go with every position of an example; (n, T) token labels go
@@ -331,8 +371,11 @@ def _task_context(gs: GramlinStore, run: _Run, report: AnalyzeReport, run_token:
     samples per example match neither loses TL and NC, with a note.
     """
     ctx: dict[str, Any] = {
-        "tl_lambda": tl_lambda, "center_features": center_features, "intercept": intercept,
-        "final_index": run.ok[-1], "run_token": run_token,
+        "tl_lambda": tl_lambda,
+        "center_features": center_features,
+        "intercept": intercept,
+        "final_index": run.ok[-1],
+        "run_token": run_token,
     }
     if L.PROBE not in gs.view:
         return ctx, ""
@@ -359,8 +402,15 @@ def _task_context(gs: GramlinStore, run: _Run, report: AnalyzeReport, run_token:
     return ctx, str(pg.attrs.get("fingerprint", ""))
 
 
-def _plan_jobs(buf: _Scalars, run: _Run, layer_index: dict[str, int], probe_fp: str, options: dict,
-               recompute: bool, report: AnalyzeReport):
+def _plan_jobs(
+    buf: _Scalars,
+    run: _Run,
+    layer_index: dict[str, int],
+    probe_fp: str,
+    options: dict,
+    recompute: bool,
+    report: AnalyzeReport,
+):
     """Which (step, layer) compute which families, and the input hash each result will carry.
 
     Layer-major: a layer's tasks finish together, and its phase 2 starts while
@@ -389,8 +439,9 @@ def _plan_jobs(buf: _Scalars, run: _Run, layer_index: dict[str, int], probe_fp: 
     return jobs, wanted
 
 
-def _gram_change_in_task(buf: _Scalars, run: _Run, layer_index: dict[str, int], jobs: dict,
-                         recompute: bool) -> dict[tuple[int, str], str]:
+def _gram_change_in_task(
+    buf: _Scalars, run: _Run, layer_index: dict[str, int], jobs: dict, recompute: bool
+) -> dict[tuple[int, str], str]:
     """New steps whose previous ok step's Gram is stored and current (an incremental
     run): each gets its Gram change in its own task, from the Gram it has in memory,
     and phase 2 has nothing left to do for it."""
@@ -421,7 +472,9 @@ class _Execution:
     NumPy and zarr release the GIL; the buffer's lock serializes the bookkeeping.
     """
 
-    def __init__(self, gs, m, buf, run: _Run, layer_index, jobs, wanted, in_task, report, progress, recompute):
+    def __init__(
+        self, gs, m, buf, run: _Run, layer_index, jobs, wanted, in_task, report, progress, recompute
+    ):
         self.gs, self.m, self.buf, self.run_, self.layer_index = gs, m, buf, run, layer_index
         self.jobs, self.wanted, self.in_task, self.report = jobs, wanted, in_task, report
         self.progress, self.recompute = progress, recompute
@@ -435,10 +488,22 @@ class _Execution:
 
     def start_phase2(self, layer: str) -> None:
         r = self.run_
-        self.phase2.append(self.pool.submit(
-            _phase2, self.gs, self.m, self.buf, layer, self.layer_index[layer], r.ok, r.steps, r.fps, r.lr,
-            r.layer_fams[layer], self.recompute,
-        ))
+        self.phase2.append(
+            self.pool.submit(
+                _phase2,
+                self.gs,
+                self.m,
+                self.buf,
+                layer,
+                self.layer_index[layer],
+                r.ok,
+                r.steps,
+                r.fps,
+                r.lr,
+                r.layer_fams[layer],
+                self.recompute,
+            )
+        )
 
     def on_done(self, res: dict) -> None:
         self.done += 1
@@ -472,7 +537,9 @@ class _Execution:
         hold_scratch()
         try:
             with kernel_threads(max(1, cores // n_run)):
-                for layer in self.run_.layers:  # nothing new to compute here; its chain may still need phase 2
+                for layer in (
+                    self.run_.layers
+                ):  # nothing new to compute here; its chain may still need phase 2
                     if self.left[layer] == 0:
                         self.start_phase2(layer)
                 if tasks:
@@ -528,10 +595,16 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
         pos = ok.index(start)
         prev = ok[pos - 1] if pos > 0 else None
         # Each group lookup reads a zarr.json: look the arrays up once, not per step.
-        arrs = {name: lg[name] for name in (("gram",) if fam == "gram" else ("vcs", "gg", "vcs_accumulated"))}
+        arrs = {
+            name: lg[name]
+            for name in (("gram",) if fam == "gram" else ("vcs", "gg", "vcs_accumulated"))
+        }
         G_prev = None
         if fam == "gram":  # two work arrays, read into in turn (no fresh multi-MB array per step)
-            bufs = [scratch_array(f"phase2_gram_{k}", arrs["gram"].shape[1:], arrs["gram"].dtype) for k in (0, 1)]
+            bufs = [
+                scratch_array(f"phase2_gram_{k}", arrs["gram"].shape[1:], arrs["gram"].dtype)
+                for k in (0, 1)
+            ]
             if prev is not None:
                 G_prev = read_step(arrs["gram"], prev, bufs[0])
         W = gs.layer(layer)["weight"]
@@ -551,7 +624,9 @@ def _phase2(gs, m, buf, layer, j, ok, steps, fps, lr, families, recompute) -> No
                 # sums of squares in float64.
                 G = read_step(arrs["gram"], i, spare)
                 change, norm = _norms(G, G_prev)
-                buf.set("gram_change", i, j, np.nan if G_prev is None else _ratio(change, norm_prev))
+                buf.set(
+                    "gram_change", i, j, np.nan if G_prev is None else _ratio(change, norm_prev)
+                )
                 spare = G_prev if G_prev is not None else bufs[0]
                 G_prev, norm_prev = G, norm
             else:

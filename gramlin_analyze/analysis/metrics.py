@@ -27,7 +27,13 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("gram", needs=("weight",), scalars=("fro_norm",), matrices=("gram",), phase2_scalars=("gram_change",)),
+        Family(
+            "gram",
+            needs=("weight",),
+            scalars=("fro_norm",),
+            matrices=("gram",),
+            phase2_scalars=("gram_change",),
+        ),
         Family(
             "spectrum",
             needs=("weight",),

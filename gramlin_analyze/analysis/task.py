@@ -158,6 +158,7 @@ def layer_step_task(
     (row of the last ok step, for CKA), ``tl_lambda``, ``center_features``,
     ``intercept``, ``spectrum_k``.
     """
+
     def node(path: str):
         return task_node(store_url, storage_options, ctx["run_token"], path)
 
@@ -273,7 +274,10 @@ def layer_step_task(
         if tl is not None:
             out["target_linearity"] = float(
                 target_linearity_from_stats_np(
-                    tl, lam=ctx["tl_lambda"], center_features=ctx["center_features"], intercept=ctx["intercept"]
+                    tl,
+                    lam=ctx["tl_lambda"],
+                    center_features=ctx["center_features"],
+                    intercept=ctx["intercept"],
                 )
             )
             out["tl_null"] = min(1.0, d / n)
@@ -302,4 +306,9 @@ def layer_step_task(
         out = {k: float("nan") for k in out}
     if "gram_prev_index" in ctx:
         out["gram_change"] = gram_change
-    return {"layer": layer, "index": index, "scalars": out, "nonfinite": bool(nonfinite or lr_missing)}
+    return {
+        "layer": layer,
+        "index": index,
+        "scalars": out,
+        "nonfinite": bool(nonfinite or lr_missing),
+    }

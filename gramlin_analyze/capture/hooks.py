@@ -222,11 +222,15 @@ class EagerRunner:
             )
         return out
 
-    def input_grads(self, objective: torch.Tensor, *, retain_graph: bool) -> dict[str, torch.Tensor]:
+    def input_grads(
+        self, objective: torch.Tensor, *, retain_graph: bool
+    ) -> dict[str, torch.Tensor]:
         """``g = W^T d objective / dz`` of every selected layer as ``(samples, d_in)`` rows."""
         self._dz.clear()
         self._dh.clear()
-        torch.autograd.grad(objective, self._grad_targets(), retain_graph=retain_graph, allow_unused=True)
+        torch.autograd.grad(
+            objective, self._grad_targets(), retain_graph=retain_graph, allow_unused=True
+        )
         out = {}
         for layer in self.layers:
             dh = self._dh.get(layer.name)

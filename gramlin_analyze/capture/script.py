@@ -268,7 +268,9 @@ class ScriptRunner:
             out[layer.name] = output_rows(torch.zeros_like(z) if dz is None else dz, layer)
         return out
 
-    def input_grads(self, objective: torch.Tensor, *, retain_graph: bool) -> dict[str, torch.Tensor]:
+    def input_grads(
+        self, objective: torch.Tensor, *, retain_graph: bool
+    ) -> dict[str, torch.Tensor]:
         """``g = W^T d objective / dz`` of every selected layer as ``(samples, d_in)`` rows."""
         dz = self.grads(objective, retain_graph=retain_graph)
         return {layer.name: dz[layer.name] @ self.weight(layer.name) for layer in self.layers}

@@ -27,7 +27,13 @@ from gramlin_analyze.capture.probe import ProbeSet, load_probe
 from gramlin_analyze.errors import ModelError, UsageError
 from gramlin_analyze.io.base import CheckpointHandle
 
-__all__ = ["CaptureConfig", "build_model", "capture_checkpoint", "checkpoint_config", "plan_capture"]
+__all__ = [
+    "CaptureConfig",
+    "build_model",
+    "capture_checkpoint",
+    "checkpoint_config",
+    "plan_capture",
+]
 
 #: Config keys that change what is stored (a store keeps one of each).
 _IDENTITY_KEYS = (
@@ -141,7 +147,11 @@ def build_model(config: CaptureConfig, handle: CheckpointHandle) -> nn.Module:
     if config.mlp_activation:
         model = rebuild_mlp(tensors, activation=config.mlp_activation)
     else:
-        model_config = config.model_config if config.model_config is not None else checkpoint_config(handle.path)
+        model_config = (
+            config.model_config
+            if config.model_config is not None
+            else checkpoint_config(handle.path)
+        )
         model = _factory_model(config, model_config)
         load_state_dict_strict(model, tensors, strict=config.strict)
     return model
@@ -167,7 +177,6 @@ def cached_probe(path: str | os.PathLike) -> ProbeSet:
             _probes.clear()
             _probes[key] = load_probe(path)
         return _probes[key]
-
 
 
 def plan_capture(

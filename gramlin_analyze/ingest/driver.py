@@ -146,28 +146,44 @@ def ingest(
     t0 = time.perf_counter()
     store = str(store) if store is not None else default_store_path(directory)
     if capture is not None and activations is not None:
-        raise UsageError("pass either a model to capture with (--model/--mlp-activation) or --activations DIR, not both")
+        raise UsageError(
+            "pass either a model to capture with (--model/--mlp-activation) or --activations DIR, not both"
+        )
     reader_options: dict[str, Any] = {}
     if state_dict_key:
         reader_options["state_dict_key"] = state_dict_key
     if allow_torchscript_code:
         reader_options["allow_code"] = True
     request = Request(
-        directory=directory, store=store, layers=layers, exclude=exclude, format=format, order=order,
-        reader_options=reader_options, settle_seconds=settle_seconds, capture=capture,
-        activations=activations, probe=probe, lr=lr, lr_schedule=lr_schedule,
+        directory=directory,
+        store=store,
+        layers=layers,
+        exclude=exclude,
+        format=format,
+        order=order,
+        reader_options=reader_options,
+        settle_seconds=settle_seconds,
+        capture=capture,
+        activations=activations,
+        probe=probe,
+        lr=lr,
+        lr_schedule=lr_schedule,
     )
     # Every check runs before the store is created or changed: a usage error
     # leaves no new store, and an existing one as it was. An existing store is
     # planned under its lock (its manifest, read once, gives scan the
     # fingerprints it may reuse); a new one is created only once its plan holds.
     plan = None if is_store(store, storage_options) else make_plan(request, None)
-    with WriteSession(store, storage_options=storage_options, break_lock=break_lock,
-                      source=source_of(directory)) as gs:
+    with WriteSession(
+        store, storage_options=storage_options, break_lock=break_lock, source=source_of(directory)
+    ) as gs:
         if plan is None or not gs.created:  # (or another writer made it meanwhile)
             plan = make_plan(request, gs)
-        report = IngestReport(store=store, scan_skipped=list(getattr(plan.sources, "skipped", [])),
-                              skipped=list(plan.skipped))
+        report = IngestReport(
+            store=store,
+            scan_skipped=list(getattr(plan.sources, "skipped", [])),
+            skipped=list(plan.skipped),
+        )
         gs.initialize(source=source_of(directory))
         pos, stored_dtypes, act_layers = write_plan(gs, plan, request)
         for msg in {**plan.failed, **plan.kept}.values():
@@ -175,43 +191,86 @@ def ingest(
                 on_error(msg)
         report.failed.update({**plan.failed, **plan.kept})
         run_token = uuid.uuid4().hex
-        jobs = _jobs(request, plan, pos, act_layers, run_token, write_behind=not (workers or scheduler))
-        tasks = [(ingest_one, store, storage_options, i, job, plan.template, stored_dtypes) for i, job in jobs]
-        recorder = _Recorder(gs, report, request, plan, {pos[s.step]: s for s in plan.runnable},
-                             total=len(tasks), progress=progress, on_error=on_error)
-        _run(gs, tasks, recorder, plan, run_token, workers=workers, scheduler=scheduler,
-             threads=threads if threads is not None or plan.capture is None else os.cpu_count() or 1)
+        jobs = _jobs(
+            request, plan, pos, act_layers, run_token, write_behind=not (workers or scheduler)
+        )
+        tasks = [
+            (ingest_one, store, storage_options, i, job, plan.template, stored_dtypes)
+            for i, job in jobs
+        ]
+        recorder = _Recorder(
+            gs,
+            report,
+            request,
+            plan,
+            {pos[s.step]: s for s in plan.runnable},
+            total=len(tasks),
+            progress=progress,
+            on_error=on_error,
+        )
+        _run(
+            gs,
+            tasks,
+            recorder,
+            plan,
+            run_token,
+            workers=workers,
+            scheduler=scheduler,
+            threads=threads if threads is not None or plan.capture is None else os.cpu_count() or 1,
+        )
         _earlier_failures(gs, report)
     report.ingested.sort()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _jobs(request: Request, plan: Plan, pos: dict[int, int], act_layers, run_token: str, *, write_behind: bool):
+def _jobs(
+    request: Request,
+    plan: Plan,
+    pos: dict[int, int],
+    act_layers,
+    run_token: str,
+    *,
+    write_behind: bool,
+):
     """``(row index, task description)`` of every checkpoint to read."""
     capture_json = plan.capture.to_json() if plan.capture is not None else None
     return [
-        (pos[s.step], {
-            "path": str(s.path),
-            "format": s.format,
-            "step": s.step,
-            "files": [str(f) for f in s.files],
-            "reader_options": request.reader_options,
-            "capture": capture_json,
-            "activation_layers": act_layers,
-            "external": str(plan.external[s.step]) if s.step in plan.external else None,
-            "external_dir": str(request.activations) if request.activations is not None else None,
-            "run_token": run_token,
-            # threads in this process: a task may return while its activation
-            # writes finish (the driver marks the step ok only after them)
-            "write_behind": write_behind,
-        })
+        (
+            pos[s.step],
+            {
+                "path": str(s.path),
+                "format": s.format,
+                "step": s.step,
+                "files": [str(f) for f in s.files],
+                "reader_options": request.reader_options,
+                "capture": capture_json,
+                "activation_layers": act_layers,
+                "external": str(plan.external[s.step]) if s.step in plan.external else None,
+                "external_dir": str(request.activations)
+                if request.activations is not None
+                else None,
+                "run_token": run_token,
+                # threads in this process: a task may return while its activation
+                # writes finish (the driver marks the step ok only after them)
+                "write_behind": write_behind,
+            },
+        )
         for s in plan.runnable
     ]
 
 
-def _run(gs: GramlinStore, tasks: list, recorder: _Recorder, plan: Plan, run_token: str, *,
-         workers: int | None, scheduler: str | None, threads: int | None) -> None:
+def _run(
+    gs: GramlinStore,
+    tasks: list,
+    recorder: _Recorder,
+    plan: Plan,
+    run_token: str,
+    *,
+    workers: int | None,
+    scheduler: str | None,
+    threads: int | None,
+) -> None:
     """Run the tasks, recording each result; what finished is recorded even on an error.
 
     Capture runs one task per core (torch compute plus a background writer per
@@ -263,9 +322,25 @@ class _Recorder:
     are done.
     """
 
-    def __init__(self, gs: GramlinStore, report: IngestReport, request: Request, plan: Plan, by_index: dict,
-                 *, total: int, progress: Callable | None, on_error: Callable | None):
-        self.gs, self.report, self.request, self.plan, self.by_index = gs, report, request, plan, by_index
+    def __init__(
+        self,
+        gs: GramlinStore,
+        report: IngestReport,
+        request: Request,
+        plan: Plan,
+        by_index: dict,
+        *,
+        total: int,
+        progress: Callable | None,
+        on_error: Callable | None,
+    ):
+        self.gs, self.report, self.request, self.plan, self.by_index = (
+            gs,
+            report,
+            request,
+            plan,
+            by_index,
+        )
         self.total, self.progress, self.on_error = total, progress, on_error
         self.done = 0
         self.rows: list[tuple[int, dict]] = []
@@ -292,7 +367,11 @@ class _Recorder:
             if err is not None and is_store_fault(err, self.gs.url):
                 raise err
             if err is not None and res["status"] == "ok":
-                res = {**res, "status": "failed", "error": error_message(err, self.by_index[res["index"]].path)}
+                res = {
+                    **res,
+                    "status": "failed",
+                    "error": error_message(err, self.by_index[res["index"]].path),
+                }
             self.record(res)
         self.deferred[:] = keep
 
@@ -305,10 +384,20 @@ class _Recorder:
             from gramlin_analyze.ingest.plan import lr_for
 
             rate, rate_source = lr_for(src.step, res.get("lr"), self.request.lr, self.plan.schedule)
-            self.rows.append((res["index"], {
-                "lr": rate, "epoch": res.get("epoch"), "lr_source": rate_source,
-                "optimizer": res.get("optimizer", ""), "nonfinite": res["nonfinite"], "error": "", "status": "ok",
-            }))
+            self.rows.append(
+                (
+                    res["index"],
+                    {
+                        "lr": rate,
+                        "epoch": res.get("epoch"),
+                        "lr_source": rate_source,
+                        "optimizer": res.get("optimizer", ""),
+                        "nonfinite": res["nonfinite"],
+                        "error": "",
+                        "status": "ok",
+                    },
+                )
+            )
             for name, n in res.get("layer_nonfinite", {}).items():
                 self.nonfinite.setdefault(name, []).append((res["index"], n))
             report.ingested.append(src.step)
@@ -330,14 +419,17 @@ class _Recorder:
         arrs = {name: writable(gs.layer(name)["nonfinite"]) for name in self.nonfinite}
         # Arrays of one chunk (new stores) are rewritten whole, all at once.
         whole = [n for n, a in arrs.items() if a.chunks[0] >= a.shape[0]]
-        cols = {n: np.array(c) for n, c in zip(whole, read_all([arrs[n] for n in whole]), strict=True)}
+        cols = {
+            n: np.array(c) for n, c in zip(whole, read_all([arrs[n] for n in whole]), strict=True)
+        }
         for name, pairs in self.nonfinite.items():
             if name in cols:
                 for i, v in pairs:
                     cols[name][i] = v
             else:
                 arrs[name].set_coordinate_selection(
-                    np.asarray([i for i, _ in pairs]), np.asarray([v for _, v in pairs], dtype=np.int64)
+                    np.asarray([i for i, _ in pairs]),
+                    np.asarray([v for _, v in pairs], dtype=np.int64),
                 )
         write_all([(arrs[n], c) for n, c in cols.items()])
         self.nonfinite.clear()

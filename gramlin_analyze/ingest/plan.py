@@ -34,14 +34,15 @@ __all__ = ["Plan", "Request", "is_store", "lr_for", "make_plan", "write_plan"]
 _READ_ERRORS = (GramlinError, OSError, KeyError, ValueError, RuntimeError, EOFError)
 
 
-
 def _fingerprint_rows(man: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
     """``{source_path: (stat_key, fingerprint)}`` of the manifest's ok rows."""
     if "stat_key" not in man:
         return {}
     return {
         str(p): (str(k), str(f))
-        for p, k, f, st in zip(man["source_path"], man["stat_key"], man["fingerprint"], man["status"], strict=True)
+        for p, k, f, st in zip(
+            man["source_path"], man["stat_key"], man["fingerprint"], man["status"], strict=True
+        )
         if st == "ok" and k
     }
 
@@ -67,7 +68,9 @@ def lr_for(step: int, meta_lr, constant, schedule) -> tuple[float | None, str]:
     return None, "unknown"
 
 
-def _declare_layers(gs: GramlinStore, template: dict, listed: dict[int, dict[str, LayerSpec]]) -> None:
+def _declare_layers(
+    gs: GramlinStore, template: dict, listed: dict[int, dict[str, LayerSpec]]
+) -> None:
     first = listed[min(listed)]
     specs = {}
     for name, (shape, dtype, has_bias) in template.items():
@@ -138,7 +141,9 @@ class _Stored:
             a = dict(gs.layer(name).attrs)
             template[name] = (tuple(a["source_shape"]), a["source_dtype"], bool(a["has_bias"]))
         probe_attrs = dict(view[L.PROBE].attrs) if L.PROBE in view else None
-        activations = probe_attrs is not None or req.capture is not None or req.activations is not None
+        activations = (
+            probe_attrs is not None or req.capture is not None or req.activations is not None
+        )
         return cls(
             url=req.store,
             attrs=dict(gs.root.attrs),
@@ -188,8 +193,12 @@ def make_plan(req: Request, gs: GramlinStore | None) -> Plan:
     """
     st = _Stored.read(gs, req)
     sources = scan(
-        req.directory, format=req.format, order=req.order, reader_options=req.reader_options,
-        settle_seconds=req.settle_seconds, known=_fingerprint_rows(st.manifest),
+        req.directory,
+        format=req.format,
+        order=req.order,
+        reader_options=req.reader_options,
+        settle_seconds=req.settle_seconds,
+        known=_fingerprint_rows(st.manifest),
     )
     if not is_remote(req.store) and Path(req.store).resolve() == Path(req.directory).resolve():
         raise UsageError("the store cannot be the checkpoint directory itself; pass --store OUT")
@@ -209,7 +218,9 @@ def make_plan(req: Request, gs: GramlinStore | None) -> Plan:
 
     man = st.manifest
     ok_fp = {
-        int(s): fp for s, status, fp in zip(man["step"], man["status"], man["fingerprint"], strict=True) if status == "ok"
+        int(s): fp
+        for s, status, fp in zip(man["step"], man["status"], man["fingerprint"], strict=True)
+        if status == "ok"
     }
     todo = list(sources) if need_all else [s for s in sources if ok_fp.get(s.step) != s.fingerprint]
     # Unchanged checkpoints that moved or were copied (same content, new path
@@ -218,9 +229,12 @@ def make_plan(req: Request, gs: GramlinStore | None) -> Plan:
     step_row = {int(s): i for i, s in enumerate(man["step"])}
     stat_keys = man.get("stat_key", [""] * len(man["step"]))
     moved = [
-        s for s in sources
-        if s not in todo and s.step in step_row
-        and (man["source_path"][step_row[s.step]], stat_keys[step_row[s.step]]) != (str(s.path), s.stat_key)
+        s
+        for s in sources
+        if s not in todo
+        and s.step in step_row
+        and (man["source_path"][step_row[s.step]], stat_keys[step_row[s.step]])
+        != (str(s.path), s.stat_key)
     ]
 
     # List tensors (headers only) to fix the template and fail odd checkpoints early.
@@ -228,11 +242,17 @@ def make_plan(req: Request, gs: GramlinStore | None) -> Plan:
     errors: dict[int, str] = {}
     for src in todo:
         try:
-            listed[src.step] = layers_of(reader_for(src.format, req.reader_options).list_tensors(src.path))
+            listed[src.step] = layers_of(
+                reader_for(src.format, req.reader_options).list_tensors(src.path)
+            )
         except _READ_ERRORS as err:
             errors[src.step] = error_message(err, src.path)
     template = st.template or _new_template(req, listed)
-    if st.template and (req.layers or req.exclude) and sorted(select_layers(st.template, req.layers, req.exclude)) != sorted(st.template):
+    if (
+        st.template
+        and (req.layers or req.exclude)
+        and sorted(select_layers(st.template, req.layers, req.exclude)) != sorted(st.template)
+    ):
         raise UsageError(
             f"{req.store} already holds layers {sorted(st.template)}; the --layers/--exclude selection "
             "differs. Ingest into a new store to change the layer selection"
@@ -247,14 +267,30 @@ def make_plan(req: Request, gs: GramlinStore | None) -> Plan:
             errors[step] = f"{paths[step]}: {problem}"
     # A stored ok step is not given up for a checkpoint that cannot replace it
     # (unless capture starts: then every step must be read again).
-    kept = {} if need_all else {
-        step: f"{msg} ({req.store} keeps step {step} as ingested before)" for step, msg in errors.items() if step in ok_fp
-    }
+    kept = (
+        {}
+        if need_all
+        else {
+            step: f"{msg} ({req.store} keeps step {step} as ingested before)"
+            for step, msg in errors.items()
+            if step in ok_fp
+        }
+    )
     runnable = [s for s in todo if s.step not in errors]
     return Plan(
-        stored=st, sources=sources, schedule=schedule, external=external, capture=capture, todo=todo,
-        skipped=[s.step for s in sources if s not in todo], moved=moved, listed=listed, template=template,
-        runnable=runnable, failed={s: m for s, m in errors.items() if s not in kept}, kept=kept,
+        stored=st,
+        sources=sources,
+        schedule=schedule,
+        external=external,
+        capture=capture,
+        todo=todo,
+        skipped=[s.step for s in sources if s not in todo],
+        moved=moved,
+        listed=listed,
+        template=template,
+        runnable=runnable,
+        failed={s: m for s, m in errors.items() if s not in kept},
+        kept=kept,
         capture_counts=_check_capture(req, st, capture, runnable, template),
         external_plan=_check_external(req, st, external, template),
     )
@@ -286,7 +322,9 @@ def _new_template(req: Request, listed: dict[int, dict[str, LayerSpec]]) -> dict
 def _layer_summary(template: dict) -> str:
     if not template:
         return "no matrix-shaped weights"
-    items = [f"{name} {'x'.join(map(str, shape))}" for name, (shape, *_) in sorted(template.items())]
+    items = [
+        f"{name} {'x'.join(map(str, shape))}" for name, (shape, *_) in sorted(template.items())
+    ]
     shown = ", ".join(items[:8]) + (f", … ({len(items) - 8} more)" if len(items) > 8 else "")
     return f"{len(items)} layer{'s' if len(items) != 1 else ''}: {shown}"
 
@@ -303,7 +341,9 @@ def _first_difference(stored: dict, layers: dict[str, LayerSpec]) -> str:
     return ""
 
 
-def _refuse_another_model(req: Request, st: _Stored, listed: dict[int, dict[str, LayerSpec]], unchanged: int) -> None:
+def _refuse_another_model(
+    req: Request, st: _Stored, listed: dict[int, dict[str, LayerSpec]], unchanged: int
+) -> None:
     """Refuse checkpoints none of which fits the store's layers: they are another model's.
 
     (One odd checkpoint among fitting ones fails alone, as in a new store.)
@@ -320,7 +360,9 @@ def _refuse_another_model(req: Request, st: _Stored, listed: dict[int, dict[str,
     )
 
 
-def _refuse_another_run(req: Request, st: _Stored, sources: list[CheckpointSource], ok_fp: dict[int, str]) -> None:
+def _refuse_another_run(
+    req: Request, st: _Stored, sources: list[CheckpointSource], ok_fp: dict[int, str]
+) -> None:
     """Refuse replacing stored steps with checkpoints of the same model from another run.
 
     A run read from another directory whose checkpoints differ at every
@@ -329,9 +371,15 @@ def _refuse_another_run(req: Request, st: _Stored, sources: list[CheckpointSourc
     """
     shared = [s for s in sources if s.step in ok_fp]
     changed = [s.step for s in shared if s.fingerprint != ok_fp[s.step]]
-    if not changed or len(changed) < len(shared) or holds_run_from(st.attrs, req.directory) is not False:
+    if (
+        not changed
+        or len(changed) < len(shared)
+        or holds_run_from(st.attrs, req.directory) is not False
+    ):
         return
-    steps = ", ".join(map(str, changed[:8])) + (f", … ({len(changed) - 8} more)" if len(changed) > 8 else "")
+    steps = ", ".join(map(str, changed[:8])) + (
+        f", … ({len(changed) - 8} more)" if len(changed) > 8 else ""
+    )
     raise UsageError(
         f"{describe_run(st.attrs, req.store)}; the checkpoints in {req.directory} differ from it at "
         f"step{'s' if len(changed) > 1 else ''} {steps} (another run?): use another --store for them "
@@ -339,7 +387,9 @@ def _refuse_another_run(req: Request, st: _Stored, sources: list[CheckpointSourc
     )
 
 
-def _resolve_capture(st: _Stored, capture: CaptureConfig | None) -> tuple[CaptureConfig | None, bool]:
+def _resolve_capture(
+    st: _Stored, capture: CaptureConfig | None
+) -> tuple[CaptureConfig | None, bool]:
     """The capture config to use, and whether every step must be (re)read.
 
     A store remembers how it was captured; new checkpoints are captured the
@@ -351,7 +401,9 @@ def _resolve_capture(st: _Stored, capture: CaptureConfig | None) -> tuple[Captur
         return None, False  # weights only: no need to import the capture code (and torch)
     from gramlin_analyze.capture.task import CaptureConfig
 
-    stored = CaptureConfig.from_json(attrs["capture_config"]) if attrs.get("capture_config") else None
+    stored = (
+        CaptureConfig.from_json(attrs["capture_config"]) if attrs.get("capture_config") else None
+    )
     if capture is None:
         return stored, False
     from gramlin_analyze.capture.task import cached_probe
@@ -364,7 +416,11 @@ def _resolve_capture(st: _Stored, capture: CaptureConfig | None) -> tuple[Captur
             "ingest into a new store to use another"
         )
     if stored is not None and stored.identity() != capture.identity():
-        diff = {k: (stored.identity()[k], v) for k, v in capture.identity().items() if stored.identity()[k] != v}
+        diff = {
+            k: (stored.identity()[k], v)
+            for k, v in capture.identity().items()
+            if stored.identity()[k] != v
+        }
         raise UsageError(
             f"{st.url} was captured with other settings ({diff} as stored vs given); "
             "ingest into a new store to capture differently"
@@ -373,7 +429,11 @@ def _resolve_capture(st: _Stored, capture: CaptureConfig | None) -> tuple[Captur
 
 
 def _check_capture(
-    req: Request, st: _Stored, capture: CaptureConfig | None, runnable: list[CheckpointSource], template: dict
+    req: Request,
+    st: _Stored,
+    capture: CaptureConfig | None,
+    runnable: list[CheckpointSource],
+    template: dict,
 ) -> dict[str, tuple[int, int]] | None:
     """Check the capture setup on the first checkpoint to read; ``layer -> (rows, d_in)`` to declare.
 
@@ -405,7 +465,9 @@ def _check_capture(
     return counts
 
 
-def _check_external(req: Request, st: _Stored, files: dict[int, Path], template: dict) -> _ExternalPlan | None:
+def _check_external(
+    req: Request, st: _Stored, files: dict[int, Path], template: dict
+) -> _ExternalPlan | None:
     """Check activations computed elsewhere against the store's layers and the probe.
 
     Rows per layer may be a multiple ``P`` of the probe's samples (conv
@@ -429,7 +491,9 @@ def _check_external(req: Request, st: _Stored, files: dict[int, Path], template:
     if st.activation_layers:
         return _ExternalPlan(p, list(st.activation_layers), None)
     if not files:
-        raise UsageError(f"{req.activations}: no activation files (step_<N>.npz or step_<N>.safetensors) found")
+        raise UsageError(
+            f"{req.activations}: no activation files (step_<N>.npz or step_<N>.safetensors) found"
+        )
     first = read_activation_file(files[min(files)])
     unknown = sorted(set(first) - set(template))
     if unknown:
@@ -449,7 +513,11 @@ def _check_external(req: Request, st: _Stored, files: dict[int, Path], template:
             )
         else:
             per_example = n // p.n_samples
-        dtype = arrs["input"].dtype if arrs["input"].dtype in (np.float16, np.float32, np.float64) else np.float32
+        dtype = (
+            arrs["input"].dtype
+            if arrs["input"].dtype in (np.float16, np.float32, np.float64)
+            else np.float32
+        )
         rows = L.activation_rows(n, d, np.dtype(dtype).itemsize, batch_rows=1)
         by_dtype.setdefault(np.dtype(dtype), {})[name] = (n, d, rows, per_example)
     return _ExternalPlan(p, sorted(first), by_dtype)
@@ -462,8 +530,12 @@ def _pending(rows: list[CheckpointSource]) -> dict[int, dict[str, Any]]:
     """Manifest fields of steps about to be (re)read."""
     return {
         s.step: dict(
-            source_path=str(s.path), format=s.format, fingerprint=s.fingerprint,
-            stat_key=s.stat_key, bytes=s.bytes, status="pending",
+            source_path=str(s.path),
+            format=s.format,
+            fingerprint=s.fingerprint,
+            stat_key=s.stat_key,
+            bytes=s.bytes,
+            status="pending",
         )
         for s in rows
     }
@@ -485,11 +557,15 @@ def write_plan(
             source_path=[str(s.path) for s in plan.moved],
             stat_key=[s.stat_key for s in plan.moved],
         )
-    keep_old = {int(s) for s, st in zip(man["step"], man["status"], strict=True) if st in ("ok", "failed")}
+    keep_old = {
+        int(s) for s, st in zip(man["step"], man["status"], strict=True) if st in ("ok", "failed")
+    }
     new_steps = np.asarray(sorted(keep_old | {s.step for s in plan.sources}), dtype=np.int64)
     # New steps' fields go in with the axis; stored rows (changed checkpoints)
     # leave ok only below, once everything else is in place.
-    pos = gs.set_step_axis(new_steps, rows=_pending([s for s in plan.todo if s.step not in step_row]))
+    pos = gs.set_step_axis(
+        new_steps, rows=_pending([s for s in plan.todo if s.step not in step_row])
+    )
     if not plan.stored.template and plan.template:
         _declare_layers(gs, plan.template, plan.listed)
         pos = gs.set_step_axis(new_steps)
@@ -508,7 +584,9 @@ def write_plan(
     return pos, stored_dtypes, act_layers
 
 
-def _declare_capture(gs: GramlinStore, capture: CaptureConfig, counts: dict[str, tuple[int, int]]) -> list[str]:
+def _declare_capture(
+    gs: GramlinStore, capture: CaptureConfig, counts: dict[str, tuple[int, int]]
+) -> list[str]:
     """Write ``/probe`` and declare the activation arrays; return the captured layers."""
     from gramlin_analyze.capture.task import cached_probe
 
@@ -544,9 +622,13 @@ def _declare_external(gs: GramlinStore, ext: _ExternalPlan, req: Request) -> lis
     p = ext.probe
     if p is not None and L.PROBE not in gs.root:
         attrs = {
-            "fingerprint": p.fingerprint, "n_samples": int(p.n_samples), "loss": "external",
-            "reduction": "external", "probe_path": str(Path(req.probe).resolve()),
-            "model_source": f"external activations from {req.activations}", "long_name": "probe set",
+            "fingerprint": p.fingerprint,
+            "n_samples": int(p.n_samples),
+            "loss": "external",
+            "reduction": "external",
+            "probe_path": str(Path(req.probe).resolve()),
+            "model_source": f"external activations from {req.activations}",
+            "long_name": "probe set",
         }
         if p.labels is not None:
             attrs["n_classes"] = int(np.max(p.labels)) + 1

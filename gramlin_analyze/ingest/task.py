@@ -124,8 +124,6 @@ def error_message(err: BaseException, path: str | os.PathLike) -> str:
     return msg.splitlines()[0] if len(msg) > 2000 else msg
 
 
-
-
 class _Writes:
     """A checkpoint's weight writes, a few in flight while the next tensors are read.
 
@@ -148,7 +146,9 @@ class _Writes:
             if cls._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                cls._pool = ThreadPoolExecutor(2 * (os.cpu_count() or 1), thread_name_prefix="gramlin-weights")
+                cls._pool = ThreadPoolExecutor(
+                    2 * (os.cpu_count() or 1), thread_name_prefix="gramlin-weights"
+                )
             return cls._pool
 
     def put(self, arr, index: int, value: np.ndarray) -> None:

@@ -86,5 +86,3 @@ def check_against(layers: dict[str, LayerSpec], template: dict) -> str | None:
 
 
 # -- the task ----------------------------------------------------------------------
-
-

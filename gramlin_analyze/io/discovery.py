@@ -27,7 +27,14 @@ from gramlin_analyze.errors import (
 from gramlin_analyze.io.base import CheckpointMeta, CheckpointReader
 from gramlin_analyze.io.registry import known_readers, reader_for
 
-__all__ = ["CheckpointSource", "ScanResult", "scan", "step_from_name", "fingerprint_files", "ORDERS"]
+__all__ = [
+    "CheckpointSource",
+    "ScanResult",
+    "scan",
+    "step_from_name",
+    "fingerprint_files",
+    "ORDERS",
+]
 
 ORDERS = ("name", "mtime")
 
@@ -172,7 +179,9 @@ def _readers(format: str | None, reader_options: dict | None) -> list[Checkpoint
     return out
 
 
-def _claim(readers: list[CheckpointReader], path: Path, *, directory: bool) -> CheckpointReader | None:
+def _claim(
+    readers: list[CheckpointReader], path: Path, *, directory: bool
+) -> CheckpointReader | None:
     for r in readers:
         if r.is_directory_format != directory:
             continue
@@ -294,7 +303,9 @@ def scan(
                 step=step,
                 step_origin=origin if step is not None else "none",
                 bytes=sum(s.st_size for s in stats),
-                fingerprint=cached[1] if cached is not None and cached[0] == key and cached[1] else "",
+                fingerprint=cached[1]
+                if cached is not None and cached[0] == key and cached[1]
+                else "",
                 mtime=mtime,
                 meta=meta,
                 stat_key=key,
@@ -315,7 +326,9 @@ def _fingerprint_all(sources: list[CheckpointSource]) -> None:
     if len(sources) < 2:
         prints = [one(s) for s in sources]
     else:
-        with ThreadPoolExecutor(min(len(sources), os.cpu_count() or 1, 8), thread_name_prefix="gramlin-scan") as pool:
+        with ThreadPoolExecutor(
+            min(len(sources), os.cpu_count() or 1, 8), thread_name_prefix="gramlin-scan"
+        ) as pool:
             prints = list(pool.map(one, sources))
     for s, fp in zip(sources, prints, strict=True):
         s.fingerprint = fp
@@ -385,5 +398,7 @@ def _resolve_steps(sources: list[CheckpointSource], order: str | None) -> ScanRe
     for k, v in sorted(by_step.items()):
         ranked = sorted(v, key=_order_key(order)) if len(v) > 1 else v
         out.append(ranked[-1])
-        out.skipped += [(s.path, f"step {k} also claimed by {ranked[-1].path}") for s in ranked[:-1]]
+        out.skipped += [
+            (s.path, f"step {k} also claimed by {ranked[-1].path}") for s in ranked[:-1]
+        ]
     return out

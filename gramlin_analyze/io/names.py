@@ -58,7 +58,9 @@ def split_param_name(name: str, prefix: str = "") -> tuple[str, str]:
 
 
 def select_layers(
-    layers: Iterable[str], include: Iterable[str] | None = None, exclude: Iterable[str] | None = None
+    layers: Iterable[str],
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
 ) -> list[str]:
     """Layers matching any ``include`` glob (all when None) and no ``exclude`` glob."""
     include = list(include or [])

@@ -16,7 +16,14 @@ from pathlib import Path
 from gramlin_analyze.errors import CheckpointFormatError, MissingDependencyError, UsageError
 from gramlin_analyze.io.base import CheckpointReader
 
-__all__ = ["known_readers", "get_reader", "reader_for", "register_reader", "guess_reader", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "known_readers",
+    "get_reader",
+    "reader_for",
+    "register_reader",
+    "guess_reader",
+    "ENTRY_POINT_GROUP",
+]
 
 ENTRY_POINT_GROUP = "gramlin_analyze.readers"
 
@@ -29,7 +36,10 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "torchscript": ("gramlin_analyze.io.torchscript:TorchScriptReader", None),
     "torch": ("gramlin_analyze.io.torch_pickle:TorchPickleReader", None),
     "npz": ("gramlin_analyze.io.npz:NpzReader", None),
-    "keras": ("gramlin_analyze.io.keras:KerasWeightsReader", "pip install 'gramlin-analyze[keras]'"),
+    "keras": (
+        "gramlin_analyze.io.keras:KerasWeightsReader",
+        "pip install 'gramlin-analyze[keras]'",
+    ),
     "orbax": ("gramlin_analyze.io.orbax:OrbaxReader", "pip install 'gramlin-analyze[jax]'"),
     "flax": ("gramlin_analyze.io.flax:FlaxMsgpackReader", "pip install 'gramlin-analyze[jax]'"),
     "onnx": ("gramlin_analyze.io.onnx:OnnxReader", "pip install 'gramlin-analyze[onnx]'"),
@@ -41,7 +51,11 @@ _entry_points_loaded = False
 
 
 def register_reader(
-    name: str, target: str | type[CheckpointReader], *, hint: str | None = None, clobber: bool = False
+    name: str,
+    target: str | type[CheckpointReader],
+    *,
+    hint: str | None = None,
+    clobber: bool = False,
 ) -> None:
     """Register a reader class (or its ``"module:Class"`` path) under ``name``.
 

@@ -75,8 +75,19 @@ _NUMPY_NATIVE = frozenset(
 
 #: safetensors codes of those dtypes -> NumPy dtypes (the format is little-endian)
 _NUMPY_CODES = {
-    "BOOL": "?", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4",
-    "U64": "<u8", "I64": "<i8", "F16": "<f2", "F32": "<f4", "F64": "<f8", "C64": "<c8",
+    "BOOL": "?",
+    "U8": "u1",
+    "I8": "i1",
+    "U16": "<u2",
+    "I16": "<i2",
+    "U32": "<u4",
+    "I32": "<i4",
+    "U64": "<u8",
+    "I64": "<i8",
+    "F16": "<f2",
+    "F32": "<f4",
+    "F64": "<f8",
+    "C64": "<c8",
 }
 
 
@@ -127,7 +138,10 @@ class SafetensorsHandle(CheckpointHandle):
         dtype = np.dtype(_NUMPY_CODES[code])
         count = int(np.prod(shape, dtype=np.int64))
         if not (0 <= start <= end and base + end <= size and end - start == count * dtype.itemsize):
-            raise _unreadable(self.path, ValueError(f"tensor {name!r} lies outside the file or has the wrong size"))
+            raise _unreadable(
+                self.path,
+                ValueError(f"tensor {name!r} lies outside the file or has the wrong size"),
+            )
         return np.frombuffer(mm, dtype=dtype, count=count, offset=base + start).reshape(shape)
 
     def _opened(self, framework: str = "numpy"):

@@ -117,7 +117,6 @@ def tensor_to_numpy(tensor: torch.Tensor, *, copy: bool = True) -> np.ndarray:
     return arr.copy() if copy and not converted else arr
 
 
-
 def _refusal(err: BaseException) -> str | None:
     """What a ``weights_only`` refusal names, or None when the file is merely unreadable."""
     message = str(err.__context__ or err)
@@ -179,11 +178,7 @@ def load_torch_file(path: os.PathLike | str) -> Any:
 
 
 def _is_tensor_dict(node: Any) -> bool:
-    return (
-        isinstance(node, Mapping)
-        and bool(node)
-        and all(_is_tensor(v) for v in node.values())
-    )
+    return isinstance(node, Mapping) and bool(node) and all(_is_tensor(v) for v in node.values())
 
 
 def _flatten_tensors(node: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -92,7 +92,9 @@ class TorchScriptReader(CheckpointReader):
             raise CheckpointFormatError(f"{path}: {err}") from err
 
 
-def load_torchscript(path: str | os.PathLike, *, allow_code: bool = False) -> torch.jit.ScriptModule:
+def load_torchscript(
+    path: str | os.PathLike, *, allow_code: bool = False
+) -> torch.jit.ScriptModule:
     """Load a TorchScript archive on the CPU.
 
     TorchScript archives contain code (the compiled ``forward`` and every

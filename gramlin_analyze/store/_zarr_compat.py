@@ -72,7 +72,10 @@ def _probe(name: str) -> bool:
             from zarr.codecs import BytesCodec, ZstdCodec
             from zarr.core.array_spec import ArraySpec  # noqa: F401
 
-            return all(hasattr(c, "_encode_sync") and hasattr(c, "_decode_sync") for c in (BytesCodec, ZstdCodec))
+            return all(
+                hasattr(c, "_encode_sync") and hasattr(c, "_decode_sync")
+                for c in (BytesCodec, ZstdCodec)
+            )
         if name == EVENT_LOOP:
             from zarr.core.sync import sync  # noqa: F401
 
@@ -119,8 +122,11 @@ def _chunk_spec(arr: zarr.Array):
 
     md = cast("ArrayV3Metadata", arr.metadata)  # chunks encoded here are Zarr v3 (local_dir)
     return ArraySpec(
-        shape=tuple(arr.chunks), dtype=md.data_type, fill_value=md.fill_value,
-        config=arr.async_array.config, prototype=default_buffer_prototype(),
+        shape=tuple(arr.chunks),
+        dtype=md.data_type,
+        fill_value=md.fill_value,
+        config=arr.async_array.config,
+        prototype=default_buffer_prototype(),
     )
 
 
@@ -129,7 +135,9 @@ def encode_chunk(arr: zarr.Array, codecs: list, block: np.ndarray) -> np.ndarray
     not to be stored unless the array writes empty chunks, as zarr decides)."""
     spec = _chunk_spec(arr)
     nd = spec.prototype.nd_buffer.from_numpy_array(block)
-    if not spec.config.write_empty_chunks and nd.all_equal(spec.fill_value):  # zarr's test (bitwise for 0.0)
+    if not spec.config.write_empty_chunks and nd.all_equal(
+        spec.fill_value
+    ):  # zarr's test (bitwise for 0.0)
         return None
     buf = codecs[0]._encode_sync(nd, spec)
     for c in codecs[1:]:

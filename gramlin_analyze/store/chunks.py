@@ -84,7 +84,11 @@ def local_dir(arr: zarr.Array, *, write: bool = True) -> Path | None:
     from zarr.storage import LocalStore
 
     store = arr.store
-    if not isinstance(store, LocalStore) or (write and store.read_only) or arr.metadata.zarr_format != 3:
+    if (
+        not isinstance(store, LocalStore)
+        or (write and store.read_only)
+        or arr.metadata.zarr_format != 3
+    ):
         return None
     try:
         if arr.shards is not None or not all(isinstance(c, int) for c in arr.chunks):
@@ -108,7 +112,9 @@ def raw_chunk_path(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
     if root is None or arr.filters or arr.compressors or not isinstance(arr.serializer, BytesCodec):
         return None
     endian = arr.serializer.endian
-    if sys.byteorder != "little" or (endian is not None and getattr(endian, "value", endian) != "little"):
+    if sys.byteorder != "little" or (
+        endian is not None and getattr(endian, "value", endian) != "little"
+    ):
         return None
     if arr.dtype.kind not in "biufc":
         return None
@@ -119,9 +125,13 @@ def _check_step(arr: zarr.Array, index: int, rows: tuple[int, int] | None = None
     """IndexError for a step (or rows ``first..stop`` of it) outside ``arr``: zarr
     clips slices silently, so a write past the end would otherwise be dropped."""
     if not 0 <= index < arr.shape[0]:
-        raise IndexError(f"step index {index} is outside {arr.path or 'the array'} (length {arr.shape[0]})")
+        raise IndexError(
+            f"step index {index} is outside {arr.path or 'the array'} (length {arr.shape[0]})"
+        )
     if rows is not None and not 0 <= rows[0] <= rows[1] <= arr.shape[1]:
-        raise IndexError(f"rows {rows[0]}..{rows[1]} are outside {arr.path or 'the array'} ({arr.shape[1]} rows)")
+        raise IndexError(
+            f"rows {rows[0]}..{rows[1]} are outside {arr.path or 'the array'} ({arr.shape[1]} rows)"
+        )
 
 
 def put_step(arr: zarr.Array, index: int, value: np.ndarray) -> None:
@@ -173,7 +183,10 @@ def read_step(arr: zarr.Array, index: int, out: np.ndarray | None = None) -> np.
     from zarr.buffer import default_buffer_prototype
 
     target = out.reshape((1, *out.shape))  # a view: decoding fills ``out``
-    arr.get_basic_selection((slice(index, index + 1),), out=default_buffer_prototype().nd_buffer.from_numpy_array(target))
+    arr.get_basic_selection(
+        (slice(index, index + 1),),
+        out=default_buffer_prototype().nd_buffer.from_numpy_array(target),
+    )
     return out
 
 
@@ -194,8 +207,14 @@ def _chunk_slices(arr: zarr.Array):
     cs = arr.chunks
     grid = [range(-(-n // c)) for n, c in zip(arr.shape, cs, strict=True)]
     for coords in itertools.product(*grid):
-        sel = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, cs, arr.shape, strict=True))
-        yield arr.metadata.encode_chunk_key(coords), sel, tuple(slice(0, x.stop - x.start) for x in sel)
+        sel = tuple(
+            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, cs, arr.shape, strict=True)
+        )
+        yield (
+            arr.metadata.encode_chunk_key(coords),
+            sel,
+            tuple(slice(0, x.stop - x.start) for x in sel),
+        )
 
 
 def _native(arr: zarr.Array) -> np.dtype:
@@ -263,19 +282,27 @@ def _resize_and_write(jobs: list[tuple[zarr.Array, tuple[int, ...], np.ndarray |
     """
     jobs = [(arr, tuple(shape), value) for arr, shape, value in jobs]
     resizes = [(a, s) for a, s, _ in jobs if tuple(a.shape) != s]
-    compat.run_together([
-        ((lambda a=a, s=s: a.async_array.resize(s)), (lambda a=a, s=s: a.resize(s))) for a, s in resizes
-    ])
+    compat.run_together(
+        [
+            ((lambda a=a, s=s: a.async_array.resize(s)), (lambda a=a, s=s: a.resize(s)))
+            for a, s in resizes
+        ]
+    )
     writes = [(a, v) for a, _, v in jobs if v is not None]
     here = [(a, v, c) for a, v in writes if (c := _small_codecs(a, write=True)) is not None]
     rest = [(a, v) for a, v in writes if _small_codecs(a, write=True) is None]
     calls = [lambda a=a, v=v, c=c: _write_small(a, v, c) for a, v, c in here]
     futures = [_small_io_pool().submit(c) for c in calls]
     try:
-        compat.run_together([
-            ((lambda a=a, v=v: a.async_array.setitem(slice(None), v)), (lambda a=a, v=v: a.__setitem__(slice(None), v)))
-            for a, v in rest
-        ])
+        compat.run_together(
+            [
+                (
+                    (lambda a=a, v=v: a.async_array.setitem(slice(None), v)),
+                    (lambda a=a, v=v: a.__setitem__(slice(None), v)),
+                )
+                for a, v in rest
+            ]
+        )
     finally:
         errors = [fut.exception() for fut in futures]
     for err in errors:
@@ -308,10 +335,15 @@ def read_all(arrays: list[zarr.Array]) -> list[np.ndarray]:
     """``arr[:]`` of many small arrays."""
     codecs = [_small_codecs(a, write=False) for a in arrays]
     rest = [a for a, c in zip(arrays, codecs, strict=True) if c is None]
-    got = iter(compat.run_together([
-        ((lambda a=a: a.async_array.getitem(slice(None))), (lambda a=a: a[:])) for a in rest
-    ]))
-    return [_read_small(a, c) if c is not None else next(got) for a, c in zip(arrays, codecs, strict=True)]
+    got = iter(
+        compat.run_together(
+            [((lambda a=a: a.async_array.getitem(slice(None))), (lambda a=a: a[:])) for a in rest]
+        )
+    )
+    return [
+        _read_small(a, c) if c is not None else next(got)
+        for a, c in zip(arrays, codecs, strict=True)
+    ]
 
 
 def update_attributes_all(pairs: list[tuple[zarr.Group | zarr.Array, dict[str, Any]]]) -> None:
@@ -324,9 +356,12 @@ def update_attributes_all(pairs: list[tuple[zarr.Group | zarr.Array, dict[str, A
         # update_attributes merges: merged here, the same either way.
         return node.update_attributes_async({**node.attrs.asdict(), **attrs})
 
-    compat.run_together([
-        ((lambda n=n, a=a: coro(n, a)), (lambda n=n, a=a: n.update_attributes(a))) for n, a in pairs
-    ])
+    compat.run_together(
+        [
+            ((lambda n=n, a=a: coro(n, a)), (lambda n=n, a=a: n.update_attributes(a)))
+            for n, a in pairs
+        ]
+    )
 
 
 # -- creating nodes -----------------------------------------------------------------------
@@ -359,21 +394,36 @@ def create_nodes(
     target = store if root is None else zarr.storage.MemoryStore(memory := {})
     overwrite = overwrite_groups and root is None
     # Groups first: an array's creation makes its missing parents, with no attributes.
-    compat.run_together([
-        (
-            (lambda p=p, a=a: zarr.api.asynchronous.create_group(
-                store=target, path=p, zarr_format=3, overwrite=overwrite, attributes=a)),
-            (lambda p=p, a=a: zarr.create_group(target, path=p, zarr_format=3, overwrite=overwrite, attributes=a)),
-        )
-        for p, a in groups
-    ])
-    compat.run_together([
-        (
-            (lambda p=p, kw=kw: zarr.api.asynchronous.create_array(target, name=p, zarr_format=3, **kw)),
-            (lambda p=p, kw=kw: zarr.create_array(target, name=p, zarr_format=3, **kw)),
-        )
-        for p, kw in arrays
-    ])
+    compat.run_together(
+        [
+            (
+                (
+                    lambda p=p, a=a: zarr.api.asynchronous.create_group(
+                        store=target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
+                    )
+                ),
+                (
+                    lambda p=p, a=a: zarr.create_group(
+                        target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
+                    )
+                ),
+            )
+            for p, a in groups
+        ]
+    )
+    compat.run_together(
+        [
+            (
+                (
+                    lambda p=p, kw=kw: zarr.api.asynchronous.create_array(
+                        target, name=p, zarr_format=3, **kw
+                    )
+                ),
+                (lambda p=p, kw=kw: zarr.create_array(target, name=p, zarr_format=3, **kw)),
+            )
+            for p, kw in arrays
+        ]
+    )
     if root is None:
         return
     # Only each node's own keys: the parents zarr made in memory exist on disk.

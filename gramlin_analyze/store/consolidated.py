@@ -51,9 +51,10 @@ def _version_tuple(text: Any) -> tuple[int, ...]:
 
 def consolidated_is_current(attrs: dict[str, Any]) -> bool:
     """Whether root ``attrs`` vouch that the consolidated copy is current."""
-    return attrs.get(CONSOLIDATED_ATTR) is True and _version_tuple(
-        attrs.get("creation_library_version")
-    ) >= _CONSOLIDATED_ATTR_SINCE
+    return (
+        attrs.get(CONSOLIDATED_ATTR) is True
+        and _version_tuple(attrs.get("creation_library_version")) >= _CONSOLIDATED_ATTR_SINCE
+    )
 
 
 _task_roots: dict[tuple[str, str], zarr.Group] = {}
@@ -126,7 +127,9 @@ def share_with_tasks(url: str, token: str, root: zarr.Group) -> None:
     _task_roots[(url, token)] = root
 
 
-def task_node(url: str, storage_options: dict | None, token: str, path: str) -> zarr.Group | zarr.Array:
+def task_node(
+    url: str, storage_options: dict | None, token: str, path: str
+) -> zarr.Group | zarr.Array:
     """The group or array at ``path`` for a writer task, looked up once per process and run.
 
     Each lookup builds a new zarr object from its metadata (about 0.4 ms);
@@ -148,5 +151,3 @@ def quiet_consolidated() -> Iterator[None]:
         # the temporary file of a write a killed writer cut short: not a node, never read
         warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
         yield
-
-

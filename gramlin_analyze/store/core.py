@@ -36,7 +36,6 @@ from gramlin_analyze.store.lock import StoreLock
 __all__ = ["GramlinStore", "zarr_store"]
 
 
-
 def root_attributes(source: str, run_name: str | None) -> dict[str, Any]:
     """The root attributes of a new store."""
     return {
@@ -69,8 +68,13 @@ class GramlinStore:
     """
 
     def __init__(
-        self, url: str | os.PathLike, *, mode: str = "r", storage_options: dict | None = None,
-        source: str | None = None, run_name: str | None = None,
+        self,
+        url: str | os.PathLike,
+        *,
+        mode: str = "r",
+        storage_options: dict | None = None,
+        source: str | None = None,
+        run_name: str | None = None,
     ):
         self.url = str(url)
         self.mode = mode
@@ -84,7 +88,9 @@ class GramlinStore:
         self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
         try:
             if mode == "r":
-                self.root = zarr.open_group(self._zstore, mode="r", zarr_format=3, use_consolidated=False)
+                self.root = zarr.open_group(
+                    self._zstore, mode="r", zarr_format=3, use_consolidated=False
+                )
             else:
                 self.root = self._open_or_create(source, run_name)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
@@ -112,7 +118,9 @@ class GramlinStore:
             if source is None:
                 raise
         self.created = True
-        return zarr.create_group(self._zstore, zarr_format=3, attributes=root_attributes(source, run_name))
+        return zarr.create_group(
+            self._zstore, zarr_format=3, attributes=root_attributes(source, run_name)
+        )
 
     def _check_owner(self) -> None:
         """Refuse a Zarr group another tool wrote, and a store of a newer schema."""
@@ -120,7 +128,9 @@ class GramlinStore:
         version = attrs.get("gramlin_schema_version")
         if version is None:
             if self.mode == "r":
-                raise StoreError(f"{self.url}: a Zarr group, but not a gramlin store (no gramlin_schema_version)")
+                raise StoreError(
+                    f"{self.url}: a Zarr group, but not a gramlin store (no gramlin_schema_version)"
+                )
             if attrs or any(True for _ in self.root.members()):
                 raise StoreError(
                     f"{self.url}: a Zarr group written by another tool (no gramlin_schema_version); "
@@ -153,7 +163,9 @@ class GramlinStore:
 
     def initialize(self, *, source: str, run_name: str | None = None) -> None:
         """Write root attributes and the empty ``/steps`` group if they are missing."""
-        if "gramlin_schema_version" not in self.root.attrs:  # an empty group made by zarr or a writer before 0.3
+        if (
+            "gramlin_schema_version" not in self.root.attrs
+        ):  # an empty group made by zarr or a writer before 0.3
             self.root.update_attributes(root_attributes(source, run_name))
         groups: list[tuple[str, dict[str, Any]]] = []
         arrays: list[tuple[str, dict[str, Any]]] = []
@@ -162,7 +174,9 @@ class GramlinStore:
             arrays.append((f"{L.STEPS}/step", L.step_coord_spec(np.zeros(0, np.int64))))
             arrays.extend((f"{L.STEPS}/{name}", L.manifest_spec(name, 0)) for name in L.MANIFEST)
         else:
-            present = dict(group_at(self.view, L.STEPS).arrays())  # from the consolidated copy when current
+            present = dict(
+                group_at(self.view, L.STEPS).arrays()
+            )  # from the consolidated copy when current
             n = present["step"].shape[0]
             missing = [name for name in L.MANIFEST if name not in present]
             if missing:  # stores from older versions gain new fields
@@ -182,8 +196,12 @@ class GramlinStore:
         self._stale = False
         self._consolidated = True
         self._view = None
-        self.root = zarr.open_group(self._zstore, mode="a" if self.mode != "r" else "r",
-                                    zarr_format=3, use_consolidated=False)
+        self.root = zarr.open_group(
+            self._zstore,
+            mode="a" if self.mode != "r" else "r",
+            zarr_format=3,
+            use_consolidated=False,
+        )
 
     # Consolidation is deferred: a writer changes the structure (creates or
     # resizes nodes) several times while it sets up, and re-reading every
@@ -210,7 +228,9 @@ class GramlinStore:
 
     def ensure_consolidated(self) -> None:
         """Consolidate when this writer, or an earlier one that stopped midway, changed the structure."""
-        if self._stale or not (self._consolidated or consolidated_is_current(dict(self.root.attrs))):
+        if self._stale or not (
+            self._consolidated or consolidated_is_current(dict(self.root.attrs))
+        ):
             self.consolidate()
 
     def touch(self) -> None:
@@ -221,15 +241,27 @@ class GramlinStore:
         :meth:`consolidate` sees the last consolidated state, instead of
         falling back (with a warning) to one request per node.
         """
-        attrs = {"modified_at": _now(), "creation_library_version": __version__, CONSOLIDATED_ATTR: not self._stale}
+        attrs = {
+            "modified_at": _now(),
+            "creation_library_version": __version__,
+            CONSOLIDATED_ATTR: not self._stale,
+        }
         # The open consolidated view already holds the current copy: no need to read it again.
         self._stamp(attrs, via=None if self._stale else self._view)
 
-    def _stamp(self, attrs: dict[str, Any], *, via: zarr.Group | None = None, reopen: bool = True) -> None:
-        root = via if via is not None else zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=None)
+    def _stamp(
+        self, attrs: dict[str, Any], *, via: zarr.Group | None = None, reopen: bool = True
+    ) -> None:
+        root = (
+            via
+            if via is not None
+            else zarr.open_group(self._zstore, mode="r+", zarr_format=3, use_consolidated=None)
+        )
         root.update_attributes(attrs)
         if reopen:
-            self.root = zarr.open_group(self._zstore, mode="a", zarr_format=3, use_consolidated=False)
+            self.root = zarr.open_group(
+                self._zstore, mode="a", zarr_format=3, use_consolidated=False
+            )
 
     # -- arrays ----------------------------------------------------------------------
 
@@ -269,7 +301,9 @@ class GramlinStore:
                 if name == "step":
                     man[name] = np.asarray(v, dtype=np.int64)
                 else:
-                    man[name] = np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
+                    man[name] = (
+                        np.asarray(v, dtype=object) if L.MANIFEST[name][0] is str else np.asarray(v)
+                    )
             # A writer killed while resizing leaves columns of different lengths:
             # the step coordinate's is the manifest's (extra rows are dropped,
             # missing ones are unset, so never ok); set_step_axis repairs the shapes.
@@ -277,7 +311,9 @@ class GramlinStore:
             for name, col in man.items():
                 if len(col) != n:
                     fill = "" if col.dtype == object else L.MANIFEST[name][1]
-                    man[name] = np.concatenate([col[:n], np.full(max(0, n - len(col)), fill, dtype=col.dtype)])
+                    man[name] = np.concatenate(
+                        [col[:n], np.full(max(0, n - len(col)), fill, dtype=col.dtype)]
+                    )
             if self.mode == "r":
                 return man
             self._man = man
@@ -292,7 +328,9 @@ class GramlinStore:
         lookup. Nodes are created through :attr:`root` (after
         :meth:`structure_changed`, from which on this is :attr:`root` too).
         """
-        if self._stale or not (self._consolidated or consolidated_is_current(dict(self.root.attrs))):
+        if self._stale or not (
+            self._consolidated or consolidated_is_current(dict(self.root.attrs))
+        ):
             return self.root
         if self._view is None:
             self._view = open_consolidated(self._zstore, "r" if self.mode == "r" else "r+")
@@ -317,7 +355,9 @@ class GramlinStore:
         return dict(self.view.members(max_depth=None))
 
     @staticmethod
-    def _step_nodes(nodes: dict[str, zarr.Array | zarr.Group]) -> tuple[dict[str, zarr.Array], list[zarr.Array]]:
+    def _step_nodes(
+        nodes: dict[str, zarr.Array | zarr.Group],
+    ) -> tuple[dict[str, zarr.Array], list[zarr.Array]]:
         """Every array whose first dim is ``step`` by path, and every ``step`` coordinate.
 
         The handles are resized in place, so they stay valid through :meth:`set_step_axis`.
@@ -335,7 +375,9 @@ class GramlinStore:
 
     # -- the step axis ------------------------------------------------------------------
 
-    def set_step_axis(self, new_steps: np.ndarray, rows: dict[int, dict[str, Any]] | None = None) -> dict[int, int]:
+    def set_step_axis(
+        self, new_steps: np.ndarray, rows: dict[int, dict[str, Any]] | None = None
+    ) -> dict[int, int]:
         """Make ``new_steps`` (sorted, unique) the step axis of every group; ``ok`` rows
         keep their data (see :func:`.step_axis.set_step_axis`). Returns ``{step: index}``."""
         from gramlin_analyze.store.step_axis import set_step_axis
@@ -399,7 +441,9 @@ class GramlinStore:
 
     # -- layers -----------------------------------------------------------------------
 
-    def declare_layers(self, specs: dict[str, tuple[tuple[int, ...], np.dtype, bool, dict[str, Any]]]) -> None:
+    def declare_layers(
+        self, specs: dict[str, tuple[tuple[int, ...], np.dtype, bool, dict[str, Any]]]
+    ) -> None:
         """Create ``/layers/<name>`` with ``step``, ``weight``, ``bias`` and ``nonfinite``
         for the current step axis, for each ``name: (weight_shape, dtype, has_bias, attrs)``.
 
@@ -409,7 +453,8 @@ class GramlinStore:
         # Attributes go in with each node: ``attrs.update`` rewrites the node once per key.
         groups = [(f"{L.LAYERS}/{name}", attrs) for name, (_, _, _, attrs) in specs.items()]
         arrays = [
-            spec for name, (shape, dtype, bias, _) in specs.items()
+            spec
+            for name, (shape, dtype, bias, _) in specs.items()
             for spec in L.layer_array_specs(name, steps, shape, np.dtype(dtype), bias)
         ]
         self.structure_changed()
@@ -423,5 +468,3 @@ def _coerce(name: str, v: Any) -> Any:
     if v is None:
         return L.MANIFEST[name][1]
     return np.dtype(dtype).type(v)
-
-

@@ -28,6 +28,7 @@ __all__ = [
     "write_raw_chunk",
 ]
 
+
 def write_raw_chunk(path: Path, data: np.ndarray) -> None:
     """Write one chunk's bytes atomically, as zarr's local store does (temp file, rename).
 
@@ -58,7 +59,6 @@ def _write_replacing(path: Path, view: memoryview) -> None:
         raise
 
 
-
 DIRECT_IO_MIN_BYTES = 1 << 20
 _ALIGN = 4096  # O_DIRECT offsets, lengths and buffers: a multiple of the logical block size
 _STAGING_BYTES = 8 << 20  # per thread: the aligned buffer unaligned data is copied through
@@ -68,8 +68,13 @@ _staging = threading.local()
 
 def direct_io_enabled() -> bool:
     """Whether large chunk writes may bypass the page cache (``GRAMLIN_DIRECT_IO``, default on)."""
-    return hasattr(os, "O_DIRECT") and os.environ.get("GRAMLIN_DIRECT_IO", "1").strip().lower() not in (
-        "0", "off", "false", "no",
+    return hasattr(os, "O_DIRECT") and os.environ.get(
+        "GRAMLIN_DIRECT_IO", "1"
+    ).strip().lower() not in (
+        "0",
+        "off",
+        "false",
+        "no",
     )
 
 
@@ -290,4 +295,3 @@ def release_buffers() -> None:
     idle = chunk_buffers.clear()
     if idle:
         threading.Thread(target=idle.clear, name="gramlin-release", daemon=True).start()
-

@@ -22,8 +22,14 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM}
 #: Connection failures of fsspec's HTTP, S3 and GCS clients (botocore, aiohttp).
 _CONNECTION_ERRORS = {
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ServerTimeoutError",
 }
 
 
@@ -36,7 +42,9 @@ def is_store_fault(err: BaseException, url: str | os.PathLike) -> bool:
             return True
         if isinstance(e, OSError) and e.errno in _PATH_ERRNOS and _names_store(e, url):
             return True
-        if is_remote(url) and (isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in _CONNECTION_ERRORS):
+        if is_remote(url) and (
+            isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in _CONNECTION_ERRORS
+        ):
             return True
     return False
 

@@ -90,7 +90,11 @@ def store_info(url: str | os.PathLike, *, storage_options: dict | None = None) -
         scalars = sorted(k for k, _ in mg.arrays() if k not in ("step", "layer"))
         lines.append("")
         lines.append("metrics  " + (", ".join(scalars) or "(none)"))
-    failed = [(int(s), e) for s, st, e in zip(steps, man["status"], man["error"], strict=True) if st == "failed"]
+    failed = [
+        (int(s), e)
+        for s, st, e in zip(steps, man["status"], man["error"], strict=True)
+        if st == "failed"
+    ]
     if failed:
         lines.append("")
         lines.append("failed steps:")

@@ -26,6 +26,7 @@ def schema_major(version: object) -> int:
     """The major part of a schema version: a reader reads every minor version of its major."""
     return schema_tuple(version)[0]
 
+
 STEPS = "steps"
 LAYERS = "layers"
 PROBE = "probe"
@@ -42,9 +43,19 @@ MANIFEST: dict[str, tuple[type[str] | str, object, str, str | None]] = {
     "status": (str, "", "ingest status: ok | pending | failed", None),
     "error": (str, "", "why the step failed (empty when ok)", None),
     "nonfinite": ("int64", -1, "number of NaN/Inf values stored for this step", None),
-    "lr_source": (str, "", "where lr came from: checkpoint | constant | schedule:<path> | unknown", None),
+    "lr_source": (
+        str,
+        "",
+        "where lr came from: checkpoint | constant | schedule:<path> | unknown",
+        None,
+    ),
     "optimizer": (str, "", "optimizer family when the checkpoint says it", None),
-    "stat_key": (str, "", "size, mtime and inode of the files when the fingerprint was taken (lets ingest skip re-hashing them)", None),
+    "stat_key": (
+        str,
+        "",
+        "size, mtime and inode of the files when the fingerprint was taken (lets ingest skip re-hashing them)",
+        None,
+    ),
 }
 
 STATUSES = ("ok", "pending", "failed")
@@ -133,7 +144,10 @@ def layer_kind(layer: str, shape: tuple[int, ...]) -> str:
 def step_coord_spec(steps) -> dict[str, Any]:
     """Keywords creating a group's ``step`` coordinate holding ``steps``."""
     kw: dict[str, Any] = dict(
-        chunks=(MANIFEST_CHUNK,), dimension_names=["step"], fill_value=-1, overwrite=True,
+        chunks=(MANIFEST_CHUNK,),
+        dimension_names=["step"],
+        fill_value=-1,
+        overwrite=True,
         attributes={"long_name": "optimizer step", "units": "steps"},
     )
     if len(steps):
@@ -148,8 +162,13 @@ def manifest_spec(name: str, n: int) -> dict[str, Any]:
     dtype, fill, long_name, units = MANIFEST[name]
     kw: dict[str, Any] = {} if dtype is str else {"fill_value": fill}
     return dict(
-        shape=(n,), dtype=dtype, chunks=(MANIFEST_CHUNK,), dimension_names=["step"], overwrite=True,
-        attributes={"long_name": long_name, **({"units": units} if units else {})}, **kw,
+        shape=(n,),
+        dtype=dtype,
+        chunks=(MANIFEST_CHUNK,),
+        dimension_names=["step"],
+        overwrite=True,
+        attributes={"long_name": long_name, **({"units": units} if units else {})},
+        **kw,
     )
 
 
@@ -159,21 +178,49 @@ def layer_array_specs(name: str, steps, weight_shape: tuple[int, ...], dtype: np
     base = f"{LAYERS}/{name}"
     n = len(steps)
     shape = (n, *weight_shape)
-    specs = [(f"{base}/step", step_coord_spec(steps)), (f"{base}/weight", dict(
-        shape=shape, dtype=dtype, chunks=matrix_chunks(shape, dtype.itemsize),
-        dimension_names=["step", "out", "in"], fill_value=np.nan, compressors=None,
-        chunk_key_encoding=STEP_CHUNK_KEYS,
-        attributes={"long_name": f"weight of {name}, (out, in) order", "units": "1"},
-    ))]
+    specs = [
+        (f"{base}/step", step_coord_spec(steps)),
+        (
+            f"{base}/weight",
+            dict(
+                shape=shape,
+                dtype=dtype,
+                chunks=matrix_chunks(shape, dtype.itemsize),
+                dimension_names=["step", "out", "in"],
+                fill_value=np.nan,
+                compressors=None,
+                chunk_key_encoding=STEP_CHUNK_KEYS,
+                attributes={"long_name": f"weight of {name}, (out, in) order", "units": "1"},
+            ),
+        ),
+    ]
     if bias:
-        specs.append((f"{base}/bias", dict(
-            shape=(n, weight_shape[0]), dtype=dtype, chunks=(1, weight_shape[0]),
-            dimension_names=["step", "out"], fill_value=np.nan, compressors=None,
-            chunk_key_encoding=STEP_CHUNK_KEYS, attributes={"long_name": f"bias of {name}", "units": "1"},
-        )))
-    specs.append((f"{base}/nonfinite", dict(
-        shape=(n,), dtype="int64", chunks=(MANIFEST_CHUNK,), dimension_names=["step"],
-        fill_value=-1,  # written by the driver with the manifest rows, like them chunked
-        attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
-    )))
+        specs.append(
+            (
+                f"{base}/bias",
+                dict(
+                    shape=(n, weight_shape[0]),
+                    dtype=dtype,
+                    chunks=(1, weight_shape[0]),
+                    dimension_names=["step", "out"],
+                    fill_value=np.nan,
+                    compressors=None,
+                    chunk_key_encoding=STEP_CHUNK_KEYS,
+                    attributes={"long_name": f"bias of {name}", "units": "1"},
+                ),
+            )
+        )
+    specs.append(
+        (
+            f"{base}/nonfinite",
+            dict(
+                shape=(n,),
+                dtype="int64",
+                chunks=(MANIFEST_CHUNK,),
+                dimension_names=["step"],
+                fill_value=-1,  # written by the driver with the manifest rows, like them chunked
+                attributes={"long_name": f"NaN/Inf values in weight and bias of {name}"},
+            ),
+        )
+    )
     return specs

@@ -31,7 +31,11 @@ class StoreLock:
     """Context manager holding the single-writer lock of a store."""
 
     def __init__(
-        self, url: str | os.PathLike, *, storage_options: dict | None = None, break_lock: bool = False
+        self,
+        url: str | os.PathLike,
+        *,
+        storage_options: dict | None = None,
+        break_lock: bool = False,
     ):
         self.url = str(url).rstrip("/")
         self.lock_url = canonical_url(self.url) + ".lock"

@@ -83,25 +83,54 @@ def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, boo
     layers = gs.layer_names()
     nl = len(layers) if new_layer_coord else array_at(group_at(root, L.METRICS), "layer").shape[0]
     if new_layer_coord:
-        arrays.append((f"{L.METRICS}/layer", dict(
-            shape=(nl,), dtype=str, chunks=(max(nl, 1),), dimension_names=["layer"],
-            attributes={"long_name": "layer name"},
-        )))
+        arrays.append(
+            (
+                f"{L.METRICS}/layer",
+                dict(
+                    shape=(nl,),
+                    dtype=str,
+                    chunks=(max(nl, 1),),
+                    dimension_names=["layer"],
+                    attributes={"long_name": "layer name"},
+                ),
+            )
+        )
     for name, attrs in spec.scalars.items():
         if name not in have:
-            arrays.append((f"{L.METRICS}/{name}", dict(
-                shape=(n, nl), dtype="float64", chunks=(L.MANIFEST_CHUNK, nl),
-                dimension_names=["step", "layer"], fill_value=np.nan, attributes=attrs,
-            )))
-    inputs = {k for k, _ in group_at(root, f"{L.METRICS}/{INPUTS}").members()} if INPUTS in have else None
+            arrays.append(
+                (
+                    f"{L.METRICS}/{name}",
+                    dict(
+                        shape=(n, nl),
+                        dtype="float64",
+                        chunks=(L.MANIFEST_CHUNK, nl),
+                        dimension_names=["step", "layer"],
+                        fill_value=np.nan,
+                        attributes=attrs,
+                    ),
+                )
+            )
+    inputs = (
+        {k for k, _ in group_at(root, f"{L.METRICS}/{INPUTS}").members()}
+        if INPUTS in have
+        else None
+    )
     if inputs is None:
         groups.append((f"{L.METRICS}/{INPUTS}", _INPUTS_DESCRIPTION))
         inputs = set()
     for key in spec.inputs:
         if key not in inputs:
-            arrays.append((f"{L.METRICS}/{INPUTS}/{key}", dict(
-                shape=(n, nl), dtype=str, chunks=(L.MANIFEST_CHUNK, nl), dimension_names=["step", "layer"],
-            )))
+            arrays.append(
+                (
+                    f"{L.METRICS}/{INPUTS}/{key}",
+                    dict(
+                        shape=(n, nl),
+                        dtype=str,
+                        chunks=(L.MANIFEST_CHUNK, nl),
+                        dimension_names=["step", "layer"],
+                    ),
+                )
+            )
     for layer, matrices in spec.matrices.items():
         base = f"{L.METRICS}/{layer}"
         present = {k for k, _ in group_at(root, base).members()} if layer in have else None
@@ -111,11 +140,21 @@ def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, boo
         for name, m in matrices.items():
             if name not in present:
                 shape = (n, *m.shape)
-                arrays.append((f"{base}/{name}", dict(
-                    shape=shape, dtype=m.dtype, chunks=L.matrix_chunks(shape, m.dtype.itemsize),
-                    dimension_names=["step", *m.dims], fill_value=np.nan, compressors=None,
-                    chunk_key_encoding=L.STEP_CHUNK_KEYS, attributes=m.attrs,
-                )))
+                arrays.append(
+                    (
+                        f"{base}/{name}",
+                        dict(
+                            shape=shape,
+                            dtype=m.dtype,
+                            chunks=L.matrix_chunks(shape, m.dtype.itemsize),
+                            dimension_names=["step", *m.dims],
+                            fill_value=np.nan,
+                            compressors=None,
+                            chunk_key_encoding=L.STEP_CHUNK_KEYS,
+                            attributes=m.attrs,
+                        ),
+                    )
+                )
     return groups, arrays, new_layer_coord
 
 
@@ -139,10 +178,16 @@ def repair_metrics(gs: GramlinStore) -> None:
     if L.METRICS not in root:
         return
     steps = gs.steps()
-    coords = [a for _, a in group_at(root, L.METRICS).members(max_depth=None)
-              if isinstance(a, zarr.Array) and a.path.rsplit("/", 1)[-1] == "step"]
-    wrong = [(a, steps) for a, v in zip(coords, read_all(coords), strict=True)
-             if a.shape == steps.shape and not np.array_equal(v, steps)]
+    coords = [
+        a
+        for _, a in group_at(root, L.METRICS).members(max_depth=None)
+        if isinstance(a, zarr.Array) and a.path.rsplit("/", 1)[-1] == "step"
+    ]
+    wrong = [
+        (a, steps)
+        for a, v in zip(coords, read_all(coords), strict=True)
+        if a.shape == steps.shape and not np.array_equal(v, steps)
+    ]
     lay = group_at(root, L.METRICS).get("layer")
     if isinstance(lay, zarr.Array):
         names = [str(v) for v in cast(np.ndarray, lay[:])]

@@ -38,7 +38,12 @@ def holds_run_from(attrs: Mapping[str, Any], directory: str | os.PathLike) -> bo
     given, and a relative path means nothing from another working directory.
     """
     recorded = str(attrs.get("source") or "")
-    if not recorded or is_remote(recorded) or not os.path.isabs(recorded) or is_remote(str(directory)):
+    if (
+        not recorded
+        or is_remote(recorded)
+        or not os.path.isabs(recorded)
+        or is_remote(str(directory))
+    ):
         return None
     here, there = Path(directory).resolve(), Path(os.path.normpath(recorded))
     return here == there or there in here.parents or here in there.parents

@@ -43,7 +43,11 @@ class WriteSession:
     """
 
     def __init__(
-        self, url: str | os.PathLike, *, storage_options: dict | None = None, break_lock: bool = False,
+        self,
+        url: str | os.PathLike,
+        *,
+        storage_options: dict | None = None,
+        break_lock: bool = False,
         source: str | None = None,
     ):
         self.url = str(url)
@@ -60,7 +64,9 @@ class WriteSession:
                 raise as_store_error(err, self.url) from err
             raise
         try:
-            self.store = GramlinStore(self.url, mode="a", storage_options=self.storage_options, source=self.source)
+            self.store = GramlinStore(
+                self.url, mode="a", storage_options=self.storage_options, source=self.source
+            )
             if self.store._interrupted:
                 repair(self.store)
         except BaseException as err:
@@ -71,15 +77,24 @@ class WriteSession:
         return self.store
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         try:
-            if self.store is not None and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+            if self.store is not None and (
+                exc_type is None or issubclass(exc_type, KeyboardInterrupt)
+            ):
                 if "gramlin_schema_version" in self.store.root.attrs:
                     self.store.touch()
         finally:
             self._lock.release()
-        if exc is not None and not isinstance(exc, StoreUnavailableError) and is_store_fault(exc, self.url):
+        if (
+            exc is not None
+            and not isinstance(exc, StoreUnavailableError)
+            and is_store_fault(exc, self.url)
+        ):
             raise as_store_error(exc, self.url) from exc
 
 
@@ -97,8 +112,10 @@ def repair(gs: GramlinStore) -> None:
     if L.STEPS in gs.root:
         n = len(gs.steps())
         arrays = [
-            node for _, node in gs._walk().items()
-            if isinstance(node, zarr.Array) and (v3_metadata(node).dimension_names or ())[:1] == ("step",)
+            node
+            for _, node in gs._walk().items()
+            if isinstance(node, zarr.Array)
+            and (v3_metadata(node).dimension_names or ())[:1] == ("step",)
         ]
         resize_all([(a, (n, *a.shape[1:])) for a in arrays if a.shape[0] != n])
         repair_metrics(gs)

@@ -24,7 +24,9 @@ class _Chunk:
         self.first, self.rows, self.filled = first, rows, 0
         nbytes = rows * d * dtype.itemsize
         self.bufs = (chunk_buffers.take(nbytes), chunk_buffers.take(nbytes))
-        self.H, self.G = (np.frombuffer(b, dtype=dtype, count=rows * d).reshape(rows, d) for b in self.bufs)
+        self.H, self.G = (
+            np.frombuffer(b, dtype=dtype, count=rows * d).reshape(rows, d) for b in self.bufs
+        )
 
     def release(self) -> None:
         self.H = self.G = cast(np.ndarray, None)  # a released chunk is never read again
@@ -43,7 +45,9 @@ class ActivationSink:
     writes the rest and waits for every write, re-raising any error.
     """
 
-    def __init__(self, layers_group: zarr.Group, index: int, layers: list[str], *, max_pending: int = 4):
+    def __init__(
+        self, layers_group: zarr.Group, index: int, layers: list[str], *, max_pending: int = 4
+    ):
         from concurrent.futures import ThreadPoolExecutor
 
         self.index = index

@@ -47,16 +47,21 @@ def set_step_axis(
     same = len(man["step"]) == len(new_steps) and np.array_equal(man["step"], new_steps)
     if not same or gs._interrupted:
         _change_axis(gs, man, new_steps, pos, rows)
-    gs.write_row_fields([(pos[step], fields) for step, fields in rows.items()])  # what the axis did not take
+    gs.write_row_fields(
+        [(pos[step], fields) for step, fields in rows.items()]
+    )  # what the axis did not take
     return pos
 
 
-def _change_axis(gs: GramlinStore, man: dict, new_steps: np.ndarray, pos: dict[int, int], rows: dict) -> None:
+def _change_axis(
+    gs: GramlinStore, man: dict, new_steps: np.ndarray, pos: dict[int, int], rows: dict
+) -> None:
     """Resize and rewrite every step-major array; the ``rows`` written are removed from ``rows``."""
     old_steps, status = man["step"], man["status"]
     n_old, n_new = len(old_steps), len(new_steps)
     moves = {
-        i: pos[int(s)] for i, (s, st) in enumerate(zip(old_steps, status, strict=True))
+        i: pos[int(s)]
+        for i, (s, st) in enumerate(zip(old_steps, status, strict=True))
         if st == "ok" and int(s) in pos and pos[int(s)] != i
     }
     nodes = gs._walk()  # before marking: from the consolidated copy while it is current
@@ -70,8 +75,11 @@ def _change_axis(gs: GramlinStore, man: dict, new_steps: np.ndarray, pos: dict[i
     # The hashes of /metrics results move after every result: a kill between leaves no
     # hash vouching for a result that is not in its place (it is recomputed instead).
     provenance = f"{L.METRICS}/{INPUTS}/"
-    data_arrays = [arr for path, arr in sorted(step_arrays.items(), key=lambda kv: kv[0].startswith(provenance))
-                   if path not in manifest_paths]
+    data_arrays = [
+        arr
+        for path, arr in sorted(step_arrays.items(), key=lambda kv: kv[0].startswith(provenance))
+        if path not in manifest_paths
+    ]
     g = {name: step_arrays[f"{L.STEPS}/{name}"] for name in L.MANIFEST}
     new_man = _permuted_manifest(man, new_steps, pos)
     final_status = new_man["status"].copy()
@@ -80,7 +88,18 @@ def _change_axis(gs: GramlinStore, man: dict, new_steps: np.ndarray, pos: dict[i
     if not moves and n_new > n_old and np.array_equal(new_steps[:n_old], old_steps):
         _append(rows, pos, n_old, n_new, data_arrays, g, step_coords, new_man, new_steps)
     else:
-        _rearrange(moves, status, n_old, n_new, data_arrays, g, step_coords, new_man, final_status, new_steps)
+        _rearrange(
+            moves,
+            status,
+            n_old,
+            n_new,
+            data_arrays,
+            g,
+            step_coords,
+            new_man,
+            final_status,
+            new_steps,
+        )
         new_man["status"] = final_status
     gs._man = {"step": new_steps.copy(), **new_man}
     gs.consolidate()
@@ -91,14 +110,24 @@ def _repair_lengths(arrays: list[zarr.Array], n: int) -> None:
     resize_all([(a, (n, *a.shape[1:])) for a in arrays if a.shape[0] != n])
 
 
-def _permuted_manifest(man: dict, new_steps: np.ndarray, pos: dict[int, int]) -> dict[str, np.ndarray]:
+def _permuted_manifest(
+    man: dict, new_steps: np.ndarray, pos: dict[int, int]
+) -> dict[str, np.ndarray]:
     """The manifest columns on the new axis: kept rows in their new places, new rows pending."""
     n_new = len(new_steps)
-    keep = {pos[int(s)]: i for i, s in enumerate(man["step"]) if int(s) in pos and man["status"][i] != ""}
+    keep = {
+        pos[int(s)]: i
+        for i, s in enumerate(man["step"])
+        if int(s) in pos and man["status"][i] != ""
+    }
     new_man: dict[str, np.ndarray] = {}
     for name, (dtype, fill, _, _) in L.MANIFEST.items():
         old = man.get(name)
-        col = np.full(n_new, "", dtype=object) if dtype is str else np.full(n_new, fill, dtype=np.dtype(dtype))
+        col = (
+            np.full(n_new, "", dtype=object)
+            if dtype is str
+            else np.full(n_new, fill, dtype=np.dtype(dtype))
+        )
         if old is not None:
             for j, i in keep.items():
                 col[j] = old[i]
@@ -115,7 +144,9 @@ def _append(rows, pos, n_old, n_new, data_arrays, g, step_coords, new_man, new_s
     rewritten in one batch, with the given fields of the new rows (never ok here)."""
     from gramlin_analyze.store.core import _coerce
 
-    for step in [st for st in rows if pos[st] >= n_old and rows[st].get("status", "pending") != "ok"]:
+    for step in [
+        st for st in rows if pos[st] >= n_old and rows[st].get("status", "pending") != "ok"
+    ]:
         for name, v in rows.pop(step).items():
             if name not in L.MANIFEST:
                 raise KeyError(f"unknown manifest field {name!r}")
@@ -127,7 +158,9 @@ def _append(rows, pos, n_old, n_new, data_arrays, g, step_coords, new_man, new_s
     )
 
 
-def _rearrange(moves, status, n_old, n_new, data_arrays, g, step_coords, new_man, final_status, new_steps) -> None:
+def _rearrange(
+    moves, status, n_old, n_new, data_arrays, g, step_coords, new_man, final_status, new_steps
+) -> None:
     """Steps inserted or dropped: moved rows pending first, data moved, then every column
     but status, then status, then the coordinates, and moved rows ok last."""
     if moves:
@@ -148,7 +181,9 @@ def _rearrange(moves, status, n_old, n_new, data_arrays, g, step_coords, new_man
         resize_all([(arr, (n_new, *arr.shape[1:])) for arr in data_arrays])
 
 
-def _step_nodes(nodes: dict[str, zarr.Array | zarr.Group]) -> tuple[dict[str, zarr.Array], list[zarr.Array]]:
+def _step_nodes(
+    nodes: dict[str, zarr.Array | zarr.Group],
+) -> tuple[dict[str, zarr.Array], list[zarr.Array]]:
     """Every array whose first dim is ``step`` by path, and every ``step`` coordinate.
 
     The handles are resized in place, so they stay valid through :func:`set_step_axis`.

@@ -35,7 +35,11 @@ def describe_group(group: zarr.Group) -> dict:
     variables = {}
     for name, arr in group.arrays():
         dtype: object = v3_metadata(arr).data_type
-        dtype = "str" if "String" in type(dtype).__name__ or "UTF8" in type(dtype).__name__ else str(arr.dtype)
+        dtype = (
+            "str"
+            if "String" in type(dtype).__name__ or "UTF8" in type(dtype).__name__
+            else str(arr.dtype)
+        )
         variables[name] = {"dims": list(v3_metadata(arr).dimension_names or []), "dtype": dtype}
     return {"attrs": dict(group.attrs), "variables": variables}
 
@@ -90,7 +94,9 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
     problems += _errors(load_schema("store"), dict(root.attrs), "/ attrs")
     if L.STEPS not in root:
         if not _members(root):
-            notes.append("an empty store: the ingest that made it stopped before recording a step; run it again")
+            notes.append(
+                "an empty store: the ingest that made it stopped before recording a step; run it again"
+            )
             return problems
         return problems + ["/steps: missing"]
     man = gs.manifest()
@@ -102,12 +108,20 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
         seen = _walk_arrays(cons)
     except (ValueError, FileNotFoundError) as err:
         if interrupted:
-            notes.append("the writer that created this store was interrupted before its first step landed; "
-                         "run the ingest again")
+            notes.append(
+                "the writer that created this store was interrupted before its first step landed; "
+                "run the ingest again"
+            )
             return problems
-        problems.append(f"consolidated metadata missing or unreadable ({err}); re-run ingest to repair")
+        problems.append(
+            f"consolidated metadata missing or unreadable ({err}); re-run ingest to repair"
+        )
         seen = arrays
-    lagging = sorted(p for p in set(arrays) | set(seen) if p not in seen or p not in arrays or seen[p].shape != arrays[p].shape)
+    lagging = sorted(
+        p
+        for p in set(arrays) | set(seen)
+        if p not in seen or p not in arrays or seen[p].shape != arrays[p].shape
+    )
     if lagging and interrupted:
         # What readers open is the consolidated copy: check that, and say what the next writer finishes.
         notes.append(
@@ -117,12 +131,16 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
         arrays = seen
         man = _reader_manifest(seen, man)
     elif lagging:
-        notes.append(f"consolidated metadata lags behind the store at {lagging[0]}; the next ingest refreshes it")
+        notes.append(
+            f"consolidated metadata lags behind the store at {lagging[0]}; the next ingest refreshes it"
+        )
     rows = [{k: _json_value(v[i]) for k, v in man.items()} for i in range(len(man["step"]))]
     if interrupted:  # rows a killed writer added but never wrote: unset, so never ok
         rows = [r for r in rows if r["status"] != ""]
     desc = describe_group(cast(zarr.Group, root[L.STEPS]))
-    problems += _errors(load_schema("steps"), {"variables": desc["variables"], "rows": rows}, "/steps")
+    problems += _errors(
+        load_schema("steps"), {"variables": desc["variables"], "rows": rows}, "/steps"
+    )
     steps = man["step"]
     if np.any(np.diff(steps) <= 0):
         problems.append("/steps: step is not sorted and unique; re-run ingest to repair")
@@ -132,20 +150,32 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
     keys = _chunk_keys(url, storage_options)
     stray = [k for k in keys if k.endswith(".partial")]
     if stray:
-        notes.append(f"{len(stray)} temporary files of writes cut short (*.partial); never read, safe to delete")
+        notes.append(
+            f"{len(stray)} temporary files of writes cut short (*.partial); never read, safe to delete"
+        )
     # What readers see: the consolidated copy while a writer's change is unfinished.
     tree = cons if interrupted else root
-    layers = {k: g for k, g in _members(cast(zarr.Group, tree[L.LAYERS]))} if L.LAYERS in tree else {}
+    layers = (
+        {k: g for k, g in _members(cast(zarr.Group, tree[L.LAYERS]))} if L.LAYERS in tree else {}
+    )
     for name, grp in sorted(layers.items()):
         problems += _errors(layer_schema, describe_group(grp), f"/layers/{name}")
     coordinate_problems = _coordinate_problems(arrays, steps, sorted(layers))
     if interrupted:  # the interrupted change rewrote some coordinates and not others yet
-        notes += [f"{p} (a writer was interrupted; the next ingest or analyze rewrites it)" for p in coordinate_problems]
+        notes += [
+            f"{p} (a writer was interrupted; the next ingest or analyze rewrites it)"
+            for p in coordinate_problems
+        ]
     else:
         problems += coordinate_problems
     for path, arr in arrays.items():
         dims = v3_metadata(arr).dimension_names or ()
-        if not dims or dims[0] != "step" or path.startswith(L.STEPS + "/") or path.endswith("/step"):
+        if (
+            not dims
+            or dims[0] != "step"
+            or path.startswith(L.STEPS + "/")
+            or path.endswith("/step")
+        ):
             continue
         missing = [i for i in ok_rows if any(k not in keys for k in _required_chunks(path, arr, i))]
         if path.startswith(L.METRICS + "/"):
@@ -160,7 +190,9 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
     return problems
 
 
-def _reader_manifest(seen: dict[str, zarr.Array], man: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _reader_manifest(
+    seen: dict[str, zarr.Array], man: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The manifest as readers see it: each column at its consolidated length."""
     out = {}
     for name, col in man.items():
@@ -170,7 +202,9 @@ def _reader_manifest(seen: dict[str, zarr.Array], man: dict[str, np.ndarray]) ->
     return {k: v[:n] for k, v in out.items()}
 
 
-def _coordinate_problems(arrays: dict[str, zarr.Array], steps: np.ndarray, layers: list[str]) -> list[str]:
+def _coordinate_problems(
+    arrays: dict[str, zarr.Array], steps: np.ndarray, layers: list[str]
+) -> list[str]:
     """Every group's ``step`` coordinate holds the manifest's steps, and ``/metrics``'s
     ``layer`` coordinate names stored layers, each once."""
     problems = []
@@ -178,12 +212,16 @@ def _coordinate_problems(arrays: dict[str, zarr.Array], steps: np.ndarray, layer
         if path.rsplit("/", 1)[-1] != "step" or path == f"{L.STEPS}/step":
             continue
         if arr.shape != steps.shape or not np.array_equal(arr[:], steps):
-            problems.append(f"/{path.rsplit('/', 1)[0]}: step coordinate differs from /steps/step; re-run ingest to repair")
+            problems.append(
+                f"/{path.rsplit('/', 1)[0]}: step coordinate differs from /steps/step; re-run ingest to repair"
+            )
     lay = arrays.get(f"{L.METRICS}/layer")
     if lay is not None:
         names = [str(v) for v in cast(np.ndarray, lay[:])]
         if len(set(names)) != len(names) or not set(names) <= set(layers):
-            problems.append(f"/{L.METRICS}: layer coordinate {names} does not name stored layers; re-run analyze")
+            problems.append(
+                f"/{L.METRICS}: layer coordinate {names} does not name stored layers; re-run analyze"
+            )
     return problems
 
 
@@ -194,7 +232,11 @@ def _walk_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
     on an object store saves a round trip per array. Temporary files of a
     write cut short are noted by the caller, not warned about here.
     """
-    return {path: node for path, node in sorted(_members(group, max_depth=None)) if isinstance(node, zarr.Array)}
+    return {
+        path: node
+        for path, node in sorted(_members(group, max_depth=None))
+        if isinstance(node, zarr.Array)
+    }
 
 
 def _members(group: zarr.Group, **kw) -> list:

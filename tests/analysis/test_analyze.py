@@ -90,10 +90,16 @@ def test_metrics_match_independent_reference(tmp_path):
             gram = W[t].T @ W[t]
             ev = np.clip(np.linalg.eigvalsh(gram), 0, None)
             p = ev[ev > 0] / ev.sum()
-            np.testing.assert_allclose(row["effective_rank"], np.exp(-(p * np.log(p)).sum()), rtol=1e-9)
-            np.testing.assert_allclose(row["stable_rank"], np.sum(W[t] ** 2) / np.linalg.norm(W[t], 2) ** 2, rtol=1e-9)
+            np.testing.assert_allclose(
+                row["effective_rank"], np.exp(-(p * np.log(p)).sum()), rtol=1e-9
+            )
+            np.testing.assert_allclose(
+                row["stable_rank"], np.sum(W[t] ** 2) / np.linalg.norm(W[t], 2) ** 2, rtol=1e-9
+            )
             np.testing.assert_allclose(row["fro_norm"], np.sqrt(np.sum(W[t] ** 2)), rtol=1e-12)
-            np.testing.assert_allclose(row["spectral_norm"], np.linalg.svd(W[t], compute_uv=False)[0], rtol=1e-9)
+            np.testing.assert_allclose(
+                row["spectral_norm"], np.linalg.svd(W[t], compute_uv=False)[0], rtol=1e-9
+            )
             if t > 0:  # from the stored (float32) Grams, so float32 tolerance
                 prev = W[t - 1].T @ W[t - 1]
                 ref = np.sqrt(np.sum((gram - prev) ** 2)) / np.sqrt(np.sum(prev**2))
@@ -103,9 +109,13 @@ def test_metrics_match_independent_reference(tmp_path):
             hp = H[t] - LR * Gd[t]
             vc = np.einsum("ni,nj->ij", hp, hp)
             vcs = vc - np.einsum("ni,nj->ij", H[t], H[t])
-            np.testing.assert_allclose(tree[f"metrics/{layer}"]["vc"].sel(step=step), vc, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(
+                tree[f"metrics/{layer}"]["vc"].sel(step=step), vc, rtol=1e-9, atol=1e-12
+            )
             np.testing.assert_allclose(row["gram_vc_corr"], ref_pearson(gram, vc, True), rtol=1e-9)
-            np.testing.assert_allclose(row["gram_vc_corr_full"], ref_pearson(gram, vc, False), rtol=1e-9)
+            np.testing.assert_allclose(
+                row["gram_vc_corr_full"], ref_pearson(gram, vc, False), rtol=1e-9
+            )
             np.testing.assert_allclose(row["target_linearity"], ref_tl(H[t], Y), rtol=1e-8)
             np.testing.assert_allclose(row["tl_null"], min(1, H.shape[2] / H.shape[1]))
             np.testing.assert_allclose(row["nc1"], ref_nc1(H[t], y, 3), rtol=1e-8)
@@ -113,20 +123,34 @@ def test_metrics_match_independent_reference(tmp_path):
             if t > 0:
                 a = t - 1
                 gap = steps[t] - steps[a]
-                vcs_a = np.einsum("ni,nj->ij", H[a] - LR * Gd[a], H[a] - LR * Gd[a]) - np.einsum("ni,nj->ij", H[a], H[a])
+                vcs_a = np.einsum("ni,nj->ij", H[a] - LR * Gd[a], H[a] - LR * Gd[a]) - np.einsum(
+                    "ni,nj->ij", H[a], H[a]
+                )
                 pred = gap * (vcs_a + vcs) / 2
                 acc = acc + pred
                 dG = gram - W[a].T @ W[a]
-                np.testing.assert_allclose(row["vcs_interval_corr"], ref_pearson(dG, pred, False), rtol=1e-9)
-                np.testing.assert_allclose(row["vcs_interval_ratio"], np.linalg.norm(pred) / np.linalg.norm(dG), rtol=1e-9)
-                np.testing.assert_allclose(row["fle_residual"], np.linalg.norm(dG - gap * vcs_a) / np.linalg.norm(dG), rtol=1e-9)
                 np.testing.assert_allclose(
-                    row["gram_vcs_acc_corr"], ref_pearson(gram - W[0].T @ W[0], acc, True), rtol=1e-9
+                    row["vcs_interval_corr"], ref_pearson(dG, pred, False), rtol=1e-9
+                )
+                np.testing.assert_allclose(
+                    row["vcs_interval_ratio"], np.linalg.norm(pred) / np.linalg.norm(dG), rtol=1e-9
+                )
+                np.testing.assert_allclose(
+                    row["fle_residual"],
+                    np.linalg.norm(dG - gap * vcs_a) / np.linalg.norm(dG),
+                    rtol=1e-9,
+                )
+                np.testing.assert_allclose(
+                    row["gram_vcs_acc_corr"],
+                    ref_pearson(gram - W[0].T @ W[0], acc, True),
+                    rtol=1e-9,
                 )
             else:
                 assert np.isnan(row["vcs_interval_corr"])
         # NC3/NC4 only for the readout (d_out = C = 3).
-        assert np.isfinite(m["nc3"].sel(layer="4")).all() and np.isnan(m["nc3"].sel(layer="0")).all()
+        assert (
+            np.isfinite(m["nc3"].sel(layer="4")).all() and np.isnan(m["nc3"].sel(layer="0")).all()
+        )
 
 
 def test_incremental_and_recompute(tmp_path):

@@ -35,10 +35,14 @@ def test_token_labels_pair_with_their_positions(tmp_path):
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
     np.savez(tmp_path / "p.npz", inputs=x, labels=y)
-    cfg = CaptureConfig(probe=str(tmp_path / "p.npz"), model="tests.capture_models:build_token_model")
+    cfg = CaptureConfig(
+        probe=str(tmp_path / "p.npz"), model="tests.capture_models:build_token_model"
+    )
     assert not ga.ingest(run, tmp_path / "s.zarr", capture=cfg, lr=0.1).failed
     report = ga.analyze(tmp_path / "s.zarr", metrics=["tl"])
-    assert report.partial == {"tl": ["emb"]}  # the embedding has no captured input; the others still run
+    assert report.partial == {
+        "tl": ["emb"]
+    }  # the embedding has no captured input; the others still run
     tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
     for layer in ("fc", "out"):
         H = tree[f"layers/{layer}"]["input"].sel(step=1).values.astype(np.float64)
@@ -52,18 +56,31 @@ def test_external_activations_with_positions(tmp_path):
     rng = np.random.default_rng(22)
     run = tmp_path / "run"
     run.mkdir()
-    save_file({"fc.weight": torch.randn(3, 4), "fc.bias": torch.randn(3)}, str(run / "step_0.safetensors"))
+    save_file(
+        {"fc.weight": torch.randn(3, 4), "fc.bias": torch.randn(3)}, str(run / "step_0.safetensors")
+    )
     labels = rng.integers(0, 3, 10)
-    np.savez(tmp_path / "p.npz", inputs=rng.standard_normal((10, 6)).astype(np.float32), labels=labels)
+    np.savez(
+        tmp_path / "p.npz", inputs=rng.standard_normal((10, 6)).astype(np.float32), labels=labels
+    )
     acts = tmp_path / "acts"
     acts.mkdir()
     H = rng.standard_normal((20, 4)).astype(np.float32)  # 2 positions per example, example-major
-    np.savez(acts / "step_0.npz", **{"fc/input": H, "fc/input_grad": rng.standard_normal((20, 4)).astype(np.float32)})
+    np.savez(
+        acts / "step_0.npz",
+        **{"fc/input": H, "fc/input_grad": rng.standard_normal((20, 4)).astype(np.float32)},
+    )
     ga.ingest(run, tmp_path / "s.zarr", activations=acts, probe=tmp_path / "p.npz")
     ga.analyze(tmp_path / "s.zarr", metrics=["tl"])
     got = float(ga.open(tmp_path / "s.zarr")["metrics"]["target_linearity"].sel(step=0, layer="fc"))
-    np.testing.assert_allclose(got, ref_tl(H.astype(np.float64), np.eye(3)[np.repeat(labels, 2)]), rtol=1e-8)
-    np.savez(tmp_path / "other.npz", inputs=rng.standard_normal((10, 6)).astype(np.float32), labels=labels)
+    np.testing.assert_allclose(
+        got, ref_tl(H.astype(np.float64), np.eye(3)[np.repeat(labels, 2)]), rtol=1e-8
+    )
+    np.savez(
+        tmp_path / "other.npz",
+        inputs=rng.standard_normal((10, 6)).astype(np.float32),
+        labels=labels,
+    )
     with pytest.raises(ProbeError, match="differs"):
         ga.ingest(run, tmp_path / "s.zarr", activations=acts, probe=tmp_path / "other.npz")
 
@@ -123,11 +140,19 @@ def test_factory_gets_the_checkpoints_config_json(tmp_path):
     for step in (10, 20):
         d = run / f"checkpoint-{step}"
         d.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors")
+        )
         (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
         (d / "config.json").write_text(json.dumps({"hidden_size": 9}))
-    np.savez(tmp_path / "p.npz", inputs=rng.standard_normal((8, 5)).astype(np.float32), labels=rng.integers(0, 3, 8))
-    cfg = CaptureConfig(probe=str(tmp_path / "p.npz"), model="tests.capture_models:build_from_config")
+    np.savez(
+        tmp_path / "p.npz",
+        inputs=rng.standard_normal((8, 5)).astype(np.float32),
+        labels=rng.integers(0, 3, 8),
+    )
+    cfg = CaptureConfig(
+        probe=str(tmp_path / "p.npz"), model="tests.capture_models:build_from_config"
+    )
     report = ga.ingest(run, tmp_path / "s.zarr", capture=cfg, lr=0.1)
     assert report.ingested == [10, 20] and not report.failed
     assert ga.open(tmp_path / "s.zarr")["layers/2"]["input"].shape == (2, 8, 9)
@@ -137,7 +162,10 @@ def _node_shapes(path, consolidated: bool) -> dict[str, tuple]:
     import zarr
 
     root = zarr.open_group(str(path), mode="r", zarr_format=3, use_consolidated=consolidated)
-    return {p: (tuple(n.shape) if isinstance(n, zarr.Array) else "group") for p, n in root.members(max_depth=None)}
+    return {
+        p: (tuple(n.shape) if isinstance(n, zarr.Array) else "group")
+        for p, n in root.members(max_depth=None)
+    }
 
 
 def test_consolidated_metadata_is_current_after_ingest_and_analyze(tmp_path):
@@ -191,7 +219,9 @@ def test_a_failing_phase2_keeps_the_finished_phase1_results(tmp_path, monkeypatc
     W = ga.open(store)["layers/fc2"]["weight"].values.astype(np.float64)
     G1, G2 = W[1].T @ W[1], W[2].T @ W[2]
     np.testing.assert_allclose(
-        float(m["gram_change"].sel(step=20, layer="fc2")), np.linalg.norm(G2 - G1) / np.linalg.norm(G1), rtol=1e-4
+        float(m["gram_change"].sel(step=20, layer="fc2")),
+        np.linalg.norm(G2 - G1) / np.linalg.norm(G1),
+        rtol=1e-4,
     )
 
 
@@ -325,7 +355,9 @@ def test_a_new_steps_gram_change_comes_with_its_task(tmp_path, monkeypatch):
     for layer in ("fc1", "fc2"):
         W = ga.open(store)[f"layers/{layer}"]["weight"].values.astype(np.float32).astype(np.float64)
         G = [(w.T @ w).astype(np.float32).astype(np.float64) for w in W]  # Grams as stored
-        ref = [np.nan] + [np.linalg.norm(G[k] - G[k - 1]) / np.linalg.norm(G[k - 1]) for k in range(1, 4)]
+        ref = [np.nan] + [
+            np.linalg.norm(G[k] - G[k - 1]) / np.linalg.norm(G[k - 1]) for k in range(1, 4)
+        ]
         np.testing.assert_allclose(a.sel(layer=layer).values, ref, rtol=1e-12, equal_nan=True)
 
 

@@ -148,10 +148,16 @@ def test_capture_skips_the_weight_gradients():
     n, dims = 64, (12, 16, 8, 3)
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(dims[0], dims[1]), nn.ReLU(), nn.Linear(dims[1], dims[2]), nn.Tanh(), nn.Linear(dims[2], dims[3])
+        nn.Linear(dims[0], dims[1]),
+        nn.ReLU(),
+        nn.Linear(dims[1], dims[2]),
+        nn.Tanh(),
+        nn.Linear(dims[2], dims[3]),
     )
     rng = np.random.default_rng(0)
-    probe = make_probe(rng.standard_normal((n, dims[0])).astype(np.float32), labels=rng.integers(0, dims[3], n))
+    probe = make_probe(
+        rng.standard_normal((n, dims[0])).astype(np.float32), labels=rng.integers(0, dims[3], n)
+    )
     with MatmulFlops() as counter:
         capture_step(model, probe, loss="cross_entropy", sink=None, batch_size=n)
     per_layer = [2 * n * a * b for a, b in zip(dims[:-1], dims[1:], strict=True)]
@@ -193,7 +199,9 @@ def test_g_from_backward_excludes_the_skip_path(rng, collector):
     labels = rng.integers(0, c, n)
     probe = make_probe(x, labels=labels)
     with MatmulFlops() as counter:
-        capture_step(model, probe, loss="cross_entropy", sink=collector, batch_size=n, dtype=np.float64)
+        capture_step(
+            model, probe, loss="cross_entropy", sink=collector, batch_size=n, dtype=np.float64
+        )
     # forward: pre, fc, head; backward's input gradients: head, fc; on top: pre's g only
     assert counter.flops == 2 * n * (2 * d * d + d * c) + 2 * n * (d * c + d * d) + 2 * n * d * d
 
@@ -231,10 +239,19 @@ def test_linear_subclass_with_own_forward_gets_w_transpose_dz(rng, collector):
     own weight, never the input gradient through the whole module."""
     n, d, c = 10, 5, 3
     torch.manual_seed(int(rng.integers(2**31)))
-    model = nn.Sequential(nn.Linear(d, d), nn.Tanh(), LowRankAdapter(d, d, 2), nn.Tanh(), nn.Linear(d, c)).double()
+    model = nn.Sequential(
+        nn.Linear(d, d), nn.Tanh(), LowRankAdapter(d, d, 2), nn.Tanh(), nn.Linear(d, c)
+    ).double()
     x = rng.normal(size=(n, d))
     labels = rng.integers(0, c, n)
-    capture_step(model, make_probe(x, labels=labels), loss="cross_entropy", sink=collector, batch_size=4, dtype=np.float64)
+    capture_step(
+        model,
+        make_probe(x, labels=labels),
+        loss="cross_entropy",
+        sink=collector,
+        batch_size=4,
+        dtype=np.float64,
+    )
 
     (w0, b0), (w2, b2), (w4, b4) = (
         (m.weight.detach().numpy(), m.bias.detach().numpy()) for m in (model[0], model[2], model[4])
@@ -247,7 +264,7 @@ def test_linear_subclass_with_own_forward_gets_w_transpose_dz(rng, collector):
     np.testing.assert_allclose(collector.g("2"), dz2 @ w2, rtol=1e-10, atol=1e-14)
     through_module = dz2 @ (w2 + low_rank)
     assert np.linalg.norm(through_module - collector.g("2")) > 0.1 * np.linalg.norm(dz2 @ w2)
-    dz0 = (through_module * (1 - a1**2))
+    dz0 = through_module * (1 - a1**2)
     np.testing.assert_allclose(collector.g("0"), dz0 @ w0, rtol=1e-10, atol=1e-14)
 
 
@@ -259,17 +276,29 @@ def test_g_of_a_layer_selection(rng, make_collector, selected):
     n, dims = 14, (5, 7, 6, 3)
     torch.manual_seed(int(rng.integers(2**31)))
     model = nn.Sequential(
-        nn.Linear(dims[0], dims[1]), nn.Tanh(), nn.Linear(dims[1], dims[2]), nn.Tanh(), nn.Linear(dims[2], dims[3])
+        nn.Linear(dims[0], dims[1]),
+        nn.Tanh(),
+        nn.Linear(dims[1], dims[2]),
+        nn.Tanh(),
+        nn.Linear(dims[2], dims[3]),
     ).double()
     x = rng.normal(size=(n, dims[0]))
     labels = rng.integers(0, dims[3], n)
     sink = make_collector()
     capture_step(
-        model, make_probe(x, labels=labels), loss="cross_entropy", sink=sink, layers=selected,
-        batch_size=5, dtype=np.float64,
+        model,
+        make_probe(x, labels=labels),
+        loss="cross_entropy",
+        sink=sink,
+        layers=selected,
+        batch_size=5,
+        dtype=np.float64,
     )
     assert sorted(sink.parts) == sorted(selected)
-    ws = {k: (model[int(k)].weight.detach().numpy(), model[int(k)].bias.detach().numpy()) for k in ("0", "2", "4")}
+    ws = {
+        k: (model[int(k)].weight.detach().numpy(), model[int(k)].bias.detach().numpy())
+        for k in ("0", "2", "4")
+    }
     h = {"0": x}
     h["2"] = np.tanh(x @ ws["0"][0].T + ws["0"][1])
     h["4"] = np.tanh(h["2"] @ ws["2"][0].T + ws["2"][1])
@@ -290,25 +319,38 @@ def _foreign_forward_hook(model):
 
 def _instance_forward(model):
     fc = model[2]
-    fc.forward = lambda inp: F.linear(inp, fc.weight, fc.bias) + 0.5 * inp  # a wrapper's replacement
+    fc.forward = lambda inp: (
+        F.linear(inp, fc.weight, fc.bias) + 0.5 * inp
+    )  # a wrapper's replacement
 
 
 def _foreign_backward_hook(model):
     model[2].register_full_backward_hook(lambda mod, grad_in, grad_out: (grad_in[0] * 2.0,))
 
 
-@pytest.mark.parametrize("foreign", [_foreign_forward_hook, _instance_forward, _foreign_backward_hook])
+@pytest.mark.parametrize(
+    "foreign", [_foreign_forward_hook, _instance_forward, _foreign_backward_hook]
+)
 def test_layers_with_foreign_hooks_get_w_transpose_dz(rng, collector, foreign):
     """A Linear whose call holds more than F.linear (someone else's hook, a forward
     replaced on the instance) may route its input elsewhere or change its input's
     gradient: its g is W^T dz, dz from autograd with the model as it is."""
     n, d, c = 9, 6, 3
     torch.manual_seed(int(rng.integers(2**31)))
-    model = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d), nn.Tanh(), nn.Linear(d, c)).double()
+    model = nn.Sequential(
+        nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d), nn.Tanh(), nn.Linear(d, c)
+    ).double()
     foreign(model)
     x = rng.normal(size=(n, d))
     labels = rng.integers(0, c, n)
-    capture_step(model, make_probe(x, labels=labels), loss="cross_entropy", sink=collector, batch_size=n, dtype=np.float64)
+    capture_step(
+        model,
+        make_probe(x, labels=labels),
+        loss="cross_entropy",
+        sink=collector,
+        batch_size=n,
+        dtype=np.float64,
+    )
 
     outputs = {}
 
@@ -325,4 +367,6 @@ def test_layers_with_foreign_hooks_get_w_transpose_dz(rng, collector, foreign):
         h.remove()
     for name in ("0", "2", "4"):
         w = model[int(name)].weight.detach().numpy()
-        np.testing.assert_allclose(collector.g(name), outputs[name].grad.numpy() @ w, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(
+            collector.g(name), outputs[name].grad.numpy() @ w, rtol=1e-10, atol=1e-14
+        )

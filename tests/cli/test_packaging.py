@@ -21,13 +21,28 @@ def test_schemas_load():
         "layer.schema.json",
         "probe.schema.json",
     }
-    assert load_schema("steps")["$defs"]["row"]["properties"]["status"]["enum"] == ["ok", "pending", "failed"]
+    assert load_schema("steps")["$defs"]["row"]["properties"]["status"]["enum"] == [
+        "ok",
+        "pending",
+        "failed",
+    ]
 
 
 def test_wheel_contains_schemas(tmp_path):
     pytest.importorskip("hatchling")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
         check=True,
         capture_output=True,
     )
@@ -36,10 +51,17 @@ def test_wheel_contains_schemas(tmp_path):
     for schema in schema_dir().glob("*.schema.json"):
         assert f"gramlin_analyze/schemas/{schema.name}" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "gramlin-analyze = gramlin_analyze.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert (
+        "gramlin-analyze = gramlin_analyze.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    )
 
 
 def test_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "gramlin_analyze", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gramlin_analyze", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for command in ("scan", "ingest", "info", "validate"):
         assert command in out.stdout

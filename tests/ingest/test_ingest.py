@@ -40,7 +40,9 @@ def assert_store_matches(store, expected: dict[int, dict[str, np.ndarray]]):
         ds = tree[f"layers/{layer}"]
         assert ds["weight"].dims == ("step", "out", "in")
         for step, arrays in expected.items():
-            np.testing.assert_array_equal(ds["weight"].sel(step=step).values, arrays[f"{layer}.weight"])
+            np.testing.assert_array_equal(
+                ds["weight"].sel(step=step).values, arrays[f"{layer}.weight"]
+            )
             np.testing.assert_array_equal(ds["bias"].sel(step=step).values, arrays[f"{layer}.bias"])
 
 
@@ -93,10 +95,17 @@ def test_second_writer_is_refused(tmp_path):
 def test_bad_inputs_fail_alone(tmp_path, capsys):
     run = tmp_path / "run"
     expected = write_trajectory(run, [0, 1, 2])
-    (run / "step_00003.safetensors").write_bytes((run / "step_00000.safetensors").read_bytes()[:100])
+    (run / "step_00003.safetensors").write_bytes(
+        (run / "step_00000.safetensors").read_bytes()[:100]
+    )
     (run / "step_00004.safetensors").write_bytes(np.random.default_rng(1).bytes(5000))
     (run / "step_00005.pt").write_bytes(b"")
-    odd = {"fc1.weight": torch.randn(7, 5), "fc1.bias": torch.randn(7), "fc2.weight": torch.randn(3, 7), "fc2.bias": torch.randn(3)}
+    odd = {
+        "fc1.weight": torch.randn(7, 5),
+        "fc1.bias": torch.randn(7),
+        "fc2.weight": torch.randn(3, 7),
+        "fc2.bias": torch.randn(3),
+    }
     save_file(odd, str(run / "step_00006.safetensors"))
     nan = write_trajectory(tmp_path / "n", [7], formats=("safetensors",))[7]
     nan_t = {k: torch.from_numpy(v.copy()) for k, v in nan.items()}
@@ -113,17 +122,32 @@ def test_bad_inputs_fail_alone(tmp_path, capsys):
     tree = open_tree(tmp_path / "s.zarr")
     st = tree["steps"].to_dataset()
     status = dict(zip(st["step"].values.tolist(), st["status"].values.tolist(), strict=True))
-    assert status == {0: "ok", 1: "ok", 2: "ok", 3: "failed", 4: "failed", 5: "failed", 6: "failed", 7: "ok"}
+    assert status == {
+        0: "ok",
+        1: "ok",
+        2: "ok",
+        3: "failed",
+        4: "failed",
+        5: "failed",
+        6: "failed",
+        7: "ok",
+    }
     for s in (3, 4, 5, 6):
         assert str(st["error"].sel(step=s).values)
     assert int(st["nonfinite"].sel(step=7)) == 2
     for layer in ("fc1", "fc2"):  # per layer: one NaN/Inf each at step 7, none before
         counts = tree[f"layers/{layer}"]["nonfinite"]
-        assert int(counts.sel(step=7)) == 1 and [int(counts.sel(step=s)) for s in (0, 1, 2)] == [0, 0, 0]
+        assert int(counts.sel(step=7)) == 1 and [int(counts.sel(step=s)) for s in (0, 1, 2)] == [
+            0,
+            0,
+            0,
+        ]
     w = tree["layers/fc1"]["weight"].sel(step=7).values
     assert np.isnan(w[0, 0]) and np.isfinite(w[1:]).all()
     for s in (0, 1, 2):
-        np.testing.assert_array_equal(tree["layers/fc2"]["weight"].sel(step=s).values, expected[s]["fc2.weight"])
+        np.testing.assert_array_equal(
+            tree["layers/fc2"]["weight"].sel(step=s).values, expected[s]["fc2.weight"]
+        )
     assert validate_store(tmp_path / "s.zarr") == []
 
 
@@ -147,7 +171,9 @@ def test_layer_globs_and_wrapper_prefix(tmp_path):
     ingest(tmp_path / "run", tmp_path / "s.zarr", layers=["fc*"], exclude=["fc2"])
     tree = open_tree(tmp_path / "s.zarr")
     assert list(tree["layers"].children) == ["fc1"]
-    np.testing.assert_array_equal(tree["layers/fc1"]["weight"].sel(step=5).values, expected[5]["fc1.weight"])
+    np.testing.assert_array_equal(
+        tree["layers/fc1"]["weight"].sel(step=5).values, expected[5]["fc1.weight"]
+    )
     assert tree["layers/fc1"].attrs["param_name"] == "module.fc1.weight"
 
 
@@ -162,7 +188,9 @@ def test_conv_bf16_and_processes(tmp_path):
     conv = tree["layers/conv"]
     assert conv["weight"].shape == (3, 4, 27)
     assert conv.attrs["kind"] == "conv" and conv.attrs["kernel_shape"] == [3, 3, 3]
-    np.testing.assert_array_equal(conv["weight"].sel(step=1).values.reshape(4, 3, 3, 3), expected[1]["conv.weight"])
+    np.testing.assert_array_equal(
+        conv["weight"].sel(step=1).values.reshape(4, 3, 3, 3), expected[1]["conv.weight"]
+    )
     bf = torch.from_numpy(expected[2]["conv.weight"]).to(torch.bfloat16).to(torch.float32).numpy()
     np.testing.assert_array_equal(conv["weight"].sel(step=2).values.reshape(4, 3, 3, 3), bf)
     assert conv["weight"].dtype == np.float32

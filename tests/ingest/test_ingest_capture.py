@@ -56,8 +56,23 @@ def test_mlp_identity_from_store(tmp_path):
     y = rng.integers(0, 3, 40)
     run, saved = _trajectory(tmp_path, build_mlp(), [0, 3, 6], x, y)
     probe = _probe(tmp_path / "probe.npz", x, y)
-    code = main(["ingest", str(run), "--store", str(tmp_path / "s.zarr"), "--probe", probe,
-                 "--model", FACTORY + "build_mlp", "--batch-size", "16", "--lr", "0.05", "-q"])
+    code = main(
+        [
+            "ingest",
+            str(run),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--probe",
+            probe,
+            "--model",
+            FACTORY + "build_mlp",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.05",
+            "-q",
+        ]
+    )
     assert code == 0
     tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
     assert sorted(tree["layers"].children) == ["0", "2", "4"]
@@ -68,7 +83,7 @@ def test_mlp_identity_from_store(tmp_path):
             ds = tree[f"layers/{name}"].sel(step=step)
             h = ds["input"].values.astype(np.float64)
             g = ds["input_grad"].values.astype(np.float64)
-            lhs = g.T @ h                                   # sum_i g_i h_i^T
+            lhs = g.T @ h  # sum_i g_i h_i^T
             rhs = W.double().numpy().T @ dW.double().numpy()  # W^T dL/dW
             assert np.linalg.norm(lhs - rhs) <= 1e-5 * np.linalg.norm(rhs)
     np.testing.assert_allclose(tree["steps"]["lr"].values, 0.05)
@@ -82,7 +97,9 @@ def test_cnn_identity_with_im2col(tmp_path):
     x = rng.standard_normal((10, 2, 6, 6)).astype(np.float32)
     y = rng.integers(0, 4, 10)
     run, saved = _trajectory(tmp_path, build_cnn(), [0, 2], x, y)
-    cfg = CaptureConfig(probe=_probe(tmp_path / "p.npz", x, y), model=FACTORY + "build_cnn", batch_size=4)
+    cfg = CaptureConfig(
+        probe=_probe(tmp_path / "p.npz", x, y), model=FACTORY + "build_cnn", batch_size=4
+    )
     report = ingest(run, tmp_path / "s.zarr", capture=cfg)
     assert not report.failed
     tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
@@ -92,7 +109,9 @@ def test_cnn_identity_with_im2col(tmp_path):
     for step in (0, 2):
         W, dW = _autograd_wgrad(ref, saved[step], x, y, ref.conv)
         Wf, dWf = W.reshape(3, -1).double().numpy(), dW.reshape(3, -1).double().numpy()
-        np.testing.assert_array_equal(conv["weight"].sel(step=step).values, W.reshape(3, -1).numpy())
+        np.testing.assert_array_equal(
+            conv["weight"].sel(step=step).values, W.reshape(3, -1).numpy()
+        )
         h = conv["input"].sel(step=step).values.astype(np.float64)
         g = conv["input_grad"].sel(step=step).values.astype(np.float64)
         assert np.linalg.norm(g.T @ h - Wf.T @ dWf) <= 1e-5 * np.linalg.norm(Wf.T @ dWf)
@@ -106,7 +125,10 @@ def test_full_batch_gd_fle_from_store_only(tmp_path):
     steps = list(range(5))
     run, _ = _trajectory(tmp_path, build_mlp(), steps, x, y, lr=lr, dtype=torch.float64)
     cfg = CaptureConfig(
-        probe=_probe(tmp_path / "p.npz", x, y), model=FACTORY + "build_mlp64", dtype="float64", batch_size=7
+        probe=_probe(tmp_path / "p.npz", x, y),
+        model=FACTORY + "build_mlp64",
+        dtype="float64",
+        batch_size=7,
     )
     assert not ingest(run, tmp_path / "s.zarr", capture=cfg, lr=lr).failed
     tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
@@ -119,7 +141,7 @@ def test_full_batch_gd_fle_from_store_only(tmp_path):
             dgram = W[t + 1].T @ W[t + 1] - W[t].T @ W[t]
             hp = h - gm * g
             vcs = hp.T @ hp - h.T @ h
-            G = (W[t] - W[t + 1]) / gm          # plain GD: W+ = W - gamma G
+            G = (W[t] - W[t + 1]) / gm  # plain GD: W+ = W - gamma G
             second = gm**2 * (G.T @ G - g.T @ g)
             assert np.linalg.norm(dgram - vcs - second) <= 1e-10 * np.linalg.norm(dgram)
 
@@ -141,9 +163,27 @@ def test_incremental_capture_and_probe_guard(tmp_path):
     assert np.isfinite(tree["layers/2"]["input_grad"].sel(step=3).values).all()
     other = _probe(tmp_path / "other.npz", x + 1, y)
     with pytest.raises(ProbeError, match="differs"):
-        ingest(run, tmp_path / "s.zarr", capture=CaptureConfig(probe=other, model=FACTORY + "build_mlp"))
-    assert main(["ingest", str(run), "--store", str(tmp_path / "s.zarr"), "--probe", other,
-                 "--model", FACTORY + "build_mlp", "-q"]) == 2
+        ingest(
+            run,
+            tmp_path / "s.zarr",
+            capture=CaptureConfig(probe=other, model=FACTORY + "build_mlp"),
+        )
+    assert (
+        main(
+            [
+                "ingest",
+                str(run),
+                "--store",
+                str(tmp_path / "s.zarr"),
+                "--probe",
+                other,
+                "--model",
+                FACTORY + "build_mlp",
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert validate_store(tmp_path / "s.zarr") == []
 
 
@@ -179,12 +219,16 @@ def test_wrong_probe_shape_and_nan_weights(tmp_path):
     run, saved = _trajectory(tmp_path, build_mlp(), [0, 1, 2], x, y)
     bad = _probe(tmp_path / "bad.npz", rng.standard_normal((8, 4)).astype(np.float32), y)
     with pytest.raises(ProbeError, match="shape"):
-        ingest(run, tmp_path / "s.zarr", capture=CaptureConfig(probe=bad, model=FACTORY + "build_mlp"))
+        ingest(
+            run, tmp_path / "s.zarr", capture=CaptureConfig(probe=bad, model=FACTORY + "build_mlp")
+        )
     sd = {k: v.clone() for k, v in saved[2].items()}
     sd["2.weight"][0, 0] = float("nan")
     torch.save(sd, run / "step_0002.pt")
     good = _probe(tmp_path / "good.npz", x, y)
-    rep = ingest(run, tmp_path / "s2.zarr", capture=CaptureConfig(probe=good, model=FACTORY + "build_mlp"))
+    rep = ingest(
+        run, tmp_path / "s2.zarr", capture=CaptureConfig(probe=good, model=FACTORY + "build_mlp")
+    )
     assert rep.ingested == [0, 1] and list(rep.failed) == [2]
     assert "step_0002.pt" in rep.failed[2] and "nan" in rep.failed[2].lower()
 
@@ -205,12 +249,28 @@ def test_external_activations(tmp_path):
         np.savez(acts / f"step_{step}.npz", **arrays)
         expected[step] = arrays
     probe = _probe(tmp_path / "p.npz", x, y)
-    code = main(["ingest", str(run), "--store", str(tmp_path / "s.zarr"), "--activations", str(acts), "--probe", probe, "-q"])
+    code = main(
+        [
+            "ingest",
+            str(run),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--activations",
+            str(acts),
+            "--probe",
+            probe,
+            "-q",
+        ]
+    )
     assert code == 0
     tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
     for step in (0, 4):
-        np.testing.assert_array_equal(tree["layers/2"]["input"].sel(step=step).values, expected[step]["2/input"])
-        np.testing.assert_array_equal(tree["layers/4"]["input_grad"].sel(step=step).values, expected[step]["4/input_grad"])
+        np.testing.assert_array_equal(
+            tree["layers/2"]["input"].sel(step=step).values, expected[step]["2/input"]
+        )
+        np.testing.assert_array_equal(
+            tree["layers/4"]["input_grad"].sel(step=step).values, expected[step]["4/input_grad"]
+        )
 
 
 def test_torchscript_archives_need_the_flag(tmp_path):
@@ -232,7 +292,9 @@ def test_torchscript_archives_need_the_flag(tmp_path):
     rep = ingest(run, tmp_path / "s.zarr", capture=cfg, allow_torchscript_code=True)
     assert rep.ingested == [0, 1], rep.failed
     tree = xr.open_datatree(str(tmp_path / "s.zarr"), engine="zarr")
-    np.testing.assert_allclose(tree["layers/0"]["weight"].sel(step=1).values, model[0].weight.detach().numpy())
+    np.testing.assert_allclose(
+        tree["layers/0"]["weight"].sel(step=1).values, model[0].weight.detach().numpy()
+    )
     assert tree["layers/0"]["input"].shape == (2, 9, 5)
 
 

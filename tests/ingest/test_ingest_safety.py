@@ -28,7 +28,14 @@ from tests.trajectory import write_trajectory
 
 STEPS = [0, 100, 200, 300, 400, 500, 600, 700]
 #: the state dict of tests.capture_models.build_mlp: Linear(5, 7), Linear(7, 6), Linear(6, 3)
-MLP = {"0.weight": (7, 5), "0.bias": (7,), "2.weight": (6, 7), "2.bias": (6,), "4.weight": (3, 6), "4.bias": (3,)}
+MLP = {
+    "0.weight": (7, 5),
+    "0.bias": (7,),
+    "2.weight": (6, 7),
+    "2.bias": (6,),
+    "4.weight": (3, 6),
+    "4.bias": (3,),
+}
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -77,13 +84,28 @@ def test_a_directory_of_another_model_is_refused_and_the_store_kept(tmp_path, sh
     run, other, store = tmp_path / "run", tmp_path / "other", tmp_path / "s.zarr"
     expected = write_trajectory(run, STEPS)
     write_trajectory(other, steps, shapes=shapes)
-    ok = subprocess.run([sys.executable, "-m", "gramlin_analyze", "ingest", str(run), "--store", str(store), "-q"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "gramlin_analyze", "ingest", str(run), "--store", str(store), "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     before = snapshot(store)
 
-    proc = subprocess.run([sys.executable, "-m", "gramlin_analyze", "ingest", str(other), "--store", str(store), "-q"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gramlin_analyze",
+            "ingest",
+            str(other),
+            "--store",
+            str(store),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -93,7 +115,9 @@ def test_a_directory_of_another_model_is_refused_and_the_store_kept(tmp_path, sh
     assert snapshot(store) == before
     assert statuses(store) == dict.fromkeys(STEPS, "ok")
     tree = xr.open_datatree(str(store), engine="zarr")
-    np.testing.assert_array_equal(tree["layers/fc1"]["weight"].sel(step=700).values, expected[700]["fc1.weight"])
+    np.testing.assert_array_equal(
+        tree["layers/fc1"]["weight"].sel(step=700).values, expected[700]["fc1.weight"]
+    )
     assert validate_store(store) == []
 
 
@@ -103,7 +127,9 @@ def test_another_run_of_the_same_model_is_refused(tmp_path, monkeypatch, capsys)
     write_trajectory(tmp_path / "run", STEPS[:4])
     assert cli(capsys, "ingest", "run", "--store", "s.zarr") == (0, [])
     store = tmp_path / "s.zarr"
-    assert xr.open_datatree(str(store), engine="zarr").attrs["source"] == str(tmp_path / "run")  # absolute
+    assert xr.open_datatree(str(store), engine="zarr").attrs["source"] == str(
+        tmp_path / "run"
+    )  # absolute
     write_trajectory(tmp_path / "seed1", STEPS[:4], seed=1)
     before = snapshot(store)
     elsewhere = tmp_path / "elsewhere"
@@ -111,7 +137,11 @@ def test_another_run_of_the_same_model_is_refused(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(elsewhere)  # the recorded source means the same from here
     code, err = cli(capsys, "ingest", tmp_path / "seed1", "--store", store)
     assert code == 2 and len(err) == 1
-    assert str(store) in err[0] and str(tmp_path / "run") in err[0] and str(tmp_path / "seed1") in err[0]
+    assert (
+        str(store) in err[0]
+        and str(tmp_path / "run") in err[0]
+        and str(tmp_path / "seed1") in err[0]
+    )
     assert snapshot(store) == before
 
     # The same run moved, with one checkpoint rewritten: its other checkpoints are the stored ones.
@@ -124,7 +154,9 @@ def test_another_run_of_the_same_model_is_refused(tmp_path, monkeypatch, capsys)
     retrained = write_trajectory(tmp_path / "run", STEPS[:4], seed=2)
     assert cli(capsys, "ingest", tmp_path / "run", "--store", store) == (0, [])
     tree = xr.open_datatree(str(store), engine="zarr")
-    np.testing.assert_array_equal(tree["layers/fc2"]["weight"].sel(step=300).values, retrained[300]["fc2.weight"])
+    np.testing.assert_array_equal(
+        tree["layers/fc2"]["weight"].sel(step=300).values, retrained[300]["fc2.weight"]
+    )
     assert not np.array_equal(changed[100]["fc2.weight"], retrained[100]["fc2.weight"])
     assert statuses(store) == dict.fromkeys(STEPS[:4], "ok")
 
@@ -136,7 +168,12 @@ def test_an_ok_step_is_not_given_up_for_a_bad_new_checkpoint(tmp_path, capsys):
     assert cli(capsys, "ingest", run, "--store", store) == (0, [])
     good = (run / "step_00001.safetensors").read_bytes()
     (run / "step_00001.safetensors").write_bytes(good[:100])
-    odd = {"fc1.weight": torch.randn(9, 5), "fc1.bias": torch.randn(9), "fc2.weight": torch.randn(3, 9), "fc2.bias": torch.randn(3)}
+    odd = {
+        "fc1.weight": torch.randn(9, 5),
+        "fc1.bias": torch.randn(9),
+        "fc2.weight": torch.randn(3, 9),
+        "fc2.bias": torch.randn(3),
+    }
     save_file(odd, str(run / "step_00002.safetensors"))
     write_trajectory(run, [4], formats=("safetensors",))
 
@@ -147,7 +184,9 @@ def test_an_ok_step_is_not_given_up_for_a_bad_new_checkpoint(tmp_path, capsys):
     assert statuses(store) == {0: "ok", 1: "ok", 2: "ok", 3: "ok", 4: "ok"}
     tree = xr.open_datatree(str(store), engine="zarr")
     for step in (1, 2):
-        np.testing.assert_array_equal(tree["layers/fc1"]["weight"].sel(step=step).values, expected[step]["fc1.weight"])
+        np.testing.assert_array_equal(
+            tree["layers/fc1"]["weight"].sel(step=step).values, expected[step]["fc1.weight"]
+        )
     assert validate_store(store) == []
 
 
@@ -169,20 +208,39 @@ def _case(name: str, tmp_path: Path) -> tuple[list, str, list | None]:
     if name == "nan-probe":
         x = np.random.default_rng(1).standard_normal((12, 5)).astype(np.float32)
         x[3, 2] = np.nan
-        return ["--probe", probe_file(tmp_path / "nan.npz", inputs=x), *mlp], "nan.npz", ["--probe", good, *mlp]
+        return (
+            ["--probe", probe_file(tmp_path / "nan.npz", inputs=x), *mlp],
+            "nan.npz",
+            ["--probe", good, *mlp],
+        )
     if name == "probe-of-other-inputs":
         x = np.zeros((12, 4), np.float32)
-        return ["--probe", probe_file(tmp_path / "four.npz", inputs=x), *mlp], "four.npz", ["--probe", good, *mlp]
+        return (
+            ["--probe", probe_file(tmp_path / "four.npz", inputs=x), *mlp],
+            "four.npz",
+            ["--probe", good, *mlp],
+        )
     if name == "labels-beyond-outputs":
         bad = probe_file(tmp_path / "labels.npz", labels=np.arange(12) % 5)
         return ["--probe", bad, *mlp], "labels.npz", ["--probe", good, *mlp]
     if name == "unknown-loss":
-        return ["--probe", good, *mlp, "--loss", "no_such_loss"], "no_such_loss", ["--probe", good, *mlp, "--loss", "mse"]
+        return (
+            ["--probe", good, *mlp, "--loss", "no_such_loss"],
+            "no_such_loss",
+            ["--probe", good, *mlp, "--loss", "mse"],
+        )
     if name == "loss-that-does-not-import":
-        return ["--probe", good, *mlp, "--loss", "tests.no_such_module:loss"], "no_such_module", None
+        return (
+            ["--probe", good, *mlp, "--loss", "tests.no_such_module:loss"],
+            "no_such_module",
+            None,
+        )
     if name == "factory-that-does-not-import":
-        return (["--probe", good, "--model", "tests.no_such_module:build"], "no_such_module",
-                ["--probe", good, "--model", "tests.capture_models:build_mlp"])
+        return (
+            ["--probe", good, "--model", "tests.no_such_module:build"],
+            "no_such_module",
+            ["--probe", good, "--model", "tests.capture_models:build_mlp"],
+        )
     if name == "layers-matching-nothing":
         return ["--layers", "nothing*"], "nothing*", ["--layers", "2", "4"]
     if name == "activations-of-other-layers":
@@ -194,8 +252,15 @@ def _case(name: str, tmp_path: Path) -> tuple[list, str, list | None]:
 
 
 NEW_STORE_CASES = [
-    "missing-probe", "nan-probe", "probe-of-other-inputs", "labels-beyond-outputs", "unknown-loss",
-    "loss-that-does-not-import", "factory-that-does-not-import", "layers-matching-nothing", "activations-of-other-layers",
+    "missing-probe",
+    "nan-probe",
+    "probe-of-other-inputs",
+    "labels-beyond-outputs",
+    "unknown-loss",
+    "loss-that-does-not-import",
+    "factory-that-does-not-import",
+    "layers-matching-nothing",
+    "activations-of-other-layers",
 ]
 
 
@@ -214,7 +279,12 @@ def test_a_usage_error_leaves_no_new_store(tmp_path, capsys, name):
 
 def test_checkpoints_without_a_matrix_leave_no_new_store(tmp_path, capsys):
     run, store = tmp_path / "vectors", tmp_path / "s.zarr"
-    write_trajectory(run, [0, 1], formats=("safetensors", "torch"), shapes={"norm.weight": (6,), "norm.bias": (6,)})
+    write_trajectory(
+        run,
+        [0, 1],
+        formats=("safetensors", "torch"),
+        shapes={"norm.weight": (6,), "norm.bias": (6,)},
+    )
     code, err = cli(capsys, "ingest", run, "--store", store)
     assert code == 2 and len(err) == 1 and str(run) in err[0] and "two or more dimensions" in err[0]
     assert not store.exists()
@@ -247,7 +317,9 @@ def test_refusals_name_the_store_through_a_relative_path(tmp_path, monkeypatch, 
     write_trajectory(Path("other"), [0, 1], shapes={"w.weight": (2, 2)})
     assert cli(capsys, "ingest", "run", "--store", "s.zarr") == (0, [])
     before = snapshot(tmp_path / "s.zarr")
-    code, err = cli(capsys, "ingest", "other", "--store", os.path.join("..", tmp_path.name, "s.zarr"))
+    code, err = cli(
+        capsys, "ingest", "other", "--store", os.path.join("..", tmp_path.name, "s.zarr")
+    )
     assert code == 2 and len(err) == 1
     assert f"from {tmp_path / 'run'} (2 layers: fc1 6x5, fc2 3x6)" in err[0] and "w 2x2" in err[0]
     assert snapshot(tmp_path / "s.zarr") == before

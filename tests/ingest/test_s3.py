@@ -285,10 +285,14 @@ def test_analyze_on_s3_matches_numpy_and_is_incremental(s3, tmp_path):
     for layer in ("fc1", "fc2"):
         grams = [expected[s][f"{layer}.weight"].astype(np.float64) for s in steps]
         grams = [w.T @ w for w in grams]
-        np.testing.assert_allclose(tree[f"metrics/{layer}"]["gram"].values, np.stack(grams), rtol=1e-6)
+        np.testing.assert_allclose(
+            tree[f"metrics/{layer}"]["gram"].values, np.stack(grams), rtol=1e-6
+        )
         for k, step in enumerate(steps):
             row = m.sel(step=step, layer=layer)
-            np.testing.assert_allclose(float(row["fro_norm"]), np.sqrt(np.trace(grams[k])), rtol=1e-12)
+            np.testing.assert_allclose(
+                float(row["fro_norm"]), np.sqrt(np.trace(grams[k])), rtol=1e-12
+            )
             top = np.linalg.eigvalsh(grams[k])[-1]
             np.testing.assert_allclose(float(row["spectral_norm"]), np.sqrt(top), rtol=1e-9)
             if k:

@@ -52,14 +52,37 @@ def test_groups_sharded_and_hf_dirs_and_skips_temp(tmp_path):
     sd = state_dict(3)
     shard_dir = run / "step_300"
     shard_dir.mkdir(parents=True)
-    save_file({k: v for k, v in sd.items() if k.startswith("fc1")}, str(shard_dir / "model-00001-of-00002.safetensors"))
-    save_file({k: v for k, v in sd.items() if k.startswith("fc2")}, str(shard_dir / "model-00002-of-00002.safetensors"))
-    weight_map = {k: ("model-00001-of-00002.safetensors" if k.startswith("fc1") else "model-00002-of-00002.safetensors") for k in sd}
-    (shard_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file(
+        {k: v for k, v in sd.items() if k.startswith("fc1")},
+        str(shard_dir / "model-00001-of-00002.safetensors"),
+    )
+    save_file(
+        {k: v for k, v in sd.items() if k.startswith("fc2")},
+        str(shard_dir / "model-00002-of-00002.safetensors"),
+    )
+    weight_map = {
+        k: (
+            "model-00001-of-00002.safetensors"
+            if k.startswith("fc1")
+            else "model-00002-of-00002.safetensors"
+        )
+        for k in sd
+    }
+    (shard_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     # A Hugging Face Trainer directory.
     hf = run / "checkpoint-500"
     _save(hf / "model.safetensors", 5)
-    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 500, "epoch": 2.0, "log_history": [{"step": 500, "learning_rate": 0.01}]}))
+    (hf / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "global_step": 500,
+                "epoch": 2.0,
+                "log_history": [{"step": 500, "learning_rate": 0.01}],
+            }
+        )
+    )
     torch.save({"state": {}}, hf / "optimizer.pt")
     # Plain files, and scratch that must be skipped.
     _save(run / "step_100.safetensors", 1)
@@ -96,7 +119,10 @@ def test_no_step_is_an_error_unless_ordered(tmp_path):
     _save(run / "b.safetensors", 2)
     with pytest.raises(StepDiscoveryError, match="a.safetensors"):
         scan(run)
-    assert [(s.step, s.path.name) for s in scan(run, order="name")] == [(0, "a.safetensors"), (1, "b.safetensors")]
+    assert [(s.step, s.path.name) for s in scan(run, order="name")] == [
+        (0, "a.safetensors"),
+        (1, "b.safetensors"),
+    ]
     assert main(["scan", str(run), "-q"]) == 2
 
 

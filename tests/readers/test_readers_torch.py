@@ -114,7 +114,6 @@ def test_safetensors_bfloat16_is_float32(tmp_path):
         np.testing.assert_array_equal(got, tensor.to(torch.float32).numpy())
 
 
-
 def test_scan_and_read_safetensors_never_import_torch(tmp_path):
     """Scanning a run, reading float32 safetensors, and a weights-only ingest and
     analyze through the CLI stay torch-free (a second per process saved); the
@@ -147,6 +146,7 @@ def test_scan_and_read_safetensors_never_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu"])
 def test_safetensors_float8_is_float32(tmp_path, dtype):
@@ -702,5 +702,10 @@ def test_safetensors_tensors_are_views_of_the_file(tmp_path):
     assert len(body) == n
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(raw[:8] + body + raw[8 + n :])
-    with reader_for("safetensors").open(bad) as h, pytest.raises(CheckpointFormatError, match="bad.safetensors"):
-        h._view("a.weight", "F32")  # the map's own check (safetensors' header check comes first in read_tensor)
+    with (
+        reader_for("safetensors").open(bad) as h,
+        pytest.raises(CheckpointFormatError, match="bad.safetensors"),
+    ):
+        h._view(
+            "a.weight", "F32"
+        )  # the map's own check (safetensors' header check comes first in read_tensor)

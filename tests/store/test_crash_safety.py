@@ -39,7 +39,11 @@ def _cli(store: Path, args: list[str], *, kill_at: int = 0, count_file: Path | N
         env["COUNT_FILE"] = str(count_file)
     return subprocess.run(
         [sys.executable, str(KILLER), str(store), *args, "--quiet"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -114,9 +118,13 @@ def test_killed_weights_ingest_inserting_steps(tmp_path):
     start = tmp_path / "start.zarr"
     assert _cli(start, ["ingest", str(run), "--store", str(start)]).returncode == 0
     assert _cli(start, ["analyze", str(start), "--metrics", "gram"]).returncode == 0
-    write_trajectory(run, [10, 30, 50], formats=("safetensors",), seed=5)  # in the middle and at the end
+    write_trajectory(
+        run, [10, 30, 50], formats=("safetensors",), seed=5
+    )  # in the middle and at the end
     _check_kills(
-        tmp_path, start, lambda s: ["ingest", str(run), "--store", str(s)],
+        tmp_path,
+        start,
+        lambda s: ["ingest", str(run), "--store", str(s)],
         then=lambda s: ["analyze", str(s), "--metrics", "gram"],
     )
 
@@ -146,5 +154,14 @@ def test_killed_capture_ingest_of_a_new_store(tmp_path):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-    args = ["--probe", str(tmp_path / "probe.npz"), "--model", "tests.capture_models:build_mlp", "--lr", "0.05"]
-    _check_kills(tmp_path, tmp_path / "none.zarr", lambda s: ["ingest", str(run), "--store", str(s), *args])
+    args = [
+        "--probe",
+        str(tmp_path / "probe.npz"),
+        "--model",
+        "tests.capture_models:build_mlp",
+        "--lr",
+        "0.05",
+    ]
+    _check_kills(
+        tmp_path, tmp_path / "none.zarr", lambda s: ["ingest", str(run), "--store", str(s), *args]
+    )

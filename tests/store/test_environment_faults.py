@@ -23,9 +23,13 @@ REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"fc1.weight": (400, 500), "fc1.bias": (400,), "fc2.weight": (3, 400)}
 
 
-def _cli(*args: str, env: dict | None = None, user: list[str] | None = None) -> subprocess.CompletedProcess:
+def _cli(
+    *args: str, env: dict | None = None, user: list[str] | None = None
+) -> subprocess.CompletedProcess:
     cmd = [*(user or []), sys.executable, "-m", "gramlin_analyze", *args, "--quiet"]
-    return subprocess.run(cmd, cwd=REPO, env=env or os.environ.copy(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        cmd, cwd=REPO, env=env or os.environ.copy(), capture_output=True, text=True, timeout=300
+    )
 
 
 def _one_line(stderr: str) -> str:
@@ -39,7 +43,9 @@ def small_disk(tmp_path):
     """A 2 MiB tmpfs: a real file system that fills up."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -70,7 +76,9 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_next_run_finishes(tmp_p
 
     tree = xr.open_datatree(str(store), engine="zarr")
     for step, arrays in expected.items():
-        np.testing.assert_array_equal(tree["layers/fc1"]["weight"].sel(step=step).values, arrays["fc1.weight"])
+        np.testing.assert_array_equal(
+            tree["layers/fc1"]["weight"].sel(step=step).values, arrays["fc1.weight"]
+        )
     assert validate_store(store) == []
 
 
@@ -80,9 +88,13 @@ def test_permission_denied_names_the_store():
     import tempfile
 
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run([*nobody, sys.executable, "-c", "import gramlin_analyze"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [*nobody, sys.executable, "-c", "import gramlin_analyze"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
-        pytest.skip(f"this interpreter cannot run as another user here: {probe.stderr.strip()[-200:]}")
+        pytest.skip(
+            f"this interpreter cannot run as another user here: {probe.stderr.strip()[-200:]}"
+        )
     base = Path(tempfile.mkdtemp(prefix="gramlin-perm-"))  # pytest's own tmp is private to root
     try:
         base.chmod(0o755)
@@ -110,12 +122,26 @@ def test_an_unreachable_remote_store_is_one_line(tmp_path):
         port = s.getsockname()[1]
     run = tmp_path / "run"
     write_trajectory(run, [0], formats=("safetensors",))
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    }
     url = "s3://bucket/run.zarr"
-    opts = ["--storage-option", f'client_kwargs={{"endpoint_url": "http://127.0.0.1:{port}"}}',
-            "--storage-option", 'config_kwargs={"connect_timeout": 1, "retries": {"max_attempts": 1}}']
-    for args in (["validate", url, *opts], ["analyze", url, *opts], ["ingest", str(run), "--store", url, *opts]):
+    opts = [
+        "--storage-option",
+        f'client_kwargs={{"endpoint_url": "http://127.0.0.1:{port}"}}',
+        "--storage-option",
+        'config_kwargs={"connect_timeout": 1, "retries": {"max_attempts": 1}}',
+    ]
+    for args in (
+        ["validate", url, *opts],
+        ["analyze", url, *opts],
+        ["ingest", str(run), "--store", url, *opts],
+    ):
         done = _cli(*args, env=env)
         assert done.returncode == 2, (args, done.stderr)
         line = _one_line(done.stderr)

@@ -25,7 +25,9 @@ def test_a_store_of_the_previous_release_opens_validates_and_grows(tmp_path):
     tree = ga.open(store)
     assert tree.attrs["creation_library_version"] == "0.2.0"
     for step in (0, 10, 20):
-        np.testing.assert_array_equal(tree["layers/fc1"]["weight"].sel(step=step).values, expected[step]["fc1.weight"])
+        np.testing.assert_array_equal(
+            tree["layers/fc1"]["weight"].sel(step=step).values, expected[step]["fc1.weight"]
+        )
     gram = tree["metrics/fc2"]["gram"].sel(step=10).values
     w = expected[10]["fc2.weight"].astype(np.float64)
     np.testing.assert_allclose(gram, w.T @ w, rtol=1e-6)
@@ -37,4 +39,6 @@ def test_a_store_of_the_previous_release_opens_validates_and_grows(tmp_path):
     assert list(tree["steps"]["step"].values) == [0, 10, 20, 30]
     w = expected[30]["fc1.weight"].astype(np.float64)
     np.testing.assert_allclose(tree["metrics/fc1"]["gram"].sel(step=30).values, w.T @ w, rtol=1e-6)
-    np.testing.assert_array_equal(tree["layers/fc2"]["weight"].sel(step=20).values, expected[20]["fc2.weight"])
+    np.testing.assert_array_equal(
+        tree["layers/fc2"]["weight"].sel(step=20).values, expected[20]["fc2.weight"]
+    )

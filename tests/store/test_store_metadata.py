@@ -27,7 +27,13 @@ pytestmark = pytest.mark.usefixtures("zarr_paths")
 def _make(path, name, shape, chunks, dtype="float32", **kw):
     root = zarr.open_group(str(path), mode="a", zarr_format=3)
     arr = root.create_array(
-        name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=["step", "i"], fill_value=np.nan, **kw
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        dimension_names=["step", "i"],
+        fill_value=np.nan,
+        **kw,
     )
     data = np.random.default_rng(0).standard_normal(shape).astype(dtype)
     arr[:] = data
@@ -37,7 +43,9 @@ def _make(path, name, shape, chunks, dtype="float32", **kw):
 @pytest.mark.parametrize("compressed", [False, True])
 def test_growing_writes_the_metadata_zarr_writes(tmp_path, compressed):
     kw = {} if compressed else {"compressors": None}
-    ours, data = _make(tmp_path / "a.zarr", "x", (5, 3), (1, 3), attributes={"long_name": "x"}, **kw)
+    ours, data = _make(
+        tmp_path / "a.zarr", "x", (5, 3), (1, 3), attributes={"long_name": "x"}, **kw
+    )
     theirs, _ = _make(tmp_path / "b.zarr", "x", (5, 3), (1, 3), attributes={"long_name": "x"}, **kw)
     resize_all([(ours, (7, 3))])
     theirs.resize((7, 3))
@@ -72,7 +80,11 @@ MANIFEST_LIKE = [
 
 
 def _chunk_files(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "zarr.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    }
 
 
 @pytest.mark.parametrize("chunks", [(512,), (4,)])
@@ -86,12 +98,14 @@ def test_small_arrays_are_written_and_read_as_zarr_does(tmp_path, case, chunks):
     arrays = []
     for name in ("ours", "theirs"):
         root = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
-        arrays.append(root.create_array("c", shape=(6,), chunks=chunks, dtype=dtype, fill_value=fill))
+        arrays.append(
+            root.create_array("c", shape=(6,), chunks=chunks, dtype=dtype, fill_value=fill)
+        )
     ours, theirs = arrays
     write_all([(ours, values)])
     theirs[:] = values
     assert _chunk_files(tmp_path / "ours.zarr") == _chunk_files(tmp_path / "theirs.zarr")
-    got, = read_all([theirs])
+    (got,) = read_all([theirs])
     expected = theirs[:]
     assert got.dtype == expected.dtype
     if dtype is str:
@@ -126,7 +140,9 @@ def test_consolidated_lookups_match_zarrs(tmp_path, zarr_paths):
     with pytest.warns(UserWarning, match="Consolidated metadata"):
         zarr.consolidate_metadata(str(tmp_path / "s.zarr"), zarr_format=3)
     ours = open_consolidated(str(tmp_path / "s.zarr"), "r")
-    theirs = zarr.open_group(str(tmp_path / "s.zarr"), mode="r", zarr_format=3, use_consolidated=True)
+    theirs = zarr.open_group(
+        str(tmp_path / "s.zarr"), mode="r", zarr_format=3, use_consolidated=True
+    )
     for path in ("layers", "layers/fc1", "layers/fc1/weight"):
         a, b = ours[path], theirs[path]
         group = "ConsolidatedGroup" if zarr_paths == "internals" else "Group"
@@ -151,7 +167,10 @@ def test_tasks_share_the_drivers_view(tmp_path):
     share_with_tasks(str(store), "run-1", gs.view)
     assert open_for_tasks(str(store), None, "run-1") is gs.view
     other = open_for_tasks(str(store), None, "run-2")  # another run opens its own
-    assert other is not gs.view and other["layers/fc1/weight"].shape == gs.view["layers/fc1/weight"].shape
+    assert (
+        other is not gs.view
+        and other["layers/fc1/weight"].shape == gs.view["layers/fc1/weight"].shape
+    )
 
 
 def test_a_row_leaves_ok_before_its_new_fields_are_written(tmp_path, monkeypatch):
@@ -199,7 +218,9 @@ def test_kernel_threads_limits_blas_and_restores_it():
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
 
 
-def test_a_writer_killed_while_appending_a_step_leaves_a_store_the_next_one_repairs(tmp_path, monkeypatch):
+def test_a_writer_killed_while_appending_a_step_leaves_a_store_the_next_one_repairs(
+    tmp_path, monkeypatch
+):
     """The append batch grows and rewrites every array at once; killed midway,
     manifest columns and arrays have different lengths. The next ingest must
     take the step coordinate's length, repair the shapes and ingest the step,
@@ -230,7 +251,9 @@ def test_a_writer_killed_while_appending_a_step_leaves_a_store_the_next_one_repa
     monkeypatch.undo()
     live = zarr.open_group(str(store), mode="r", zarr_format=3, use_consolidated=False)
     assert live["steps/status"].shape == (3,) and live["layers/fc2/weight"].shape[0] == 3
-    lengths = {a.shape[0] for _, a in live.members(max_depth=None) if isinstance(a, zarr.Array) and a.ndim}
+    lengths = {
+        a.shape[0] for _, a in live.members(max_depth=None) if isinstance(a, zarr.Array) and a.ndim
+    }
     assert {3, 4} <= lengths  # killed midway: arrays of both lengths
     assert ga.ingest(run, store).ingested == [30]
     assert ga.analyze(store, metrics=["gram"]).computed == 2
@@ -247,12 +270,19 @@ def test_a_command_leaves_zarrs_configuration_alone(tmp_path):
     import gramlin_analyze as ga
     from tests.trajectory import write_trajectory
 
-    before = dict(zarr.config.get("json_indent") and {"json_indent": zarr.config.get("json_indent")} or {})
+    before = dict(
+        zarr.config.get("json_indent") and {"json_indent": zarr.config.get("json_indent")} or {}
+    )
     snapshot = zarr.config.config.copy() if hasattr(zarr.config, "config") else None
     write_trajectory(tmp_path / "run", [0, 10])
     ga.ingest(tmp_path / "run", tmp_path / "s.zarr")
     ga.analyze(tmp_path / "s.zarr", metrics=["gram"])
-    assert dict(zarr.config.get("json_indent") and {"json_indent": zarr.config.get("json_indent")} or {}) == before
+    assert (
+        dict(
+            zarr.config.get("json_indent") and {"json_indent": zarr.config.get("json_indent")} or {}
+        )
+        == before
+    )
     if snapshot is not None:
         assert zarr.config.config == snapshot
     doc = (tmp_path / "s.zarr" / "steps" / "status" / "zarr.json").read_text()
@@ -260,7 +290,11 @@ def test_a_command_leaves_zarrs_configuration_alone(tmp_path):
 
 
 def _files(root) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _node_specs(rng):
@@ -268,15 +302,47 @@ def _node_specs(rng):
     NaN and integer fill values, data (compressed and not), the step chunk key encoding."""
     groups = [("g", {"description": "a group", "n": 3}), ("g/sub", {"long_name": "nested"})]
     arrays = [
-        ("g/empty", dict(shape=(0, 4), dtype="float32", chunks=(1, 4), fill_value=np.nan, compressors=None,
-                         dimension_names=["step", "out"], chunk_key_encoding={"name": "default", "separator": "/"})),
-        ("g/sub/weights", dict(shape=(3, 5, 6), dtype="float64", chunks=(1, 5, 6), fill_value=np.nan,
-                               compressors=None, dimension_names=["step", "out", "in"],
-                               attributes={"long_name": "w", "units": "1"})),
-        ("g/count", dict(shape=(7,), dtype="int64", chunks=(4,), fill_value=-1, dimension_names=["step"])),
-        ("g/inputs", dict(data=rng.standard_normal((9, 2, 3)).astype(np.float32), chunks=(4, 2, 3),
-                          dimension_names=["sample", "a", "b"], attributes={"long_name": "probe inputs"})),
-        ("g/sample", dict(data=np.arange(9, dtype=np.int64), chunks=(9,), dimension_names=["sample"])),
+        (
+            "g/empty",
+            dict(
+                shape=(0, 4),
+                dtype="float32",
+                chunks=(1, 4),
+                fill_value=np.nan,
+                compressors=None,
+                dimension_names=["step", "out"],
+                chunk_key_encoding={"name": "default", "separator": "/"},
+            ),
+        ),
+        (
+            "g/sub/weights",
+            dict(
+                shape=(3, 5, 6),
+                dtype="float64",
+                chunks=(1, 5, 6),
+                fill_value=np.nan,
+                compressors=None,
+                dimension_names=["step", "out", "in"],
+                attributes={"long_name": "w", "units": "1"},
+            ),
+        ),
+        (
+            "g/count",
+            dict(shape=(7,), dtype="int64", chunks=(4,), fill_value=-1, dimension_names=["step"]),
+        ),
+        (
+            "g/inputs",
+            dict(
+                data=rng.standard_normal((9, 2, 3)).astype(np.float32),
+                chunks=(4, 2, 3),
+                dimension_names=["sample", "a", "b"],
+                attributes={"long_name": "probe inputs"},
+            ),
+        ),
+        (
+            "g/sample",
+            dict(data=np.arange(9, dtype=np.int64), chunks=(9,), dimension_names=["sample"]),
+        ),
     ]
     return groups, arrays
 
@@ -291,8 +357,12 @@ def test_creating_nodes_writes_the_files_zarr_writes(tmp_path):
     rng = np.random.default_rng(11)
     groups, arrays = _node_specs(rng)
     # The root has attributes: creating its children must leave its document alone.
-    ours = zarr.open_group(str(tmp_path / "ours.zarr"), mode="w", zarr_format=3, attributes={"root": 1})
-    theirs = zarr.open_group(str(tmp_path / "theirs.zarr"), mode="w", zarr_format=3, attributes={"root": 1})
+    ours = zarr.open_group(
+        str(tmp_path / "ours.zarr"), mode="w", zarr_format=3, attributes={"root": 1}
+    )
+    theirs = zarr.open_group(
+        str(tmp_path / "theirs.zarr"), mode="w", zarr_format=3, attributes={"root": 1}
+    )
     create_nodes(ours.store, groups=groups, arrays=arrays)
     for path, attrs in groups:
         zs.create_group(store=theirs.store, path=path, zarr_format=3, attributes=attrs)
@@ -319,8 +389,10 @@ def test_creating_over_existing_nodes_goes_through_zarr(tmp_path):
     with pytest.raises(zarr.errors.ContainsGroupError):
         create_nodes(root.store, groups=[("g", {"new": True})])
     create_nodes(
-        root.store, groups=[("g", {"new": True})],
-        arrays=[("g/fresh", dict(shape=(2,), dtype="int64", fill_value=-1))], overwrite_groups=True,
+        root.store,
+        groups=[("g", {"new": True})],
+        arrays=[("g/fresh", dict(shape=(2,), dtype="int64", fill_value=-1))],
+        overwrite_groups=True,
     )
     reopened = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     assert dict(reopened["g"].attrs) == {"new": True}

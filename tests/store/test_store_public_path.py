@@ -48,7 +48,11 @@ STAT_KEYS = "steps/stat_key/c/"
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _root_doc(raw: bytes) -> dict:
@@ -64,7 +68,9 @@ def _build(base: Path, public: bool) -> dict[str, bytes]:
         env["GRAMLIN_ZARR_PUBLIC"] = "1"
     base.mkdir()
     repo = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-c", SCRIPT, str(base)], cwd=repo, env=env, check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(base)], cwd=repo, env=env, check=True, timeout=600
+    )
     files = _files(base / "s.zarr")
     shutil.rmtree(base)
     return files

@@ -16,7 +16,9 @@ def _pair(tmp_path, dtype, shape, **kw):
     """Two identical arrays in one group: one written by put_step, one by zarr."""
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     arrays = [
-        root.create_array(name, shape=(4, *shape), chunks=(1, *shape), dtype=dtype, fill_value=0, **kw)
+        root.create_array(
+            name, shape=(4, *shape), chunks=(1, *shape), dtype=dtype, fill_value=0, **kw
+        )
         for name in ("fast", "zarr")
     ]
     return root, arrays
@@ -24,7 +26,13 @@ def _pair(tmp_path, dtype, shape, **kw):
 
 @pytest.mark.parametrize(
     ("dtype", "shape"),
-    [("float32", (7, 5)), ("float64", (3, 4, 2)), ("float16", (6,)), ("int64", (2, 3)), ("bool", (5, 5))],
+    [
+        ("float32", (7, 5)),
+        ("float64", (3, 4, 2)),
+        ("float16", (6,)),
+        ("int64", (2, 3)),
+        ("bool", (5, 5)),
+    ],
 )
 def test_put_step_writes_the_bytes_zarr_would(tmp_path, dtype, shape):
     root, (fast, ref) = _pair(tmp_path, dtype, shape, compressors=None)
@@ -35,8 +43,12 @@ def test_put_step_writes_the_bytes_zarr_would(tmp_path, dtype, shape):
         put_step(fast, i, value)
         ref[i : i + 1] = value[None]
         key = fast.metadata.encode_chunk_key((i,) + (0,) * len(shape))
-        assert (tmp_path / "s.zarr" / "fast" / key).read_bytes() == (tmp_path / "s.zarr" / "zarr" / key).read_bytes()
-        np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["fast"][i], value)
+        assert (tmp_path / "s.zarr" / "fast" / key).read_bytes() == (
+            tmp_path / "s.zarr" / "zarr" / key
+        ).read_bytes()
+        np.testing.assert_array_equal(
+            zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["fast"][i], value
+        )
         np.testing.assert_array_equal(read_step(fast, i, np.empty(shape, dtype)), value)
     assert not list((tmp_path / "s.zarr").rglob("*.partial"))
     np.testing.assert_array_equal(fast[:], ref[:])  # untouched rows read as the fill value
@@ -45,14 +57,19 @@ def test_put_step_writes_the_bytes_zarr_would(tmp_path, dtype, shape):
 def test_put_step_writes_through_zarr_when_the_chunk_file_is_not_the_values(tmp_path):
     rng = np.random.default_rng(8)
     value = rng.standard_normal((6, 4)).astype("float32")
-    for kw in ({"compressors": ZstdCodec()}, {"compressors": None, "serializer": BytesCodec(endian="big")}):
+    for kw in (
+        {"compressors": ZstdCodec()},
+        {"compressors": None, "serializer": BytesCodec(endian="big")},
+    ):
         _, (fast, _) = _pair(tmp_path, "float32", (6, 4), **kw)
         assert raw_chunk_path(fast, (1, 0, 0)) is None
         put_step(fast, 1, value)
         np.testing.assert_array_equal(fast[1], value)
     # a row split over several chunks: zarr writes it
     root = zarr.open_group(str(tmp_path / "t.zarr"), mode="w", zarr_format=3)
-    split = root.create_array("a", shape=(3, 6, 4), chunks=(1, 3, 4), dtype="float32", compressors=None)
+    split = root.create_array(
+        "a", shape=(3, 6, 4), chunks=(1, 3, 4), dtype="float32", compressors=None
+    )
     put_step(split, 2, value)
     np.testing.assert_array_equal(split[2], value)
     # read-only handle: no raw path
@@ -66,7 +83,9 @@ def test_put_rows_matches_zarr_for_whole_and_partial_chunks(tmp_path):
     from gramlin_analyze.store import put_rows
 
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
-    kw = dict(shape=(2, 10, 3), chunks=(1, 4, 3), dtype="float32", fill_value=np.nan, compressors=None)
+    kw = dict(
+        shape=(2, 10, 3), chunks=(1, 4, 3), dtype="float32", fill_value=np.nan, compressors=None
+    )
     fast, ref = root.create_array("fast", **kw), root.create_array("zarr", **kw)
     rng = np.random.default_rng(9)
     x = rng.standard_normal((10, 3)).astype("float32")
@@ -78,7 +97,9 @@ def test_put_rows_matches_zarr_for_whole_and_partial_chunks(tmp_path):
     np.testing.assert_array_equal(fast[:], ref[:])
     np.testing.assert_array_equal(fast[1], x)
     for key in ("c/1/0/0", "c/1/1/0", "c/1/2/0", "c/0/0/0"):
-        assert (tmp_path / "s.zarr/fast" / key).read_bytes() == (tmp_path / "s.zarr/zarr" / key).read_bytes()
+        assert (tmp_path / "s.zarr/fast" / key).read_bytes() == (
+            tmp_path / "s.zarr/zarr" / key
+        ).read_bytes()
 
 
 def test_raw_writes_refuse_rows_outside_the_array(tmp_path):
@@ -91,7 +112,9 @@ def test_raw_writes_refuse_rows_outside_the_array(tmp_path):
     a = root.create_array("a", shape=(2, 8, 3), chunks=(1, 4, 3), dtype="float32", compressors=None)
     with pytest.raises(IndexError):
         put_rows(a, 2, 0, np.ones((4, 3), "float32"))
-    assert not list((tmp_path / "s.zarr" / "fast").rglob("c/4/*")) and not list((tmp_path / "r.zarr").rglob("c/2/*"))
+    assert not list((tmp_path / "s.zarr" / "fast").rglob("c/4/*")) and not list(
+        (tmp_path / "r.zarr").rglob("c/2/*")
+    )
 
 
 @pytest.mark.parametrize("nbytes", [(1 << 20), (1 << 20) + 12, (9 << 20) + 4])
@@ -162,8 +185,12 @@ def test_step_major_chunks_are_flat_files(tmp_path):
     ga.ingest(tmp_path / "run", tmp_path / "s.zarr")
     for array in ("weight", "bias"):
         names = sorted(p.name for p in (tmp_path / "s.zarr/layers/fc1" / array).iterdir())
-        assert names == ["c.0.0" + ".0" * (array == "weight"), "c.1.0" + ".0" * (array == "weight"),
-                         "c.2.0" + ".0" * (array == "weight"), "zarr.json"]
+        assert names == [
+            "c.0.0" + ".0" * (array == "weight"),
+            "c.1.0" + ".0" * (array == "weight"),
+            "c.2.0" + ".0" * (array == "weight"),
+            "zarr.json",
+        ]
     from gramlin_analyze.store.validate import validate_store
 
     assert validate_store(tmp_path / "s.zarr") == []
@@ -182,11 +209,21 @@ def test_read_step_reads_whole_chunk_files_directly(tmp_path, aligned):
 
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     shape = (513, 517)  # 1.06 MB of float32: direct, with a ragged last block
-    arr = root.create_array("w", shape=(3, *shape), chunks=(1, *shape), dtype="float32",
-                            fill_value=np.nan, compressors=None)
+    arr = root.create_array(
+        "w",
+        shape=(3, *shape),
+        chunks=(1, *shape),
+        dtype="float32",
+        fill_value=np.nan,
+        compressors=None,
+    )
     x = np.random.default_rng(3).standard_normal(shape).astype("float32")
     put_step(arr, 1, x)
-    out = aligned_empty(shape, "float32") if aligned else np.empty((shape[0] * shape[1] + 1,), "float32")[1:].reshape(shape)
+    out = (
+        aligned_empty(shape, "float32")
+        if aligned
+        else np.empty((shape[0] * shape[1] + 1,), "float32")[1:].reshape(shape)
+    )
     np.testing.assert_array_equal(read_step(arr, 1, out), x)
     assert np.isnan(read_step(arr, 0, out)).all()  # no file: zarr's fill value
     np.testing.assert_array_equal(read_step(arr, 1, out), x)
@@ -202,7 +239,9 @@ def test_direct_reads_fall_back_where_aligned_reads_are_refused(tmp_path, monkey
     from gramlin_analyze.store import direct_io as core
 
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
-    arr = root.create_array("w", shape=(2, 600, 600), chunks=(1, 600, 600), dtype="float32", compressors=None)
+    arr = root.create_array(
+        "w", shape=(2, 600, 600), chunks=(1, 600, 600), dtype="float32", compressors=None
+    )
     x = np.random.default_rng(4).standard_normal((600, 600)).astype("float32")
     put_step(arr, 1, x)
     real = os.preadv
