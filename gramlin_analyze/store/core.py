@@ -21,7 +21,6 @@ from gramlin_analyze.store.chunks import (
     create_nodes,
     group_at,
     read_all,
-    v3_metadata,
     write_all,
 )
 from gramlin_analyze.store.consolidated import (
@@ -353,25 +352,6 @@ class GramlinStore:
         metadata, each group's members fetched concurrently.
         """
         return dict(self.view.members(max_depth=None))
-
-    @staticmethod
-    def _step_nodes(
-        nodes: dict[str, zarr.Array | zarr.Group],
-    ) -> tuple[dict[str, zarr.Array], list[zarr.Array]]:
-        """Every array whose first dim is ``step`` by path, and every ``step`` coordinate.
-
-        The handles are resized in place, so they stay valid through :meth:`set_step_axis`.
-        """
-        arrays: dict[str, zarr.Array] = {}
-        coords: list[zarr.Array] = []
-        for path, node in nodes.items():
-            if not isinstance(node, zarr.Array):
-                continue
-            if path.rsplit("/", 1)[-1] == "step":
-                coords.append(node)
-            elif (v3_metadata(node).dimension_names or ())[:1] == ("step",):
-                arrays[path] = node
-        return arrays, coords
 
     # -- the step axis ------------------------------------------------------------------
 

@@ -14,14 +14,14 @@ import os
 from types import TracebackType
 
 import numpy as np
-import zarr
 
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.chunks import group_at, resize_all, v3_metadata
+from gramlin_analyze.store.chunks import group_at, resize_all
 from gramlin_analyze.store.core import GramlinStore
 from gramlin_analyze.store.faults import StoreUnavailableError, as_store_error, is_store_fault
 from gramlin_analyze.store.lock import StoreLock
 from gramlin_analyze.store.metrics import repair_metrics
+from gramlin_analyze.store.step_axis import _step_nodes
 
 __all__ = ["WriteSession", "repair"]
 
@@ -111,13 +111,8 @@ def repair(gs: GramlinStore) -> None:
         gs._man = None
     if L.STEPS in gs.root:
         n = len(gs.steps())
-        arrays = [
-            node
-            for _, node in gs._walk().items()
-            if isinstance(node, zarr.Array)
-            and (v3_metadata(node).dimension_names or ())[:1] == ("step",)
-        ]
-        resize_all([(a, (n, *a.shape[1:])) for a in arrays if a.shape[0] != n])
+        arrays, coords = _step_nodes(gs._walk())
+        resize_all([(a, (n, *a.shape[1:])) for a in [*arrays.values(), *coords] if a.shape[0] != n])
         repair_metrics(gs)
     gs.consolidate()
     gs._interrupted = False
