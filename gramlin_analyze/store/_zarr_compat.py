@@ -213,3 +213,9 @@ def consolidated_lookup(group: zarr.Group, path: str) -> zarr.Array | zarr.Group
 def async_group(group: zarr.Group):
     """The ``AsyncGroup`` behind ``group`` (for :class:`zarr.Group` subclasses)."""
     return group._async_group
+
+
+def v3_metadata(arr: zarr.Array) -> ArrayV3Metadata:
+    """``arr.metadata``, typed as Zarr v3's (for type checkers only: gramlin stores are
+    Zarr format 3, and the class lives in zarr's internal modules)."""
+    return cast("ArrayV3Metadata", arr.metadata)

@@ -15,18 +15,15 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import zarr
 
 from gramlin_analyze.errors import StoreError
 from gramlin_analyze.store import _zarr_compat as compat
+from gramlin_analyze.store._zarr_compat import v3_metadata
 from gramlin_analyze.store.direct_io import read_raw_chunk, write_raw_chunk
-
-if TYPE_CHECKING:
-    from zarr.core.buffer import Buffer
-    from zarr.core.metadata import ArrayV3Metadata
 
 __all__ = [
     "create_nodes",
@@ -55,11 +52,6 @@ def writable(arr: zarr.Array) -> zarr.Array:
     a step that was never written.
     """
     return arr.with_config({"write_empty_chunks": True})
-
-
-def v3_metadata(arr: zarr.Array) -> ArrayV3Metadata:
-    """``arr.metadata``, typed as Zarr v3's: gramlin stores are Zarr format 3 only."""
-    return cast("ArrayV3Metadata", arr.metadata)
 
 
 def group_at(parent: zarr.Group, key: str) -> zarr.Group:
@@ -390,7 +382,7 @@ def create_nodes(
     if not groups and not arrays:
         return
     root = _fresh_local_root(store, groups, arrays)
-    memory: dict[str, Buffer]
+    memory: dict[str, Any]
     target = store if root is None else zarr.storage.MemoryStore(memory := {})
     overwrite = overwrite_groups and root is None
     # Groups first: an array's creation makes its missing parents, with no attributes.
