@@ -1,10 +1,12 @@
 """The gramlin store: the only package that knows the on-disk layout.
 
-``core`` (the store handle), ``layout`` (names, dims, chunking), ``lock``,
-``location`` (local paths and URLs), ``consolidated`` (the consolidated copy of
-the metadata and task-side lookups), ``chunks`` (array I/O), ``direct_io``,
-``sink`` (capture activations), ``probe``, ``validate`` and ``info``. zarr's
-internals are used only in ``_zarr_compat``.
+``session`` (``WriteSession``: the one way to write), ``core`` (the store
+handle), ``layout`` (names, dims, chunking, node specs), ``lock``, ``location``
+(local paths and URLs), ``consolidated`` (the consolidated copy of the metadata
+and task-side lookups), ``step_axis``, ``metrics`` (the ``/metrics`` layout),
+``chunks`` (array I/O), ``direct_io``, ``sink`` (capture activations),
+``probe``, ``faults`` (full disk, permissions, lost endpoints), ``provenance``,
+``validate`` and ``info``. zarr's internals are used only in ``_zarr_compat``.
 """
 
 from gramlin_analyze.store.chunks import (
