@@ -385,24 +385,28 @@ def create_nodes(
     memory: dict[str, Any]
     target = store if root is None else zarr.storage.MemoryStore(memory := {})
     overwrite = overwrite_groups and root is None
-    # Groups first: an array's creation makes its missing parents, with no attributes.
-    compat.run_together(
-        [
-            (
+    # Groups first, parents before children (a child's creation makes its missing
+    # parents, with no attributes, and a parent made that way is then "in the way");
+    # then arrays.
+    for depth in sorted({p.count("/") for p, _ in groups}):
+        compat.run_together(
+            [
                 (
-                    lambda p=p, a=a: zarr.api.asynchronous.create_group(
-                        store=target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
-                    )
-                ),
-                (
-                    lambda p=p, a=a: zarr.create_group(
-                        target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
-                    )
-                ),
-            )
-            for p, a in groups
-        ]
-    )
+                    (
+                        lambda p=p, a=a: zarr.api.asynchronous.create_group(
+                            store=target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
+                        )
+                    ),
+                    (
+                        lambda p=p, a=a: zarr.create_group(
+                            target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
+                        )
+                    ),
+                )
+                for p, a in groups
+                if p.count("/") == depth
+            ]
+        )
     compat.run_together(
         [
             (
