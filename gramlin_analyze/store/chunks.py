@@ -280,9 +280,9 @@ def _resize_and_write(jobs: list[tuple[zarr.Array, tuple[int, ...], np.ndarray |
             for a, s in resizes
         ]
     )
-    writes = [(a, v) for a, _, v in jobs if v is not None]
-    here = [(a, v, c) for a, v in writes if (c := _small_codecs(a, write=True)) is not None]
-    rest = [(a, v) for a, v in writes if _small_codecs(a, write=True) is None]
+    writes = [(a, v, _small_codecs(a, write=True)) for a, _, v in jobs if v is not None]
+    here = [(a, v, c) for a, v, c in writes if c is not None]
+    rest = [(a, v) for a, v, c in writes if c is None]
     calls = [lambda a=a, v=v, c=c: _write_small(a, v, c) for a, v, c in here]
     futures = [_small_io_pool().submit(c) for c in calls]
     try:
