@@ -11,7 +11,7 @@ DEMO_DIR ?= demo-output
 PY313 ?= $(shell PYENV_VERSION=3.13.0 pyenv which python3.13 2>/dev/null || command -v python3.13)
 VENV_NEWEST ?= .venv-newest
 
-.PHONY: demo test test-newest lint bench clean
+.PHONY: demo test test-newest test-minimum lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ test-newest:
 	$(VENV_NEWEST)/bin/python -m pip check
 	$(VENV_NEWEST)/bin/python -m pytest -q
 
+# The lowest versions pyproject.toml declares (.ci/minimum.txt), on Python 3.11.
+VENV_MINIMUM ?= .venv-minimum
+test-minimum:
+	$(PYTHON) -m venv $(VENV_MINIMUM)
+	$(VENV_MINIMUM)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MINIMUM)/bin/python -m pip install --quiet -c .ci/minimum.txt -e '.[dev]'
+	$(VENV_MINIMUM)/bin/python -m pip check
+	$(VENV_MINIMUM)/bin/python -m pytest -q
+
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check gramlin_analyze tests benchmarks examples
 	$(VENV)/bin/ruff format --check gramlin_analyze tests benchmarks examples
@@ -53,4 +62,4 @@ bench: $(STAMP_DEV)
 	$(PY) benchmarks/reduce.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache build dist *.egg-info $(VENV_NEWEST)
+	rm -rf $(DEMO_DIR) .pytest_cache build dist *.egg-info $(VENV_NEWEST) $(VENV_MINIMUM)

@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from gramlin_analyze.errors import StoreUnavailableError
 from gramlin_analyze.store.location import canonical_url, is_remote
 
-__all__ = ["StoreUnavailableError", "as_store_error", "is_store_fault"]
+__all__ = [
+    "OrphanedConnectionErrors",
+    "StoreUnavailableError",
+    "as_store_error",
+    "is_connection_error",
+    "is_store_fault",
+]
 
 #: Errors that writing can raise and reading cannot: always the store's.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -42,17 +48,23 @@ def is_store_fault(err: BaseException, url: str | os.PathLike) -> bool:
             return True
         if isinstance(e, OSError) and e.errno in _PATH_ERRNOS and _names_store(e, url):
             return True
-        if is_remote(url) and (
-            isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in _CONNECTION_ERRORS
-        ):
+        if is_remote(url) and is_connection_error(e):
             return True
     return False
 
 
-def as_store_error(err: BaseException, url: str | os.PathLike) -> StoreUnavailableError:
-    """One line naming the store, the fault, and what to do."""
+def as_store_error(
+    err: BaseException, url: str | os.PathLike, *, lock_left: bool = False
+) -> StoreUnavailableError:
+    """One line naming the store, the fault, and what to do (``lock_left``: the
+    writer's lock object could not be removed, so the next run must break it)."""
+    again = "run the same command again"
+    if lock_left:
+        again += " with --break-lock (this writer's lock could not be removed)"
     if isinstance(err, StoreUnavailableError):
-        return err
+        if not lock_left:
+            return err
+        err = err.__cause__ or err
     cause = next((e for e in _chain(err) if isinstance(e, OSError) and e.errno is not None), err)
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         what = "no space left on its device; free space (or pass another --store)"
@@ -63,8 +75,7 @@ def as_store_error(err: BaseException, url: str | os.PathLike) -> StoreUnavailab
     else:
         what = f"its endpoint cannot be reached ({type(cause).__name__}: {cause}); check the connection"
     return StoreUnavailableError(
-        f"{url}: the store cannot be used: {what}, then run the same command again "
-        "(what is stored is kept)"
+        f"{url}: the store cannot be used: {what}, then {again} (what is stored is kept)"
     )
 
 
@@ -83,4 +94,23 @@ def _names_store(err: OSError, url: str | os.PathLike) -> bool:
     return any(
         f is not None and os.path.realpath(os.fspath(f)).startswith(root)
         for f in (err.filename, err.filename2)
+    )
+
+
+class OrphanedConnectionErrors:
+    """A :mod:`logging` filter for asyncio's logger that drops "Task exception was
+    never retrieved" records of connection errors: once an endpoint is lost, the
+    HTTP client's own abandoned write tasks print one traceback each, and the
+    command has already said what happened in one line. The CLI installs it."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and is_connection_error(exc))
+
+
+def is_connection_error(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is a network client's connection error."""
+    return any(
+        isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in _CONNECTION_ERRORS
+        for e in _chain(err)
     )

@@ -89,13 +89,23 @@ class WriteSession:
                 if "gramlin_schema_version" in self.store.root.attrs:
                     self.store.touch()
         finally:
+            lock_left = self._release_lock(exc)
+        if isinstance(exc, Exception) and (lock_left or is_store_fault(exc, self.url)):
+            if not isinstance(exc, StoreUnavailableError) or lock_left:
+                raise as_store_error(exc, self.url, lock_left=lock_left) from exc
+
+    def _release_lock(self, exc: BaseException | None) -> bool:
+        """Release the lock; True when a lost remote endpoint kept its lock object
+        (the next run then needs --break-lock, and the one line says so)."""
+        try:
             self._lock.release()
-        if (
-            exc is not None
-            and not isinstance(exc, StoreUnavailableError)
-            and is_store_fault(exc, self.url)
-        ):
-            raise as_store_error(exc, self.url) from exc
+        except Exception as err:
+            if not is_store_fault(err, self.url):
+                raise
+            if exc is None:
+                raise as_store_error(err, self.url, lock_left=True) from err
+            return True
+        return False
 
 
 def repair(gs: GramlinStore) -> None:

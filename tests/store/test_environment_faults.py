@@ -146,3 +146,91 @@ def test_an_unreachable_remote_store_is_one_line(tmp_path):
         assert done.returncode == 2, (args, done.stderr)
         line = _one_line(done.stderr)
         assert url in line and "Traceback" not in done.stderr, line
+
+
+@pytest.fixture
+def s3_behind_proxy():
+    """A real S3 server (moto's) reached through a loopback proxy that can be cut."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    from tests.tcp_proxy import TcpProxy
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    proxy = TcpProxy((host, port))
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://{host}:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket="lost")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        **creds,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    try:
+        yield proxy, client, env
+    finally:
+        proxy.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("cut_after", [30_000, 600_000])
+def test_an_endpoint_lost_mid_run_is_one_line_and_the_next_run_finishes(
+    tmp_path, s3_behind_proxy, cut_after
+):
+    """The connection to S3 is cut after ``cut_after`` bytes of requests: early in the
+    store's first structural writes, in the first steps, and later."""
+    proxy, client, env = s3_behind_proxy
+    run = tmp_path / "run"
+    expected = write_trajectory(run, list(range(6)), formats=("safetensors",), shapes=SHAPES)
+    url = f"s3://lost/cut{cut_after}.zarr"
+    opts = [
+        "--storage-option",
+        f'client_kwargs={{"endpoint_url": "{proxy.url}", "region_name": "us-east-1"}}',
+        "--storage-option",
+        'config_kwargs={"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1}}',
+    ]
+    proxy.cut_after(cut_after)
+    lost = _cli("ingest", str(run), "--store", url, *opts, env=env)
+    assert lost.returncode == 2, lost.stderr
+    line = _one_line(lost.stderr)
+    assert url in line and "Traceback" not in lost.stderr, line
+    assert "step_" not in line  # the checkpoints are not blamed
+    proxy.restore()
+
+    again = _cli("ingest", str(run), "--store", url, *opts, env=env)
+    if again.returncode != 0 and "--break-lock" in line:  # the lost writer said so
+        again = _cli("ingest", str(run), "--store", url, *opts, "--break-lock", env=env)
+    assert again.returncode == 0, again.stderr
+    assert validate_store(url, storage_options=_options(proxy)) == []
+    import xarray as xr
+
+    tree = xr.open_datatree(url, engine="zarr", storage_options=_options(proxy))
+    assert list(tree["steps"]["step"].values) == sorted(expected)
+    assert set(tree["steps"]["status"].values) == {"ok"}
+    for step, arrays in expected.items():
+        np.testing.assert_array_equal(
+            tree["layers/fc1"]["weight"].sel(step=step).values, arrays["fc1.weight"]
+        )
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="lost").get("Contents", [])}
+    assert f"cut{cut_after}.zarr.lock" not in keys
+
+
+def _options(proxy) -> dict:
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": proxy.url, "region_name": "us-east-1"},
+    }
