@@ -20,19 +20,29 @@ linear layer or with ``pool``) has ``N * P`` samples, example-major: row
 ``i * P + p`` is example ``i``, position ``p``. :func:`sample_counts` gives
 every layer's ``(N * P, d_in)`` before capture, to pre-declare storage.
 
+AGOP
+----
+With ``capture_agop`` each layer also gets its AGOP ``(1/n) sum_i J_i^T J_i``
+over its ``n`` samples, with ``J_i = d f(x_i) / d h_i`` the Jacobian of the
+network output ``f`` through this layer (``J_i^T = W^T df/dz_i``): exact (one
+backward per output) for at most 16 outputs, else an unbiased Rademacher
+estimate.
+
 Memory stays at one model plus one batch: nothing is accumulated except the
 loss and, when asked, the ``(d_in, d_in)`` AGOP matrices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from gramlin_analyze.capture.agop import accumulate_agop, agop_sums
 from gramlin_analyze.capture.hooks import EagerRunner
 from gramlin_analyze.capture.layers import POOLS, CaptureLayer, pool_samples
 from gramlin_analyze.capture.losses import LossFunction, resolve_loss
@@ -43,9 +53,6 @@ from gramlin_analyze.errors import ModelError, ProbeError, UsageError
 __all__ = ["CaptureResult", "Sink", "capture_step", "capture_layers", "sample_counts"]
 
 Sink = Callable[[str, int, np.ndarray, np.ndarray], None]
-
-#: Outputs up to which AGOP is exact (one backward per output).
-AGOP_EXACT_MAX_OUTPUTS = 16
 
 Runner = EagerRunner | ScriptRunner
 
@@ -199,9 +206,7 @@ def sample_counts(
     _check_pool(pool)
     runner = _make_runner(model, layers, extra_layers)
     dtype = _model_dtype(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         with runner, torch.no_grad():
             _first_forward(runner, _inputs(probe, 0, 1, dtype))
         counts = {}
@@ -209,13 +214,22 @@ def sample_counts(
             per_example = 1 if pool else runner.h[layer.name].shape[0]
             counts[layer.name] = (probe.n_samples * per_example, layer.d_in)
         return counts
-    finally:
-        model.train(was_training)
 
 
 def _check_pool(pool: str | None) -> None:
     if pool not in POOLS:
         raise UsageError(f"unknown pool {pool!r}; choose None, 'mean' or 'last'")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for a pass, in its own mode again after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def capture_step(
@@ -248,11 +262,8 @@ def capture_step(
     sink : callable or None
         ``sink(layer_name, sample_start, h, g)``; see the module docstring.
         None records nothing (e.g. for AGOP or the loss alone).
-    layers : sequence of str, optional
-        Globs selecting among the Linear/Conv1d/Conv2d layers and the extra layers (default: all of them).
-    extra_layers : sequence of str
-        Globs adding other modules with a 2-D ``weight`` computing
-        ``h @ W.T + b`` (checked on the first batch).
+    layers, extra_layers : sequence of str
+        As for :func:`capture_layers`; extra layers are checked on the first batch.
     batch_size : int, default 256
         Probe examples per forward pass.
     dtype : numpy dtype, default float32
@@ -263,15 +274,9 @@ def capture_step(
     step : int, optional
         The checkpoint's step, named in error messages.
     capture_agop : bool, default False
-        Also compute each layer's AGOP ``(1/n) sum_i J_i^T J_i`` with
-        ``J_i = d f(x_i) / d h_i`` of the network output ``f`` through this
-        layer (``J_i^T = W^T df/dz_i``), over the layer's samples: exact
-        (one backward per output) for at most 16 outputs, else an unbiased
-        Rademacher estimate with ``agop_projections`` projections.
-    agop_projections : int, default 64
-        Projections of the estimate.
-    agop_seed : int, default 0
-        Seed of the projections.
+        Also compute each layer's AGOP (see the module docstring).
+    agop_projections, agop_seed : int, default 64 and 0
+        Projections of the AGOP estimate (more than 16 outputs), and their seed.
 
     Returns
     -------
@@ -286,103 +291,159 @@ def capture_step(
     UsageError
         If a layer glob matches nothing (the message lists the layers).
     """
+    plan = _plan_pass(
+        model,
+        loss=loss,
+        layers=layers,
+        extra_layers=extra_layers,
+        batch_size=batch_size,
+        dtype=dtype,
+        pool=pool,
+        step=step,
+        agop_projections=agop_projections if capture_agop else None,
+        agop_seed=agop_seed,
+    )
+    with _eval_mode(model), plan.runner, torch.enable_grad():
+        totals = _run_batches(plan, probe, sink)
+    return _result(plan, totals)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    """One capture pass's settings, checked and resolved before the first batch."""
+
+    runner: Runner
+    loss_fn: LossFunction
+    out_dtype: np.dtype
+    model_dtype: torch.dtype
+    batch_size: int
+    pool: str | None
+    step: int | None
+    #: None: no AGOP
+    agop_projections: int | None
+    generator: torch.Generator
+
+
+@dataclass(frozen=True, slots=True)
+class _Totals:
+    """What a pass accumulated over its batches."""
+
+    loss: float
+    #: rows handed over per layer
+    starts: dict[str, int]
+    #: summed ``J^T J`` per layer (empty without AGOP)
+    agop: dict[str, torch.Tensor]
+    agop_method: str | None
+
+
+def _plan_pass(
+    model: nn.Module,
+    *,
+    loss: LossFunction | str,
+    layers: Sequence[str] | None,
+    extra_layers: Sequence[str],
+    batch_size: int,
+    dtype: np.dtype | type,
+    pool: str | None,
+    step: int | None,
+    agop_projections: int | None,
+    agop_seed: int,
+) -> _Pass:
+    """Check the options and resolve the loss, the layers and the dtypes: errors before any batch."""
     _check_pool(pool)
     if batch_size < 1:
         raise UsageError(f"batch_size must be positive, got {batch_size}")
-    if capture_agop and agop_projections < 1:
+    if agop_projections is not None and agop_projections < 1:
         raise UsageError(f"agop_projections must be positive, got {agop_projections}")
     loss_fn = resolve_loss(loss) if isinstance(loss, str) else loss
     out_dtype = np.dtype(dtype)
     runner = _make_runner(model, layers, extra_layers)
-    model_dtype = _model_dtype(model)
-    n_total = probe.n_samples
-    starts = {layer.name: 0 for layer in runner.layers}
-    agop = (
-        {
-            layer.name: torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64)
-            for layer in runner.layers
-        }
-        if capture_agop
-        else {}
+    return _Pass(
+        runner=runner,
+        loss_fn=loss_fn,
+        out_dtype=out_dtype,
+        model_dtype=_model_dtype(model),
+        batch_size=batch_size,
+        pool=pool,
+        step=step,
+        agop_projections=agop_projections,
+        generator=torch.Generator().manual_seed(agop_seed),
     )
-    agop_method = None
-    total_loss = 0.0
-    where = f" at step {step}" if step is not None else ""
-    generator = torch.Generator().manual_seed(agop_seed)
-    was_training = model.training
-    model.eval()
-    try:
-        with runner, torch.enable_grad():
-            for start in range(0, n_total, batch_size):
-                stop = min(start + batch_size, n_total)
-                x = _inputs(probe, start, stop, model_dtype)
-                out = _first_forward(runner, x) if start == 0 else runner.forward(x)
-                term = loss_fn.batch_term(out, _targets(probe, start, stop, model_dtype), n_total)
-                if not torch.isfinite(term):
-                    raise ModelError(
-                        f"the {loss_fn.name} loss is {term.item()}{where} on probe samples "
-                        f"{start}..{stop - 1}; the checkpoint's weights or outputs are not finite "
-                        "(a diverged run?): leave this step out or check the loss and targets"
-                    )
-                total_loss += float(term.detach())
-                gs = runner.input_grads(term, retain_graph=capture_agop)
-                n_ex = stop - start
-                for layer in runner.layers:
-                    h = pool_samples(runner.h[layer.name], n_ex, pool)
-                    g = pool_samples(gs[layer.name], n_ex, pool)
-                    if sink is not None:
-                        sink(
-                            layer.name,
-                            starts[layer.name],
-                            np.ascontiguousarray(h.numpy(), dtype=out_dtype),
-                            np.ascontiguousarray(g.numpy(), dtype=out_dtype),
-                        )
-                    starts[layer.name] += h.shape[0]
-                if capture_agop:
-                    agop_method = _accumulate_agop(
-                        runner, out, agop, n_ex, pool, agop_projections, generator
-                    )
-    finally:
-        model.train(was_training)
+
+
+def _run_batches(plan: _Pass, probe: ProbeSet, sink: Sink | None) -> _Totals:
+    """Forward, loss and backward per batch; hand each layer's rows to the sink."""
+    runner, n_total = plan.runner, probe.n_samples
+    starts = {layer.name: 0 for layer in runner.layers}
+    projections = plan.agop_projections
+    agop = agop_sums(runner.layers) if projections is not None else {}
+    total_loss, agop_method = 0.0, None
+    for start in range(0, n_total, plan.batch_size):
+        stop = min(start + plan.batch_size, n_total)
+        out, term = _batch_loss(plan, probe, start, stop)
+        total_loss += float(term.detach())
+        gs = runner.input_grads(term, retain_graph=projections is not None)
+        _hand_over(plan, sink, starts, gs, stop - start)
+        if projections is not None:
+            agop_method = accumulate_agop(
+                runner, out, agop, stop - start, plan.pool, projections, plan.generator
+            )
+    return _Totals(loss=total_loss, starts=starts, agop=agop, agop_method=agop_method)
+
+
+def _batch_loss(
+    plan: _Pass, probe: ProbeSet, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs on probe samples ``start:stop`` and their term of the loss."""
+    x = _inputs(probe, start, stop, plan.model_dtype)
+    out = _first_forward(plan.runner, x) if start == 0 else plan.runner.forward(x)
+    targets = _targets(probe, start, stop, plan.model_dtype)
+    term = plan.loss_fn.batch_term(out, targets, probe.n_samples)
+    if not torch.isfinite(term):
+        where = f" at step {plan.step}" if plan.step is not None else ""
+        raise ModelError(
+            f"the {plan.loss_fn.name} loss is {term.item()}{where} on probe samples "
+            f"{start}..{stop - 1}; the checkpoint's weights or outputs are not finite "
+            "(a diverged run?): leave this step out or check the loss and targets"
+        )
+    return out, term
+
+
+def _hand_over(
+    plan: _Pass,
+    sink: Sink | None,
+    starts: dict[str, int],
+    gs: dict[str, torch.Tensor],
+    n_ex: int,
+) -> None:
+    """Pool one batch's ``h`` and ``g`` rows, pass them to the sink, advance ``starts``."""
+    for layer in plan.runner.layers:
+        h = pool_samples(plan.runner.h[layer.name], n_ex, plan.pool)
+        g = pool_samples(gs[layer.name], n_ex, plan.pool)
+        if sink is not None:
+            sink(
+                layer.name,
+                starts[layer.name],
+                np.ascontiguousarray(h.numpy(), dtype=plan.out_dtype),
+                np.ascontiguousarray(g.numpy(), dtype=plan.out_dtype),
+            )
+        starts[layer.name] += h.shape[0]
+
+
+def _result(plan: _Pass, totals: _Totals) -> CaptureResult:
+    """The pass's result; AGOP sums become means over each layer's samples."""
+    runner, starts = plan.runner, totals.starts
     return CaptureResult(
-        loss=total_loss,
-        reduction=loss_fn.reduction,
+        loss=totals.loss,
+        reduction=plan.loss_fn.reduction,
         layers=list(runner.layers),
         n_samples=dict(starts),
         d_in={layer.name: layer.d_in for layer in runner.layers},
-        dtype=out_dtype,
-        model_dtype=str(model_dtype).removeprefix("torch."),
-        agop={k: (v / max(starts[k], 1)).numpy() for k, v in agop.items()}
-        if capture_agop
+        dtype=plan.out_dtype,
+        model_dtype=str(plan.model_dtype).removeprefix("torch."),
+        agop={k: (v / max(starts[k], 1)).numpy() for k, v in totals.agop.items()}
+        if plan.agop_projections is not None
         else None,
-        agop_method=agop_method,
-        pool=pool,
+        agop_method=totals.agop_method,
+        pool=plan.pool,
     )
-
-
-def _accumulate_agop(
-    runner: Runner,
-    out: torch.Tensor,
-    agop: dict[str, torch.Tensor],
-    n_ex: int,
-    pool: str | None,
-    projections: int,
-    generator: torch.Generator,
-) -> str:
-    """Add this batch's ``sum_i J_i^T J_i`` (exact or estimated) to ``agop``."""
-    f = out.reshape(out.shape[0], -1)
-    n_out = f.shape[1]
-    exact = n_out <= AGOP_EXACT_MAX_OUTPUTS
-    passes = n_out if exact else projections
-    for k in range(passes):
-        if exact:
-            objective = f[:, k].sum()
-        else:
-            signs = torch.randint(0, 2, f.shape, generator=generator).to(f.dtype) * 2 - 1
-            objective = (f * signs).sum()
-        gs = runner.input_grads(objective, retain_graph=k < passes - 1)
-        for layer in runner.layers:
-            jt = pool_samples(gs[layer.name], n_ex, pool).to(torch.float64)
-            contribution = jt.T @ jt
-            agop[layer.name] += contribution if exact else contribution / projections
-    return "exact" if exact else f"rademacher:{projections}"

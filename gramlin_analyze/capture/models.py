@@ -384,6 +384,16 @@ def rebuild_mlp(
         raise ModelError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if not tensors:
         raise ModelError("cannot rebuild an MLP from an empty state dict")
+    params = _linear_params(tensors)
+    shapes = {layer: _linear_shape(layer, p) for layer, p in params.items()}
+    layers = [(layer, _linear(params[layer], shapes[layer])) for layer in _chain(shapes)]
+    return RebuiltMLP(layers, activation).eval()
+
+
+def _linear_params(
+    tensors: Mapping[str, np.ndarray | torch.Tensor],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``layer -> {"weight": ..., "bias": ...}``, wrapper prefix stripped; other roles refused."""
     prefix = common_wrapper_prefix(tensors)
     params: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
@@ -394,26 +404,33 @@ def rebuild_mlp(
                 "pass a model factory for architectures other than a plain linear chain"
             )
         params.setdefault(layer, {})[role] = _to_tensor(value)
-    shapes = {}
-    for layer, p in params.items():
-        weight, bias = p.get("weight"), p.get("bias")
-        if weight is None or weight.dim() != 2:
-            raise ModelError(
-                f"cannot rebuild an MLP: layer {layer!r} has "
-                + (
-                    "no weight"
-                    if weight is None
-                    else f"a {weight.dim()}-D weight {tuple(weight.shape)}"
-                )
-                + "; only 2-D linear weights chain into an MLP (use a model factory)"
+    return params
+
+
+def _linear_shape(layer: str, p: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(out, in)`` of a linear layer, after checking its weight is 2-D and its bias fits."""
+    weight, bias = p.get("weight"), p.get("bias")
+    if weight is None or weight.dim() != 2:
+        raise ModelError(
+            f"cannot rebuild an MLP: layer {layer!r} has "
+            + (
+                "no weight"
+                if weight is None
+                else f"a {weight.dim()}-D weight {tuple(weight.shape)}"
             )
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ModelError(
-                f"cannot rebuild an MLP: layer {layer!r} has bias {tuple(bias.shape)} for "
-                f"weight {tuple(weight.shape)}"
-            )
-        shapes[layer] = (int(weight.shape[0]), int(weight.shape[1]))
-    order = sorted(params, key=_natural_key)
+            + "; only 2-D linear weights chain into an MLP (use a model factory)"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ModelError(
+            f"cannot rebuild an MLP: layer {layer!r} has bias {tuple(bias.shape)} for "
+            f"weight {tuple(weight.shape)}"
+        )
+    return (int(weight.shape[0]), int(weight.shape[1]))
+
+
+def _chain(shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """The layers in natural name order if it chains, else the unique chain by shapes."""
+    order = sorted(shapes, key=_natural_key)
     if any(shapes[a][0] != shapes[b][1] for a, b in zip(order, order[1:], strict=False)):
         order = _chain_by_shapes(shapes)
         if order is None:
@@ -421,17 +438,18 @@ def rebuild_mlp(
                 "cannot rebuild an MLP: the linear layers do not form one chain "
                 f"(layer -> (out, in): {shapes}); pass a model factory instead"
             )
-    layers = []
-    for layer in order:
-        weight = params[layer]["weight"]
-        bias = params[layer].get("bias")
-        linear = nn.Linear(shapes[layer][1], shapes[layer][0], bias=bias is not None)
-        # Capture computes in float32 or float64; half-precision weights are widened.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        linear = linear.to(dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        layers.append((layer, linear))
-    return RebuiltMLP(layers, activation).eval()
+    return order
+
+
+def _linear(p: dict[str, torch.Tensor], shape: tuple[int, int]) -> nn.Linear:
+    """An ``nn.Linear`` holding the layer's weight (and bias)."""
+    weight, bias = p["weight"], p.get("bias")
+    linear = nn.Linear(shape[1], shape[0], bias=bias is not None)
+    # Capture computes in float32 or float64; half-precision weights are widened.
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    linear = linear.to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear

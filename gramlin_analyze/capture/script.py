@@ -15,6 +15,7 @@ and are not capturable.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,6 +114,116 @@ def _clone_after(
     return clone.output()
 
 
+@dataclass(frozen=True, slots=True)
+class _Site:
+    """One linear or convolution call of the inlined graph, by the weight it reads."""
+
+    node: torch._C.Node
+    #: attribute path of the weight (``encoder.fc1.weight``)
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Sites:
+    """The graph's capturable calls by layer, and the layers only called inside control flow."""
+
+    top: dict[str, list[_Site]]
+    nested: set[str]
+
+    @property
+    def hint(self) -> str:
+        """The note error messages append when some layers cannot be captured."""
+        if not self.nested:
+            return ""
+        return (
+            f" ({sorted(self.nested)} run inside control flow and cannot be captured from "
+            "TorchScript)"
+        )
+
+
+def _find_sites(graph: torch._C.Graph, prefix: str) -> _Sites:
+    """Every call reading a ``weight`` of ``self``, named by the module owning that weight."""
+
+    def site(node: torch._C.Node) -> tuple[str, str] | None:
+        path = _attr_path(node.inputsAt(1))
+        if path is None or path.rpartition(".")[2] != "weight":
+            return None
+        owner = path.rpartition(".")[0]
+        return layer_name(owner, prefix), path
+
+    top: dict[str, list[_Site]] = {}
+    for node in graph.nodes():
+        found = site(node) if node.kind() in _SITE_KINDS else None
+        if found:
+            top.setdefault(found[0], []).append(_Site(node, found[1]))
+    nested = set()
+    for kind in _SITE_KINDS:
+        for node in graph.findAllNodes(kind, True):
+            found = site(node)
+            if found and found[0] not in top:
+                nested.add(found[0])
+    return _Sites(top, nested)
+
+
+def _select(
+    module: torch.jit.ScriptModule,
+    sites: _Sites,
+    layers: Sequence[str] | None,
+    extra_layers: Sequence[str],
+) -> list[str]:
+    """The layers to capture: Linear/Conv owners, extra layers by glob, then the selection."""
+    submodules = dict(module.named_modules())
+
+    def owner_type(path: str) -> str:
+        owner = submodules.get(path.rpartition(".")[0])
+        return getattr(owner, "original_name", "")
+
+    top, hint = sites.top, sites.hint
+    standard = [n for n, found in top.items() if owner_type(found[0].path) in _DEFAULT_OWNERS]
+    other = [n for n in top if n not in standard]
+    extra = match_globs(other, extra_layers, what="extra layer", hint=hint) if extra_layers else []
+    candidates = [*standard, *extra]
+    chosen = (
+        candidates if layers is None else match_globs(candidates, layers, what="layer", hint=hint)
+    )
+    if not chosen:
+        raise UsageError(
+            f"TorchScript module {module.original_name} has no linear or convolution call to "
+            f"capture outside control flow{hint}"
+        )
+    return chosen
+
+
+def _capture_layer(
+    name: str, found: list[_Site], params: dict[str, torch.nn.Parameter]
+) -> CaptureLayer:
+    """The layer called once per forward pass at ``found``; reuse is refused."""
+    if len(found) > 1:
+        raise ModelError(
+            f"layer {name!r} runs {len(found)} times per forward pass (weight reuse); "
+            "its samples would be ambiguous, so leave it out of the layer selection"
+        )
+    node, path = found[0].node, found[0].path
+    weight_shape = tuple(int(s) for s in params[path].shape)
+    module_name = path.rpartition(".")[0]
+    if node.kind() == "aten::linear":
+        return CaptureLayer(name, module_name, "linear", weight_shape)
+    if len(weight_shape) in (3, 4):
+        kind = "conv1d" if len(weight_shape) == 3 else "conv2d"
+        geom = _conv_geometry(node, weight_shape, name)
+        return CaptureLayer(name, module_name, kind, weight_shape, geom)
+    raise ModelError(f"layer {name!r}: only 1-D and 2-D convolutions can be captured")
+
+
+def _expose(graph: torch._C.Graph, node: torch._C.Node) -> list[torch._C.Value]:
+    """Make the call's ``h`` and ``z`` graph outputs; code after it gets a clone of ``z``."""
+    z = node.output()
+    z_downstream = _clone_after(graph, node, z)
+    z.replaceAllUsesWith(z_downstream)
+    z_downstream.node().replaceInput(0, z)
+    return [_clone_after(graph, node, node.inputsAt(0)), z]
+
+
 class ScriptRunner:
     """Runs a TorchScript module and records the selected layers.
 
@@ -128,82 +239,16 @@ class ScriptRunner:
         self.module = module
         graph = module.inlined_graph
         torch._C._jit_pass_constant_propagation(graph)
-        prefix = wrapper_prefix(module)
-        submodules = dict(module.named_modules())
         self._params = dict(module.named_parameters())
-
-        def site(node: torch._C.Node) -> tuple[str, str] | None:
-            path = _attr_path(node.inputsAt(1))
-            if path is None or path.rpartition(".")[2] != "weight":
-                return None
-            owner = path.rpartition(".")[0]
-            return layer_name(owner, prefix), path
-
-        top: dict[str, list[tuple[torch._C.Node, str]]] = {}
-        for node in graph.nodes():
-            found = site(node) if node.kind() in _SITE_KINDS else None
-            if found:
-                top.setdefault(found[0], []).append((node, found[1]))
-        nested = set()
-        for kind in _SITE_KINDS:
-            for node in graph.findAllNodes(kind, True):
-                found = site(node)
-                if found and found[0] not in top:
-                    nested.add(found[0])
-
-        def owner_type(path: str) -> str:
-            owner = submodules.get(path.rpartition(".")[0])
-            return getattr(owner, "original_name", "")
-
-        standard = [n for n, sites in top.items() if owner_type(sites[0][1]) in _DEFAULT_OWNERS]
-        other = [n for n in top if n not in standard]
-        hint = (
-            f" ({sorted(nested)} run inside control flow and cannot be captured from TorchScript)"
-            if nested
-            else ""
-        )
-        extra = (
-            match_globs(other, extra_layers, what="extra layer", hint=hint) if extra_layers else []
-        )
-        candidates = [*standard, *extra]
-        chosen = (
-            candidates
-            if layers is None
-            else match_globs(candidates, layers, what="layer", hint=hint)
-        )
-        if not chosen:
-            raise UsageError(
-                f"TorchScript module {module.original_name} has no linear or convolution call to "
-                f"capture outside control flow{hint}"
-            )
-
+        sites = _find_sites(graph, wrapper_prefix(module))
         self.layers: list[CaptureLayer] = []
         self._paths: dict[str, str] = {}
         extra_outputs = []
-        for name in chosen:
-            sites = top[name]
-            if len(sites) > 1:
-                raise ModelError(
-                    f"layer {name!r} runs {len(sites)} times per forward pass (weight reuse); "
-                    "its samples would be ambiguous, so leave it out of the layer selection"
-                )
-            node, path = sites[0]
-            weight_shape = tuple(int(s) for s in self._params[path].shape)
-            if node.kind() == "aten::linear":
-                layer = CaptureLayer(name, path.rpartition(".")[0], "linear", weight_shape)
-            elif len(weight_shape) in (3, 4):
-                kind = "conv1d" if len(weight_shape) == 3 else "conv2d"
-                geom = _conv_geometry(node, weight_shape, name)
-                layer = CaptureLayer(name, path.rpartition(".")[0], kind, weight_shape, geom)
-            else:
-                raise ModelError(f"layer {name!r}: only 1-D and 2-D convolutions can be captured")
-            self.layers.append(layer)
-            self._paths[name] = path
-            z = node.output()
-            z_downstream = _clone_after(graph, node, z)
-            z.replaceAllUsesWith(z_downstream)
-            z_downstream.node().replaceInput(0, z)
-            extra_outputs += [_clone_after(graph, node, node.inputsAt(0)), z]
+        for name in _select(module, sites, layers, extra_layers):
+            found = sites.top[name]
+            self.layers.append(_capture_layer(name, found, self._params))
+            self._paths[name] = found[0].path
+            extra_outputs += _expose(graph, found[0].node)
         for value in extra_outputs:
             graph.registerOutput(value)
         graph.makeMultiOutputIntoTuple()

@@ -83,6 +83,28 @@ def test_version_and_help_import_nothing_heavy(args):
     assert not imported_by(*args) & HEAVY
 
 
+@pytest.mark.parametrize(
+    ("args", "commands"),
+    [(["--version"], set()), (["--help"], set()), (["ingest", "--help"], {"ingest"})],
+)
+def test_a_command_module_is_imported_only_when_named(args, commands):
+    """``-X importtime`` does not list the command modules (``importlib`` imports them)."""
+    code = f"""
+import sys
+from gramlin_analyze.cli import main
+try:
+    main({args!r})
+except SystemExit:
+    pass
+print(" ".join(m for m in sys.modules if m.startswith("gramlin_analyze.cli.")), file=sys.stderr)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shared = {"app", "options", "output", "registry"}
+    loaded = {m.removeprefix("gramlin_analyze.cli.") for m in out.stderr.split()}
+    assert loaded == shared | commands
+
+
 def test_importing_the_package_imports_nothing_heavy_and_keeps_its_names():
     assert (
         not imported_by_code("import gramlin_analyze as ga\nassert set(ga.__all__) <= set(dir(ga))")

@@ -1,0 +1,78 @@
+"""``gramlin-analyze analyze``: compute Gram, VC, TL and related metrics into /metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+from gramlin_analyze.cli.options import add_storage, add_writer
+from gramlin_analyze.cli.output import ProgressBar, console, say
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        metavar="NAME",
+        help="families (gram spectrum vc tl nfa nc cka) or single metrics; default: all the store supports",
+    )
+    p.add_argument("--layers", nargs="+", metavar="GLOB", help="layers to analyze (default: all)")
+    p.add_argument(
+        "--recompute", action="store_true", help="recompute results whose inputs did not change"
+    )
+    p.add_argument(
+        "--tl-lambda", type=float, default=0.0, help="ridge lambda of target linearity (default 0)"
+    )
+    p.add_argument(
+        "--center-features", action="store_true", help="center H before the TL regression"
+    )
+    p.add_argument(
+        "--intercept", action="store_true", help="add an intercept column to the TL regression"
+    )
+    add_writer(p)
+    add_storage(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gramlin_analyze.analysis import analyze
+
+    with ProgressBar(args.quiet, "analyze") as bar:
+        report = analyze(
+            args.store,
+            metrics=args.metrics,
+            layers=args.layers,
+            recompute=args.recompute,
+            tl_lambda=args.tl_lambda,
+            center_features=args.center_features,
+            intercept=args.intercept,
+            workers=args.workers,
+            threads=args.threads,
+            scheduler=args.scheduler,
+            storage_options=args.storage_options,
+            break_lock=args.break_lock,
+            progress=bar,
+        )
+    _print_report(args, report)
+    return 0
+
+
+def _print_report(args: argparse.Namespace, report) -> None:
+    """What was skipped or not computed (stderr), warnings, then the one summary line."""
+    if not args.quiet:
+        for fam, names in report.partial.items():
+            say(f"{fam}: skipped for layers {', '.join(names)} (their data is missing)", err=True)
+        for step, status in sorted(report.skipped_steps.items()):
+            say(f"skipped step {step}: status {status} (not read)", err=True)
+        for fam, why in report.unavailable.items():
+            say(f"not computed: {fam}: {why}", err=True)
+    for step, layer in report.nonfinite:
+        console(args.quiet).print(
+            f"[yellow]warning:[/yellow] step {step}, layer {layer}: NaN/Inf inputs, results are NaN"
+        )
+    if not args.quiet:
+        say(
+            f"{report.store}: {', '.join(report.families) or 'nothing'} -> /metrics: "
+            f"{report.computed} computed, {report.up_to_date} up to date in {report.seconds:.1f} s"
+        )

@@ -1,0 +1,22 @@
+"""``gramlin-analyze info``: summarize a store."""
+
+from __future__ import annotations
+
+import argparse
+
+from gramlin_analyze.cli.options import add_storage
+from gramlin_analyze.cli.output import out
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store")
+    add_storage(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gramlin_analyze.store.info import store_info
+
+    out().print(store_info(args.store, storage_options=args.storage_options))
+    return 0

@@ -1,0 +1,184 @@
+"""``gramlin-analyze ingest``: write checkpoints (weights, activations) into a store."""
+
+from __future__ import annotations
+
+import argparse
+
+from gramlin_analyze.cli.options import add_discovery, add_storage, add_writer
+from gramlin_analyze.cli.output import ProgressBar, console, say
+from gramlin_analyze.errors import UsageError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory")
+    p.add_argument("--store", "-o", help="store path or URL (default: DIRECTORY.zarr)")
+    p.add_argument(
+        "--layers", nargs="+", metavar="GLOB", help="layers to store (glob over normalized names)"
+    )
+    p.add_argument("--exclude", nargs="+", metavar="GLOB", help="layers to leave out")
+    add_discovery(p)
+    p.add_argument(
+        "--allow-torchscript-code",
+        action="store_true",
+        help="read TorchScript archives: they carry code that runs with the model (trusted sources only)",
+    )
+    cap = p.add_argument_group("capture (probe-set activations and gradients)")
+    _add_capture_model(cap)
+    _add_capture_recording(cap)
+    _add_capture_sources(cap)
+    add_writer(p)
+    add_storage(p)
+
+
+def _add_capture_model(cap: argparse._ArgumentGroup) -> None:
+    """The probe set, the model that runs it, and the loss it is trained with."""
+    cap.add_argument(
+        "--probe", help="probe set file (.npz/.safetensors/.pt) with inputs and labels or targets"
+    )
+    cap.add_argument(
+        "--model", help="model source: pkg.module:build, path/to/file.py:build, or torchscript"
+    )
+    cap.add_argument(
+        "--mlp-activation",
+        help="rebuild a plain MLP from the weights with this activation (relu, gelu, tanh, sigmoid, silu, identity)",
+    )
+    cap.add_argument(
+        "--loss",
+        default="cross_entropy",
+        help="cross_entropy | mse | bce | pkg.module:fn (default cross_entropy)",
+    )
+    cap.add_argument(
+        "--reduction", default="mean", choices=("mean", "sum"), help="the training loss's reduction"
+    )
+
+
+def _add_capture_recording(cap: argparse._ArgumentGroup) -> None:
+    """How capture runs and what it records."""
+    cap.add_argument("--batch-size", type=int, default=256, help="probe examples per forward pass")
+    cap.add_argument(
+        "--activations-dtype", default="float32", choices=("float32", "float16", "float64")
+    )
+    cap.add_argument(
+        "--extra-layers",
+        nargs="+",
+        metavar="GLOB",
+        help="capture modules other than Linear/Conv whose weight acts as h @ W.T",
+    )
+    cap.add_argument(
+        "--pool", choices=("mean", "last"), help="pool positions/tokens into one sample per example"
+    )
+    cap.add_argument(
+        "--capture-agop",
+        action="store_true",
+        help="also store each layer's AGOP of the network output",
+    )
+    cap.add_argument(
+        "--agop-projections",
+        type=int,
+        default=64,
+        help="random projections for AGOP with many outputs",
+    )
+    cap.add_argument(
+        "--no-strict",
+        action="store_true",
+        help="load checkpoint weights into the factory model non-strictly",
+    )
+
+
+def _add_capture_sources(cap: argparse._ArgumentGroup) -> None:
+    """The learning rate, and activations computed elsewhere instead of captured."""
+    cap.add_argument(
+        "--lr", type=float, help="constant learning rate (wins over checkpoint metadata)"
+    )
+    cap.add_argument("--lr-schedule", help="file of (step, lr) pairs, CSV or JSON")
+    cap.add_argument(
+        "--activations",
+        metavar="DIR",
+        help="ingest activations computed elsewhere: step_<N>.npz files",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from gramlin_analyze.ingest import ingest
+
+    def on_error(msg: str) -> None:
+        console().print(f"[red]error:[/red] {msg}", soft_wrap=True)
+
+    capture = _capture_config(args)
+    with ProgressBar(args.quiet, "ingest") as bar:
+        report = ingest(
+            args.directory,
+            args.store,
+            layers=args.layers,
+            exclude=args.exclude,
+            format=args.format,
+            order=args.order,
+            state_dict_key=args.state_dict_key,
+            settle_seconds=args.settle,
+            allow_torchscript_code=args.allow_torchscript_code,
+            capture=capture,
+            activations=args.activations,
+            probe=args.probe if args.activations else None,
+            lr=args.lr,
+            lr_schedule=args.lr_schedule,
+            workers=args.workers,
+            threads=args.threads,
+            scheduler=args.scheduler,
+            storage_options=args.storage_options,
+            break_lock=args.break_lock,
+            progress=bar,
+            on_error=on_error,
+        )
+    if not args.quiet:
+        _print_report(report)
+    return report.exit_code
+
+
+def _capture_config(args: argparse.Namespace):
+    """The capture options as a ``CaptureConfig``, None without a model; usage errors first."""
+    if not (args.model or args.mlp_activation):
+        if args.probe and not args.activations:
+            raise UsageError(
+                "--probe needs a model to capture with: --model pkg.module:build | file.py:build | torchscript, "
+                "or --mlp-activation relu|gelu|tanh|… for plain MLP state dicts (or --activations DIR)"
+            )
+        return None
+    if not args.probe:
+        raise UsageError("capturing activations needs a probe set: pass --probe FILE")
+    from gramlin_analyze.capture.task import CaptureConfig
+
+    return CaptureConfig(
+        probe=args.probe,
+        model=None if args.model == "torchscript" else args.model,
+        torchscript=args.model == "torchscript",
+        mlp_activation=args.mlp_activation,
+        loss=args.loss,
+        reduction=args.reduction,
+        batch_size=args.batch_size,
+        dtype=args.activations_dtype,
+        extra_layers=args.extra_layers or [],
+        pool=args.pool,
+        agop=args.capture_agop,
+        agop_projections=args.agop_projections,
+        strict=not args.no_strict,
+    )
+
+
+def _print_report(report) -> None:
+    """The summary line, then what the scan skipped and the steps stored with NaN/Inf."""
+    n_new = len(report.ingested)
+    msg = (
+        f"{report.store}: {n_new} checkpoint(s) ingested, {len(report.skipped)} unchanged, "
+        f"{len(report.failed)} failed in {report.seconds:.1f} s"
+    )
+    if report.seconds > 0 and report.bytes_read:
+        msg += f" ({report.bytes_read / report.seconds / 1e6:.0f} MB/s)"
+    say(msg)
+    for path, why in report.scan_skipped:
+        say(f"skipped {path}: {why}", err=True)
+    for step, n in sorted(report.nonfinite.items()):
+        console().print(
+            f"[yellow]warning:[/yellow] step {step}: {n} NaN/Inf values stored and flagged (/steps.nonfinite)"
+        )
