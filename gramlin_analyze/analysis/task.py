@@ -10,11 +10,14 @@ to the driver, the only writer of ``/metrics`` scalars.
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from gramlin_analyze.analysis import norms
+from gramlin_analyze.analysis.scratch import scratch_array
 from gramlin_analyze.reducers import (
     cka_stats_np,
     collapse_from_stats_np,
@@ -35,104 +38,195 @@ from gramlin_analyze.reducers import (
 from gramlin_analyze.reducers._common import pack
 from gramlin_analyze.reducers.surrogate import _surrogate_np
 from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
-from gramlin_analyze.store import aligned_empty, put_step, read_step, task_node
 from gramlin_analyze.store import layout as L
+from gramlin_analyze.store import put_step, read_step, task_node
 
-__all__ = ["layer_step_task", "hold_scratch", "release_scratch"]
+__all__ = ["layer_step_task", "TaskContext", "ProbeTargets", "TaskResult"]
 
-#: Most bytes of work arrays a task thread keeps between tasks (and runs);
-#: bigger arrays are allocated per task.
-_SCRATCH_MAX_BYTES = 64 * 2**20
-#: Seconds after the last run before the kept work arrays are dropped.
-SCRATCH_IDLE_SECONDS = 30.0
-_scratch: dict[int, dict[tuple, np.ndarray]] = {}
-_scratch_lock = threading.Lock()
-_scratch_timer: threading.Timer | None = None
-_scratch_users = 0
+#: The families that stream the layer's captured inputs.
+ACTIVATION_FAMILIES = frozenset({"vc", "tl", "nc", "cka"})
 
 
-def scratch_array(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A per-thread, page-aligned work array, reused by the next tasks (same thread, same shape).
+@dataclass(frozen=True, slots=True)
+class ProbeTargets:
+    """The probe set's targets, as every task of a run pairs them with samples.
 
-    Each task of a layer needs the same few multi-MB arrays (W in float64,
-    its Gram, the Gram in the stored dtype). Fresh memory for each meant page
-    faults on every first touch (on the development VM the hypervisor backs
-    new memory at about 2.5 ms per MB, more than the Gram itself costs), so
-    a thread keeps up to 64 MB of them, also across runs: an incremental
-    ``analyze`` of one new step has too few tasks per thread to amortize new
-    memory. They are dropped :data:`SCRATCH_IDLE_SECONDS` after the last run
-    (:func:`release_scratch`). The arrays never leave the task.
+    ``Y`` holds N x C float targets (one-hot rows for labels); ``labels`` the
+    N class indices (None for regression targets). ``labels_per_example`` is
+    1 for one label per example, else the number of positions it labels.
     """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    arrays = _scratch.setdefault(threading.get_ident(), {})
-    key = (name, tuple(shape), dtype.str)
-    a = arrays.get(key)
-    if a is None:
-        if nbytes > _SCRATCH_MAX_BYTES:
-            return np.empty(shape, dtype)
-        if nbytes + sum(x.nbytes for x in arrays.values()) > _SCRATCH_MAX_BYTES:
-            arrays.clear()  # another layer's shapes: make room
-        a = arrays[key] = aligned_empty(shape, dtype)  # page-aligned: direct I/O needs no copy
-    return a
+
+    Y: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    n_classes: int | None = None
+    labels_per_example: int = 1
 
 
-def hold_scratch() -> None:
-    """A run starts: keep the work arrays (cancel a pending release)."""
-    global _scratch_timer, _scratch_users
-    with _scratch_lock:
-        _scratch_users += 1
-        if _scratch_timer is not None:
-            _scratch_timer.cancel()
-            _scratch_timer = None
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a (step, layer) task needs besides its store: the run's options and its step's.
 
-
-def release_scratch(delay: float | None = None) -> None:
-    """A run ended: drop the kept work arrays ``delay`` seconds from now
-    (default :data:`SCRATCH_IDLE_SECONDS`; 0 drops them at once), unless
-    another run starts before."""
-    global _scratch_timer, _scratch_users
-    with _scratch_lock:
-        _scratch_users = max(0, _scratch_users - 1)
-        if _scratch_timer is not None:
-            _scratch_timer.cancel()
-            _scratch_timer = None
-        if _scratch_users:
-            return
-        delay = SCRATCH_IDLE_SECONDS if delay is None else delay
-        if delay <= 0:
-            _scratch.clear()
-            return
-        _scratch_timer = threading.Timer(delay, _drop_scratch)
-        _scratch_timer.daemon = True
-        _scratch_timer.start()
-
-
-def _drop_scratch() -> None:
-    with _scratch_lock:
-        if not _scratch_users:
-            _scratch.clear()
-
-
-def _ratio(num: float, den: float) -> float:
-    """num / den, NaN when the denominator is 0 (two identical checkpoints)."""
-    return float(num / den) if den > 0 else float("nan")
-
-
-def _norms(G: np.ndarray, G_prev: np.ndarray | None, rows: int = 64) -> tuple[float, float]:
-    """``(||G - G_prev||_F, ||G||_F)`` summed in float64 whatever the stored dtype.
-
-    One pass over row blocks: float64 temporaries of a block, not of the
-    whole matrix (fresh multi-MB buffers cost page faults on every call).
+    ``final_index`` is the row of the last ok step (CKA's reference);
+    ``gamma`` the learning rate at the step. With ``gram_change_in_task``
+    the task also computes the Gram change from the stored Gram of row
+    ``gram_prev_index`` (None: the first ok step, whose change is NaN).
     """
-    sq_diff = sq = 0.0
-    for r in range(0, G.shape[0], rows):
-        g = np.asarray(G[r : r + rows], dtype=np.float64)
-        sq += float(np.vdot(g, g))
-        if G_prev is not None:
-            d = np.subtract(g, G_prev[r : r + rows], dtype=np.float64)
-            sq_diff += float(np.vdot(d, d))
-    return (float(np.sqrt(sq_diff)) if G_prev is not None else float("nan")), float(np.sqrt(sq))
+
+    run_token: str
+    final_index: int
+    tl_lambda: float
+    center_features: bool
+    intercept: bool
+    targets: ProbeTargets = field(default_factory=ProbeTargets)
+    gamma: float = float("nan")
+    spectrum_k: int = 0
+    gram_change_in_task: bool = False
+    gram_prev_index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """One task's scalars for the driver to record, and whether an input was non-finite."""
+
+    layer: str
+    index: int
+    scalars: dict[str, float]
+    nonfinite: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Weights:
+    """The step's weight in float64 (a work array), its bias and its Gram ``W^T W``."""
+
+    W: np.ndarray
+    b: np.ndarray | None
+    G: np.ndarray
+    w_nonfinite: bool
+    nonfinite: bool  # weight or bias
+
+
+@dataclass(slots=True)
+class _Sums:
+    """Sufficient statistics of the activation families, summed over sample chunks."""
+
+    vc: dict | None = None
+    tl: dict | None = None
+    nc: dict | None = None
+    cka: dict | None = None
+    nonfinite: bool = False
+
+
+def layer_step_task(
+    store_url: str,
+    storage_options: dict | None,
+    layer: str,
+    index: int,
+    families: list[str],
+    ctx: TaskContext,
+) -> TaskResult:
+    """Compute ``families`` for one (step, layer): matrices into the store, scalars returned.
+
+    Any non-finite input makes every scalar NaN (the Gram change excepted:
+    it depends on the two stored Grams only) and flags the result.
+    """
+
+    def node(path: str):
+        return task_node(store_url, storage_options, ctx.run_token, path)
+
+    grp = node(f"{L.LAYERS}/{layer}")
+    mgrp = node(f"{L.METRICS}/{layer}")
+    w = _read_weights(grp, node(f"{L.LAYERS}/{layer}/weight"), index)
+    nonfinite = w.nonfinite
+    out: dict[str, float] = {}
+    gram_change = float("nan")
+    if "gram" in families:
+        gram_change = _gram(node(f"{L.METRICS}/{layer}/gram"), index, w, ctx, out)
+    if "spectrum" in families:
+        out.update(_spectrum(mgrp["spectrum"], index, w, ctx.spectrum_k))
+    if "nfa" in families:
+        agop = np.asarray(grp["agop"][index], dtype=np.float64)
+        nonfinite |= not np.isfinite(agop).all()
+        out.update(_nfa(w.W, agop))
+    # No learning rate for this step: the VC family comes out NaN (flagged below).
+    lr_missing = "vc" in families and not np.isfinite(ctx.gamma)
+    act_fams = ACTIVATION_FAMILIES & set(families)
+    if act_fams:
+        H_arr = grp["input"]
+        sums = _stream_activations(H_arr, grp, index, act_fams, ctx)
+        nonfinite |= sums.nonfinite
+        out.update(_finish_activations(H_arr, mgrp, index, w, sums, ctx))
+    if nonfinite:
+        out = {k: float("nan") for k in out}
+    if ctx.gram_change_in_task:
+        out["gram_change"] = gram_change
+    return TaskResult(layer, index, out, bool(nonfinite or lr_missing))
+
+
+def _read_weights(grp: Any, warr: Any, index: int) -> _Weights:
+    w = read_step(warr, index, scratch_array("w_stored", warr.shape[1:], warr.dtype))
+    W = scratch_array("W", w.shape, np.float64)
+    np.copyto(W, w)
+    has_bias = grp.attrs.get("has_bias")
+    if has_bias is None:
+        has_bias = "bias" in grp
+    b = np.asarray(grp["bias"][index], dtype=np.float64) if has_bias else None
+    w_nonfinite = not np.isfinite(np.add.reduce(W, axis=None))
+    # NumPy runs W.T @ W as one symmetric rank-k update (syrk): exactly
+    # symmetric already, so the reducer's symmetrization pass is skipped here.
+    G = np.matmul(W.T, W, out=scratch_array("G", (W.shape[1], W.shape[1]), np.float64))
+    b_nonfinite = b is not None and not np.isfinite(b).all()
+    return _Weights(W, b, G, w_nonfinite, w_nonfinite or b_nonfinite)
+
+
+def _gram(gram: Any, index: int, w: _Weights, ctx: TaskContext, out: dict) -> float:
+    """Store the Gram (in the array's dtype), add ``fro_norm``; return the in-task Gram change."""
+    G = w.G
+    stored = G
+    if gram.dtype != G.dtype:
+        stored = scratch_array("G_stored", G.shape, gram.dtype)
+        np.copyto(stored, G, casting="same_kind")
+    put_step(gram, index, stored)
+    # ||W||_F^2 = tr(W^T W): no second pass over W.
+    out["fro_norm"] = float("nan") if w.w_nonfinite else float(np.sqrt(np.trace(G)))
+    prev = ctx.gram_prev_index
+    if not ctx.gram_change_in_task or prev is None:
+        return float("nan")
+    # The relative change from the previous ok step's stored Gram, as phase 2
+    # computes it (same arrays, same arithmetic; non-finite weights give NaN
+    # through it, and nothing else of the step enters).
+    G_prev = read_step(gram, prev, scratch_array("G_prev", stored.shape, gram.dtype))
+    change, _ = norms.gram_norms(stored, G_prev)
+    return norms.ratio(change, norms.gram_norms(G_prev, None)[1])
+
+
+def _spectrum(arr: Any, index: int, w: _Weights, k: int) -> dict[str, float]:
+    """Store the Gram's top ``k`` eigenvalues; return the spectral scalars."""
+    W, G = w.W, w.G
+    # One symmetric eigendecomposition of the smaller Gram gives every
+    # spectral quantity; two SVDs of W cost 5x more.
+    small = G if W.shape[1] <= W.shape[0] else W @ W.T
+    if w.nonfinite:  # NaN results, flagged by the caller; LAPACK refuses non-finite input
+        ev = np.full(min(W.shape), np.nan)
+    else:
+        ev = np.clip(np.linalg.eigvalsh(small)[::-1], 0.0, None)
+    spec = np.full(k, np.nan)
+    spec[: min(len(ev), len(spec))] = ev[: len(spec)]
+    arr[index] = spec
+    top = ev[0] if len(ev) else np.nan
+    return {
+        "effective_rank": float(effective_rank_np(spec)),
+        "stable_rank": float(ev.sum() / top) if top > 0 else float("nan"),
+        "spectral_norm": float(np.sqrt(top)),
+    }
+
+
+def _nfa(W: np.ndarray, agop: np.ndarray) -> dict[str, float]:
+    return {
+        "nfa_corr": float(nfa_correlation_np(W, agop, mode="full")),
+        "nfa_corr_diag": float(nfa_correlation_np(W, agop, mode="diag")),
+        "nfa_sqrt_corr": float(nfa_correlation_np(W, agop, mode="full", sqrt=True)),
+        "nfa_sqrt_corr_diag": float(nfa_correlation_np(W, agop, mode="diag", sqrt=True)),
+    }
 
 
 def _add(acc: dict | None, part: dict) -> dict:
@@ -143,172 +237,108 @@ def _add(acc: dict | None, part: dict) -> dict:
     return acc
 
 
-def layer_step_task(
-    store_url: str,
-    storage_options: dict | None,
-    layer: str,
-    index: int,
-    families: list[str],
-    ctx: dict[str, Any],
-) -> dict[str, Any]:
-    """Compute ``families`` for one (step, layer); return scalars and flags.
+def _stream_activations(
+    H_arr: Any, grp: Any, index: int, fams: AbstractSet[str], ctx: TaskContext
+) -> _Sums:
+    """One pass over the step's sample chunks, summing every family's statistics.
 
-    ``ctx`` holds: ``gamma`` (lr at the step), ``Y`` (N x C float targets,
-    one-hot for labels) and ``labels`` (N ints or None), ``final_index``
-    (row of the last ok step, for CKA), ``tl_lambda``, ``center_features``,
-    ``intercept``, ``spectrum_k``.
+    (n,) labels go with every position of an example; (n, T) token labels
+    with their own row (example-major, like the activations).
     """
+    G_arr = grp["input_grad"]
+    n = H_arr.shape[1]
+    per = int(grp.attrs.get("samples_per_example", 1))
+    rows = H_arr.chunks[1]
+    t = ctx.targets
+    sums = _Sums()
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        h = np.asarray(H_arr[index, start:stop], dtype=np.float64)
+        rows_ = np.arange(start, stop)
+        ex = rows_ if t.labels_per_example == per and per > 1 else rows_ // per
+        if not np.isfinite(np.add.reduce(h, axis=None)):
+            sums.nonfinite = True
+        if "vc" in fams:
+            g = np.asarray(G_arr[index, start:stop], dtype=np.float64)
+            if not np.isfinite(np.add.reduce(g, axis=None)):
+                sums.nonfinite = True
+            stats = dict(zip(("hh", "gh", "gg"), vc_stats_np(h, g), strict=True))
+            sums.vc = _add(sums.vc, stats)
+        if "tl" in fams:
+            sums.tl = _add(sums.tl, tl_stats_np(h, t.Y[ex]))
+        if "nc" in fams:
+            sums.nc = _add(sums.nc, collapse_stats_np(h, t.labels[ex], t.n_classes))
+        if "cka" in fams:
+            hf = np.asarray(H_arr[ctx.final_index, start:stop], dtype=np.float64)
+            sums.cka = _add(sums.cka, cka_stats_np(h, hf))
+    return sums
 
-    def node(path: str):
-        return task_node(store_url, storage_options, ctx["run_token"], path)
 
-    grp = node(f"{L.LAYERS}/{layer}")
-    mgrp = node(f"{L.METRICS}/{layer}")
+def _finish_activations(
+    H_arr: Any, mgrp: Any, index: int, w: _Weights, sums: _Sums, ctx: TaskContext
+) -> dict[str, float]:
+    """Each activation family's results from its summed statistics."""
     out: dict[str, float] = {}
-    gram_change = float("nan")
-    warr = node(f"{L.LAYERS}/{layer}/weight")
-    w = read_step(warr, index, scratch_array("w_stored", warr.shape[1:], warr.dtype))
-    W = scratch_array("W", w.shape, np.float64)
-    np.copyto(W, w)
-    del w
-    has_bias = grp.attrs.get("has_bias")
-    if has_bias is None:
-        has_bias = "bias" in grp
-    b = np.asarray(grp["bias"][index], dtype=np.float64) if has_bias else None
-    w_nonfinite = not np.isfinite(np.add.reduce(W, axis=None))
-    nonfinite = w_nonfinite or (b is not None and not np.isfinite(b).all())
-    # NumPy runs W.T @ W as one symmetric rank-k update (syrk): exactly
-    # symmetric already, so the reducer's symmetrization pass is skipped here.
-    G = np.matmul(W.T, W, out=scratch_array("G", (W.shape[1], W.shape[1]), np.float64))
+    if sums.vc is not None:
+        out.update(_finish_vc(mgrp, index, sums.vc, w.G, ctx.gamma))
+    if sums.tl is not None:
+        n, d = H_arr.shape[1:]
+        out.update(_finish_tl(sums.tl, w.W, n, d, ctx))
+    if sums.nc is not None:
+        out.update(_finish_nc(sums.nc, w, H_arr, index, ctx.targets.n_classes))
+    if sums.cka is not None:
+        out["cka_to_final"] = float(linear_cka_from_stats_np(sums.cka))
+    return out
 
-    if "gram" in families:
-        gram = node(f"{L.METRICS}/{layer}/gram")
-        stored = G
-        if gram.dtype != G.dtype:
-            stored = scratch_array("G_stored", G.shape, gram.dtype)
-            np.copyto(stored, G, casting="same_kind")
-        put_step(gram, index, stored)
-        # ||W||_F^2 = tr(W^T W): no second pass over W.
-        out["fro_norm"] = float("nan") if w_nonfinite else float(np.sqrt(np.trace(G)))
-        if "gram_prev_index" in ctx:
-            # The relative change from the previous ok step's stored Gram, as
-            # phase 2 computes it (same arrays, same arithmetic; non-finite
-            # weights give NaN through it, and nothing else of the step enters).
-            prev = ctx["gram_prev_index"]
-            if prev is not None:
-                G_prev = read_step(gram, prev, scratch_array("G_prev", stored.shape, gram.dtype))
-                change, _ = _norms(stored, G_prev)
-                gram_change = _ratio(change, _norms(G_prev, None)[1])
-    if "spectrum" in families:
-        # One symmetric eigendecomposition of the smaller Gram gives every
-        # spectral quantity; two SVDs of W cost 5x more.
-        small = G if W.shape[1] <= W.shape[0] else W @ W.T
-        if nonfinite:  # NaN results, flagged below; LAPACK refuses non-finite input
-            ev = np.full(min(W.shape), np.nan)
-        else:
-            ev = np.clip(np.linalg.eigvalsh(small)[::-1], 0.0, None)
-        spec = np.full(ctx["spectrum_k"], np.nan)
-        spec[: min(len(ev), len(spec))] = ev[: len(spec)]
-        mgrp["spectrum"][index] = spec
-        top = ev[0] if len(ev) else np.nan
-        out.update(
-            effective_rank=float(effective_rank_np(spec)),
-            stable_rank=float(ev.sum() / top) if top > 0 else float("nan"),
-            spectral_norm=float(np.sqrt(top)),
-        )
-    if "nfa" in families:
-        agop = np.asarray(grp["agop"][index], dtype=np.float64)
-        nonfinite |= not np.isfinite(agop).all()
-        out.update(
-            nfa_corr=float(nfa_correlation_np(W, agop, mode="full")),
-            nfa_corr_diag=float(nfa_correlation_np(W, agop, mode="diag")),
-            nfa_sqrt_corr=float(nfa_correlation_np(W, agop, mode="full", sqrt=True)),
-            nfa_sqrt_corr_diag=float(nfa_correlation_np(W, agop, mode="diag", sqrt=True)),
-        )
 
-    # No learning rate for this step: the VC family comes out NaN (flagged below).
-    lr_missing = "vc" in families and not np.isfinite(ctx["gamma"])
-    act_fams = {"vc", "tl", "nc", "cka"} & set(families)
-    if act_fams:
-        H_arr = grp["input"]
-        G_arr = grp["input_grad"]
-        n, d = H_arr.shape[1], H_arr.shape[2]
-        per = int(grp.attrs.get("samples_per_example", 1))
-        rows = H_arr.chunks[1]
-        Y = ctx.get("Y")
-        labels = ctx.get("labels")
-        n_classes = ctx.get("n_classes")
-        fin = ctx.get("final_index")
-        vc = tl = nc = cka = None
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            h = np.asarray(H_arr[index, start:stop], dtype=np.float64)
-            rows_ = np.arange(start, stop)
-            ex = rows_ if ctx.get("labels_per_example", 1) == per and per > 1 else rows_ // per
-            if not np.isfinite(np.add.reduce(h, axis=None)):
-                nonfinite = True
-            if "vc" in act_fams:
-                g = np.asarray(G_arr[index, start:stop], dtype=np.float64)
-                if not np.isfinite(np.add.reduce(g, axis=None)):
-                    nonfinite = True
-                vc = _add(vc, dict(zip(("hh", "gh", "gg"), vc_stats_np(h, g), strict=True)))
-            if "tl" in act_fams:
-                tl = _add(tl, tl_stats_np(h, Y[ex]))
-            if "nc" in act_fams:
-                nc = _add(nc, collapse_stats_np(h, labels[ex], n_classes))
-            if "cka" in act_fams:
-                hf = np.asarray(H_arr[fin, start:stop], dtype=np.float64)
-                cka = _add(cka, cka_stats_np(h, hf))
-        if vc is not None:
-            gamma = ctx["gamma"]
-            VC = virtual_covariance_np(vc["hh"], vc["gh"], vc["gg"], gamma)
-            VCS = vcs_np(vc["gh"], vc["gg"], gamma)
-            put_step(mgrp["vc"], index, VC)
-            put_step(mgrp["vcs"], index, VCS)
-            put_step(mgrp["gg"], index, vc["gg"])
-            out.update(
-                gram_vc_corr=float(pearson_np(G, VC, mode="diag")),
-                gram_vc_corr_full=float(pearson_np(G, VC, mode="full")),
-                gram_vc_cos=float(cosine_np(G, VC)),
-            )
-        if tl is not None:
-            out["target_linearity"] = float(
-                target_linearity_from_stats_np(
-                    tl,
-                    lam=ctx["tl_lambda"],
-                    center_features=ctx["center_features"],
-                    intercept=ctx["intercept"],
-                )
-            )
-            out["tl_null"] = min(1.0, d / n)
-            layout = _tl_layout(d, Y.shape[1])
-            s, kta = _surrogate_np(pack(tl, layout, ()), W, layout)
-            out.update(tl_surrogate=float(s), kta=float(kta))
-        if nc is not None:
-            res = collapse_from_stats_np(nc)
-            out.update({k: float(v) for k, v in res.items()})
-            if W.shape[0] == n_classes:
-                counts, sums = nc["counts"], nc["class_sums"]
-                mu = sums / counts[:, None]
-                mu_g = sums.sum(axis=0) / counts.sum()
-                out["nc3"] = float(nc3_np(W, mu, mu_g))
-                wrong = 0.0
-                for start in range(0, n, rows):
-                    stop = min(n, start + rows)
-                    h = np.asarray(H_arr[index, start:stop], dtype=np.float64)
-                    wrong += float(ncc_mismatch_np(h, mu, W, b)) * (stop - start)
-                out["nc4"] = wrong / n
-            else:
-                out["nc3"] = out["nc4"] = float("nan")
-        if cka is not None:
-            out["cka_to_final"] = float(linear_cka_from_stats_np(cka))
-    if nonfinite:
-        out = {k: float("nan") for k in out}
-    if "gram_prev_index" in ctx:
-        out["gram_change"] = gram_change
+def _finish_vc(mgrp: Any, index: int, vc: dict, G: np.ndarray, gamma: float) -> dict[str, float]:
+    """Store VC, VCS and ``sum g g^T`` (phase 2 reads them); return the Gram-VC alignment."""
+    VC = virtual_covariance_np(vc["hh"], vc["gh"], vc["gg"], gamma)
+    VCS = vcs_np(vc["gh"], vc["gg"], gamma)
+    put_step(mgrp["vc"], index, VC)
+    put_step(mgrp["vcs"], index, VCS)
+    put_step(mgrp["gg"], index, vc["gg"])
     return {
-        "layer": layer,
-        "index": index,
-        "scalars": out,
-        "nonfinite": bool(nonfinite or lr_missing),
+        "gram_vc_corr": float(pearson_np(G, VC, mode="diag")),
+        "gram_vc_corr_full": float(pearson_np(G, VC, mode="full")),
+        "gram_vc_cos": float(cosine_np(G, VC)),
     }
+
+
+def _finish_tl(tl: dict, W: np.ndarray, n: int, d: int, ctx: TaskContext) -> dict[str, float]:
+    out = {
+        "target_linearity": float(
+            target_linearity_from_stats_np(
+                tl, lam=ctx.tl_lambda, center_features=ctx.center_features, intercept=ctx.intercept
+            )
+        ),
+        "tl_null": min(1.0, d / n),
+    }
+    layout = _tl_layout(d, ctx.targets.Y.shape[1])
+    s, kta = _surrogate_np(pack(tl, layout, ()), W, layout)
+    out.update(tl_surrogate=float(s), kta=float(kta))
+    return out
+
+
+def _finish_nc(
+    nc: dict, w: _Weights, H_arr: Any, index: int, n_classes: int | None
+) -> dict[str, float]:
+    """NC1 and NC2 from the class statistics; NC3 and NC4 for a readout (d_out = C)."""
+    out = {k: float(v) for k, v in collapse_from_stats_np(nc).items()}
+    W = w.W
+    if W.shape[0] != n_classes:
+        out["nc3"] = out["nc4"] = float("nan")
+        return out
+    counts, sums = nc["counts"], nc["class_sums"]
+    mu = sums / counts[:, None]
+    mu_g = sums.sum(axis=0) / counts.sum()
+    out["nc3"] = float(nc3_np(W, mu, mu_g))
+    # NC4 compares each sample with the class means: a second pass over the chunks.
+    n, rows = H_arr.shape[1], H_arr.chunks[1]
+    wrong = 0.0
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        h = np.asarray(H_arr[index, start:stop], dtype=np.float64)
+        wrong += float(ncc_mismatch_np(h, mu, W, w.b)) * (stop - start)
+    out["nc4"] = wrong / n
+    return out

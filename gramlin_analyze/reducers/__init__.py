@@ -43,8 +43,12 @@ from gramlin_analyze.reducers.collapse import (
     neural_collapse,
 )
 from gramlin_analyze.reducers.fle import (
+    accumulate_vcs_np,
+    fle_interval_metrics_np,
     fle_residual,
     fle_residual_np,
+    interval_gradient_np,
+    interval_vcs_np,
     second_order_term,
     second_order_term_np,
     weight_gradient,
@@ -115,6 +119,10 @@ __all__ = [
     "second_order_term_np",
     "fle_residual",
     "fle_residual_np",
+    "interval_vcs_np",
+    "accumulate_vcs_np",
+    "interval_gradient_np",
+    "fle_interval_metrics_np",
     # alignment
     "pearson",
     "pearson_np",

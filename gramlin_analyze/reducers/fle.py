@@ -5,6 +5,11 @@ For one plain gradient step ``W+ = W - gamma G`` with ``G = dL/dW``,
 (MATH.md). Between consecutive checkpoints of a full-batch GD run the
 toolkit reports ``fle_residual = ||dGram - VCS||_F / ||dGram||_F`` and the
 analytic second-order term, which must account for it.
+
+Along a trajectory of checkpoints ``a < b`` the same terms are taken per
+interval (:func:`fle_interval_metrics_np`), with the VCS summed over the
+interval by the trapezoid rule (:func:`interval_vcs_np`,
+:func:`accumulate_vcs_np`): what ``analyze`` stores in ``/metrics``.
 """
 
 from __future__ import annotations
@@ -29,12 +34,17 @@ from gramlin_analyze.reducers._common import (
     sym,
     xr,
 )
+from gramlin_analyze.reducers.alignment import norm_ratio_np, pearson_np
 from gramlin_analyze.reducers.vc import SQUARE, _t
 
 __all__ = [
     "weight_gradient_np",
     "second_order_term_np",
     "fle_residual_np",
+    "interval_vcs_np",
+    "accumulate_vcs_np",
+    "interval_gradient_np",
+    "fle_interval_metrics_np",
     "weight_gradient",
     "second_order_term",
     "fle_residual",
@@ -120,6 +130,175 @@ def fle_residual_np(dgram: npt.ArrayLike, vcs: npt.ArrayLike) -> FloatArray:
     d, v = as_float64(dgram), as_float64(vcs)
     out = np.sqrt(np.sum((d - v) ** 2, axis=(-2, -1)) / np.sum(d * d, axis=(-2, -1)))
     return mask_nonfinite(out, 0, (d, 2), (v, 2))
+
+
+@quiet
+def interval_vcs_np(vcs_a: npt.ArrayLike, vcs_b: npt.ArrayLike, gap: npt.ArrayLike) -> FloatArray:
+    """Trapezoid estimate ``(b - a)(VCS_a + VCS_b)/2`` of the VCS summed over an interval.
+
+    The VCS is known at checkpoints only; this estimates its sum over the
+    ``b - a`` optimizer steps between two of them (MATH.md).
+
+    Parameters
+    ----------
+    vcs_a, vcs_b : array_like, shape (..., d, d)
+        VCS at the first and the last checkpoint of the interval.
+    gap : array_like
+        Optimizer steps ``b - a``, broadcast against the batch axes.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., d, d)
+        All NaN for a batch entry with a NaN/Inf input.
+
+    Examples
+    --------
+    >>> interval_vcs_np([[1.0]], [[3.0]], 10)
+    array([[20.]])
+    """
+    va, vb, g = as_float64(vcs_a), as_float64(vcs_b), as_float64(gap)
+    out = g[..., None, None] * (va + vb) / 2
+    return mask_nonfinite(out, 2, (va, 2), (vb, 2), (g, 0))
+
+
+@quiet
+def accumulate_vcs_np(
+    accumulated: npt.ArrayLike, vcs_a: npt.ArrayLike, vcs_b: npt.ArrayLike, gap: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray]:
+    """One trapezoid step of the accumulated VCS: the interval's estimate, and the new sum.
+
+    Chained over consecutive checkpoints from a zero start it gives
+    ``accumulate_trapezoid_np`` one interval at a time, so a trajectory can
+    be extended by new checkpoints without re-reading the old ones.
+
+    Parameters
+    ----------
+    accumulated : array_like, shape (..., d, d)
+        Accumulated VCS up to checkpoint ``a``.
+    vcs_a, vcs_b, gap
+        As for :func:`interval_vcs_np`.
+
+    Returns
+    -------
+    increment, accumulated : numpy.ndarray, shape (..., d, d)
+        :func:`interval_vcs_np` of the interval, and ``accumulated + increment``
+        (all NaN for a batch entry with a NaN/Inf input).
+
+    Examples
+    --------
+    >>> accumulate_vcs_np([[5.0]], [[1.0]], [[3.0]], 10)
+    (array([[20.]]), array([[25.]]))
+    """
+    acc = as_float64(accumulated)
+    increment = interval_vcs_np(vcs_a, vcs_b, gap)
+    return increment, mask_nonfinite(acc + increment, 2, (acc, 2))
+
+
+@quiet
+def interval_gradient_np(
+    W_a: npt.ArrayLike, W_b: npt.ArrayLike, gamma: npt.ArrayLike, gap: npt.ArrayLike
+) -> FloatArray:
+    """``(W_a - W_b) / (gamma (b - a))``: the constant ``dL/dW`` that leads from ``W_a`` to ``W_b``.
+
+    ``b - a`` plain gradient steps of rate ``gamma`` with this gradient move
+    ``W_a`` to ``W_b``; it is the ``G`` of :func:`second_order_term_np` over
+    an interval of checkpoints.
+
+    Parameters
+    ----------
+    W_a, W_b : array_like, shape (..., d_out, d_in)
+        Weights at the first and the last checkpoint of the interval.
+    gamma : array_like
+        Learning rate at ``a``, broadcast against the batch axes.
+    gap : array_like
+        Optimizer steps ``b - a``.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., d_out, d_in)
+        All NaN for a batch entry with a NaN/Inf input.
+
+    Examples
+    --------
+    >>> interval_gradient_np([[1.0, 2.0]], [[0.0, 1.0]], 0.5, 4)
+    array([[0.5, 0.5]])
+    """
+    wa, wb, gam, g = as_float64(W_a), as_float64(W_b), as_float64(gamma), as_float64(gap)
+    out = (wa - wb) / (gam * g)[..., None, None]
+    return mask_nonfinite(out, 2, (wa, 2), (wb, 2), (gam, 0), (g, 0))
+
+
+@quiet
+def fle_interval_metrics_np(
+    dgram: npt.ArrayLike,
+    vcs_a: npt.ArrayLike,
+    increment: npt.ArrayLike,
+    second_order: npt.ArrayLike,
+    gap: npt.ArrayLike,
+) -> dict[str, FloatArray]:
+    """How well the VCS explains the Gram change over an interval of checkpoints ``a < b``.
+
+    Parameters
+    ----------
+    dgram : array_like, shape (..., d, d)
+        ``W_b^T W_b - W_a^T W_a``.
+    vcs_a : array_like, shape (..., d, d)
+        VCS at ``a``.
+    increment : array_like, shape (..., d, d)
+        The interval's trapezoid estimate (:func:`interval_vcs_np`).
+    second_order : array_like, shape (..., d, d)
+        Second-order term of the interval (:func:`second_order_term_np` of
+        :func:`interval_gradient_np`).
+    gap : array_like
+        Optimizer steps ``b - a``, broadcast against the batch axes.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray, shape (...)
+        ``dgram_vcs_corr`` and ``vcs_interval_corr``: Pearson correlation
+        (diag, full) of ``dgram`` and ``increment``; ``vcs_interval_ratio``:
+        ``||increment||_F / ||dgram||_F``; ``fle_residual``:
+        ``||dgram - (b - a) VCS_a||_F / ||dgram||_F``; ``fle_second_order``:
+        ``||second_order||_F / ||dgram||_F``. The last two are NaN when
+        ``dgram`` is zero (two identical checkpoints); every entry is NaN for
+        a batch entry with a NaN/Inf input.
+
+    Examples
+    --------
+    >>> res = fle_interval_metrics_np(
+    ...     [[4.0, 0.0], [0.0, 3.0]], [[2.0, 0.0], [0.0, 1.0]],
+    ...     [[4.0, 0.0], [0.0, 2.0]], [[0.0, 0.0], [0.0, 1.0]], 2)
+    >>> {k: round(float(v), 6) for k, v in res.items()}  # doctest: +NORMALIZE_WHITESPACE
+    {'dgram_vcs_corr': 1.0, 'vcs_interval_corr': 0.971061, 'vcs_interval_ratio': 0.894427,
+     'fle_residual': 0.2, 'fle_second_order': 0.2}
+    """
+    d, v, inc, second, g = (as_float64(x) for x in (dgram, vcs_a, increment, second_order, gap))
+    norm_d = _fro(d)
+    residual = _relative(_fro(d - g[..., None, None] * v), norm_d)
+    return {
+        "dgram_vcs_corr": pearson_np(d, inc, mode="diag"),
+        "vcs_interval_corr": pearson_np(d, inc, mode="full"),
+        "vcs_interval_ratio": norm_ratio_np(inc, d),
+        "fle_residual": mask_nonfinite(residual, 0, (d, 2), (v, 2), (g, 0)),
+        "fle_second_order": mask_nonfinite(_relative(_fro(second), norm_d), 0, (d, 2), (second, 2)),
+    }
+
+
+def _fro(x: FloatArray) -> FloatArray:
+    """Frobenius norm of each matrix, as ``np.linalg.norm`` of that one matrix.
+
+    One matrix at a time: the batched ``np.linalg.norm(x, axis=(-2, -1))``
+    sums in another order, and stored results keep their bits.
+    """
+    if x.ndim == 2:
+        return np.asarray(np.linalg.norm(x))
+    flat = x.reshape(-1, *x.shape[-2:])
+    return np.array([np.linalg.norm(m) for m in flat], dtype=np.float64).reshape(x.shape[:-2])
+
+
+def _relative(num: FloatArray, den: FloatArray) -> FloatArray:
+    """``num / den``; NaN where ``den`` is not positive (0, NaN)."""
+    return np.where(den > 0, num / den, np.nan)
 
 
 def weight_gradient(

@@ -193,26 +193,26 @@ def test_consolidated_metadata_is_current_after_ingest_and_analyze(tmp_path):
 
 
 def test_a_failing_phase2_keeps_the_finished_phase1_results(tmp_path, monkeypatch):
-    """A phase-2 error (here injected) surfaces, and the per-step results that
-    finished before it are flushed with their provenance: the next run does not
-    redo them."""
-    import gramlin_analyze.analysis.driver as drv
+    """A phase-2 error (here injected through its public entry point) surfaces,
+    and the per-step results that finished before it are flushed with their
+    provenance: the next run does not redo them."""
+    from gramlin_analyze.analysis import phase2
     from tests.trajectory import write_trajectory
 
     run, store = tmp_path / "run", tmp_path / "s.zarr"
     write_trajectory(run, [0, 10, 20])
     ga.ingest(run, store)
-    real = drv._phase2
+    real = phase2.layer_phase2
 
-    def failing(gs, m, buf, layer, *args):
-        if layer == "fc2":
+    def failing(chain: phase2.LayerChain) -> None:
+        if chain.layer == "fc2":
             raise RuntimeError("injected phase-2 failure")
-        return real(gs, m, buf, layer, *args)
+        real(chain)
 
-    monkeypatch.setattr(drv, "_phase2", failing)
+    monkeypatch.setattr(phase2, "layer_phase2", failing)
     with pytest.raises(RuntimeError, match="injected"):
         ga.analyze(store, metrics=["gram"])
-    monkeypatch.setattr(drv, "_phase2", real)
+    monkeypatch.undo()
     again = ga.analyze(store, metrics=["gram"])
     assert (again.computed, again.up_to_date) == (0, 6)  # 3 steps x 2 layers, none redone
     m = ga.open(store)["metrics"].to_dataset()
@@ -318,8 +318,13 @@ def test_a_store_last_written_by_an_older_version_is_consolidated_first(tmp_path
 def test_a_new_steps_gram_change_comes_with_its_task(tmp_path, monkeypatch):
     """An incremental analyze computes a new step's Gram change in the step's
     own task (the previous Gram is stored and current), not in phase 2; the
-    values equal a full analyze of the same run and an independent reference."""
-    import gramlin_analyze.analysis.task as task_mod
+    values equal a full analyze of the same run and an independent reference.
+    Both phases compute it with ``norms.gram_norms``; phase 2 runs on its own
+    named threads."""
+    import threading
+
+    from gramlin_analyze.analysis import norms
+    from gramlin_analyze.analysis.phase2 import PHASE2_THREAD_PREFIX
     from tests.trajectory import write_trajectory
 
     run, store, fresh = tmp_path / "run", tmp_path / "s.zarr", tmp_path / "f.zarr"
@@ -328,20 +333,16 @@ def test_a_new_steps_gram_change_comes_with_its_task(tmp_path, monkeypatch):
     ga.analyze(store, metrics=["gram"])
     write_trajectory(run, [30], seed=3)
     ga.ingest(run, store)
-    import gramlin_analyze.analysis.driver as drv
 
     seen: list[tuple[str, int, bool]] = []
-    real = task_mod._norms
+    real = norms.gram_norms
 
-    def counting(where):
-        def norms(G, G_prev, rows=64):
-            seen.append((where, G.shape[0], G_prev is None))
-            return real(G, G_prev, rows)
+    def counting(G, G_prev, rows=64):
+        in_phase2 = threading.current_thread().name.startswith(PHASE2_THREAD_PREFIX)
+        seen.append(("phase2" if in_phase2 else "task", G.shape[0], G_prev is None))
+        return real(G, G_prev, rows)
 
-        return norms
-
-    monkeypatch.setattr(task_mod, "_norms", counting("task"))
-    monkeypatch.setattr(drv, "_norms", counting("phase2"))
+    monkeypatch.setattr(norms, "gram_norms", counting)
     rep = ga.analyze(store, metrics=["gram"])
     monkeypatch.undo()
     assert rep.computed == 2
