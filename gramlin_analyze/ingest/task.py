@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,61 @@ from gramlin_analyze.store import layout as L
 from gramlin_analyze.store import put_step, writable
 from gramlin_analyze.store.faults import is_store_fault
 
-__all__ = ["ingest_one", "count_nonfinite", "error_message"]
+__all__ = [
+    "CheckpointJob",
+    "TaskContext",
+    "TaskResult",
+    "count_nonfinite",
+    "error_message",
+    "ingest_one",
+]
+
+_READ_ERRORS = (GramlinError, OSError, KeyError, ValueError, RuntimeError, EOFError)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What every task of one ingest shares: the store, its layers, what else to write."""
+
+    store_url: str
+    storage_options: dict | None
+    run_token: str  # tasks of this run in this process share one open store
+    template: dict[str, tuple[tuple[int, ...], str, bool]]
+    stored_dtypes: dict[str, str]
+    reader_options: dict[str, Any]
+    capture: str | None  # CaptureConfig JSON: capture activations and gradients
+    activation_layers: list[str]
+    external_dir: str | None  # activations computed elsewhere: their directory
+    # Threads in this process: a task may return while its activation writes
+    # finish (the driver marks the step ok only after them).
+    write_behind: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointJob:
+    """One checkpoint to read, and the row of the step it writes."""
+
+    index: int
+    step: int
+    path: str
+    format: str
+    files: tuple[str, ...]
+    external: str | None  # its activation file, with ``TaskContext.external_dir``
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A task's manifest fields for the driver, which marks the step ``ok`` only then."""
+
+    index: int
+    status: str  # "ok" or "failed"
+    error: str = ""
+    nonfinite: int = -1
+    layer_nonfinite: dict[str, int] = field(default_factory=dict)
+    lr: float | None = None
+    epoch: Any = None
+    optimizer: str = ""
+    pending: Future | None = None  # activation writes still running (write-behind)
 
 
 def count_nonfinite(a: np.ndarray) -> int:
@@ -28,7 +84,7 @@ def count_nonfinite(a: np.ndarray) -> int:
     return int(a.size - np.count_nonzero(np.isfinite(a)))
 
 
-def _file_state(files: list[str]) -> list[tuple[int, int]]:
+def _file_state(files: tuple[str, ...]) -> list[tuple[int, int]]:
     out = []
     for f in files:
         st = os.stat(f)
@@ -36,83 +92,82 @@ def _file_state(files: list[str]) -> list[tuple[int, int]]:
     return out
 
 
-def ingest_one(
-    store_url: str,
-    storage_options: dict | None,
-    index: int,
-    source: dict[str, Any],
-    template: dict[str, tuple[tuple[int, ...], str, bool]],
-    stored_dtypes: dict[str, str],
-) -> dict[str, Any]:
+def ingest_one(ctx: TaskContext, job: CheckpointJob) -> TaskResult:
     """Read one checkpoint and write its step; never raises for bad input.
 
     Weights first, then (when configured) the probe-set activations and
     gradients, captured from the model rebuilt for this checkpoint or read
-    from an external activation file. Returns the manifest fields for the
-    driver, which marks the step ``ok`` only then.
+    from an external activation file.
     """
     from gramlin_analyze.store import open_for_tasks
 
-    path = source["path"]
-    result: dict[str, Any] = {"index": index, "status": "failed", "error": "", "nonfinite": -1}
-    layer_nonfinite: dict[str, int] = {}
+    pending = None
     try:
-        before = _file_state(source["files"])
-        reader = reader_for(source["format"], source.get("reader_options"))
-        root = open_for_tasks(store_url, storage_options, source["run_token"])
+        before = _file_state(job.files)
+        reader = reader_for(job.format, ctx.reader_options)
+        root = open_for_tasks(ctx.store_url, ctx.storage_options, ctx.run_token)
         layers_grp = root[L.LAYERS]
-        total_nonfinite = 0
         # Weight writes go on while the next tensors are read and the probe set
         # runs; leaving the block waits for them.
-        with reader.open(path) as opened, _Writes() as writes:
+        with reader.open(job.path) as opened, _Writes() as writes:
             # Capture rebuilds the model from every tensor: read each one once.
-            h = _Cached(opened) if source.get("capture") else opened
-            layers = layers_of(h.list_tensors())
-            problem = check_against(layers, template)
-            if problem:
-                raise ShapeMismatchError(f"{path}: {problem}")
-            for name, (shape, _, has_bias) in template.items():
-                spec = layers[name]
-                grp = layers_grp[name]
-                dtype = np.dtype(stored_dtypes[name])
-                w = h.read_tensor(spec.weight)
-                if tuple(w.shape) != tuple(shape):
-                    raise ShapeMismatchError(
-                        f"{path}: tensor {spec.weight!r} read with shape {w.shape}, listed as {shape}"
-                    )
-                w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
-                nonfinite = count_nonfinite(w)
-                writes.put(writable(grp["weight"]), index, w)
-                del w
-                if has_bias:
-                    b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
-                    nonfinite += count_nonfinite(b)
-                    writes.put(writable(grp["bias"]), index, b)
-                layer_nonfinite[name] = nonfinite  # the driver writes it with the manifest row
-                total_nonfinite += nonfinite
+            h = _Cached(opened) if ctx.capture else opened
+            layer_nonfinite = _write_weights(ctx, job, h, layers_grp, writes)
             meta = h.read_metadata()
-            if source.get("capture"):
-                result.update(_capture(source, h, root, index))
-        if source.get("external_dir"):
-            _write_external(source, root, index)
-        if _file_state(source["files"]) != before:
+            if ctx.capture:
+                pending = _capture(ctx, job, h, root)
+        if ctx.external_dir:
+            _write_external(ctx, job, root)
+        if _file_state(job.files) != before:
             raise CheckpointFormatError(
-                f"{path}: the file changed while it was being read (still being written?); "
+                f"{job.path}: the file changed while it was being read (still being written?); "
                 "run ingest again once training has finished writing it"
             )
-        result.update(
-            status="ok",
-            nonfinite=total_nonfinite,
-            layer_nonfinite=layer_nonfinite,
-            lr=meta.lr,
-            epoch=meta.epoch,
-            optimizer=meta.optimizer or "",
-        )
-    except (GramlinError, OSError, KeyError, ValueError, RuntimeError, EOFError) as err:
-        if is_store_fault(err, store_url):  # not the checkpoint's fault: the run stops
+    except _READ_ERRORS as err:
+        if is_store_fault(err, ctx.store_url):  # not the checkpoint's fault: the run stops
             raise
-        result["error"] = error_message(err, path)
-    return result
+        error = error_message(err, job.path)
+        return TaskResult(job.index, "failed", error=error, pending=pending)
+    return TaskResult(
+        job.index,
+        "ok",
+        nonfinite=sum(layer_nonfinite.values()),
+        layer_nonfinite=layer_nonfinite,
+        lr=meta.lr,
+        epoch=meta.epoch,
+        optimizer=meta.optimizer or "",
+        pending=pending,
+    )
+
+
+def _write_weights(
+    ctx: TaskContext, job: CheckpointJob, h, layers_grp, writes: _Writes
+) -> dict[str, int]:
+    """Each layer's weight (and bias) into the step's row; ``{layer: NaN/Inf count}``."""
+    layers = layers_of(h.list_tensors())
+    problem = check_against(layers, ctx.template)
+    if problem:
+        raise ShapeMismatchError(f"{job.path}: {problem}")
+    layer_nonfinite: dict[str, int] = {}
+    for name, (shape, _, has_bias) in ctx.template.items():
+        spec = layers[name]
+        grp = layers_grp[name]
+        dtype = np.dtype(ctx.stored_dtypes[name])
+        w = h.read_tensor(spec.weight)
+        if tuple(w.shape) != tuple(shape):
+            raise ShapeMismatchError(
+                f"{job.path}: tensor {spec.weight!r} read with shape {w.shape}, listed as {shape}"
+            )
+        w = np.asarray(w, dtype=dtype).reshape(shape[0], -1)
+        nonfinite = count_nonfinite(w)
+        writes.put(writable(grp["weight"]), job.index, w)
+        del w
+        if has_bias:
+            b = np.asarray(h.read_tensor(spec.bias), dtype=dtype)
+            nonfinite += count_nonfinite(b)
+            writes.put(writable(grp["bias"]), job.index, b)
+        layer_nonfinite[name] = nonfinite  # the driver writes it with the manifest row
+    return layer_nonfinite
 
 
 def error_message(err: BaseException, path: str | os.PathLike) -> str:
@@ -184,19 +239,20 @@ class _Cached:
         return getattr(self._handle, attr)
 
 
-def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]:
+def _capture(ctx: TaskContext, job: CheckpointJob, handle, root) -> Future | None:
+    """Capture the step's activations and gradients; the writes still running, if behind."""
     from gramlin_analyze.capture.task import CaptureConfig, capture_checkpoint
     from gramlin_analyze.store import ActivationSink
 
-    config = CaptureConfig.from_json(source["capture"])
-    layers = source["activation_layers"]
-    behind = bool(source.get("write_behind"))
-    sink = ActivationSink(root[L.LAYERS], index, layers)
+    config = CaptureConfig.from_json(ctx.capture)
+    layers = ctx.activation_layers
+    behind = ctx.write_behind
+    sink = ActivationSink(root[L.LAYERS], job.index, layers)
     if behind:
         _write_behind_slots.acquire()
     pending = None
     try:
-        result = capture_checkpoint(config, handle, layers=layers, sink=sink, step=source["step"])
+        result = capture_checkpoint(config, handle, layers=layers, sink=sink, step=job.step)
         pending = sink.finish(wait=not behind)
     finally:
         sink.close()
@@ -209,11 +265,8 @@ def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]
     if result.agop:
         for name, mat in result.agop.items():
             if name in layers:
-                writable(root[L.LAYERS][name]["agop"])[index] = mat
-    out: dict[str, Any] = {"loss": float(result.loss)}
-    if behind:
-        out["pending"] = pending
-    return out
+                writable(root[L.LAYERS][name]["agop"])[job.index] = mat
+    return pending if behind else None
 
 
 #: Steps whose activation writes may still be running after their task returned
@@ -228,17 +281,17 @@ def _capture(source: dict[str, Any], handle, root, index: int) -> dict[str, Any]
 _write_behind_slots = threading.Semaphore((os.cpu_count() or 1) + 1)
 
 
-def _write_external(source: dict[str, Any], root, index: int) -> None:
+def _write_external(ctx: TaskContext, job: CheckpointJob, root) -> None:
     from gramlin_analyze.capture.external import read_activation_file
 
-    path = source.get("external")
+    path = job.external
     if path is None:
         raise CheckpointFormatError(
-            f"{source['path']}: no activation file for step {source['step']} in {source['external_dir']} "
-            f"(expected step_{source['step']}.npz or .safetensors); export it, then run ingest again"
+            f"{job.path}: no activation file for step {job.step} in {ctx.external_dir} "
+            f"(expected step_{job.step}.npz or .safetensors); export it, then run ingest again"
         )
     arrays = read_activation_file(path)
-    for name in source["activation_layers"]:
+    for name in ctx.activation_layers:
         if name not in arrays:
             raise ShapeMismatchError(f"{path}: no activations for layer {name!r}")
         grp = root[L.LAYERS][name]
@@ -248,4 +301,4 @@ def _write_external(source: dict[str, Any], root, index: int) -> None:
                 raise ShapeMismatchError(
                     f"{path}: {name}/{key} has shape {a.shape}, the store expects {grp[key].shape[1:]}"
                 )
-            writable(grp[key])[index] = a
+            writable(grp[key])[job.index] = a

@@ -83,6 +83,3 @@ def check_against(layers: dict[str, LayerSpec], template: dict) -> str | None:
         if has_bias and spec.bias is None:
             return f"layer {name!r} has no bias (the other checkpoints have one)"
     return None
-
-
-# -- the task ----------------------------------------------------------------------

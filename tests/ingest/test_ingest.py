@@ -198,12 +198,12 @@ def test_conv_bf16_and_processes(tmp_path):
 
 _KILL_SCRIPT = """
 import sys, time
-import gramlin_analyze.ingest as ing
-orig = ing.ingest_one
+from gramlin_analyze.ingest import driver
+orig = driver.ingest_one
 def slow(*a, **k):
     time.sleep(0.15)
     return orig(*a, **k)
-ing.ingest_one = slow
+driver.ingest_one = slow
 from gramlin_analyze.cli import main
 sys.exit(main(["ingest", sys.argv[1], "--store", sys.argv[2], "--threads", "1", "-q"]))
 """
@@ -219,7 +219,7 @@ def test_kill_9_then_resume_gives_identical_arrays(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(run), str(store)], env=env)
         time.sleep(float(rng.uniform(2.0, 6.0)))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() in (0, -signal.SIGKILL)  # killed, or done by then: never an error
         if store.exists():
             open_tree(store)  # opens at any moment
             assert validate_store(store) == []

@@ -339,9 +339,21 @@ def test_a_capture_that_cannot_start_gives_its_write_behind_slot_back(tmp_path):
     cfg = CaptureConfig(probe=str(tmp_path / "p.npz"), model=FACTORY + "build_mlp")
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     root.create_group("layers")
-    src = {"capture": cfg.to_json(), "activation_layers": ["0"], "write_behind": True, "step": 0}
+    ctx = T.TaskContext(
+        store_url=str(tmp_path / "s.zarr"),
+        storage_options=None,
+        run_token="",
+        template={},
+        stored_dtypes={},
+        reader_options={},
+        capture=cfg.to_json(),
+        activation_layers=["0"],
+        external_dir=None,
+        write_behind=True,
+    )
+    job = T.CheckpointJob(index=0, step=0, path="", format="", files=(), external=None)
     before = T._write_behind_slots._value
     for _ in range(before + 1):  # one more than there are slots: hangs if each failure kept one
         with pytest.raises(KeyError):
-            T._capture(src, None, root, 0)
+            T._capture(ctx, job, None, root)
     assert T._write_behind_slots._value == before
