@@ -144,12 +144,12 @@ def stat_key(files: list[Path], stats: list[os.stat_result]) -> str:
 def fingerprint_files(files: list[Path], root: Path | None = None) -> str:
     """A content fingerprint that tells a changed checkpoint from an unchanged one.
 
-    Hashing every byte costs as much as reading the file (sha256 of 1 GB took
-    3 s here, longer than copying it), so the fingerprint is blake2b over each
-    file's size and 16 evenly spaced 64 KiB samples (all of a file up to
-    1 MiB). Training rewrites essentially every weight, so a changed
-    checkpoint changes the samples; renaming or copying a run does not change
-    its fingerprint (mtime is deliberately not part of it).
+    Hashing every byte costs as much as reading the file (longer than copying
+    it), so the fingerprint is blake2b over each file's size and 16 evenly
+    spaced 64 KiB samples (all of a file up to 1 MiB). Training rewrites
+    essentially every weight, so a changed checkpoint changes the samples;
+    renaming or copying a run does not change its fingerprint (mtime is
+    deliberately not part of it).
     """
     h = hashlib.blake2b(digest_size=16)
     for f in files:
@@ -277,47 +277,67 @@ def scan(
     now = time.time()
     sources: list[CheckpointSource] = []
     for path, reader in _walk(root, readers):
-        files = reader.files(path)
-        if not files:
-            continue
-        stats = [f.stat() for f in files]
-        mtime = max(s.st_mtime for s in stats)
-        if settle_seconds and now - mtime < settle_seconds:
-            continue
-        step = step_from_name(path, root if root.is_dir() else None)
-        origin = "name"
-        meta = CheckpointMeta()
-        if step is None:
-            try:
-                meta = reader.read_metadata(path)
-            except (CheckpointFormatError, OSError, KeyError, ValueError):
-                meta = CheckpointMeta()
-            step, origin = meta.step, "metadata"
-        key = stat_key(files, stats)
-        cached = (known or {}).get(str(path))
-        sources.append(
-            CheckpointSource(
-                path=path,
-                format=reader.name,
-                files=files,
-                step=step,
-                step_origin=origin if step is not None else "none",
-                bytes=sum(s.st_size for s in stats),
-                fingerprint=cached[1]
-                if cached is not None and cached[0] == key and cached[1]
-                else "",
-                mtime=mtime,
-                meta=meta,
-                stat_key=key,
-            )
-        )
+        source = _source(path, reader, root, now=now, settle_seconds=settle_seconds, known=known)
+        if source is not None:
+            sources.append(source)
     _fingerprint_all([s for s in sources if not s.fingerprint])
     return _resolve_steps(sources, order)
 
 
+def _source(
+    path: Path,
+    reader: CheckpointReader,
+    root: Path,
+    *,
+    now: float,
+    settle_seconds: float,
+    known: dict[str, tuple[str, str]] | None,
+) -> CheckpointSource | None:
+    """The checkpoint at ``path``, its fingerprint kept from ``known`` when its files are
+    untouched (else left empty); None when it has no files or one was modified less
+    than ``settle_seconds`` before ``now`` (it may still be being written)."""
+    files = reader.files(path)
+    if not files:
+        return None
+    stats = [f.stat() for f in files]
+    mtime = max(s.st_mtime for s in stats)
+    if settle_seconds and now - mtime < settle_seconds:
+        return None
+    step, origin, meta = _step_of(path, reader, root)
+    key = stat_key(files, stats)
+    cached = (known or {}).get(str(path))
+    return CheckpointSource(
+        path=path,
+        format=reader.name,
+        files=files,
+        step=step,
+        step_origin=origin,
+        bytes=sum(s.st_size for s in stats),
+        fingerprint=cached[1] if cached is not None and cached[0] == key and cached[1] else "",
+        mtime=mtime,
+        meta=meta,
+        stat_key=key,
+    )
+
+
+def _step_of(
+    path: Path, reader: CheckpointReader, root: Path
+) -> tuple[int | None, str, CheckpointMeta]:
+    """A checkpoint's step and where it came from: its name, else its metadata (read
+    only then; unreadable metadata gives no step)."""
+    step = step_from_name(path, root if root.is_dir() else None)
+    if step is not None:
+        return step, "name", CheckpointMeta()
+    try:
+        meta = reader.read_metadata(path)
+    except (CheckpointFormatError, OSError, KeyError, ValueError):
+        meta = CheckpointMeta()
+    return meta.step, "metadata" if meta.step is not None else "none", meta
+
+
 def _fingerprint_all(sources: list[CheckpointSource]) -> None:
     """Set each source's fingerprint, a few files at a time: blake2b releases
-    the GIL while it hashes, so threads overlap (0.9 GB/s per core here)."""
+    the GIL while it hashes, so threads overlap."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(s: CheckpointSource) -> str:

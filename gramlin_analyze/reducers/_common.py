@@ -222,8 +222,32 @@ def stream_sum(
 
     Returns a DataArray of dims ``(*leading, STAT_DIM)``.
     """
+    _check_stream_inputs(arrays, constants, core_dims, constant_core_dims, reduce_dim)
     every = list(arrays) + list(constants)
     every_core = [list(c) for c in core_dims] + [list(c) for c in constant_core_dims]
+    aligned = xr.align(*every, join="exact", exclude={d for core in every_core for d in core})
+    leading = _leading_dims(aligned, every_core, reduce_dim)
+    datas = [
+        _kernel_axes(arr, leading, [reduce_dim] * (j < len(arrays)) + core)
+        for j, (arr, core) in enumerate(zip(aligned, every_core, strict=True))
+    ]
+    if any(is_dask(d) for d in datas):
+        stats = _dask_stream_sum(
+            kernel, datas, every_core, len(arrays), len(leading), size, split_every
+        )
+    else:
+        stats = kernel(*[np.asarray(d) for d in datas])
+    return xr.DataArray(stats, dims=[*leading, STAT_DIM], coords=_leading_coords(aligned, leading))
+
+
+def _check_stream_inputs(
+    arrays: Sequence[xr.DataArray],
+    constants: Sequence[xr.DataArray],
+    core_dims: Sequence[Sequence[Hashable]],
+    constant_core_dims: Sequence[Sequence[Hashable]],
+    reduce_dim: Hashable,
+) -> None:
+    """Every input has its dims, and the streamed arrays describe the same samples."""
     for arr, core in zip(arrays, core_dims, strict=True):
         require_dims(arr, [reduce_dim, *core], "input")
     for arr, core in zip(constants, constant_core_dims, strict=True):
@@ -235,8 +259,13 @@ def stream_sum(
             "describe the same samples (a conv layer's input has one sample per example and "
             "position: repeat per-example labels with numpy.repeat(labels, samples_per_example))"
         )
-    exclude = {d for core in every_core for d in core}
-    aligned = xr.align(*every, join="exact", exclude=exclude)
+
+
+def _leading_dims(
+    aligned: Sequence[xr.DataArray], every_core: Sequence[Sequence[Hashable]], reduce_dim: Hashable
+) -> list[Hashable]:
+    """The dims of the inputs that are neither reduced nor core, in order of appearance;
+    each must have one size across the inputs."""
     leading: list[Hashable] = []
     for arr, core in zip(aligned, every_core, strict=True):
         for d in arr.dims:
@@ -248,40 +277,47 @@ def stream_sum(
             if d in leading:
                 if sizes.setdefault(d, arr.sizes[d]) != arr.sizes[d]:
                     raise ValueError(f"dim {d!r} has sizes {sizes[d]} and {arr.sizes[d]}")
+    return leading
 
-    datas = []
-    n_arrays = len(arrays)
-    for j, (arr, core) in enumerate(zip(aligned, every_core, strict=True)):
-        own = [d for d in leading if d in arr.dims]
-        tail = ([reduce_dim] if j < n_arrays else []) + list(core)
-        data = arr.transpose(*own, *tail).data
-        index = tuple(slice(None) if d in arr.dims else None for d in leading)
-        data = data[index + (Ellipsis,)] if len(own) != len(leading) else data
-        datas.append(data)
 
+def _kernel_axes(arr: xr.DataArray, leading: Sequence[Hashable], tail: Sequence[Hashable]) -> Any:
+    """The data of ``arr`` with axes ``(*leading, *tail)``: size 1 where it lacks a leading dim."""
+    own = [d for d in leading if d in arr.dims]
+    data = arr.transpose(*own, *tail).data
+    index = tuple(slice(None) if d in arr.dims else None for d in leading)
+    return data[index + (Ellipsis,)] if len(own) != len(leading) else data
+
+
+def _leading_coords(aligned: Sequence[xr.DataArray], leading: Sequence[Hashable]) -> dict:
+    """The coordinates of the inputs that lie on leading dims only (the first of each name)."""
     coords = {}
     for arr in aligned:
         for name, coord in arr.coords.items():
             if name not in coords and set(coord.dims) <= set(leading):
                 coords[name] = coord.variable
-    out_dims = [*leading, STAT_DIM]
+    return coords
 
-    if not any(is_dask(d) for d in datas):
-        stats = kernel(*[np.asarray(d) for d in datas])
-        return xr.DataArray(stats, dims=out_dims, coords=coords)
 
+def _dask_stream_sum(
+    kernel: Callable[..., FloatArray],
+    datas: Sequence[Any],
+    every_core: Sequence[Sequence[Hashable]],
+    n_arrays: int,
+    n_lead: int,
+    size: int,
+    split_every: int | None,
+) -> Any:
+    """One task per block of the reduced axis (core axes whole), partial sums added by a
+    tree reduction: no task holds more than one block of samples."""
     # every letter but "r" (the reduced axis) and "Z" (the statistics axis)
     letters = iter("abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY")
-    lead_idx = "".join(next(letters) for _ in leading)
+    lead_idx = "".join(next(letters) for _ in range(n_lead))
     blockwise_args: list[Any] = []
     for j, (data, core) in enumerate(zip(datas, every_core, strict=True)):
+        reduced = j < n_arrays
         data = dask_array.asarray(data)
-        n_lead = len(leading)
-        keep_whole = {ax: -1 for ax in range(n_lead, data.ndim)}
-        if j < n_arrays:
-            keep_whole.pop(n_lead)
-        data = data.rechunk(keep_whole)
-        idx = lead_idx + ("r" if j < n_arrays else "") + "".join(next(letters) for _ in core)
+        data = data.rechunk({ax: -1 for ax in range(n_lead + reduced, data.ndim)})
+        idx = lead_idx + ("r" if reduced else "") + "".join(next(letters) for _ in core)
         blockwise_args += [data, idx]
 
     def block_kernel(*blocks: np.ndarray) -> FloatArray:
@@ -295,10 +331,9 @@ def stream_sum(
         adjust_chunks={"r": 1},
         dtype=np.float64,
         concatenate=True,
-        meta=np.empty((0,) * (len(leading) + 2), dtype=np.float64),
+        meta=np.empty((0,) * (n_lead + 2), dtype=np.float64),
     )
-    stats = partial.sum(axis=len(leading), split_every=split_every)
-    return xr.DataArray(stats, dims=out_dims, coords=coords)
+    return partial.sum(axis=n_lead, split_every=split_every)
 
 
 def from_stats(data: Any, stats: xr.DataArray, core_dims: Sequence[Hashable]) -> xr.DataArray:

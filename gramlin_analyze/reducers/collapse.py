@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 CLASS_DIM = "class"
+_FEATURE_DIM = "_gramlin_feature"  # the readout's and class means' feature dim
 
 
 def _layout(d: int, c: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -347,7 +348,20 @@ def neural_collapse(
     >>> float(res.nc1), float(res.nc3), float(res.nc4)
     (0.0, 0.0, 0.0)
     """
-    stats, layout, c, labels = _collapse_stats(h, labels, n_classes, sample_dim, in_dim)
+    stats, layout, c, _ = _collapse_stats(h, labels, n_classes, sample_dim, in_dim)
+    out = _nc1_nc2(stats, layout, rcond)
+    if W is None:
+        return out
+    w_c, b_c = _readout(W, b, c, h.sizes[in_dim], in_dim, out_dim)
+    means = _class_means(stats, layout, c, _FEATURE_DIM, CLASS_DIM)
+    mu = means.class_mean.drop_vars(CLASS_DIM)
+    out["nc3"] = _nc3(w_c, mu, means.global_mean)
+    out["nc4"] = _nc4(h, mu, w_c, b_c, sample_dim, in_dim)
+    return out
+
+
+def _nc1_nc2(stats: xr.DataArray, layout, rcond: float | None) -> xr.Dataset:
+    """NC1 and NC2 from the streamed statistics, one value per leading entry."""
 
     def finish(st: np.ndarray) -> tuple[FloatArray, FloatArray, FloatArray]:
         res = collapse_from_stats_np(unpack(as_float64(st), layout), rcond=rcond)
@@ -359,34 +373,55 @@ def neural_collapse(
     nc1.attrs["long_name"] = "NC1 tr(Sigma_W Sigma_B^+)/C"
     equinorm.attrs["long_name"] = "NC2 equinorm: std/mean of ||mu_c - mu_G||"
     angular.attrs["long_name"] = "NC2 equiangularity: mean |cos + 1/(C-1)| over class pairs"
-    out = xr.Dataset({"nc1": nc1, "nc2_equinorm": equinorm, "nc2_equiangularity": angular})
-    if W is None:
-        return out
+    return xr.Dataset({"nc1": nc1, "nc2_equinorm": equinorm, "nc2_equiangularity": angular})
+
+
+def _readout(
+    W: xr.DataArray,
+    b: xr.DataArray | None,
+    c: int,
+    d: int,
+    in_dim: Hashable,
+    out_dim: Hashable,
+) -> tuple[xr.DataArray, xr.DataArray]:
+    """The readout checked against ``c`` classes of ``d`` features, on the dims of the
+    class means (``b`` zero when omitted)."""
     require_dims(W, [out_dim, in_dim], "W")
-    if W.sizes[out_dim] != c or W.sizes[in_dim] != h.sizes[in_dim]:
+    if W.sizes[out_dim] != c or W.sizes[in_dim] != d:
         raise ValueError(
-            f"readout W is {W.sizes[out_dim]} x {W.sizes[in_dim]}; expected {c} classes x {h.sizes[in_dim]} features"
+            f"readout W is {W.sizes[out_dim]} x {W.sizes[in_dim]}; expected {c} classes x {d} features"
         )
     if b is None:
         b = xr.zeros_like(W.isel({in_dim: 0}, drop=True))
-    means = _class_means(stats, layout, c, "_gramlin_feature", CLASS_DIM)
-    w_c = W.rename({out_dim: CLASS_DIM, in_dim: "_gramlin_feature"}).drop_vars(
+    w_c = W.rename({out_dim: CLASS_DIM, in_dim: _FEATURE_DIM}).drop_vars(
         [k for k in W.coords if k in (out_dim, in_dim)]
     )
     b_c = b.rename({out_dim: CLASS_DIM}).drop_vars([k for k in b.coords if k == out_dim])
-    mu = means.class_mean.drop_vars(CLASS_DIM)
+    return w_c, b_c
+
+
+def _nc3(w_c: xr.DataArray, mu: xr.DataArray, mu_g: xr.DataArray) -> xr.DataArray:
+    """NC3 of the renamed readout and the class means."""
     nc3 = apply(
         nc3_np,
         w_c,
         mu,
-        means.global_mean,
-        input_core_dims=[
-            [CLASS_DIM, "_gramlin_feature"],
-            [CLASS_DIM, "_gramlin_feature"],
-            ["_gramlin_feature"],
-        ],
+        mu_g,
+        input_core_dims=[[CLASS_DIM, _FEATURE_DIM], [CLASS_DIM, _FEATURE_DIM], [_FEATURE_DIM]],
     )
     nc3.attrs["long_name"] = "NC3 ||W^T/||W|| - M/||M||||_F^2"
+    return nc3
+
+
+def _nc4(
+    h: xr.DataArray,
+    mu: xr.DataArray,
+    w_c: xr.DataArray,
+    b_c: xr.DataArray,
+    sample_dim: Hashable,
+    in_dim: Hashable,
+) -> xr.DataArray:
+    """NC4: the second pass over the samples, counting readout/nearest-mean disagreements."""
 
     def block(hb, mub, wb, bb):
         return _mismatches(as_float64(hb), as_float64(mub), as_float64(wb), as_float64(bb))[
@@ -401,13 +436,11 @@ def neural_collapse(
         size=1,
         constants=[mu, w_c, b_c],
         constant_core_dims=[
-            [CLASS_DIM, "_gramlin_feature"],
-            [CLASS_DIM, "_gramlin_feature"],
+            [CLASS_DIM, _FEATURE_DIM],
+            [CLASS_DIM, _FEATURE_DIM],
             [CLASS_DIM],
         ],
     )
     nc4 = count.isel({STAT_DIM: 0}, drop=True) / h.sizes[sample_dim]
     nc4.attrs["long_name"] = "NC4 fraction of samples where readout and nearest class mean disagree"
-    out["nc3"] = nc3
-    out["nc4"] = nc4
-    return out
+    return nc4

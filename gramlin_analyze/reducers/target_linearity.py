@@ -25,14 +25,11 @@ import numpy as np
 import numpy.typing as npt
 
 from gramlin_analyze.reducers._common import (
-    EPS,
     STAT_DIM,
     FloatArray,
     apply,
     as_float64,
     batch_bad,
-    default_rtol,
-    eigh_desc,
     layout_size,
     one_hot_np,
     pack,
@@ -45,6 +42,14 @@ from gramlin_analyze.reducers._common import (
     unpack,
     xr,
 )
+from gramlin_analyze.reducers._tl_solve import (
+    centered_targets,
+    finite_stats,
+    normal_equations,
+    pca_project,
+    residual_sum_of_squares,
+    stat_core,
+)
 
 __all__ = [
     "tl_stats_np",
@@ -53,8 +58,6 @@ __all__ = [
     "target_linearity",
     "tl_null",
 ]
-
-STAT_NAMES = ("n", "sum_h", "sum_y", "hh", "hy", "yy")
 
 
 def _layout(d: int, c: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -110,22 +113,10 @@ def tl_stats_np(h: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
     }
     out = {}
     for name, value in parts.items():
-        core = _core(name)
+        core = stat_core(name)
         full = np.array(np.broadcast_to(value, lead + value.shape[value.ndim - core :]))
         out[name] = poison(full, bad, core)
     return out
-
-
-def _core(name: str) -> int:
-    return 2 if name in ("hh", "hy", "yy") else 1
-
-
-def _pca_project(hh: FloatArray, sh: FloatArray, hy: FloatArray, n: FloatArray, k: int):
-    """Features ``H P``: ``P`` = top-``k`` principal axes of the centered features."""
-    cov = hh - sh[..., :, None] * sh[..., None, :] / n[..., None, None]
-    _, vecs = eigh_desc(cov)
-    p = vecs[..., :, :k]
-    return sym(_t(p) @ hh @ p), (_t(p) @ sh[..., :, None])[..., 0], _t(p) @ hy
 
 
 @quiet
@@ -180,44 +171,15 @@ def target_linearity_from_stats_np(
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    s = {k: as_float64(stats[k]) for k in STAT_NAMES}
-    lead = s["hh"].shape[:-2]
-    bad = np.zeros(lead, dtype=bool)
-    for k in STAT_NAMES:
-        bad = bad | batch_bad(s[k], _core(k))
-    for k in STAT_NAMES:  # zeros in place of NaN/Inf keep eigh away from them; masked below
-        s[k] = np.where(bad[(...,) + (None,) * _core(k)], 0.0, s[k])
-    n = np.where(bad, 1.0, s["n"][..., 0])
+    s, bad, n = finite_stats(stats)
     hh, sh, hy = s["hh"], s["sum_h"], s["hy"]
     if pca_components is not None and pca_components < hh.shape[-1]:
-        hh, sh, hy = _pca_project(hh, sh, hy, n, int(pca_components))
-    mean_y = s["sum_y"] / n[..., None]
-    b = hy - sh[..., :, None] * mean_y[..., None, :]
-    raw = np.trace(s["yy"], axis1=-2, axis2=-1)
-    tss = raw - np.sum(s["sum_y"] ** 2, axis=-1) / n
-    # centered targets below the round-off of that subtraction are constant: 0/0
-    tss = np.where(tss > 10.0 * n * EPS * raw, tss, np.nan)
-    a = hh
-    d = a.shape[-1]
-    if center_features:
-        a = sym(a - sh[..., :, None] * sh[..., None, :] / n[..., None, None])
-        sh = np.zeros_like(sh)
-    penalty = np.full(d, float(lam))
-    if intercept:
-        top = np.concatenate([a, sh[..., :, None]], axis=-1)
-        bottom = np.concatenate([sh[..., None, :], n[..., None, None]], axis=-1)
-        a = np.concatenate([top, bottom], axis=-2)
-        b = np.concatenate([b, np.zeros(b.shape[:-2] + (1, b.shape[-1]))], axis=-2)
-        penalty = np.append(penalty, 0.0)
-    m = a + np.diag(penalty)
-    diag = np.diagonal(m, axis1=-2, axis2=-1)
-    scale = np.sqrt(np.where(diag > 0, diag, 1.0))
-    m_s = m / (scale[..., :, None] * scale[..., None, :])
-    w, v = eigh_desc(m_s)
-    tol = (default_rtol(m.shape[-1]) if rcond is None else rcond) * w[..., :1]
-    inv = np.where(w > tol, 1.0 / np.where(w > tol, w, 1.0), 0.0)
-    coef = (v @ (inv[..., :, None] * (_t(v) @ (b / scale[..., :, None])))) / scale[..., :, None]
-    rss = tss - 2.0 * np.sum(coef * b, axis=(-2, -1)) + np.sum(coef * (a @ coef), axis=(-2, -1))
+        hh, sh, hy = pca_project(hh, sh, hy, n, int(pca_components))
+    b, tss = centered_targets(s["sum_y"], s["yy"], sh, hy, n)
+    a, m, b = normal_equations(
+        hh, sh, b, n, lam=lam, center_features=center_features, intercept=intercept
+    )
+    rss = residual_sum_of_squares(a, m, b, tss, rcond)
     tl = 1.0 - rss / tss
     return np.where(bad, np.nan, tl)
 
@@ -386,17 +348,24 @@ def target_linearity(
     d, n = h.sizes[in_dim], h.sizes[sample_dim]
     k = _pca_k(d, pca, pca_components, pca_cap)
     options = dict(
+        layout=layout,
         lam=float(lam),
         center_features=bool(center_features),
         intercept=bool(intercept),
         pca_components=k,
         rcond=rcond,
     )
-    out = apply(
-        _finalize_tl, stats, input_core_dims=[[STAT_DIM]], kwargs={"layout": layout, **options}
-    )
+    out = apply(_finalize_tl, stats, input_core_dims=[[STAT_DIM]], kwargs=options)
+    out.attrs.update(_tl_attrs(lam, center_features, intercept, k, d, n))
+    return out
+
+
+def _tl_attrs(
+    lam: float, center_features: bool, intercept: bool, k: int | None, d: int, n: int
+) -> dict[str, Any]:
+    """The options a TL result was computed with, and its null baseline."""
     d_eff = d if k is None else min(k, d)
-    out.attrs.update(
+    attrs: dict[str, Any] = dict(
         long_name="target linearity",
         lam=float(lam),
         center_features=int(center_features),
@@ -407,8 +376,8 @@ def target_linearity(
         tl_null=_null(d_eff, n),
     )
     if k is not None:
-        out.attrs["pca_components"] = int(k)
-    return out
+        attrs["pca_components"] = int(k)
+    return attrs
 
 
 def _null(d: int, n: int) -> float:

@@ -23,40 +23,50 @@ __all__ = [
     "aligned_empty",
     "chunk_buffers",
     "direct_io_enabled",
+    "forget_refused_devices",
     "read_raw_chunk",
+    "refused_devices",
     "release_buffers",
     "write_raw_chunk",
 ]
 
 
-def write_raw_chunk(path: Path, data: np.ndarray) -> None:
+def write_raw_chunk(path: Path, data: np.ndarray) -> bool:
     """Write one chunk's bytes atomically, as zarr's local store does (temp file, rename).
 
     Chunks of at least :data:`DIRECT_IO_MIN_BYTES` bypass the page cache
     (``O_DIRECT``, see :func:`_write_direct`) where the file system allows
     it; ``GRAMLIN_DIRECT_IO=0`` turns that off.
+
+    Returns
+    -------
+    bool
+        True when the bytes bypassed the page cache, False when they went
+        through it (the file holds the same bytes either way).
     """
     view = memoryview(np.ascontiguousarray(data)).cast("B")  # type: ignore[arg-type]  # numpy stubs: ndarray.__buffer__ on 3.12+ only
     try:
-        _write_replacing(path, view)
+        return _write_replacing(path, view)
     except FileNotFoundError:
         # A new directory, made only now: a mkdir before every write (a failing
         # system call and an exception when it exists) was a fifth of the file
         # system's time in setting up a store.
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_replacing(path, view)
+        return _write_replacing(path, view)
 
 
-def _write_replacing(path: Path, view: memoryview) -> None:
+def _write_replacing(path: Path, view: memoryview) -> bool:
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
-        if not _write_direct(tmp, view):
+        direct = _write_direct(tmp, view)
+        if not direct:
             with tmp.open("wb") as f:
                 f.write(view)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return direct
 
 
 DIRECT_IO_MIN_BYTES = 1 << 20
@@ -78,6 +88,21 @@ def direct_io_enabled() -> bool:
     )
 
 
+def refused_devices() -> frozenset[int]:
+    """The devices (``st_dev``) whose file systems refused ``O_DIRECT`` in this process.
+
+    Large chunks on them are written and read through the page cache from
+    then on, without trying ``O_DIRECT`` again.
+    """
+    return frozenset(_direct_unsupported)
+
+
+def forget_refused_devices() -> None:
+    """Let the next large chunk try ``O_DIRECT`` again on every file system
+    (after one was remounted with other options, or between tests)."""
+    _direct_unsupported.clear()
+
+
 def _staging_buffer() -> memoryview:
     buf = getattr(_staging, "buf", None)
     if buf is None:
@@ -86,7 +111,8 @@ def _staging_buffer() -> memoryview:
 
 
 def _write_direct(tmp: Path, view: memoryview) -> bool:
-    """Write ``view`` to the new file ``tmp`` with ``O_DIRECT``; False when not done.
+    """Write ``view`` to the new file ``tmp`` with ``O_DIRECT``; False when not done
+    (the caller then writes it through the page cache; ``tmp`` may exist).
 
     Why: a store is written once and read later, often larger than memory.
     Through the page cache every chunk is copied into cache pages that the
@@ -121,16 +147,10 @@ def _write_direct(tmp: Path, view: memoryview) -> bool:
         return False
     try:
         if not _direct_accepted(dev, lambda: _pwrite_aligned(fd, view)):
-            # Alignment this device does not accept: written through the page cache.
-            os.close(fd)
-            fd = -1
-            with tmp.open("wb") as f:
-                f.write(view)
-            return True
+            return False  # alignment this device does not accept: the caller writes it
         os.ftruncate(fd, n)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
     return True
 
 

@@ -67,13 +67,16 @@ class MetricsSpec:
     matrices: dict[str, dict[str, MatrixSpec]] = field(default_factory=dict)
 
 
-def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, bool]:
+_Nodes = list[tuple[str, dict[str, Any]]]
+
+
+def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[_Nodes, _Nodes, bool]:
     """The groups and arrays of ``spec`` not in the store, and whether ``layer`` is new."""
     root = gs.view
     n = len(gs.steps())
-    groups: list[tuple[str, dict]] = []
-    arrays: list[tuple[str, dict]] = []
-    have = {k for k, _ in group_at(root, L.METRICS).members()} if L.METRICS in root else None
+    groups: _Nodes = []
+    arrays: _Nodes = []
+    have = _member_names(root, L.METRICS) if L.METRICS in root else None
     new_layer_coord = have is None or "layer" not in have
     if have is None:
         groups.append((L.METRICS, _DESCRIPTION))
@@ -83,46 +86,58 @@ def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, boo
     layers = gs.layer_names()
     nl = len(layers) if new_layer_coord else array_at(group_at(root, L.METRICS), "layer").shape[0]
     if new_layer_coord:
-        arrays.append(
-            (
-                f"{L.METRICS}/layer",
-                dict(
-                    shape=(nl,),
-                    dtype=str,
-                    chunks=(max(nl, 1),),
-                    dimension_names=["layer"],
-                    attributes={"long_name": "layer name"},
-                ),
-            )
-        )
+        arrays.append((f"{L.METRICS}/layer", _layer_coord_spec(nl)))
     for name, attrs in spec.scalars.items():
         if name not in have:
-            arrays.append(
-                (
-                    f"{L.METRICS}/{name}",
-                    dict(
-                        shape=(n, nl),
-                        dtype="float64",
-                        chunks=(L.MANIFEST_CHUNK, nl),
-                        dimension_names=["step", "layer"],
-                        fill_value=np.nan,
-                        attributes=attrs,
-                    ),
-                )
-            )
-    inputs = (
-        {k for k, _ in group_at(root, f"{L.METRICS}/{INPUTS}").members()}
-        if INPUTS in have
-        else None
+            arrays.append((f"{L.METRICS}/{name}", _scalar_spec(n, nl, attrs)))
+    more = [_missing_inputs(root, spec.inputs, INPUTS in have, n, nl)]
+    more += [_missing_matrices(root, k, v, k in have, n) for k, v in spec.matrices.items()]
+    for new_groups, new_arrays in more:
+        groups += new_groups
+        arrays += new_arrays
+    return groups, arrays, new_layer_coord
+
+
+def _member_names(root: zarr.Group, path: str) -> set[str]:
+    return {k for k, _ in group_at(root, path).members()}
+
+
+def _layer_coord_spec(nl: int) -> dict[str, Any]:
+    """``/metrics/layer``: variable-length strings, written once the array exists."""
+    return dict(
+        shape=(nl,),
+        dtype=str,
+        chunks=(max(nl, 1),),
+        dimension_names=["layer"],
+        attributes={"long_name": "layer name"},
     )
-    if inputs is None:
-        groups.append((f"{L.METRICS}/{INPUTS}", _INPUTS_DESCRIPTION))
-        inputs = set()
-    for key in spec.inputs:
-        if key not in inputs:
+
+
+def _scalar_spec(n: int, nl: int, attrs: dict[str, Any]) -> dict[str, Any]:
+    """A ``(step, layer)`` scalar, NaN until computed."""
+    return dict(
+        shape=(n, nl),
+        dtype="float64",
+        chunks=(L.MANIFEST_CHUNK, nl),
+        dimension_names=["step", "layer"],
+        fill_value=np.nan,
+        attributes=attrs,
+    )
+
+
+def _missing_inputs(
+    root: zarr.Group, keys: tuple[str, ...], exists: bool, n: int, nl: int
+) -> tuple[_Nodes, _Nodes]:
+    """``/metrics/_inputs`` (unless it ``exists``) and its missing hash arrays."""
+    base = f"{L.METRICS}/{INPUTS}"
+    present = _member_names(root, base) if exists else set()
+    groups: _Nodes = [] if exists else [(base, _INPUTS_DESCRIPTION)]
+    arrays: _Nodes = []
+    for key in keys:
+        if key not in present:
             arrays.append(
                 (
-                    f"{L.METRICS}/{INPUTS}/{key}",
+                    f"{base}/{key}",
                     dict(
                         shape=(n, nl),
                         dtype=str,
@@ -131,31 +146,37 @@ def _missing_nodes(gs: GramlinStore, spec: MetricsSpec) -> tuple[list, list, boo
                     ),
                 )
             )
-    for layer, matrices in spec.matrices.items():
-        base = f"{L.METRICS}/{layer}"
-        present = {k for k, _ in group_at(root, base).members()} if layer in have else None
-        if present is None:
-            groups.append((base, {}))
-            present = set()
-        for name, m in matrices.items():
-            if name not in present:
-                shape = (n, *m.shape)
-                arrays.append(
-                    (
-                        f"{base}/{name}",
-                        dict(
-                            shape=shape,
-                            dtype=m.dtype,
-                            chunks=L.matrix_chunks(shape, m.dtype.itemsize),
-                            dimension_names=["step", *m.dims],
-                            fill_value=np.nan,
-                            compressors=None,
-                            chunk_key_encoding=L.STEP_CHUNK_KEYS,
-                            attributes=m.attrs,
-                        ),
-                    )
+    return groups, arrays
+
+
+def _missing_matrices(
+    root: zarr.Group, layer: str, matrices: dict[str, MatrixSpec], exists: bool, n: int
+) -> tuple[_Nodes, _Nodes]:
+    """A layer's group under ``/metrics`` (unless it ``exists``) and its missing
+    matrices: uncompressed, one chunk file per step."""
+    base = f"{L.METRICS}/{layer}"
+    present = _member_names(root, base) if exists else set()
+    groups: _Nodes = [] if exists else [(base, {})]
+    arrays: _Nodes = []
+    for name, m in matrices.items():
+        if name not in present:
+            shape = (n, *m.shape)
+            arrays.append(
+                (
+                    f"{base}/{name}",
+                    dict(
+                        shape=shape,
+                        dtype=m.dtype,
+                        chunks=L.matrix_chunks(shape, m.dtype.itemsize),
+                        dimension_names=["step", *m.dims],
+                        fill_value=np.nan,
+                        compressors=None,
+                        chunk_key_encoding=L.STEP_CHUNK_KEYS,
+                        attributes=m.attrs,
+                    ),
                 )
-    return groups, arrays, new_layer_coord
+            )
+    return groups, arrays
 
 
 def declare_metrics(gs: GramlinStore, spec: MetricsSpec) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import cast
 
 import fsspec
@@ -83,7 +84,6 @@ def validate_store(
 
 
 def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[str]:
-    problems: list[str] = []
     try:
         gs = GramlinStore(url, mode="r", storage_options=storage_options)
     except StoreUnavailableError:  # not a verdict on the store: the command fails (exit 2)
@@ -91,7 +91,7 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
     except Exception as err:  # noqa: BLE001 - report any failure to open as a problem
         return [str(err)]
     root = gs.root
-    problems += _errors(load_schema("store"), dict(root.attrs), "/ attrs")
+    problems = _errors(load_schema("store"), dict(root.attrs), "/ attrs")
     if L.STEPS not in root:
         if not _members(root):
             notes.append(
@@ -99,9 +99,40 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
             )
             return problems
         return problems + ["/steps: missing"]
+    view, consolidated_problems = _reader_view(gs, notes)
+    problems += consolidated_problems
+    if view is None:
+        return problems
+    problems += _manifest_problems(root, view)
+    keys = _chunk_keys(url, storage_options)
+    stray = [k for k in keys if k.endswith(".partial")]
+    if stray:
+        notes.append(
+            f"{len(stray)} temporary files of writes cut short (*.partial); never read, safe to delete"
+        )
+    problems += _structure_problems(view, notes)
+    return problems + _missing_chunk_problems(view, keys)
+
+
+@dataclass(frozen=True, slots=True)
+class _ReaderView:
+    """The store as readers see it: the consolidated copy while a writer's change is
+    unfinished (``interrupted``), else the live metadata."""
+
+    tree: zarr.Group
+    arrays: dict[str, zarr.Array]
+    manifest: dict[str, np.ndarray]
+    interrupted: bool
+
+
+def _reader_view(gs: GramlinStore, notes: list[str]) -> tuple[_ReaderView | None, list[str]]:
+    """What readers see, and the problems of the consolidated metadata; no view when
+    a writer was interrupted before the first step landed (nothing to check yet)."""
+    root = gs.root
     man = gs.manifest()
     interrupted = root.attrs.get(CONSOLIDATED_ATTR) is False
     arrays = _walk_arrays(root)
+    problems: list[str] = []
     # Consolidated metadata must describe the same arrays as the metadata itself.
     try:
         cons = zarr.open_group(gs.zstore, mode="r", zarr_format=3, use_consolidated=True)
@@ -112,11 +143,11 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
                 "the writer that created this store was interrupted before its first step landed; "
                 "run the ingest again"
             )
-            return problems
+            return None, problems
         problems.append(
             f"consolidated metadata missing or unreadable ({err}); re-run ingest to repair"
         )
-        seen = arrays
+        cons, seen = root, arrays
     lagging = sorted(
         p
         for p in set(arrays) | set(seen)
@@ -134,52 +165,63 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
         notes.append(
             f"consolidated metadata lags behind the store at {lagging[0]}; the next ingest refreshes it"
         )
+    return _ReaderView(cons if interrupted else root, arrays, man, interrupted), problems
+
+
+def _manifest_problems(root: zarr.Group, view: _ReaderView) -> list[str]:
+    """``/steps`` against its schema, with steps sorted and unique."""
+    man = view.manifest
     rows = [{k: _json_value(v[i]) for k, v in man.items()} for i in range(len(man["step"]))]
-    if interrupted:  # rows a killed writer added but never wrote: unset, so never ok
+    if view.interrupted:  # rows a killed writer added but never wrote: unset, so never ok
         rows = [r for r in rows if r["status"] != ""]
     desc = describe_group(cast(zarr.Group, root[L.STEPS]))
-    problems += _errors(
+    problems = _errors(
         load_schema("steps"), {"variables": desc["variables"], "rows": rows}, "/steps"
     )
-    steps = man["step"]
-    if np.any(np.diff(steps) <= 0):
+    if np.any(np.diff(man["step"]) <= 0):
         problems.append("/steps: step is not sorted and unique; re-run ingest to repair")
+    return problems
 
-    layer_schema = load_schema("layer")
-    ok_rows = [i for i, s in enumerate(man["status"]) if s == "ok"]
-    keys = _chunk_keys(url, storage_options)
-    stray = [k for k in keys if k.endswith(".partial")]
-    if stray:
-        notes.append(
-            f"{len(stray)} temporary files of writes cut short (*.partial); never read, safe to delete"
-        )
-    # What readers see: the consolidated copy while a writer's change is unfinished.
-    tree = cons if interrupted else root
+
+def _structure_problems(view: _ReaderView, notes: list[str]) -> list[str]:
+    """Each layer's group against its schema, and the coordinates against the manifest
+    (only noted while a writer's change is unfinished: it rewrote some, not all yet)."""
+    tree = view.tree
     layers = (
         {k: g for k, g in _members(cast(zarr.Group, tree[L.LAYERS]))} if L.LAYERS in tree else {}
     )
+    layer_schema = load_schema("layer")
+    problems: list[str] = []
     for name, grp in sorted(layers.items()):
         problems += _errors(layer_schema, describe_group(grp), f"/layers/{name}")
-    coordinate_problems = _coordinate_problems(arrays, steps, sorted(layers))
-    if interrupted:  # the interrupted change rewrote some coordinates and not others yet
+    coordinate_problems = _coordinate_problems(view.arrays, view.manifest["step"], sorted(layers))
+    if view.interrupted:
         notes += [
             f"{p} (a writer was interrupted; the next ingest or analyze rewrites it)"
             for p in coordinate_problems
         ]
     else:
         problems += coordinate_problems
-    for path, arr in arrays.items():
+    return problems
+
+
+def _missing_chunk_problems(view: _ReaderView, keys: set[str]) -> list[str]:
+    """Steps marked ok whose chunks are not in the store (``/metrics`` is exempt: analyze
+    writes its results after ingest marks a step ok)."""
+    steps = view.manifest["step"]
+    ok_rows = [i for i, s in enumerate(view.manifest["status"]) if s == "ok"]
+    problems = []
+    for path, arr in view.arrays.items():
         dims = v3_metadata(arr).dimension_names or ()
         if (
             not dims
             or dims[0] != "step"
             or path.startswith(L.STEPS + "/")
             or path.endswith("/step")
+            or path.startswith(L.METRICS + "/")
         ):
             continue
         missing = [i for i in ok_rows if any(k not in keys for k in _required_chunks(path, arr, i))]
-        if path.startswith(L.METRICS + "/"):
-            continue
         for i in missing[:5]:
             problems.append(
                 f"{path}: step {int(steps[i])} is marked ok but its chunks are missing; "

@@ -9,7 +9,16 @@ import pytest
 import zarr
 from zarr.codecs import BytesCodec, ZstdCodec
 
-from gramlin_analyze.store import put_step, raw_chunk_path, read_step
+from gramlin_analyze.store import direct_io, put_step, raw_chunk_path, read_step
+
+
+@pytest.fixture
+def no_refusals():
+    """No file system remembered as refusing O_DIRECT, before and after: a refusal
+    faked by a test must not reach the next one."""
+    direct_io.forget_refused_devices()
+    yield
+    direct_io.forget_refused_devices()
 
 
 def _pair(tmp_path, dtype, shape, **kw):
@@ -125,8 +134,6 @@ def test_direct_io_writes_the_same_bytes(tmp_path, monkeypatch, nbytes, aligned)
     (padded for the device, then truncated), as through the page cache."""
     import mmap
 
-    from gramlin_analyze.store import direct_io as core
-
     rng = np.random.default_rng(nbytes)
     raw = rng.integers(0, 256, nbytes, dtype=np.uint8)
     if aligned:
@@ -136,25 +143,20 @@ def test_direct_io_writes_the_same_bytes(tmp_path, monkeypatch, nbytes, aligned)
     else:
         src = np.empty(nbytes + 1, np.uint8)[1:]
         src[:] = raw
-    calls = []
-    real = core._write_direct
-    monkeypatch.setattr(core, "_write_direct", lambda p, v: calls.append(real(p, v)) or calls[-1])
-    core.write_raw_chunk(tmp_path / "direct", src)
+    went_direct = direct_io.write_raw_chunk(tmp_path / "direct", src)
     monkeypatch.setenv("GRAMLIN_DIRECT_IO", "0")
-    core.write_raw_chunk(tmp_path / "cached", src)
-    # the first went direct (unless this file system refuses O_DIRECT), the second through the cache
-    refused = os.stat(tmp_path).st_dev in core._direct_unsupported
-    assert calls == [not refused, False]
+    assert direct_io.write_raw_chunk(tmp_path / "cached", src) is False
+    # the first went direct unless this file system refuses O_DIRECT
+    assert went_direct is (os.stat(tmp_path).st_dev not in direct_io.refused_devices())
     assert (tmp_path / "direct").read_bytes() == raw.tobytes() == (tmp_path / "cached").read_bytes()
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_direct_io_falls_back_where_the_file_system_refuses_it(tmp_path, monkeypatch):
-    """A file system that rejects O_DIRECT (EINVAL on open) is written through
-    the page cache, and remembered so that the next chunk does not try again."""
+def test_direct_io_falls_back_where_the_file_system_refuses_it(tmp_path, monkeypatch, no_refusals):
+    """A file system that rejects O_DIRECT (EINVAL on open, faked: the kernels of
+    today accept it even on tmpfs) is written through the page cache, and
+    remembered so that the next chunk does not try again."""
     import errno
-
-    from gramlin_analyze.store import direct_io as core
 
     real_open = os.open
     tries = []
@@ -165,13 +167,37 @@ def test_direct_io_falls_back_where_the_file_system_refuses_it(tmp_path, monkeyp
             raise OSError(errno.EINVAL, "Invalid argument", str(path))
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(core.os, "open", refusing_open)
-    monkeypatch.setattr(core, "_direct_unsupported", set())
+    monkeypatch.setattr(os, "open", refusing_open)
     x = np.random.default_rng(1).standard_normal(300_000)  # 2.4 MB
     for name in ("a", "b"):
-        core.write_raw_chunk(tmp_path / name, x)
+        assert direct_io.write_raw_chunk(tmp_path / name, x) is False
         np.testing.assert_array_equal(np.fromfile(tmp_path / name), x)
     assert len(tries) == 1
+    assert direct_io.refused_devices() == {os.stat(tmp_path).st_dev}
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_direct_writes_fall_back_where_aligned_writes_are_refused(
+    tmp_path, monkeypatch, no_refusals
+):
+    """A file system may accept O_DIRECT at open and still refuse the writes
+    (EINVAL, faked here): the chunk is written through the page cache, whole,
+    and the device is remembered."""
+    import errno
+    import fcntl
+
+    real = os.pwrite
+
+    def refusing(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing)
+    x = np.random.default_rng(5).standard_normal(300_000)  # 2.4 MB
+    assert direct_io.write_raw_chunk(tmp_path / "a", x) is False
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "a"), x)
+    assert direct_io.refused_devices() == {os.stat(tmp_path).st_dev}
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -229,14 +255,12 @@ def test_read_step_reads_whole_chunk_files_directly(tmp_path, aligned):
     np.testing.assert_array_equal(read_step(arr, 1, out), x)
 
 
-def test_direct_reads_fall_back_where_aligned_reads_are_refused(tmp_path, monkeypatch):
+def test_direct_reads_fall_back_where_aligned_reads_are_refused(tmp_path, monkeypatch, no_refusals):
     """A file system may accept O_DIRECT at open and still refuse the reads
-    (EINVAL): the chunk is read through the page cache, and the device is
-    remembered."""
+    (EINVAL, faked here): the chunk is read through the page cache, and the
+    device is remembered."""
     import errno
     import fcntl
-
-    from gramlin_analyze.store import direct_io as core
 
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     arr = root.create_array(
@@ -251,7 +275,6 @@ def test_direct_reads_fall_back_where_aligned_reads_are_refused(tmp_path, monkey
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, buffers, offset, *args)
 
-    monkeypatch.setattr(core.os, "preadv", refusing)
-    monkeypatch.setattr(core, "_direct_unsupported", set())
+    monkeypatch.setattr(os, "preadv", refusing)
     np.testing.assert_array_equal(read_step(arr, 1, np.empty((600, 600), "float32")), x)
-    assert core._direct_unsupported == {os.stat(tmp_path / "s.zarr" / "w").st_dev}
+    assert direct_io.refused_devices() == {os.stat(tmp_path / "s.zarr" / "w").st_dev}
