@@ -42,12 +42,14 @@ test-newest:
 	$(VENV_NEWEST)/bin/python -m pip check
 	$(VENV_NEWEST)/bin/python -m pytest -q
 
-# The lowest versions pyproject.toml declares (.ci/minimum.txt), on Python 3.11.
+# The lowest versions pyproject.toml declares (.ci/minimum.txt), on Python 3.11:
+# the dev extras first, then the runtime dependencies taken down to their minimums.
 VENV_MINIMUM ?= .venv-minimum
 test-minimum:
 	$(PYTHON) -m venv $(VENV_MINIMUM)
 	$(VENV_MINIMUM)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV_MINIMUM)/bin/python -m pip install --quiet -c .ci/minimum.txt -e '.[dev]'
+	$(VENV_MINIMUM)/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV_MINIMUM)/bin/python -m pip install --quiet -r .ci/minimum.txt
 	$(VENV_MINIMUM)/bin/python -m pip check
 	$(VENV_MINIMUM)/bin/python -m pytest -q
 

@@ -6,7 +6,7 @@ handle), ``layout`` (names, dims, chunking, node specs), ``lock``, ``location``
 and task-side lookups), ``step_axis``, ``metrics`` (the ``/metrics`` layout),
 ``chunks`` (array I/O), ``direct_io``, ``sink`` (capture activations),
 ``probe``, ``faults`` (full disk, permissions, lost endpoints), ``provenance``,
-``validate`` and ``info``. zarr's internals are used only in ``_zarr_compat``.
+``validate`` and ``info``. Only zarr's public API is used.
 """
 
 from gramlin_analyze.store.chunks import (

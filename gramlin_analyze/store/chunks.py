@@ -3,13 +3,13 @@
 Whole chunks of local, uncompressed arrays (weights, activations, Grams) are
 files holding just their values (the Zarr v3 spec's ``bytes`` codec): they
 are written and read as files (:mod:`.direct_io`). Everything else goes
-through zarr's public API, with the shortcuts of :mod:`._zarr_compat` where
-the installed zarr has them.
+through zarr's public API; many small operations (resizes, attribute updates,
+whole small arrays, new nodes) run on a few threads together, since each is
+mostly waiting on the file system or the network.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -21,8 +21,6 @@ import numpy as np
 import zarr
 
 from gramlin_analyze.errors import StoreError
-from gramlin_analyze.store import _zarr_compat as compat
-from gramlin_analyze.store._zarr_compat import v3_metadata
 from gramlin_analyze.store.direct_io import read_raw_chunk, write_raw_chunk
 
 __all__ = [
@@ -38,10 +36,11 @@ __all__ = [
     "write_all",
 ]
 
-#: Arrays up to this many bytes (in memory) are read and written whole in the
-#: calling thread (:func:`read_all`, :func:`write_all`): the manifest,
-#: coordinates, per-(step, layer) scalars.
-SMALL_ARRAY_BYTES = 4 << 20
+
+def v3_metadata(arr: zarr.Array) -> Any:
+    """``arr.metadata`` as Zarr v3's (gramlin stores are Zarr format 3; its class
+    lives in zarr's internal modules, so it is not named here)."""
+    return arr.metadata
 
 
 def writable(arr: zarr.Array) -> zarr.Array:
@@ -182,124 +181,33 @@ def read_step(arr: zarr.Array, index: int, out: np.ndarray | None = None) -> np.
     return out
 
 
-# -- small arrays, whole ------------------------------------------------------------------
+# -- many small operations together ---------------------------------------------------------
+
+_pool: ThreadPoolExecutor | None = None
 
 
-def _small_codecs(arr: zarr.Array, *, write: bool) -> list | None:
-    """The codecs of a small array of a local store, when its chunks can be encoded
-    and decoded in the calling thread (zarr's path costs about 0.5 ms per read and
-    1 ms per write, and a new step rewrites about 50 small arrays)."""
-    if local_dir(arr, write=write) is None or arr.nbytes > SMALL_ARRAY_BYTES:
-        return None
-    return compat.sync_codecs(arr)
-
-
-def _chunk_slices(arr: zarr.Array):
-    """``(chunk key, selection in the array, selection in the chunk)`` of every chunk."""
-    cs = arr.chunks
-    grid = [range(-(-n // c)) for n, c in zip(arr.shape, cs, strict=True)]
-    for coords in itertools.product(*grid):
-        sel = tuple(
-            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, cs, arr.shape, strict=True)
-        )
-        yield (
-            arr.metadata.encode_chunk_key(coords),
-            sel,
-            tuple(slice(0, x.stop - x.start) for x in sel),
-        )
-
-
-def _native(arr: zarr.Array) -> np.dtype:
-    return v3_metadata(arr).data_type.to_native_dtype()
-
-
-def _write_small(arr: zarr.Array, value: np.ndarray, codecs: list) -> None:
-    """``arr[:] = value`` in this thread; a chunk that is all fill value is removed
-    instead of written, as zarr does unless the array writes empty chunks."""
-    fill = arr.metadata.fill_value
-    native = _native(arr)
-    value = np.broadcast_to(np.asarray(value, dtype=native), arr.shape)
-    root = local_dir(arr)
-    for key, sel, inner in _chunk_slices(arr):
-        block = np.full(arr.chunks, fill, dtype=native)
-        block[inner] = value[sel]
-        data = compat.encode_chunk(arr, codecs, block)
-        if data is None:
-            (root / key).unlink(missing_ok=True)
-        else:
-            write_raw_chunk(root / key, data)
-
-
-def _read_small(arr: zarr.Array, codecs: list) -> np.ndarray:
-    """``arr[:]`` in this thread; missing chunks read as the fill value."""
-    out = np.full(arr.shape, arr.metadata.fill_value, dtype=_native(arr))
-    root = local_dir(arr, write=False)
-    for key, sel, inner in _chunk_slices(arr):
-        try:
-            raw = (root / key).read_bytes()
-        except FileNotFoundError:
-            continue
-        out[sel] = compat.decode_chunk(arr, codecs, raw)[inner]
-    return out
-
-
-_small_pool: ThreadPoolExecutor | None = None
-
-
-def _small_io_pool() -> ThreadPoolExecutor:
-    """Threads for metadata and small-array files: most of a file replace is the
-    file system's journal, not CPU, so they overlap."""
-    global _small_pool
-    if _small_pool is None:
-        _small_pool = ThreadPoolExecutor(4, thread_name_prefix="gramlin-small-io")
-    return _small_pool
-
-
-def _on_threads(calls: list) -> None:
-    """Run the no-argument ``calls`` on the small-I/O threads; every one ends before
-    the first error is raised."""
-    futures = [_small_io_pool().submit(c) for c in calls]
+def _run_all(calls: Sequence[Any]) -> list:
+    """Results of the no-argument ``calls``, run on a few threads (zarr's synchronous
+    API is thread-safe); every call ends before the first error is raised."""
+    global _pool
+    if len(calls) <= 1:
+        return [c() for c in calls]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(8, thread_name_prefix="gramlin-zarr")
+    futures = [_pool.submit(c) for c in calls]
     errors = [fut.exception() for fut in futures]
     for err in errors:
         if err is not None:
             raise err
+    return [fut.result() for fut in futures]
 
 
 def _resize_and_write(jobs: list[tuple[zarr.Array, tuple[int, ...], np.ndarray | None]]) -> None:
     """For each ``(array, shape, value)``: resize to ``shape`` (unless it has it), then
-    write ``value`` (when given) as the whole array.
-
-    Resizes go through zarr together; small local arrays are then written on
-    threads (:func:`_write_small`), the rest through zarr together.
-    """
+    write ``value`` (when given) as the whole array."""
     jobs = [(arr, tuple(shape), value) for arr, shape, value in jobs]
-    resizes = [(a, s) for a, s, _ in jobs if tuple(a.shape) != s]
-    compat.run_together(
-        [
-            ((lambda a=a, s=s: a.async_array.resize(s)), (lambda a=a, s=s: a.resize(s)))
-            for a, s in resizes
-        ]
-    )
-    writes = [(a, v, _small_codecs(a, write=True)) for a, _, v in jobs if v is not None]
-    here = [(a, v, c) for a, v, c in writes if c is not None]
-    rest = [(a, v) for a, v, c in writes if c is None]
-    calls = [lambda a=a, v=v, c=c: _write_small(a, v, c) for a, v, c in here]
-    futures = [_small_io_pool().submit(c) for c in calls]
-    try:
-        compat.run_together(
-            [
-                (
-                    (lambda a=a, v=v: a.async_array.setitem(slice(None), v)),
-                    (lambda a=a, v=v: a.__setitem__(slice(None), v)),
-                )
-                for a, v in rest
-            ]
-        )
-    finally:
-        errors = [fut.exception() for fut in futures]
-    for err in errors:
-        if err is not None:
-            raise err
+    _run_all([lambda a=a, s=s: a.resize(s) for a, s, _ in jobs if tuple(a.shape) != s])
+    _run_all([lambda a=a, v=v: a.__setitem__(slice(None), v) for a, _, v in jobs if v is not None])
 
 
 def resize_all(pairs: list[tuple[zarr.Array, tuple[int, ...]]]) -> None:
@@ -325,35 +233,12 @@ def write_all(pairs: list[tuple[zarr.Array, np.ndarray]]) -> None:
 
 def read_all(arrays: list[zarr.Array]) -> list[np.ndarray]:
     """``arr[:]`` of many small arrays."""
-    codecs = [_small_codecs(a, write=False) for a in arrays]
-    rest = [a for a, c in zip(arrays, codecs, strict=True) if c is None]
-    got = iter(
-        compat.run_together(
-            [((lambda a=a: a.async_array.getitem(slice(None))), (lambda a=a: a[:])) for a in rest]
-        )
-    )
-    return [
-        _read_small(a, c) if c is not None else next(got)
-        for a, c in zip(arrays, codecs, strict=True)
-    ]
+    return _run_all([lambda a=a: a[:] for a in arrays])
 
 
 def update_attributes_all(pairs: list[tuple[zarr.Group | zarr.Array, dict[str, Any]]]) -> None:
     """``node.update_attributes(attrs)`` for many nodes."""
-
-    def coro(node, attrs):
-        if isinstance(node, zarr.Array):
-            return node.async_array.update_attributes(attrs)
-        # Group.update_attributes_async replaces the attributes (zarr 3.4) where
-        # update_attributes merges: merged here, the same either way.
-        return node.update_attributes_async({**node.attrs.asdict(), **attrs})
-
-    compat.run_together(
-        [
-            ((lambda n=n, a=a: coro(n, a)), (lambda n=n, a=a: n.update_attributes(a)))
-            for n, a in pairs
-        ]
-    )
+    _run_all([lambda n=n, a=a: n.update_attributes(a) for n, a in pairs])
 
 
 # -- creating nodes -----------------------------------------------------------------------
@@ -389,34 +274,18 @@ def create_nodes(
     # parents, with no attributes, and a parent made that way is then "in the way");
     # then arrays.
     for depth in sorted({p.count("/") for p, _ in groups}):
-        compat.run_together(
+        _run_all(
             [
-                (
-                    (
-                        lambda p=p, a=a: zarr.api.asynchronous.create_group(
-                            store=target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
-                        )
-                    ),
-                    (
-                        lambda p=p, a=a: zarr.create_group(
-                            target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
-                        )
-                    ),
+                lambda p=p, a=a: zarr.create_group(
+                    target, path=p, zarr_format=3, overwrite=overwrite, attributes=a
                 )
                 for p, a in groups
                 if p.count("/") == depth
             ]
         )
-    compat.run_together(
+    _run_all(
         [
-            (
-                (
-                    lambda p=p, kw=kw: zarr.api.asynchronous.create_array(
-                        target, name=p, zarr_format=3, **kw
-                    )
-                ),
-                (lambda p=p, kw=kw: zarr.create_array(target, name=p, zarr_format=3, **kw)),
-            )
+            lambda p=p, kw=kw: zarr.create_array(target, name=p, zarr_format=3, **kw)
             for p, kw in arrays
         ]
     )
@@ -428,7 +297,7 @@ def create_nodes(
     files = {key: buf.as_numpy_array() for key, buf in memory.items() if key.startswith(own)}
     # Groups' documents first: a node is never there before its parent.
     for batch in ([k for k in files if k in group_docs], [k for k in files if k not in group_docs]):
-        _on_threads([lambda k=k: write_raw_chunk(root / k, files[k]) for k in batch])
+        _run_all([lambda k=k: write_raw_chunk(root / k, files[k]) for k in batch])
 
 
 def _fresh_local_root(store, groups: list, arrays: list) -> Path | None:

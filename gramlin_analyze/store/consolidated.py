@@ -20,12 +20,10 @@ from typing import Any, Literal
 
 import zarr
 
-from gramlin_analyze.store import _zarr_compat as compat
 from gramlin_analyze.store.location import zarr_store
 
 __all__ = [
     "CONSOLIDATED_ATTR",
-    "ConsolidatedGroup",
     "consolidated_is_current",
     "open_consolidated",
     "open_for_tasks",
@@ -62,38 +60,9 @@ _task_nodes: dict[tuple[str, str, str], zarr.Group | zarr.Array] = {}
 _task_roots_lock = threading.Lock()
 
 
-class ConsolidatedGroup(zarr.Group):
-    """A group opened from consolidated metadata, whose lookups skip zarr's event loop.
-
-    ``group[path]`` on a consolidated group is a dictionary lookup, but zarr
-    runs it as a coroutine on its I/O thread: about 0.3 ms per lookup, more
-    while other threads keep that thread busy, and a command makes dozens.
-    Here it is a plain call where :mod:`._zarr_compat` allows. Subgroups are
-    of this class too.
-    """
-
-    def __getitem__(self, path: str) -> zarr.Array | zarr.Group:
-        node = compat.consolidated_lookup(self, path)
-        return super().__getitem__(path) if node is None else node
-
-    def __contains__(self, path: object) -> bool:
-        try:
-            self[str(path)]
-        except KeyError:
-            return False
-        return True
-
-
 def open_consolidated(zstore, mode: Literal["r", "r+", "a", "w", "w-"]) -> zarr.Group:
-    """The root of ``zstore`` from its consolidated metadata (see :class:`ConsolidatedGroup`)."""
-    return as_consolidated(zarr.open_group(zstore, mode=mode, zarr_format=3, use_consolidated=True))
-
-
-def as_consolidated(group: zarr.Group) -> zarr.Group:
-    """``group`` with the fast lookups of :class:`ConsolidatedGroup` where they are available."""
-    if not compat.available(compat.CONSOLIDATED_LOOKUP):
-        return group
-    return ConsolidatedGroup(compat.async_group(group))
+    """The root of ``zstore``, its nodes found in the consolidated metadata."""
+    return zarr.open_group(zstore, mode=mode, zarr_format=3, use_consolidated=True)
 
 
 def open_for_tasks(url: str, storage_options: dict | None, token: str) -> zarr.Group:

@@ -19,9 +19,6 @@ from gramlin_analyze.store import (
     share_with_tasks,
     write_all,
 )
-from gramlin_analyze.store.consolidated import ConsolidatedGroup, open_consolidated
-
-pytestmark = pytest.mark.usefixtures("zarr_paths")
 
 
 def _make(path, name, shape, chunks, dtype="float32", **kw):
@@ -131,29 +128,6 @@ def test_two_dimensional_scalar_arrays(tmp_path):
     b[:] = values
     assert _chunk_files(tmp_path / "s.zarr" / "m") == _chunk_files(tmp_path / "s.zarr" / "n")
     np.testing.assert_array_equal(read_all([a])[0], values)
-
-
-def test_consolidated_lookups_match_zarrs(tmp_path, zarr_paths):
-    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
-    g = root.create_group("layers").create_group("fc1", attributes={"has_bias": True})
-    g.create_array("weight", shape=(2, 3, 4), chunks=(1, 3, 4), dtype="float32")
-    with pytest.warns(UserWarning, match="Consolidated metadata"):
-        zarr.consolidate_metadata(str(tmp_path / "s.zarr"), zarr_format=3)
-    ours = open_consolidated(str(tmp_path / "s.zarr"), "r")
-    theirs = zarr.open_group(
-        str(tmp_path / "s.zarr"), mode="r", zarr_format=3, use_consolidated=True
-    )
-    for path in ("layers", "layers/fc1", "layers/fc1/weight"):
-        a, b = ours[path], theirs[path]
-        group = "ConsolidatedGroup" if zarr_paths == "internals" else "Group"
-        assert type(a).__name__ == ("Array" if path.endswith("weight") else group)
-        assert a.metadata == b.metadata and a.path == b.path
-    assert isinstance(ours["layers"], ConsolidatedGroup) == (zarr_paths == "internals")
-    assert ours["layers"]["fc1"]["weight"].path == "layers/fc1/weight"
-    assert dict(ours["layers/fc1"].attrs) == {"has_bias": True}
-    assert "layers/fc1" in ours and "layers/fc2" not in ours and "fc1" in ours["layers"]
-    with pytest.raises(KeyError):
-        ours["layers/fc2"]
 
 
 def test_tasks_share_the_drivers_view(tmp_path):

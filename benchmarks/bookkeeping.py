@@ -1,10 +1,9 @@
-"""What each shortcut through zarr's internals buys (``store/_zarr_compat.py``).
+"""The store's bookkeeping, this checkout against another, in alternating rounds.
 
-A private path stays only while it buys at least 20% on a row of the
-performance table. This times the rows where the store's bookkeeping
-dominates, with every shortcut on, with each one switched off
-(``GRAMLIN_ZARR_PUBLIC=<name>``) and with zarr's public API alone
-(``GRAMLIN_ZARR_PUBLIC=1``), in alternating rounds, medians:
+Times the rows where the store's bookkeeping (metadata, small arrays, resizes)
+dominates, for this checkout and for ``--baseline DIR`` (another checkout,
+e.g. ``git worktree add /tmp/base 7c635c3``, the last commit with shortcuts
+through zarr's internals), medians of alternating rounds:
 
 - *incremental*: 20 checkpoints stored and analyzed (``--metrics gram``), a
   21st appears; ``ingest`` + ``analyze`` of it, in process;
@@ -12,11 +11,8 @@ dominates, with every shortcut on, with each one switched off
   included), as users run it;
 - *cold*: ``ingest`` + ``analyze --metrics gram`` of the 20 into a new store.
 
-Prints each mode's time and its ratio to all-shortcuts (> 1: the shortcut helps).
-``--baseline DIR`` adds a mode running the same commands from another checkout
-(e.g. the commit before this work, ``git worktree add DIR <commit>``), in the
-same alternating rounds.
-Run: ``.venv/bin/python benchmarks/zarr_paths.py [--n 20] [--layers 8] [--dim 256] [--repeats 5]``
+Prints each mode's time and its ratio to the baseline (> 1: this checkout is slower).
+Run: ``.venv/bin/python benchmarks/bookkeeping.py --baseline DIR [--n 20] [--layers 8] [--dim 256] [--repeats 5]``
 """
 
 from __future__ import annotations
@@ -35,14 +31,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-MODES = {
-    "all_shortcuts": "",
-    "no_event_loop": "event_loop",
-    "no_sync_codecs": "sync_codecs",
-    "no_consolidated_lookup": "consolidated_lookup",
-    "public_api_only": "1",
-}
 
 # The work alone: the modules both need are imported before the clock starts
 # (this package imports them on first use, the commit before this work at once).
@@ -73,19 +61,15 @@ def write_checkpoint(directory: Path, step: int, layers: int, dim: int) -> None:
     )
 
 
-BASELINE: Path | None = None  # --baseline: another checkout, run as mode "baseline"
-
-
-def _env(mode: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "GRAMLIN_ZARR_PUBLIC"}
-    if MODES.get(mode):
-        env["GRAMLIN_ZARR_PUBLIC"] = MODES[mode]
-    env["PYTHONPATH"] = str(_repo(mode))
-    return env
+BASELINE: Path = REPO  # --baseline: another checkout, run as mode "baseline"
 
 
 def _repo(mode: str) -> Path:
-    return BASELINE if mode == "baseline" and BASELINE is not None else REPO
+    return BASELINE if mode == "baseline" else REPO
+
+
+def _env(mode: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(_repo(mode))}
 
 
 def _cli(args: list[str], mode: str) -> None:
@@ -137,27 +121,25 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--work", default=str(HERE / "_work" / "zarr_paths"))
-    p.add_argument("--baseline", help="another checkout to time beside this one (mode 'baseline')")
+    p.add_argument("--work", default=str(HERE / "_work" / "bookkeeping"))
+    p.add_argument("--baseline", required=True, help="another checkout to time beside this one")
     args = p.parse_args()
     global BASELINE
-    if args.baseline:
-        BASELINE = Path(args.baseline).resolve()
+    BASELINE = Path(args.baseline).resolve()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     run = work / "run"
     run.mkdir(parents=True)
     for step in range(args.n):
         write_checkpoint(run, step, args.layers, args.dim)
-    modes = args.modes.split(",") + (["baseline"] if args.baseline else [])
+    modes = ["this", "baseline"]
     times: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
     for _ in range(args.repeats):
         for mode in modes:  # alternating: each round runs every mode once
             for row, t in one_round(work, run, args.n, args.layers, args.dim, mode).items():
                 times[mode].setdefault(row, []).append(t)
     med = {m: {row: statistics.median(ts) for row, ts in rows.items()} for m, rows in times.items()}
-    base = med["all_shortcuts"]
+    base = med["baseline"]
     print(f"{'mode':26s} " + " ".join(f"{row:>20s}" for row in base))
     for mode in modes:
         cells = " ".join(
