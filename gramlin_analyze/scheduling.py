@@ -2,7 +2,9 @@
 
 Threads of this process by default (a pool kept across runs, so the tasks'
 per-thread work arrays are reused); a ``LocalCluster`` of processes with
-``workers``; an existing Dask scheduler with ``scheduler``. The callback runs
+``workers``; any Dask client, cluster or scheduler address with ``client``
+(:func:`dask_target`: connected, or refused, before the store is touched; the
+active ``distributed`` client when none is named). The callback runs
 in the driver as each task finishes, so the driver can record progress (and,
 for ingest, mark steps ok) one task at a time.
 
@@ -32,8 +34,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from gramlin_analyze.dask_target import (
+    CONNECT_TIMEOUT_S,
+    SchedulerUnreachableError,
+    Target,
+    WorkerCheck,
+    WorkerSetupError,
+    dask_target,
+    task_path,
+)
+
 __all__ = [
+    "CONNECT_TIMEOUT_S",
+    "SchedulerUnreachableError",
+    "Target",
+    "WorkerCheck",
+    "WorkerSetupError",
+    "dask_target",
     "make_runner",
+    "task_path",
     "kernel_threads",
     "stop_on_signals",
     "stop_requested",
@@ -205,7 +224,7 @@ def run_on_threads(tasks: list, on_done: Callable[[Any], None], n: int) -> None:
 
 
 @contextmanager
-def _children_ignore_sigint() -> Iterator[None]:
+def children_ignore_sigint() -> Iterator[None]:
     """Worker processes started in the body ignore SIGINT from birth.
 
     A Ctrl-C at the terminal reaches the whole process group; it is the
@@ -241,7 +260,7 @@ def run_on_cluster(client, tasks: list, on_done: Callable[[Any], None], per: int
     from distributed import as_completed
 
     futures: list = []
-    pending = as_completed()
+    pending = as_completed(loop=client.loop)  # a client not the default one has its own loop
     todo = iter(tasks)
     error: BaseException | None = None
     deadline: float | None = None
@@ -288,9 +307,15 @@ def run_on_cluster(client, tasks: list, on_done: Callable[[Any], None], per: int
         raise error
 
 
-def make_runner(workers: int | None, scheduler: str | None, threads: int | None):
-    """Return ``run(tasks, on_done)``; a task is ``(fn, *args)``, started in list order."""
+def make_runner(workers: int | None, scheduler: Any, threads: int | None):
+    """Return ``run(tasks, on_done)``; a task is ``(fn, *args)``, started in list order.
+
+    ``scheduler``: a ``distributed.Client`` (used as is), a cluster or a
+    scheduler's address (connected for the run, then closed), or None.
+    """
     cores = os.cpu_count() or 1
+    if isinstance(scheduler, str) and not scheduler:  # an empty address: none, as before
+        scheduler = None
 
     def run_threads(tasks: list, on_done: Callable[[dict], None]) -> None:
         # Twice as many tasks as cores by default: each task alternates between
@@ -305,28 +330,25 @@ def make_runner(workers: int | None, scheduler: str | None, threads: int | None)
 
         if _stop.is_set():  # asked to stop while planning: no cluster to start
             return
-        if scheduler:
-            client = Client(scheduler)
-            cluster = None
-            per = 1
-        else:
-            with _children_ignore_sigint():
-                cluster = LocalCluster(
-                    n_workers=workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=40,
-                )
-            client = Client(cluster)
-            per = max(1, cores // workers)
+        if scheduler is not None:
+            with dask_target(scheduler) as target:
+                run_on_cluster(target.client, tasks, on_done, 1)
+            return
+        with children_ignore_sigint():
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=40,
+            )
+        client = Client(cluster)
         try:
-            run_on_cluster(client, tasks, on_done, per)
+            run_on_cluster(client, tasks, on_done, max(1, cores // workers))
         finally:
             client.close()
-            if cluster is not None:
-                cluster.close()
+            cluster.close()
 
-    if scheduler or (workers and workers > 0):
+    if scheduler is not None or (workers and workers > 0):
         return run_distributed
     return run_threads

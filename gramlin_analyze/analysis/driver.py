@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from gramlin_analyze.analysis.execution import Execution
 from gramlin_analyze.analysis.metrics import resolve_families
@@ -33,6 +34,7 @@ from gramlin_analyze.analysis.plan import (
 )
 from gramlin_analyze.analysis.report import AnalyzeReport
 from gramlin_analyze.analysis.task import TaskContext, layer_step_task
+from gramlin_analyze.scheduling import Target, WorkerCheck, dask_target, task_path
 from gramlin_analyze.store import GramlinStore, WriteSession, declare_metrics, share_with_tasks
 from gramlin_analyze.store import layout as L
 
@@ -50,7 +52,9 @@ def analyze(
     intercept: bool = False,
     workers: int | None = None,
     threads: int | None = None,
-    scheduler: str | None = None,
+    scheduler: Any = None,
+    client: Any = None,
+    connect_timeout: float | None = None,
     storage_options: dict | None = None,
     break_lock: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
@@ -71,8 +75,9 @@ def analyze(
         Recompute even (step, layer) pairs whose inputs did not change.
     tl_lambda, center_features, intercept
         Target-linearity options (docs/metrics.md; defaults are the paper's).
-    workers, threads, scheduler
-        As for :func:`gramlin_analyze.ingest`.
+    workers, threads, client, scheduler, connect_timeout
+        As for :func:`gramlin_analyze.ingest`: with none of them, the active ``distributed``
+        client is used if there is one (a logged line says so).
 
     Returns
     -------
@@ -90,19 +95,33 @@ def analyze(
     GramlinStore(url, mode="r", storage_options=storage_options)
     report = AnalyzeReport(store=url)
     tl_options = [tl_lambda, center_features, intercept]
-    with WriteSession(url, storage_options=storage_options, break_lock=break_lock) as gs:
+    # The Dask client answers (or is refused) before the store is locked.
+    with (
+        dask_target(
+            client, scheduler=scheduler, workers=workers, connect_timeout=connect_timeout
+        ) as target,
+        WriteSession(url, storage_options=storage_options, break_lock=break_lock) as gs,
+    ):
         run = select(gs, url, layers, requested, report)
         if run is not None:
             out = _open_metrics(gs, url, run)
             base, probe_fp = _task_context(gs, run, out.run_token, tl_options, report)
             options = {"tl": tl_options}  # each family's options, part of its input hash
             plan = plan_jobs(out, run, probe_fp, options, recompute=recompute, report=report)
-            tasks = _tasks(url, storage_options, run, plan, base)
+            tasks = _tasks(task_path(url), storage_options, run, plan, base)
+            if tasks:
+                _check_workers(target, url)
             Execution(out, run, plan, report, progress=progress, recompute=recompute).run(
-                tasks, workers=workers, scheduler=scheduler, threads=threads
+                tasks, workers=workers, scheduler=target.client, threads=threads
             )
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_workers(target: Target, url: str) -> None:
+    """Every worker can write the store (a local one: a URL is the store's own to check)."""
+    path = task_path(url)
+    target.check_workers(WorkerCheck(writable=(path,) if "://" not in path else ()))
 
 
 def _open_metrics(gs: GramlinStore, url: str, run: RunPlan) -> MetricsOutput:
@@ -111,7 +130,8 @@ def _open_metrics(gs: GramlinStore, url: str, run: RunPlan) -> MetricsOutput:
     gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
     m = gs.view[L.METRICS]
     run_token = uuid.uuid4().hex
-    share_with_tasks(url, run_token, gs.view)  # threads of this process skip re-opening it
+    # threads of this process skip re-opening it (tasks open the store by its absolute path)
+    share_with_tasks(task_path(url), run_token, gs.view)
     layer_index = {str(n): j for j, n in enumerate(m["layer"][:])}
     return MetricsOutput(gs, m, ScalarBuffer(m), layer_index, run_token)
 

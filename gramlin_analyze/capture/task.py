@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from gramlin_analyze.capture.engine import CaptureResult, Sink, capture_step, sa
 from gramlin_analyze.capture.losses import resolve_loss
 from gramlin_analyze.capture.models import load_factory, load_state_dict_strict, rebuild_mlp
 from gramlin_analyze.capture.probe import ProbeSet, load_probe
+from gramlin_analyze.dask_target import task_path
 from gramlin_analyze.errors import ModelError, UsageError
 from gramlin_analyze.io.base import CheckpointHandle
 
@@ -96,6 +97,19 @@ class CaptureConfig:
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _IDENTITY_KEYS}
+
+    def for_tasks(self) -> CaptureConfig:
+        """This config with its probe and a ``file.py:build`` factory as absolute paths.
+
+        Tasks may run on workers in another directory; the stored config keeps
+        the spelling given.
+        """
+        model = self.model
+        if model:
+            module_part, sep, attr = model.rpartition(":")
+            if sep and (module_part.endswith(".py") or "/" in module_part or "\\" in module_part):
+                model = f"{task_path(module_part)}:{attr}"
+        return replace(self, probe=task_path(self.probe), model=model)
 
     def describe_model(self) -> str:
         if self.torchscript:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gramlin_analyze.cli.options import add_storage, add_writer
+from gramlin_analyze.cli.options import add_storage, add_writer, writer_scheduler
 from gramlin_analyze.cli.output import ProgressBar, console, say
 
 __all__ = ["add_arguments", "run"]
@@ -36,10 +36,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with writer_scheduler(args) as scheduler:
+        if args.cluster and scheduler is None:  # stopped while its workers came up
+            return 0
+        report = _analyze(args, scheduler)
+    _print_report(args, report)
+    return 0
+
+
+def _analyze(args: argparse.Namespace, scheduler: str | None):
+    """Run the analysis the options describe, with a progress bar, on ``scheduler`` if given."""
     from gramlin_analyze.analysis import analyze
 
     with ProgressBar(args.quiet, "analyze") as bar:
-        report = analyze(
+        return analyze(
             args.store,
             metrics=args.metrics,
             layers=args.layers,
@@ -49,13 +59,11 @@ def run(args: argparse.Namespace) -> int:
             intercept=args.intercept,
             workers=args.workers,
             threads=args.threads,
-            scheduler=args.scheduler,
+            scheduler=scheduler,
             storage_options=args.storage_options,
             break_lock=args.break_lock,
             progress=bar,
         )
-    _print_report(args, report)
-    return 0
 
 
 def _print_report(args: argparse.Namespace, report) -> None:

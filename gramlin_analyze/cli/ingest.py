@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gramlin_analyze.cli.options import add_discovery, add_storage, add_writer
+from gramlin_analyze.cli.options import add_discovery, add_storage, add_writer, writer_scheduler
 from gramlin_analyze.cli.output import ProgressBar, console, say
 from gramlin_analyze.errors import UsageError
 
@@ -101,14 +101,25 @@ def _add_capture_sources(cap: argparse._ArgumentGroup) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    capture = _capture_config(args)
+    with writer_scheduler(args) as scheduler:
+        if args.cluster and scheduler is None:  # stopped while its workers came up
+            return 0
+        report = _ingest(args, capture, scheduler)
+    if not args.quiet:
+        _print_report(report)
+    return report.exit_code
+
+
+def _ingest(args: argparse.Namespace, capture, scheduler: str | None):
+    """Run the ingest the options describe, with a progress bar, on ``scheduler`` if given."""
     from gramlin_analyze.ingest import ingest
 
     def on_error(msg: str) -> None:
         console().print(f"[red]error:[/red] {msg}", soft_wrap=True)
 
-    capture = _capture_config(args)
     with ProgressBar(args.quiet, "ingest") as bar:
-        report = ingest(
+        return ingest(
             args.directory,
             args.store,
             layers=args.layers,
@@ -125,15 +136,12 @@ def run(args: argparse.Namespace) -> int:
             lr_schedule=args.lr_schedule,
             workers=args.workers,
             threads=args.threads,
-            scheduler=args.scheduler,
+            scheduler=scheduler,
             storage_options=args.storage_options,
             break_lock=args.break_lock,
             progress=bar,
             on_error=on_error,
         )
-    if not args.quiet:
-        _print_report(report)
-    return report.exit_code
 
 
 def _capture_config(args: argparse.Namespace):

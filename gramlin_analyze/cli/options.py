@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-__all__ = ["StorageOption", "add_common", "add_discovery", "add_storage", "add_writer"]
+__all__ = [
+    "StorageOption",
+    "add_common",
+    "add_discovery",
+    "add_storage",
+    "add_writer",
+    "writer_scheduler",
+]
+
+#: ``--cluster`` kinds (gramlin_analyze.cluster.KINDS, not imported for ``--help``)
+CLUSTER_KINDS = ("slurm", "pbs", "sge", "lsf", "local")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -43,18 +54,91 @@ def add_storage(p: argparse.ArgumentParser) -> None:
 
 def add_writer(p: argparse.ArgumentParser) -> None:
     """Where a writing command runs its tasks, and how it takes the store lock."""
-    p.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="run on a LocalCluster of N processes")
     p.add_argument(
         "--threads",
         type=int,
         help="tasks in parallel on the default threaded scheduler (default: twice the cores, one BLAS/torch thread each; one per core when capturing)",
     )
-    p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    where.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
     p.add_argument(
         "--break-lock",
         action="store_true",
         help="remove a remote store's lock left by a dead writer",
     )
+    _add_cluster(p, where)
+
+
+def _positive(kind):
+    """An argparse type: ``kind`` of the text, above zero."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_cluster(p: argparse.ArgumentParser, where: argparse._MutuallyExclusiveGroup) -> None:
+    """``--cluster KIND`` and its ``--jobs``, ``--cluster-option``, ``--cluster-timeout``."""
+    where.add_argument(
+        "--cluster",
+        choices=CLUSTER_KINDS,
+        help="start a cluster for this command and shut it down after: a batch system's jobs "
+        "(dask-jobqueue; settings from dask's jobqueue.KIND.* config) or local processes",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive(int),
+        metavar="N",
+        help="with --cluster: jobs to submit (local: worker processes; default 1, local: one per core)",
+    )
+    p.add_argument(
+        "--cluster-option",
+        dest="cluster_options",
+        action=StorageOption,
+        metavar="KEY=VALUE",
+        help="with --cluster: a dask-jobqueue setting over the config's, repeatable, VALUE as JSON "
+        "when it parses (cores=8 memory=32GB walltime=01:00:00 account=abc)",
+    )
+    p.add_argument(
+        "--cluster-timeout",
+        type=_positive(float),
+        default=300.0,
+        metavar="SECONDS",
+        help="with --cluster: how long to wait for the workers (default 300)",
+    )
+
+
+@contextlib.contextmanager
+def writer_scheduler(args: argparse.Namespace):
+    """The scheduler address the command runs on: ``--scheduler``'s, or that of the
+    cluster ``--cluster`` starts here (shut down when the block ends), or None.
+
+    With ``--cluster``, None means a stop was asked for while its workers came up:
+    the caller runs nothing.
+    """
+    if args.cluster is None:
+        if args.jobs is not None or args.cluster_options:
+            from gramlin_analyze.errors import UsageError
+
+            raise UsageError(
+                "--jobs and --cluster-option go with --cluster slurm|pbs|sge|lsf|local"
+            )
+        yield args.scheduler
+        return
+    from gramlin_analyze.cluster import ClusterRequest, cluster_address
+    from gramlin_analyze.scheduling import stop_requested
+
+    request = ClusterRequest(
+        args.cluster, args.jobs, dict(args.cluster_options or {}), args.cluster_timeout
+    )
+    with cluster_address(request, stop_requested=stop_requested, quiet=args.quiet) as address:
+        yield address
 
 
 def add_discovery(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from gramlin_analyze.ingest.record import Recorder
 from gramlin_analyze.ingest.task import CheckpointJob, TaskContext, ingest_one
 from gramlin_analyze.ingest.write import WrittenPlan, write_plan
 from gramlin_analyze.io.discovery import CheckpointSource
-from gramlin_analyze.scheduling import make_runner
+from gramlin_analyze.scheduling import Target, WorkerCheck, dask_target, make_runner, task_path
 from gramlin_analyze.store import GramlinStore, WriteSession, release_buffers, share_with_tasks
 from gramlin_analyze.store.provenance import source_of
 
@@ -42,6 +42,7 @@ class IngestReport:
     bytes_read: int = 0
     seconds: float = 0.0
     scan_skipped: list[tuple[Path, str]] = field(default_factory=list)
+    ran_on: str = ""  # "on the active Dask client at tcp://…"; empty on this process or --workers
 
     @property
     def exit_code(self) -> int:
@@ -70,7 +71,9 @@ def ingest(
     lr_schedule: str | os.PathLike | None = None,
     workers: int | None = None,
     threads: int | None = None,
-    scheduler: str | None = None,
+    scheduler: Any = None,
+    client: Any = None,
+    connect_timeout: float | None = None,
     storage_options: dict | None = None,
     break_lock: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
@@ -88,10 +91,8 @@ def ingest(
         Store path or fsspec URL (default ``<directory>.zarr``); fsspec options of a remote one.
     layers, exclude
         Glob patterns over normalized layer names (``encoder.*``).
-    format, order, state_dict_key, settle_seconds
-        See :func:`gramlin_analyze.io.discovery.scan`.
-    allow_torchscript_code
-        Read TorchScript archives (they carry code that runs with the model).
+    format, order, state_dict_key, settle_seconds, allow_torchscript_code
+        See :func:`gramlin_analyze.io.discovery.scan`; the last reads TorchScript archives.
     capture
         Capture probe-set activations and gradients of every checkpoint (``CaptureConfig``);
         a store captured before keeps capturing new checkpoints the same way.
@@ -100,24 +101,26 @@ def ingest(
         instead of ``capture``; the probe file to store beside them (for labels).
     lr, lr_schedule
         Learning rate, a constant or a file of ``(step, lr)`` pairs: wins over the checkpoints'.
-    workers, threads, scheduler
+    workers, threads
         Processes of a ``LocalCluster``; else tasks on threads (default: twice the cores, each
-        with one BLAS/torch thread; one per core when capturing); or a running Dask scheduler.
+        with one BLAS/torch thread; one per core when capturing).
+    client, scheduler, connect_timeout
+        A ``distributed.Client`` (used as is), a Dask cluster or a scheduler address
+        (``scheduler``: its older name), which must answer within ``connect_timeout`` seconds
+        (default 10). Neither, and no ``workers``: the active ``distributed`` client, if any.
     break_lock
         Remove a remote store's lock left by a writer that died.
     progress, on_error
         Called as ``progress(done, total, bytes_done)`` after each checkpoint; with each failure.
 
-    Returns
-    -------
-    IngestReport
-
     Raises
     ------
-    UsageError, ProbeError, ModelError
+    UsageError, ProbeError, ModelError, SchedulerUnreachableError
         Before anything is written (no new store, an existing one unchanged): a bad option, probe,
-        loss or model, or checkpoints of another model or run than the store's. A stored ``ok``
-        step is never given up for a new checkpoint that cannot replace it.
+        loss or model, checkpoints of another model or run than the store's, or no Dask scheduler
+        answering. A stored ``ok`` step is never given up for a checkpoint that cannot replace it.
+    WorkerSetupError
+        Before any task ran: a worker cannot reach a path of the run or import the model.
     StoreUnavailableError
         The store's disk is full or read-only, permission is denied, or its endpoint is gone:
         completed steps are kept.
@@ -151,7 +154,9 @@ class _Options:
     lr_schedule: str | os.PathLike | None
     workers: int | None
     threads: int | None
-    scheduler: str | None
+    scheduler: Any
+    client: Any
+    connect_timeout: float | None
     storage_options: dict | None
     break_lock: bool
     progress: Callable[[int, int, int], None] | None
@@ -162,6 +167,18 @@ def _ingest(o: _Options) -> IngestReport:
     """Check the inputs, plan, open the write session, write the plan, run and record the tasks."""
     t0 = time.perf_counter()
     request = _check_inputs(o)
+    # The Dask client answers (or is refused) before the store is created or locked.
+    with dask_target(
+        o.client, scheduler=o.scheduler, workers=o.workers, connect_timeout=o.connect_timeout
+    ) as target:
+        report = _ingest_on(o, request, target)
+    report.ingested.sort()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _ingest_on(o: _Options, request: Request, target: Target) -> IngestReport:
+    """Plan, open the write session, write the plan, run and record the tasks on ``target``."""
     # Every check runs before the store is created or changed: a usage error
     # leaves no new store, and an existing one as it was. An existing store is
     # planned under its lock (its manifest, read once, gives scan the
@@ -177,14 +194,13 @@ def _ingest(o: _Options) -> IngestReport:
             store=request.store,
             scan_skipped=list(getattr(plan.sources, "skipped", [])),
             skipped=list(plan.skipped),
+            ran_on=target.where,
         )
         gs.initialize(source=source)
         written = write_plan(gs, plan, request)
         _report_plan_failures(report, plan, o.on_error)
-        _run_tasks(gs, o, request, plan, written, report)
+        _run_tasks(gs, o, target, _Staged(request, plan, written), report)
         _earlier_failures(gs, report)
-    report.ingested.sort()
-    report.seconds = time.perf_counter() - t0
     return report
 
 
@@ -226,16 +242,21 @@ def _report_plan_failures(
     report.failed.update({**plan.failed, **plan.kept})
 
 
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """What the stages before the tasks settled: the request, its checked plan, what was written."""
+
+    request: Request
+    plan: Plan
+    written: WrittenPlan
+
+
 def _run_tasks(
-    gs: GramlinStore,
-    o: _Options,
-    request: Request,
-    plan: Plan,
-    written: WrittenPlan,
-    report: IngestReport,
+    gs: GramlinStore, o: _Options, target: Target, staged: _Staged, report: IngestReport
 ) -> None:
     """One task per runnable checkpoint, each result recorded as it comes."""
-    ctx = _task_context(o, request, plan, written)
+    request, plan, written = staged.request, staged.plan, staged.written
+    ctx = _task_context(o, target, staged)
     pos = written.positions
     jobs = [_job(pos[s.step], s, plan) for s in plan.runnable]
     recorder = Recorder(
@@ -252,7 +273,9 @@ def _run_tasks(
     # per task: 1.1x faster than two, benchmarks/capture.py), unlike the weight
     # copy, whose tasks wait on I/O.
     threads = o.threads if o.threads is not None or plan.capture is None else os.cpu_count() or 1
-    _run(gs, ctx, jobs, recorder, plan, make_runner(o.workers, o.scheduler, threads))
+    if jobs and target.client is not None:
+        target.check_workers(_worker_check(ctx, request))
+    _run(gs, ctx, jobs, recorder, plan, make_runner(o.workers, target.client, threads))
 
 
 def _run(
@@ -271,7 +294,8 @@ def _run(
         # it here lets the runner limit its threads like BLAS's (one per task).
         import torch  # noqa: F401
     gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
-    share_with_tasks(gs.url, ctx.run_token, gs.view)  # threads of this process skip re-opening it
+    # threads of this process skip re-opening it
+    share_with_tasks(ctx.store_url, ctx.run_token, gs.view)
     if not jobs:
         return
     try:
@@ -282,32 +306,48 @@ def _run(
         release_buffers()  # capture's chunk buffers, when tasks ran in this process
 
 
-def _task_context(o: _Options, request: Request, plan: Plan, written: WrittenPlan) -> TaskContext:
-    """What every task of this run shares."""
+def _task_context(o: _Options, target: Target, staged: _Staged) -> TaskContext:
+    """What every task of this run shares; its paths absolute, as workers elsewhere need them."""
+    request, plan, written = staged.request, staged.plan, staged.written
     return TaskContext(
-        store_url=request.store,
+        store_url=task_path(request.store),
         storage_options=o.storage_options,
         run_token=uuid.uuid4().hex,
         template=plan.template,
         stored_dtypes=written.stored_dtypes,
         reader_options=request.reader_options,
-        capture=plan.capture.to_json() if plan.capture is not None else None,
+        capture=plan.capture.for_tasks().to_json() if plan.capture is not None else None,
         activation_layers=written.activation_layers,
-        external_dir=str(request.activations) if request.activations is not None else None,
-        write_behind=not (o.workers or o.scheduler),
+        external_dir=task_path(request.activations) if request.activations is not None else None,
+        write_behind=not (o.workers or target.client is not None),
+    )
+
+
+def _worker_check(ctx: TaskContext, request: Request) -> WorkerCheck:
+    """The store to write, the checkpoints, activations and probe to read, the model to import."""
+    config = None
+    if ctx.capture:
+        from gramlin_analyze.capture.task import CaptureConfig
+
+        config = CaptureConfig.from_json(ctx.capture)
+    readable = [task_path(request.directory), ctx.external_dir, config and config.probe]
+    return WorkerCheck(
+        writable=tuple(p for p in [ctx.store_url] if "://" not in p),
+        readable=tuple(p for p in readable if p and "://" not in p),
+        model=config.model if config is not None else None,
     )
 
 
 def _job(index: int, s: CheckpointSource, plan: Plan) -> CheckpointJob:
-    """One checkpoint's task description."""
+    """One checkpoint's task description, its paths absolute."""
     external = plan.external.get(s.step)
     return CheckpointJob(
         index=index,
         step=s.step,
-        path=str(s.path),
+        path=task_path(s.path),
         format=s.format,
-        files=tuple(str(f) for f in s.files),
-        external=str(external) if external is not None else None,
+        files=tuple(task_path(f) for f in s.files),
+        external=task_path(external) if external is not None else None,
     )
 
 
