@@ -6,8 +6,12 @@
 2. ``ingest`` them with capture: probe = the training set (the paper's
    choice, needed for the accumulated VCS), model = this file's factory.
    A second store captures the held-out split, for TL on unseen data.
-3. ``analyze`` both stores and print a per-layer table at the last step.
+3. ``analyze`` both stores.
+4. Write the report of the training store (``digits-train.report.html``) and print
+   its path and the per-layer table (``gramlin-analyze summary``, with the held-out
+   TL and the early/late interval consistency beside it).
 
+Each stage prints a line as it starts, and ingest and analyze show a progress bar.
 Run: ``python -m examples.digits.run --out demo-output``.
 """
 
@@ -16,6 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,32 +31,79 @@ HERE = Path(__file__).resolve().parent
 LAYERS = ["fc1", "fc2", "fc3", "fc4", "head"]
 
 
-def run_pipeline(
-    out: str | Path, *, steps: int = 2900, every: int = 100, heldout: bool = True
-) -> dict:
-    """Train, ingest (with capture), analyze; return the numbers the demo prints."""
-    import gramlin_analyze as ga
-    from examples.digits.train import train
-    from gramlin_analyze.capture.task import CaptureConfig
-    from gramlin_analyze.store.info import store_info
+def _stage(show: bool, text: str) -> None:
+    if show:
+        print(text, file=sys.stderr, flush=True)
 
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+
+def _bar(show: bool, label: str):
+    """A progress bar (the command line's) while ``show``, else nothing."""
+    if not show:
+        return nullcontext(None)
+    from gramlin_analyze.cli.output import ProgressBar
+
+    return ProgressBar(False, label)
+
+
+def _train(out: Path, steps: int, every: int, progress: bool) -> dict:
+    from examples.digits.train import train
+
+    t0 = time.perf_counter()
+    _stage(
+        progress, f"[1/3] training the digits MLP for {steps} steps (a checkpoint every {every})"
+    )
     log = train(out, steps=steps, every=every)
+    _stage(
+        progress,
+        f"      trained in {time.perf_counter() - t0:.0f} s, test accuracy {log['test_accuracy']:.3f}",
+    )
+    return log
+
+
+def _capture_stores(out: Path, lr: float, heldout: bool, progress: bool) -> dict[str, Path]:
+    """Ingest with capture and analyze: probe = the training set, and the held-out split."""
+    import gramlin_analyze as ga
+    from gramlin_analyze.capture.task import CaptureConfig
+
     factory = f"{HERE / 'train.py'}:build"
     stores = {}
     probes = [("train", out / "probe_train.npz")] + (
         [("heldout", out / "probe_test.npz")] if heldout else []
     )
-    for name, probe in probes:
+    for i, (name, probe) in enumerate(probes):
         store = out / f"digits-{name}.zarr"
         cfg = CaptureConfig(probe=str(probe), model=factory, batch_size=512, agop=name == "train")
-        report = ga.ingest(out / "ckpts", store, capture=cfg, lr=log["lr"])
+        _stage(progress, f"[{2 + i}/3] ingest and analyze {store.name} (probe: {probe.name})")
+        with _bar(progress, "ingest") as bar:
+            report = ga.ingest(out / "ckpts", store, capture=cfg, lr=lr, progress=bar)
         if report.failed:
             raise RuntimeError(f"ingest failed: {report.failed}")
-        ga.analyze(store, metrics=None if name == "train" else ["tl"])
+        with _bar(progress, "analyze") as bar:
+            ga.analyze(store, metrics=None if name == "train" else ["tl"], progress=bar)
         stores[name] = store
+    return stores
+
+
+def run_pipeline(
+    out: str | Path,
+    *,
+    steps: int = 2900,
+    every: int = 100,
+    heldout: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Train, ingest (with capture), analyze; return the numbers the demo prints.
+
+    ``progress`` prints a line per stage and progress bars (on stderr).
+    """
+    import gramlin_analyze as ga
+    from gramlin_analyze.store.info import store_info
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    log = _train(out, steps, every, progress)
+    stores = _capture_stores(out, log["lr"], heldout, progress)
     tree = ga.open(stores["train"])
     m = tree["metrics"].to_dataset().load()
     mh = ga.open(stores["heldout"])["metrics"].to_dataset().load() if heldout else None
@@ -95,30 +149,32 @@ def run_pipeline(
     return result
 
 
-def format_table(res: dict) -> str:
-    head = (
-        f"{'layer input of':<15}{'TL':>7}{'null':>7}{'TL test':>9}{'TL step0':>10}{'Gram~VC':>9}"
-        f"{'Gram~accVCS':>13}{'Gram~AGOP':>11}{'interval early':>16}{'late':>7}{'eff.rank':>10}"
+def demo_table(res: dict, store: str | Path) -> str:
+    """``gramlin-analyze summary`` of the training store at the last step, with the demo's
+    own columns beside it: TL on the held-out split, interval consistency before and after
+    the loss starts to fall."""
+    import gramlin_analyze.plot as gp
+    from gramlin_analyze.report import format_table, summary_frame
+
+    df = summary_frame(gp.load(store))
+    layers = list(df.index)
+    df.insert(2, "TL test", [res["layers"][n]["tl_heldout"] for n in layers])
+    df["interval early"] = [res["layers"][n]["interval_corr_early"] for n in layers]
+    df["late"] = [res["layers"][n]["interval_corr_late"] for n in layers]
+    meanings = dict(df.attrs["meanings"])
+    meanings["TL test"] = "TL of the layer's input on the held-out split"
+    meanings["interval early / late"] = (
+        "median interval consistency before / after the loss starts to fall"
     )
-    lines = [head, "-" * len(head)]
-    for layer, r in res["layers"].items():
-        lines.append(
-            f"{layer:<15}{r['tl']:>7.3f}{r['tl_null']:>7.3f}{r['tl_heldout']:>9.3f}{r['tl_first']:>10.3f}"
-            f"{r['gram_vc_corr']:>9.3f}{r['gram_vcs_acc_corr']:>13.3f}{r['nfa_corr']:>11.3f}"
-            f"{r['interval_corr_early']:>16.3f}{r['interval_corr_late']:>7.3f}{r['effective_rank']:>10.1f}"
-        )
-    lines.append("")
-    lines.append(
-        f"last step {res['steps'][-1]}; test accuracy {res['test_accuracy']:.3f}; 'early' intervals end at step "
-        f"{res['early_end_step']} (the loss still sits near ln 10 = 2.303)"
+    return "\n".join(
+        [
+            format_table(df, formats={"TL test": ".3f", "interval early": ".3f", "late": ".3f"}),
+            "",
+            f"last step {res['steps'][-1]}; test accuracy {res['test_accuracy']:.3f}; 'early' intervals "
+            f"end at step {res['early_end_step']} (the loss still sits near ln 10 = 2.303)",
+            "; ".join(f"{k}: {v}" for k, v in meanings.items()),
+        ]
     )
-    lines.append(
-        "TL: target linearity of the layer's input (probe = training set), null = min(1, d/N); "
-        "Gram~VC: diag Pearson of W^T W and VC; Gram~accVCS: diag Pearson of W^T W - W_0^T W_0 and the "
-        "trapezoid-accumulated VCS (an estimate from checkpoints); Gram~AGOP: full Pearson (NFA); interval: "
-        "median Pearson of dGram and (b-a)(VCS_a+VCS_b)/2 per checkpoint interval."
-    )
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -127,10 +183,17 @@ def main() -> None:
     )
     p.add_argument("--out", default="demo-output")
     a = p.parse_args()
-    res = run_pipeline(a.out)
+    res = run_pipeline(a.out, progress=True)
+    from gramlin_analyze.report import build_report
+
+    store = Path(a.out) / "digits-train.zarr"
+    _stage(True, f"report of {store.name}")
+    report = build_report(store, png_dir=Path(a.out) / "figures")
     print(res["info"])
     print()
-    print(format_table(res))
+    print(demo_table(res, store))
+    print()
+    print(f"report: {report.html} (figures: {Path(a.out) / 'figures'})")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,15 @@ def imported_by_code(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "args", [["--version"], ["--help"], ["ingest", "--help"], ["analyze", "--help"]]
+    "args",
+    [
+        ["--version"],
+        ["--help"],
+        ["ingest", "--help"],
+        ["analyze", "--help"],
+        ["report", "--help"],
+        ["summary", "--help"],
+    ],
 )
 def test_version_and_help_import_nothing_heavy(args):
     assert not imported_by(*args) & HEAVY

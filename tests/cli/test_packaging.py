@@ -63,5 +63,5 @@ def test_module_entry_point():
         text=True,
         check=True,
     )
-    for command in ("scan", "ingest", "info", "validate"):
+    for command in ("scan", "ingest", "analyze", "info", "validate", "report", "summary"):
         assert command in out.stdout

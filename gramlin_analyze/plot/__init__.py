@@ -1,0 +1,73 @@
+"""Figures from a store: each function answers one question and returns a matplotlib Figure.
+
+>>> import gramlin_analyze.plot as gp
+>>> fig = gp.tl_over_steps("digits.zarr")            # doctest: +SKIP
+>>> fig.savefig("tl.png")                              # doctest: +SKIP
+
+Every function takes a store path or URL, its DataTree (``ga.open``) or its
+``/metrics`` Dataset (figures of per-layer matrices need one of the first two),
+and ``layers=`` (names, or globs such as ``"bert.encoder.layer.1*"``). Layers are
+ordered by depth as their names imply (``plot.depth_order``), not alphabetically;
+layers without the data a figure needs are skipped with a note under it; rows
+of steps that are not ``ok`` are never drawn. Only ``/metrics``, ``/steps`` and
+attributes are read. Figures are made without pyplot (no GUI backend; Agg
+draws PNGs), and each drawn line or image carries a ``gid`` naming its metric
+and layer, so what a figure shows can be checked against the store.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FIGURES",
+    "FigureSpec",
+    "alignment_by_layer",
+    "available_figures",
+    "cka_to_final",
+    "depth_order",
+    "gram_vc_alignment",
+    "gram_vs_vcs",
+    "interval_consistency",
+    "load",
+    "neural_collapse",
+    "rank_over_steps",
+    "spectra",
+    "tl_heatmap",
+    "tl_over_steps",
+    "tl_vs_depth",
+]
+
+# public name -> module; loaded on first use, so importing the package imports no matplotlib
+_LAZY = {
+    "tl_over_steps": "linearity",
+    "tl_vs_depth": "linearity",
+    "tl_heatmap": "linearity",
+    "gram_vc_alignment": "alignment",
+    "alignment_by_layer": "alignment",
+    "gram_vs_vcs": "alignment",
+    "interval_consistency": "intervals",
+    "rank_over_steps": "spectrum",
+    "spectra": "spectrum",
+    "neural_collapse": "representation",
+    "cka_to_final": "representation",
+    "depth_order": "_order",
+    "load": "_source",
+    "FIGURES": "_registry",
+    "FigureSpec": "_registry",
+    "available_figures": "_registry",
+}
+
+
+def __getattr__(name: str):
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,150 @@
+"""``build_report``: every figure the store has data for, the run summary and the
+per-layer table, as one self-contained HTML file (and PNG/SVG files on request).
+
+Stages: read the store's ``/metrics``, ``/steps`` and attributes once; draw each
+available figure and render it; assemble the page; write the files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gramlin_analyze.errors import GramlinError, UsageError
+
+__all__ = ["ReportResult", "build_report", "default_output"]
+
+#: Resolution of embedded and exported PNGs (figures are sized in inches at 100 dpi).
+DPI = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    """What a report wrote: the HTML page, each figure file, the figures not drawn and why."""
+
+    html: Path
+    files: tuple[Path, ...]
+    missing: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+def default_output(store: str) -> Path:
+    """``<store name>.report.html`` beside a local store, in the working directory for a URL."""
+    name = Path(store.rstrip("/")).name or "store"
+    stem = name[: -len(".zarr")] if name.endswith(".zarr") else name
+    if "://" in store:
+        return Path(f"{stem}.report.html")
+    return Path(store.rstrip("/")).parent / f"{stem}.report.html"
+
+
+def _render(fig, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":  # light compression: quicker to encode, files a little larger
+        fig.savefig(buf, format=fmt, dpi=DPI, pil_kwargs={"compress_level": 1})
+    else:
+        fig.savefig(buf, format=fmt, dpi=DPI)
+    return buf.getvalue()
+
+
+def _notes(fig) -> tuple[str, ...]:
+    from gramlin_analyze.plot._layout import NOTE_GID
+
+    return tuple(t.get_text().replace("\n", " ") for t in fig.texts if t.get_gid() == NOTE_GID)
+
+
+def _draw_all(src, export, progress):
+    """Each available figure drawn, rendered (and exported); and the figures not drawn."""
+    from gramlin_analyze.plot._registry import FIGURES, available_figures
+    from gramlin_analyze.report.html import RenderedFigure
+
+    specs = available_figures(src)
+    drawn, files, missing = [], [], []
+    for i, spec in enumerate(specs):
+        if progress:
+            progress(i, len(specs), spec.name)
+        try:
+            fig = spec.draw(src)
+        except GramlinError as err:  # data the figure needs is absent for every layer
+            missing.append(f"{spec.title}: {err}")
+            continue
+        png = _render(fig, "png")
+        size = (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"))  # IHDR
+        drawn.append(RenderedFigure(spec.name, spec.title, spec.question, png, size, _notes(fig)))
+        files += export(spec.name, fig, png)
+    names = {s.name for s in specs}
+    for spec in FIGURES:
+        if spec.name not in names:
+            missing.append(f"{spec.title}: the store has no {' or '.join(spec.needs)}")
+    if progress:
+        progress(len(specs), len(specs), "")
+    return drawn, files, missing
+
+
+def _exporter(png_dir: Path | None, svg: bool) -> Callable:
+    def export(name: str, fig, png: bytes) -> list[Path]:
+        if png_dir is None:
+            return []
+        out = [png_dir / f"{name}.png"]
+        out[0].write_bytes(png)
+        if svg:
+            out.append(png_dir / f"{name}.svg")
+            out[1].write_bytes(_render(fig, "svg"))
+        return out
+
+    return export
+
+
+def build_report(
+    store: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    png_dir: str | os.PathLike | None = None,
+    svg: bool = False,
+    layers: list[str] | None = None,
+    storage_options: dict | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> ReportResult:
+    """Write the HTML report of ``store`` (default :func:`default_output`).
+
+    Reads only ``/metrics``, ``/steps`` and attributes. ``png_dir`` also writes each
+    figure as ``<name>.png`` (and ``<name>.svg`` with ``svg``); ``layers`` selects
+    layers by name or glob. ``progress(done, total, figure)`` is called as figures
+    are drawn.
+    """
+    from gramlin_analyze._version import __version__
+    from gramlin_analyze.plot._source import load
+    from gramlin_analyze.report.html import page
+    from gramlin_analyze.report.overview import overview
+    from gramlin_analyze.report.summary import summary_frame
+
+    if svg and png_dir is None:
+        raise UsageError("--svg writes SVGs beside the PNGs: give --png DIR too")
+    store = os.fspath(store)
+    html_path = Path(output) if output is not None else default_output(store)
+    png_path = Path(png_dir) if png_dir is not None else None
+    src = load(store, layers=layers, storage_options=storage_options)
+    ov = overview(src, store)
+    if png_path is not None:
+        png_path.mkdir(parents=True, exist_ok=True)
+    drawn, files, missing = _draw_all(src, _exporter(png_path, svg), progress)
+    try:
+        table = summary_frame(src) if src.metrics.data_vars else None
+    except GramlinError:
+        table = None
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = page(
+        title=f"gramlin-analyze report: {src.attrs.get('run_name') or Path(store).name}",
+        overview=ov,
+        figures=drawn,
+        missing=missing,
+        table=table,
+        footer=f"Written by gramlin-analyze {__version__} on {when} from {store}. "
+        "Metric definitions: docs/metrics.md of gramlin-analyze.",
+    )
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path.write_text(text, encoding="utf-8")
+    return ReportResult(html_path, tuple(files), tuple(missing), ov.warnings)
