@@ -23,12 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import numpy as np
 
 from gramlin_analyze.errors import ProbeError, UnsafeCheckpointError
+from gramlin_analyze.io.remote import RemotePath, is_url
 
 __all__ = ["ProbeSet", "load_probe", "make_probe", "probe_summary", "PROBE_KEYS"]
 
@@ -331,7 +332,7 @@ _READERS = {
 }
 
 
-def load_probe(path: str | Path) -> ProbeSet:
+def load_probe(path: str | Path, *, storage_options: dict | None = None) -> ProbeSet:
     """Read and validate a probe-set file.
 
     Parameters
@@ -339,7 +340,10 @@ def load_probe(path: str | Path) -> ProbeSet:
     path : str or pathlib.Path
         A ``.npz``, ``.safetensors``, ``.pt`` or ``.pth`` file holding
         ``inputs``, exactly one of ``labels``/``targets``, and optionally
-        ``sample_id``.
+        ``sample_id``; or an fsspec URL of one (``s3://bucket/probe.npz``).
+    storage_options : dict, optional
+        fsspec options of a URL (credentials, endpoint); without them fsspec's
+        defaults apply (its configuration, the cloud SDK's environment variables).
 
     Returns
     -------
@@ -353,6 +357,8 @@ def load_probe(path: str | Path) -> ProbeSet:
     UnsafeCheckpointError
         If a ``.pt`` file needs arbitrary unpickling.
     """
+    if is_url(path):
+        return _load_remote(RemotePath(str(path), storage_options))
     path = Path(path)
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
@@ -363,3 +369,27 @@ def load_probe(path: str | Path) -> ProbeSet:
     if not path.is_file():
         raise ProbeError(f"probe file {str(path)!r} does not exist (check the --probe path)")
     return _build(reader(path), path)
+
+
+def _load_remote(remote: RemotePath) -> ProbeSet:
+    """A probe set behind a URL: fetched whole (a probe is read whole anyway) into a
+    temporary file the local readers open; messages name the URL."""
+    import tempfile
+
+    reader = _READERS.get(remote.suffix.lower())
+    if reader is None:
+        raise ProbeError(
+            f"probe file {str(remote)!r} has unsupported suffix {remote.suffix!r}; "
+            f"save it as one of {sorted(_READERS)}"
+        )
+    if not remote.is_file():
+        raise ProbeError(f"probe file {str(remote)!r} does not exist (check the --probe URL)")
+    with tempfile.TemporaryDirectory(prefix="gramlin-probe-") as tmp:
+        local = Path(tmp) / remote.name
+        local.write_bytes(remote.read_bytes())
+        try:
+            arrays = reader(local)
+        except ProbeError as err:
+            raise ProbeError(str(err).replace(str(local), str(remote))) from err
+    # Messages and ProbeSet.path name the URL (RemotePath has the Path operations used).
+    return _build(arrays, cast(Path, remote))

@@ -47,7 +47,8 @@ def add_storage(p: argparse.ArgumentParser) -> None:
         dest="storage_options",
         action=StorageOption,
         metavar="KEY=VALUE",
-        help="fsspec option of a remote store, repeatable; VALUE is JSON when it parses as JSON "
+        help="fsspec option of a remote store and of checkpoints or a probe behind a URL "
+        "(the same options serve both), repeatable; VALUE is JSON when it parses as JSON "
         '(client_kwargs=\'{"endpoint_url": "http://127.0.0.1:9000"}\'), else a string',
     )
 

@@ -5,20 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gramlin_analyze.cli.options import add_discovery
+from gramlin_analyze.cli.options import add_discovery, add_storage
 from gramlin_analyze.cli.output import console, human, out
 from gramlin_analyze.errors import GramlinError
+from gramlin_analyze.io.remote import is_url
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("directory")
+    p.add_argument("directory", help="run directory, or an fsspec URL such as s3://bucket/run")
     add_discovery(p)
+    add_storage(p)
 
 
 def _relative(path, directory) -> str:
     """``path`` relative to the scanned directory (named in the table title) when under it."""
+    if is_url(directory):
+        prefix = str(directory).rstrip("/") + "/"
+        return str(path).removeprefix(prefix)
     p, d = Path(path), Path(directory)
     try:
         return str(p.resolve().relative_to(d.resolve())) if d.is_dir() else str(p)
@@ -32,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from gramlin_analyze.io.discovery import scan
     from gramlin_analyze.io.registry import reader_for
 
-    opts = {"state_dict_key": args.state_dict_key} if args.state_dict_key else None
+    opts: dict | None = {"state_dict_key": args.state_dict_key} if args.state_dict_key else None
+    if args.storage_options:
+        opts = {**(opts or {}), "storage_options": args.storage_options}
     sources = scan(
         args.directory,
         format=args.format,

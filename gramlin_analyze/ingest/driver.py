@@ -20,6 +20,7 @@ from gramlin_analyze.ingest.record import Recorder
 from gramlin_analyze.ingest.task import CheckpointJob, TaskContext, ingest_one
 from gramlin_analyze.ingest.write import WrittenPlan, write_plan
 from gramlin_analyze.io.discovery import CheckpointSource
+from gramlin_analyze.io.remote import is_url
 from gramlin_analyze.scheduling import Target, WorkerCheck, dask_target, make_runner, task_path
 from gramlin_analyze.store import GramlinStore, WriteSession, release_buffers, share_with_tasks
 from gramlin_analyze.store.provenance import source_of
@@ -215,6 +216,11 @@ def _check_inputs(o: _Options) -> Request:
         reader_options["state_dict_key"] = o.state_dict_key
     if o.allow_torchscript_code:
         reader_options["allow_code"] = True
+    if is_url(o.directory):
+        if o.store is None:
+            raise UsageError(f"{o.directory}: checkpoints behind a URL need --store OUT")
+        # Checkpoints behind a URL are read with the store's storage options.
+        reader_options["storage_options"] = o.storage_options
     return Request(
         directory=o.directory,
         store=str(o.store) if o.store is not None else default_store_path(o.directory),
@@ -346,7 +352,8 @@ def _job(index: int, s: CheckpointSource, plan: Plan) -> CheckpointJob:
         step=s.step,
         path=task_path(s.path),
         format=s.format,
-        files=tuple(task_path(f) for f in s.files),
+        # (objects behind a URL have no os.stat for the task's changed-file check)
+        files=tuple(task_path(f) for f in s.files if not is_url(f)),
         external=task_path(external) if external is not None else None,
     )
 

@@ -133,7 +133,7 @@ def _declare_capture(
         "n_samples": int(probe.n_samples),
         "loss": capture.loss,
         "reduction": capture.reduction,
-        "probe_path": str(Path(capture.probe).resolve()),
+        "probe_path": _where(capture.probe),
         "model_source": capture.describe_model(),
         "capture_config": capture.to_json(),
         "activations_dtype": capture.dtype,
@@ -163,7 +163,7 @@ def _declare_external(gs: GramlinStore, ext: ExternalPlan, req: Request) -> list
             "n_samples": int(p.n_samples),
             "loss": "external",
             "reduction": "external",
-            "probe_path": str(Path(req.probe).resolve()),
+            "probe_path": _where(req.probe),
             "model_source": f"external activations from {req.activations}",
             "long_name": "probe set",
         }
@@ -173,3 +173,10 @@ def _declare_external(gs: GramlinStore, ext: ExternalPlan, req: Request) -> list
     for dtype, specs in ext.by_dtype.items():
         declare_activations(gs, specs, dtype=dtype, agop=False)
     return ext.layers
+
+
+def _where(path) -> str:
+    """A probe's location as recorded: a local path resolved, a URL as given."""
+    from gramlin_analyze.io.remote import is_url
+
+    return str(path) if is_url(str(path)) else str(Path(path).resolve())

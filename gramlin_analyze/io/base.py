@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+
+from gramlin_analyze.io.remote import RemotePath, as_path
 
 __all__ = [
     "TensorInfo",
@@ -126,10 +128,17 @@ class CheckpointReader:
     #: Optional framework needed, and the pip extra that installs it.
     requires: tuple[str, ...] = ()
     extra: str | None = None
+    #: Whether the reader reads checkpoints behind fsspec URLs (:mod:`.remote`).
+    reads_urls: bool = False
+    #: fsspec options of the checkpoints' URLs (credentials, endpoint).
+    storage_options: dict | None = None
+
+    def __init__(self, *, storage_options: dict | None = None):
+        self.storage_options = storage_options
 
     def guess_can_read(self, path: str | os.PathLike) -> bool:
         """Cheap test (name, a few header bytes) whether this reader applies."""
-        p = Path(path)
+        p = as_path(path, self.storage_options)
         return p.is_file() and any(p.name.endswith(s) for s in self.suffixes)
 
     #: The handle class that does the reading. A reader that sets it gets
@@ -160,7 +169,9 @@ class CheckpointReader:
 
     def files(self, path: str | os.PathLike) -> list[Path]:
         """Every file that belongs to this checkpoint (for fingerprints and sizes)."""
-        p = Path(path)
+        p = as_path(path, self.storage_options)
+        if isinstance(p, RemotePath):
+            return cast(list[Path], p.files())  # used like Paths (RemotePath's subset)
         if p.is_dir():
             return sorted(f for f in p.rglob("*") if f.is_file())
         return [p]
@@ -182,7 +193,8 @@ class CheckpointHandle:
 
     def __init__(self, reader: CheckpointReader, path: str | os.PathLike):
         self.reader = reader
-        self.path = Path(path)
+        # A URL reads through fsspec; RemotePath offers the Path operations readers use.
+        self.path = cast(Path, as_path(path, reader.storage_options))
         self._tensors: dict[str, TensorInfo] | None = None
 
     def list_tensors(self) -> dict[str, TensorInfo]:

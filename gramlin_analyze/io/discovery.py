@@ -8,12 +8,13 @@ its metadata, and fingerprints it. It reads no tensor bytes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +27,7 @@ from gramlin_analyze.errors import (
 )
 from gramlin_analyze.io.base import CheckpointMeta, CheckpointReader
 from gramlin_analyze.io.registry import known_readers, reader_for
+from gramlin_analyze.io.remote import RemotePath, as_path
 
 __all__ = [
     "CheckpointSource",
@@ -156,15 +158,31 @@ def fingerprint_files(files: list[Path], root: Path | None = None) -> str:
         rel = f.relative_to(root) if root is not None and f.is_relative_to(root) else Path(f.name)
         size = f.stat().st_size
         h.update(f"{rel.as_posix()}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= _SAMPLE * _N_SAMPLES:
-                h.update(fh.read())
-            else:
-                stride = (size - _SAMPLE) // (_N_SAMPLES - 1)
-                for i in range(_N_SAMPLES):
-                    fh.seek(i * stride)
-                    h.update(fh.read(_SAMPLE))
+        for chunk in _samples(f, size):
+            h.update(chunk)
     return "blake2b-sampled:" + h.hexdigest()
+
+
+def _sample_ranges(size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges a fingerprint hashes: all of a small file, else
+    16 evenly spaced samples."""
+    if size <= _SAMPLE * _N_SAMPLES:
+        return [(0, size)]
+    stride = (size - _SAMPLE) // (_N_SAMPLES - 1)
+    return [(i * stride, i * stride + _SAMPLE) for i in range(_N_SAMPLES)]
+
+
+def _samples(f: Path, size: int) -> Iterator[bytes]:
+    """The sampled bytes of ``f``: ranged reads behind a URL, seeks in a local file
+    (the same bytes, so a checkpoint's fingerprint does not depend on where it lives)."""
+    if isinstance(f, RemotePath):
+        for start, end in _sample_ranges(size):
+            yield f.read_range(start, end)
+        return
+    with open(f, "rb") as fh:
+        for start, end in _sample_ranges(size):
+            fh.seek(start)
+            yield fh.read(end - start)
 
 
 def _readers(format: str | None, reader_options: dict | None) -> list[CheckpointReader]:
@@ -176,6 +194,26 @@ def _readers(format: str | None, reader_options: dict | None) -> list[Checkpoint
             out.append(reader_for(name, reader_options))
         except MissingDependencyError:
             continue
+    return out
+
+
+def _remote_readers(
+    readers: list[CheckpointReader], format: str | None, storage_options: dict | None
+) -> list[CheckpointReader]:
+    """The readers that read through fsspec, each given the URL's storage options."""
+    usable = [r for r in readers if r.reads_urls]
+    if format is not None and not usable:
+        raise UsageError(
+            f"the {format} reader reads local files only; copy the checkpoints to a local "
+            "directory, or save them as safetensors, PyTorch or .npz files"
+        )
+    if not storage_options:
+        return usable
+    out = []
+    for r in usable:
+        r = copy.copy(r)  # registry instances are shared: configure a copy
+        r.storage_options = storage_options
+        out.append(r)
     return out
 
 
@@ -202,6 +240,8 @@ def _walk(root: Path, readers: list[CheckpointReader]) -> list[tuple[Path, Check
                 f"{root}: no checkpoint reader recognizes this file; pass --format NAME"
             )
         return [(root, r)]
+    if isinstance(root, RemotePath):
+        return _walk_remote(root, readers)
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)
         dirnames[:] = sorted(n for n in dirnames if not _TEMP_NAME.search(n))
@@ -228,6 +268,25 @@ def _walk(root: Path, readers: list[CheckpointReader]) -> list[tuple[Path, Check
     return found
 
 
+def _walk_remote(
+    root: RemotePath, readers: list[CheckpointReader]
+) -> list[tuple[Path, CheckpointReader]]:
+    """Single-file checkpoints in an object listing (one request per page of keys);
+    the scratch and sidecar names skipped as in a local walk."""
+    found: list[tuple[Path, CheckpointReader]] = []
+    for f in root.files():
+        parts = f.relative_to(root).parts[:-1]
+        if any(_TEMP_NAME.search(p) for p in parts) or _TEMP_NAME.search(f.name):
+            continue
+        if _NOT_WEIGHTS.search(f.name):
+            continue
+        for r in readers:
+            if not r.is_directory_format and any(f.name.endswith(x) for x in r.suffixes):
+                found.append((cast(Path, f), r))
+                break
+    return found
+
+
 def scan(
     root: str | os.PathLike,
     *,
@@ -236,6 +295,7 @@ def scan(
     reader_options: dict | None = None,
     settle_seconds: float = 0.0,
     known: dict[str, tuple[str, str]] | None = None,
+    storage_options: dict | None = None,
 ) -> list[CheckpointSource]:
     """Find every checkpoint under ``root``, sorted by step.
 
@@ -261,6 +321,11 @@ def scan(
         ``{source_path: (stat_key, fingerprint)}`` from an earlier scan (the
         store's manifest): a checkpoint whose files have the same
         :func:`stat_key` keeps its fingerprint instead of being hashed again.
+    storage_options
+        fsspec options when ``root`` is a URL (``s3://bucket/run``, ``memory://run``);
+        by default ``reader_options["storage_options"]``. Behind a URL, only
+        single-file formats that read through fsspec are found (safetensors,
+        PyTorch files, ``.npz``).
 
     Raises
     ------
@@ -270,10 +335,14 @@ def scan(
     """
     if order is not None and order not in ORDERS:
         raise UsageError(f"order must be one of {ORDERS}, not {order!r}")
-    root = Path(root)
+    if storage_options is None:
+        storage_options = (reader_options or {}).get("storage_options")
+    root = cast(Path, as_path(root, storage_options))
     if not root.exists():
         raise UsageError(f"{root}: no such file or directory")
     readers = _readers(format, reader_options)
+    if isinstance(root, RemotePath):
+        readers = _remote_readers(readers, format, storage_options)
     now = time.time()
     sources: list[CheckpointSource] = []
     for path, reader in _walk(root, readers):

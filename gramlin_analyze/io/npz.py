@@ -18,6 +18,7 @@ from numpy.lib import format as npy_format
 
 from gramlin_analyze.errors import CheckpointFormatError
 from gramlin_analyze.io.base import CheckpointHandle, CheckpointReader, TensorInfo
+from gramlin_analyze.io.remote import RemotePath
 
 __all__ = ["NpzReader"]
 
@@ -62,12 +63,18 @@ class NpzHandle(CheckpointHandle):
     def __init__(self, reader: CheckpointReader, path: os.PathLike | str):
         super().__init__(reader, path)
         self._zip: zipfile.ZipFile | None = None
+        self._remote: IO[bytes] | None = None  # the fsspec file a URL's archive reads from
         self._members: dict[str, str] = {}
 
     def _opened(self) -> zipfile.ZipFile:
         if self._zip is None:
             try:
-                self._zip = zipfile.ZipFile(self.path)
+                if isinstance(self.path, RemotePath):
+                    # zipfile seeks to the central directory, then to each member.
+                    self._remote = self.path.open("rb")
+                    self._zip = zipfile.ZipFile(self._remote)
+                else:
+                    self._zip = zipfile.ZipFile(self.path)
             except (zipfile.BadZipFile, EOFError, ValueError) as err:
                 raise _unreadable(self.path, err) from err
             self._members = {
@@ -118,6 +125,9 @@ class NpzHandle(CheckpointHandle):
         if self._zip is not None:
             self._zip.close()
             self._zip = None
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
         super().close()
 
 
@@ -131,5 +141,6 @@ class NpzReader(CheckpointReader):
 
     name = "npz"
     suffixes = (".npz",)
+    reads_urls = True
 
     handle_class = NpzHandle

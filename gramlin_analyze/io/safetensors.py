@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -26,6 +27,7 @@ from gramlin_analyze.io.base import (
     TensorInfo,
     missing_tensor_error,
 )
+from gramlin_analyze.io.remote import RemotePath
 
 __all__ = [
     "SafetensorsReader",
@@ -91,6 +93,28 @@ _NUMPY_CODES = {
 }
 
 
+def _mapped_header(path: Path) -> tuple:
+    """A local file's memory map, data offset, size and parsed header."""
+    import mmap
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    n = int.from_bytes(mm[:8], "little")
+    if not 2 <= n <= size - 8:
+        raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+    return (mm, 8 + n, size, json.loads(bytes(mm[8 : 8 + n])))
+
+
+def _remote_header(path: RemotePath) -> tuple:
+    """An object's data offset, size and header in two ranged reads (no map: None)."""
+    size = path.stat().st_size
+    n = int.from_bytes(path.read_range(0, 8), "little")
+    if not 2 <= n <= size - 8:
+        raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+    return (None, 8 + n, size, json.loads(path.read_range(8, 8 + n)))
+
+
 class SafetensorsHandle(CheckpointHandle):
     """An open ``.safetensors`` file: the header is parsed once, tensors read on request.
 
@@ -109,21 +133,20 @@ class SafetensorsHandle(CheckpointHandle):
         self._map: tuple | None = None
 
     def _mapped(self) -> tuple:
-        """``(memory map, offset of the data, file size, header)``, opened once."""
-        if self._map is None:
-            import mmap
+        """``(memory map or None, offset of the data, file size, header)``, opened once.
 
+        Behind a URL there is no map: the header comes in two ranged reads and
+        each tensor in one (:meth:`_remote_bytes`), never the whole object.
+        """
+        if self._map is None:
             try:
-                with open(self.path, "rb") as fh:
-                    size = os.fstat(fh.fileno()).st_size
-                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                n = int.from_bytes(mm[:8], "little")
-                if not 2 <= n <= size - 8:
-                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-                header = json.loads(bytes(mm[8 : 8 + n]))
+                self._map = (
+                    _remote_header(self.path)
+                    if isinstance(self.path, RemotePath)
+                    else _mapped_header(self.path)
+                )
             except (OSError, ValueError) as err:
                 raise _unreadable(self.path, err) from err
-            self._map = (mm, 8 + n, size, header)
         return self._map
 
     def _view(self, name: str, code: str) -> np.ndarray:
@@ -142,6 +165,9 @@ class SafetensorsHandle(CheckpointHandle):
                 self.path,
                 ValueError(f"tensor {name!r} lies outside the file or has the wrong size"),
             )
+        if mm is None:
+            data = cast(RemotePath, self.path).read_range(base + start, base + end)
+            return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
         return np.frombuffer(mm, dtype=dtype, count=count, offset=base + start).reshape(shape)
 
     def _opened(self, framework: str = "numpy"):
@@ -154,6 +180,8 @@ class SafetensorsHandle(CheckpointHandle):
         return getattr(self, attr)
 
     def list_tensors(self) -> dict[str, TensorInfo]:
+        if self._tensors is None and isinstance(self.path, RemotePath):
+            self._tensors = self._remote_infos()
         if self._tensors is None:
             f = self._opened()
             infos = {}
@@ -176,12 +204,56 @@ class SafetensorsHandle(CheckpointHandle):
         via_torch = self._stored.get(name) not in _NUMPY_NATIVE
         if not via_torch:
             return self._view(name, self._stored[name])
+        if isinstance(self.path, RemotePath):
+            return self._remote_via_torch(name)
         try:
             tensor = self._opened("pt").get_tensor(name)
         except SafetensorError as err:
             raise _unreadable(self.path, err) from err
         from gramlin_analyze.io.torch_pickle import tensor_to_numpy
 
+        return tensor_to_numpy(tensor, copy=False)
+
+    def _remote_infos(self) -> dict[str, TensorInfo]:
+        """Names, dtypes and shapes from the header read by range (no tensor bytes)."""
+        header = self._mapped()[3]
+        infos = {}
+        try:
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                self._stored[name] = str(info["dtype"])
+                infos[name] = TensorInfo(
+                    name=name,
+                    shape=tuple(int(d) for d in info["shape"]),
+                    dtype=_DTYPES.get(self._stored[name], self._stored[name].lower()),
+                )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise _unreadable(self.path, ValueError(f"header entry: {err}")) from err
+        return infos
+
+    def _remote_via_torch(self, name: str) -> np.ndarray:
+        """A bf16/fp8 tensor behind a URL: its byte range, loaded by safetensors as one
+        tensor file, so torch widens it exactly as for a local file."""
+        from safetensors.torch import load
+
+        from gramlin_analyze.io.torch_pickle import tensor_to_numpy
+
+        _, base, _, header = self._mapped()
+        info = header[name]
+        start, end = (int(x) for x in info["data_offsets"])
+        data = cast(RemotePath, self.path).read_range(base + start, base + end)
+        if len(data) != end - start:
+            raise _unreadable(self.path, ValueError(f"tensor {name!r} lies outside the file"))
+        one = {
+            name: {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [0, len(data)]}
+        }
+        head = json.dumps(one).encode()
+        head += b" " * (-len(head) % 8)
+        try:
+            tensor = load(len(head).to_bytes(8, "little") + head + data)[name]
+        except SafetensorError as err:
+            raise _unreadable(self.path, err) from err
         return tensor_to_numpy(tensor, copy=False)
 
     def close(self) -> None:
@@ -201,6 +273,7 @@ class SafetensorsReader(CheckpointReader):
 
     name = "safetensors"
     suffixes = (".safetensors",)
+    reads_urls = True
 
     handle_class = SafetensorsHandle
 

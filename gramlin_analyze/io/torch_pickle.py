@@ -22,7 +22,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from gramlin_analyze.io.base import (
     missing_tensor_error,
     to_numpy,
 )
+from gramlin_analyze.io.remote import RemotePath, as_path
 
 if TYPE_CHECKING:
     import torch
@@ -153,12 +154,21 @@ def load_torch_file(path: os.PathLike | str) -> Any:
     """
     import torch
 
-    path = Path(path)
+    path = cast(Path, as_path(path))
+    if isinstance(path, RemotePath):
+        # torch.load reads the zip's directory and records through a seekable fsspec file.
+        with path.open("rb") as remote:
+            return _checked_load(torch, remote, path, mmap=False)
     with path.open("rb") as f:
         # mmap works only for the zip format; legacy files are loaded the old way.
         zipped = f.read(4) == _ZIP_MAGIC
+    return _checked_load(torch, path, path, mmap=zipped)
+
+
+def _checked_load(torch: Any, source: Any, path: Path, *, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` of ``source``; refusals and damage become our errors."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu", mmap=zipped)
+        return torch.load(source, weights_only=True, map_location="cpu", mmap=mmap)
     except pickle.UnpicklingError as err:
         culprit = _refusal(err)
         if culprit is None:
@@ -344,7 +354,10 @@ class TorchPickleReader(CheckpointReader):
     name = "torch"
     suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".pth.tar")
 
-    def __init__(self, *, state_dict_key: str | None = None):
+    reads_urls = True
+
+    def __init__(self, *, state_dict_key: str | None = None, storage_options: dict | None = None):
+        super().__init__(storage_options=storage_options)
         self.state_dict_key = state_dict_key
 
     def load(self, path: os.PathLike | str) -> Any:
