@@ -114,6 +114,12 @@ def _validate(url: str, storage_options: dict | None, notes: list[str]) -> list[
     return problems + _missing_chunk_problems(view, keys)
 
 
+_CREATOR_INTERRUPTED = (
+    "the writer that created this store was interrupted before its first step landed; "
+    "run the ingest again"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class _ReaderView:
     """The store as readers see it: the consolidated copy while a writer's change is
@@ -129,8 +135,14 @@ def _reader_view(gs: GramlinStore, notes: list[str]) -> tuple[_ReaderView | None
     """What readers see, and the problems of the consolidated metadata; no view when
     a writer was interrupted before the first step landed (nothing to check yet)."""
     root = gs.root
-    man = gs.manifest()
     interrupted = root.attrs.get(CONSOLIDATED_ATTR) is False
+    try:
+        man = gs.manifest()
+    except KeyError as err:  # a /steps array not made yet
+        if not interrupted:
+            return None, [f"/steps: {err.args[0]} missing; re-run ingest to repair"]
+        notes.append(_CREATOR_INTERRUPTED)
+        return None, []
     arrays = _walk_arrays(root)
     problems: list[str] = []
     # Consolidated metadata must describe the same arrays as the metadata itself.
@@ -139,10 +151,7 @@ def _reader_view(gs: GramlinStore, notes: list[str]) -> tuple[_ReaderView | None
         seen = _walk_arrays(cons)
     except (ValueError, FileNotFoundError) as err:
         if interrupted:
-            notes.append(
-                "the writer that created this store was interrupted before its first step landed; "
-                "run the ingest again"
-            )
+            notes.append(_CREATOR_INTERRUPTED)
             return None, problems
         problems.append(
             f"consolidated metadata missing or unreadable ({err}); re-run ingest to repair"

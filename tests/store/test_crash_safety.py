@@ -165,3 +165,38 @@ def test_killed_capture_ingest_of_a_new_store(tmp_path):
     _check_kills(
         tmp_path, tmp_path / "none.zarr", lambda s: ["ingest", str(run), "--store", str(s), *args]
     )
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+def test_a_creation_stopped_between_group_and_array_documents(tmp_path, flagged):
+    """A kill after /steps's group document and before its arrays' (seen at an early
+    kill point): validate says what happened instead of failing, and the next run
+    finishes the store."""
+    import zarr
+
+    import gramlin_analyze as ga
+
+    run = tmp_path / "run"
+    expected = write_trajectory(run, [0, 10], formats=("safetensors",))
+    store = tmp_path / "s.zarr"
+    ga.ingest(run, store)
+    shutil.rmtree(store / "steps" / "step")
+    zarr.open_group(str(store), mode="r+", zarr_format=3).attrs.update(
+        {"consolidated_current": not flagged}
+    )
+    notes: list[str] = []
+    problems = validate_store(store, notes=notes)
+    if flagged:  # the writer's structural change was unfinished: a note, not a problem
+        assert problems == [] and any("interrupted before its first step" in n for n in notes)
+    else:  # a store claiming to be whole (no kill leaves this): a problem, not a crash
+        assert any(p.startswith("/steps") for p in problems), problems
+        return
+    report = ga.ingest(run, store)
+    assert not report.failed
+    assert validate_store(store) == []
+    tree = xr.open_datatree(str(store), engine="zarr")
+    assert list(tree["steps"]["step"].values) == sorted(expected)
+    for step, arrays in expected.items():
+        np.testing.assert_array_equal(
+            tree["layers/fc1"]["weight"].sel(step=step).values, arrays["fc1.weight"]
+        )
