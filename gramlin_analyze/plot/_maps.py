@@ -33,7 +33,7 @@ def layer_step_map(values, layers, columns, *, gid, label, xlabel, title, notes,
     thin_ticks(ax, "y", names, most=60)
     thin_ticks(ax, "x", columns, most=30)
     ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, y=1.0)
     w, _ = fig.get_size_inches()
     p = fig.subplotpars
     cax = fig.add_axes((p.right + 0.15 / w, p.bottom, 0.12 / w, p.top - p.bottom))

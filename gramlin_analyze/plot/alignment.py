@@ -46,7 +46,7 @@ def gram_vc_alignment(source, *, layers=None, storage_options=None):
     m = src.metrics
     for ax, var in zip(axes, present, strict=True):
         lines = draw_layer_lines(ax, m, var, have, colors)
-        ax.set_title(SHORT[var], fontsize=9)
+        ax.set_title(SHORT[var], fontsize=9, y=1.0)
         ax.set_xlabel(step_label(m), fontsize=8)
         ax.set_ylim(-1.05, 1.05)
         ax.tick_params(labelsize=7)
@@ -99,7 +99,7 @@ def alignment_by_layer(source, *, step=None, layers=None, storage_options=None):
     ax.tick_params(labelsize=7)
     ax.set_ylabel("Pearson correlation", fontsize=8)
     ax.set_xlabel("layer (input of), by depth", fontsize=8)
-    ax.set_title(f"Gram alignment by layer at step {step}", fontsize=9)
+    ax.set_title(f"Gram alignment by layer at step {step}", fontsize=9, y=1.0)
     ax.grid(True, alpha=0.3)
     p = fig.subplotpars
     fig.legend(
@@ -167,7 +167,7 @@ def gram_vs_vcs(source, *, step=None, layers=None, max_panels: int = 12, storage
         title = f"{name}\nr = {float(m['gram_vcs_acc_corr'].sel(layer=layer)):.2f}"
         if "nfa_corr" in m and np.isfinite(m["nfa_corr"].sel(layer=layer)):
             title += f", AGOP r = {float(m['nfa_corr'].sel(layer=layer)):.2f}"
-        ax.set_title(title, fontsize=7)
+        ax.set_title(title, fontsize=7, y=1.0)
         ax.grid(True, alpha=0.3)
     for ax in axes:
         ax.tick_params(labelbottom=True)

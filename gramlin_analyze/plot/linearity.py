@@ -74,7 +74,7 @@ def tl_over_steps(source, *, layers=None, max_panels: int = 16, storage_options=
         if NULL in m:
             (null,) = ax.plot(steps, m[NULL].sel(layer=layer).values, color="0.45", ls="--", lw=1)
             null.set_gid(f"{NULL}|{layer}")
-        ax.set_title(name, fontsize=7)
+        ax.set_title(name, fontsize=7, y=1.0)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
     fig.legend(

@@ -52,7 +52,9 @@ def neural_collapse(source, *, layers=None, storage_options=None):
         with_data = src.layers_with(var)
         lines = draw_layer_lines(ax, m, var, with_data, [colors[have.index(n)] for n in with_data])
         handles.update(zip(with_data, lines, strict=True))
-        ax.set_title(f"{SHORT[var]}\n{axis_label(dict(m[var].attrs), var, 58)}", fontsize=6.5)
+        ax.set_title(
+            f"{SHORT[var]}\n{axis_label(dict(m[var].attrs), var, 58)}", fontsize=6.5, y=1.0
+        )
         ax.tick_params(labelsize=7, labelbottom=i + ncols >= len(present))
         if var == "nc1":
             log_axis(ax, m[var].values)
@@ -74,7 +76,7 @@ def cka_to_final(source, *, layers=None, storage_options=None):
     m = src.metrics
     lines = draw_layer_lines(ax, m, "cka_to_final", have, colors)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(SHORT["cka_to_final"], fontsize=9)
+    ax.set_title(SHORT["cka_to_final"], fontsize=9, y=1.0)
     ax.set_ylabel("linear CKA to the last ok step", fontsize=8)
     ax.set_xlabel(step_label(m), fontsize=8)
     ax.tick_params(labelsize=7)

@@ -42,7 +42,7 @@ def rank_over_steps(source, *, layers=None, storage_options=None):
     m = src.metrics
     for ax, var in zip(axes, present, strict=True):
         lines = draw_layer_lines(ax, m, var, have, colors)
-        ax.set_title(SHORT[var], fontsize=9)
+        ax.set_title(SHORT[var], fontsize=9, y=1.0)
         ax.set_ylabel(axis_label(dict(m[var].attrs), var, 45), fontsize=7)
         ax.set_xlabel(step_label(m), fontsize=8)
         ax.tick_params(labelsize=7)
@@ -91,7 +91,7 @@ def spectra(source, *, steps=None, layers=None, max_panels: int = 12, storage_op
             (line,) = ax.plot(k, row, color=shade, ls=ls, lw=1.2, label=f"step {step}")
             line.set_gid(f"spectrum|{layer}|step={step}")
         log_axis(ax, values)
-        ax.set_title(name, fontsize=7)
+        ax.set_title(name, fontsize=7, y=1.0)
         ax.grid(True, alpha=0.3)
     fig.legend(
         handles=axes[0].get_lines(),

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from gramlin_analyze.errors import GramlinError, UsageError
 
 __all__ = ["ReportResult", "build_report", "default_output"]
@@ -41,7 +43,33 @@ def default_output(store: str) -> Path:
     return Path(store.rstrip("/")).parent / f"{stem}.report.html"
 
 
+def _in_view_ticks(fig) -> None:
+    """Each axis's major ticks fixed to those its locator puts inside the view.
+
+    A locator also returns a tick beyond each end of the view; matplotlib builds a tick
+    (two lines, a grid line, two labels) for each before dropping it from the drawing,
+    up to a third of a small panel's ticks. Fixing the ticks drawn anyway changes no pixel;
+    done here, at render time, so a figure handed to the user keeps its live locators.
+    Axes with fixed ticks (named layers, steps) and colorbars are left as they are.
+    """
+    from matplotlib.ticker import FixedLocator
+
+    for ax in fig.axes:
+        if hasattr(ax, "_colorbar"):
+            continue
+        for axis in (ax.xaxis, ax.yaxis):
+            if isinstance(axis.get_major_locator(), FixedLocator):
+                continue
+            locs = np.asarray(axis.get_majorticklocs(), dtype=float)
+            lo, hi = sorted(axis.get_view_interval())
+            slack = 1e-10 * max(abs(lo), abs(hi), 1.0)
+            keep = locs[(locs >= lo - slack) & (locs <= hi + slack)]
+            if 0 < keep.size < locs.size:
+                axis.set_major_locator(FixedLocator(keep))
+
+
 def _render(fig, fmt: str) -> bytes:
+    _in_view_ticks(fig)
     buf = io.BytesIO()
     if fmt == "png":  # light compression: quicker to encode, files a little larger
         fig.savefig(buf, format=fmt, dpi=DPI, pil_kwargs={"compress_level": 1})
