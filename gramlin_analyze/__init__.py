@@ -19,34 +19,18 @@ import os
 import sys
 import types
 
+from gramlin_analyze._lazy import lazy_attributes
 from gramlin_analyze._version import __version__
 
 __all__ = ["__version__", "open", "ingest", "analyze", "scan", "reducers"]
 
-# public name -> (module, attribute; None for the module itself)
 _LAZY = {
-    "ingest": ("gramlin_analyze.ingest", "ingest"),
-    "analyze": ("gramlin_analyze.analysis", "analyze"),
-    "scan": ("gramlin_analyze.io.discovery", "scan"),
-    "reducers": ("gramlin_analyze.reducers", None),
+    "ingest": "gramlin_analyze.ingest:ingest",
+    "analyze": "gramlin_analyze.analysis:analyze",
+    "scan": "gramlin_analyze.io.discovery:scan",
+    "reducers": "gramlin_analyze.reducers:",
 }
-
-
-def __getattr__(name: str):
-    try:
-        module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    import importlib
-
-    mod = importlib.import_module(module)
-    value = mod if attr is None else getattr(mod, attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__, globals())
 
 
 class _Package(types.ModuleType):

@@ -17,6 +17,8 @@ and layer, so what a figure shows can be checked against the store.
 
 from __future__ import annotations
 
+from gramlin_analyze._lazy import lazy_attributes
+
 __all__ = [
     "FIGURES",
     "FigureSpec",
@@ -57,17 +59,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(
+    __name__, {k: "." + v for k, v in _LAZY.items()}, __all__, globals()
+)

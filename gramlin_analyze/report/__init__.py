@@ -14,6 +14,8 @@ package imports neither matplotlib nor xarray.
 
 from __future__ import annotations
 
+from gramlin_analyze._lazy import lazy_attributes
+
 __all__ = [
     "ReportResult",
     "build_report",
@@ -35,17 +37,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(
+    __name__, {k: "." + v for k, v in _LAZY.items()}, __all__, globals()
+)
