@@ -14,3 +14,12 @@ def rng(request):
     import zlib
 
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback with one bucket, for the whole session."""
+    from tests.s3_server import moto_s3
+
+    with moto_s3() as server:
+        yield server

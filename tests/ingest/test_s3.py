@@ -7,17 +7,13 @@ and boto3 talk to it over sockets exactly as they would to AWS.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import warnings
-from dataclasses import dataclass
 
-import boto3
 import numpy as np
 import pytest
 import xarray as xr
-from moto.server import ThreadedMotoServer
 
 from gramlin_analyze.cli import main
 from gramlin_analyze.errors import StoreLockedError
@@ -25,65 +21,15 @@ from gramlin_analyze.ingest import ingest
 from gramlin_analyze.store import GramlinStore
 from gramlin_analyze.store.info import store_info
 from gramlin_analyze.store.validate import validate_store
+from tests.s3_server import S3, S3_BUCKET
 from tests.trajectory import write_trajectory
 
-BUCKET = "gramlin-test"
-
-
-@dataclass(frozen=True)
-class S3:
-    endpoint: str
-    storage_options: dict
-    client: object  # boto3 S3 client, for looking behind gramlin's back
-
-    def sizes(self, prefix: str) -> dict[str, int]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
-
-    def keys(self, prefix: str) -> set[str]:
-        return set(self.sizes(prefix))
+BUCKET = S3_BUCKET
 
 
 @pytest.fixture(scope="session")
-def s3():
-    """A moto S3 server on 127.0.0.1 with one bucket, for the whole session."""
-    # A bound socket that never listens: any S3 client that forgets the
-    # endpoint below is refused on loopback instead of reaching AWS.
-    sink = socket.socket()
-    sink.bind(("127.0.0.1", 0))
-    werkzeug_log = logging.getLogger("werkzeug")
-    level = werkzeug_log.level
-    werkzeug_log.setLevel(logging.WARNING)  # one log line per request drowns failures
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-                mp.delenv(name, raising=False)
-            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            mp.setenv("AWS_CONFIG_FILE", "/dev/null")
-            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
-            mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-            mp.setenv("no_proxy", "127.0.0.1,localhost")
-            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            client.create_bucket(Bucket=BUCKET)
-            options = {
-                "key": "testing",
-                "secret": "testing",
-                "anon": False,
-                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-            }
-            yield S3(endpoint, options, client)
-    finally:
-        server.stop()
-        sink.close()
-        werkzeug_log.setLevel(level)
+def s3(s3_server: S3) -> S3:
+    return s3_server
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,14 @@ The S3 server is moto's, run in-process as a real HTTP server on loopback
 
 from __future__ import annotations
 
-import logging
-import socket
 import uuid
 from pathlib import Path
 
-import boto3
 import fsspec
 import numpy as np
 import pytest
 import torch
 import xarray as xr
-from moto.server import ThreadedMotoServer
 
 from gramlin_analyze.capture.probe import load_probe
 from gramlin_analyze.cli import main
@@ -152,43 +148,10 @@ def test_memory_probe_loads(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1 with one bucket; yields (storage options, boto3 client)."""
-    sink = socket.socket()  # any client that forgets the endpoint is refused on loopback
-    sink.bind(("127.0.0.1", 0))
-    werkzeug_log = logging.getLogger("werkzeug")
-    level = werkzeug_log.level
-    werkzeug_log.setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-                mp.delenv(name, raising=False)
-            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            mp.setenv("AWS_CONFIG_FILE", "/dev/null")
-            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
-            mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-            mp.setenv("no_proxy", "127.0.0.1,localhost")
-            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            client.create_bucket(Bucket=BUCKET)
-            options = {
-                "key": "testing",
-                "secret": "testing",
-                "anon": False,
-                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-            }
-            yield options, client, endpoint
-    finally:
-        server.stop()
-        sink.close()
-        werkzeug_log.setLevel(level)
+def s3(s3_server):
+    """The session's S3 server with this module's bucket; (storage options, boto3 client, endpoint)."""
+    s3_server.client.create_bucket(Bucket=BUCKET)
+    return s3_server.storage_options, s3_server.client, s3_server.endpoint
 
 
 @pytest.fixture(scope="module")
