@@ -164,6 +164,32 @@ def _inches(fig: Figure) -> tuple[float, float]:
     return float(w), float(h)
 
 
+def legend_right(fig: Figure, *args, fontsize: float = 8, **kw) -> None:
+    """A figure legend right of the panels, in the right margin the layout left."""
+    p = fig.subplotpars
+    fig.legend(
+        *args,
+        loc="upper left",
+        bbox_to_anchor=(p.right + 0.1 / fig.get_figwidth(), p.top),
+        fontsize=fontsize,
+        frameon=False,
+        **kw,
+    )
+
+
+def legend_above(fig: Figure, handles, labels=None, *, ncols: int) -> None:
+    """A figure legend in one row above the panels, in the top margin the layout left."""
+    fig.legend(
+        handles=handles,
+        **({} if labels is None else {"labels": labels}),
+        loc="lower center",
+        bbox_to_anchor=(0.5, fig.subplotpars.top + 0.3 / fig.get_figheight()),
+        ncols=ncols,
+        fontsize=8,
+        frameon=False,
+    )
+
+
 def layer_key(fig: Figure, layers: Sequence[str], colors, handles=None) -> None:
     """A legend right of the panels (few layers) or a colorbar keyed by depth (many);
     the figure's right margin is :func:`key_width` wide."""
@@ -171,16 +197,7 @@ def layer_key(fig: Figure, layers: Sequence[str], colors, handles=None) -> None:
     p = fig.subplotpars
     names = short_names(layers)
     if len(layers) <= LEGEND_MAX:
-        fig.legend(
-            handles,
-            names,
-            loc="upper left",
-            bbox_to_anchor=(p.right + 0.1 / w, p.top),
-            fontsize=7,
-            title="layer input of",
-            title_fontsize=7,
-            frameon=False,
-        )
+        legend_right(fig, handles, names, fontsize=7, title="layer input of", title_fontsize=7)
         return
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm, ListedColormap

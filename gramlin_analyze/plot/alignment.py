@@ -11,7 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from gramlin_analyze.errors import MissingDataError
-from gramlin_analyze.plot._layout import Layout, facet_grid, key_width, layer_key, text_width
+from gramlin_analyze.plot._layout import (
+    Layout,
+    facet_grid,
+    key_width,
+    layer_key,
+    legend_right,
+    text_width,
+)
 from gramlin_analyze.plot._source import load, require, spread
 from gramlin_analyze.plot._style import (
     SHORT,
@@ -101,13 +108,7 @@ def alignment_by_layer(source, *, step=None, layers=None, storage_options=None):
     ax.set_xlabel("layer (input of), by depth", fontsize=8)
     ax.set_title(f"Gram alignment by layer at step {step}", fontsize=9, y=1.0)
     ax.grid(True, alpha=0.3)
-    p = fig.subplotpars
-    fig.legend(
-        loc="upper left",
-        bbox_to_anchor=(p.right + 0.1 / fig.get_figwidth(), p.top),
-        fontsize=8,
-        frameon=False,
-    )
+    legend_right(fig)
     return fig
 
 

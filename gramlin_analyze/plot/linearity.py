@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gramlin_analyze.plot._layout import Layout, facet_grid, text_width
+from gramlin_analyze.plot._layout import Layout, facet_grid, legend_above, legend_right, text_width
 from gramlin_analyze.plot._maps import layer_step_map
 from gramlin_analyze.plot._source import load, require, spread
 from gramlin_analyze.plot._style import (
@@ -77,14 +77,11 @@ def tl_over_steps(source, *, layers=None, max_panels: int = 16, storage_options=
         ax.set_title(name, fontsize=7, y=1.0)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
-    fig.legend(
+    legend_above(
+        fig,
         axes[0].get_lines(),
         ["TL of the layer's input", "null baseline min(1, d/N) of that layer"],
-        loc="lower center",
-        bbox_to_anchor=(0.5, fig.subplotpars.top + 0.3 / fig.get_figheight()),
         ncols=2,
-        fontsize=8,
-        frameon=False,
     )
     return fig
 
@@ -139,13 +136,7 @@ def tl_vs_depth(source, *, steps=None, layers=None, storage_options=None):
     ax.set_xlabel("layer (input of), by depth", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
-    p = fig.subplotpars
-    fig.legend(
-        loc="upper left",
-        bbox_to_anchor=(p.right + 0.1 / fig.get_figwidth(), p.top),
-        fontsize=8,
-        frameon=False,
-    )
+    legend_right(fig)
     return fig
 
 

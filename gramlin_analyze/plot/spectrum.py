@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 
 from gramlin_analyze.errors import MissingDataError
-from gramlin_analyze.plot._layout import Layout, facet_grid, key_width, layer_key, log_axis
+from gramlin_analyze.plot._layout import (
+    Layout,
+    facet_grid,
+    key_width,
+    layer_key,
+    legend_above,
+    log_axis,
+)
 from gramlin_analyze.plot._source import load, require, spread
 from gramlin_analyze.plot._style import (
     SHORT,
@@ -93,12 +100,5 @@ def spectra(source, *, steps=None, layers=None, max_panels: int = 12, storage_op
         log_axis(ax, values)
         ax.set_title(name, fontsize=7, y=1.0)
         ax.grid(True, alpha=0.3)
-    fig.legend(
-        handles=axes[0].get_lines(),
-        loc="lower center",
-        bbox_to_anchor=(0.5, fig.subplotpars.top + 0.3 / fig.get_figheight()),
-        ncols=len(chosen),
-        fontsize=8,
-        frameon=False,
-    )
+    legend_above(fig, axes[0].get_lines(), ncols=len(chosen))
     return fig
