@@ -358,8 +358,14 @@ def load_probe(path: str | Path, *, storage_options: dict | None = None) -> Prob
         If a ``.pt`` file needs arbitrary unpickling.
     """
     if is_url(path):
-        return _load_remote(RemotePath(str(path), storage_options))
+        remote = RemotePath(str(path), storage_options)
+        return _load_remote(remote, _reader_for(remote, "URL"))
     path = Path(path)
+    return _build(_reader_for(path, "path")(path), path)
+
+
+def _reader_for(path: Path | RemotePath, what: str):
+    """The reader of the probe file ``path``, which must exist (``what``: path or URL)."""
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise ProbeError(
@@ -367,23 +373,15 @@ def load_probe(path: str | Path, *, storage_options: dict | None = None) -> Prob
             f"save it as one of {sorted(_READERS)}"
         )
     if not path.is_file():
-        raise ProbeError(f"probe file {str(path)!r} does not exist (check the --probe path)")
-    return _build(reader(path), path)
+        raise ProbeError(f"probe file {str(path)!r} does not exist (check the --probe {what})")
+    return reader
 
 
-def _load_remote(remote: RemotePath) -> ProbeSet:
+def _load_remote(remote: RemotePath, reader) -> ProbeSet:
     """A probe set behind a URL: fetched whole (a probe is read whole anyway) into a
     temporary file the local readers open; messages name the URL."""
     import tempfile
 
-    reader = _READERS.get(remote.suffix.lower())
-    if reader is None:
-        raise ProbeError(
-            f"probe file {str(remote)!r} has unsupported suffix {remote.suffix!r}; "
-            f"save it as one of {sorted(_READERS)}"
-        )
-    if not remote.is_file():
-        raise ProbeError(f"probe file {str(remote)!r} does not exist (check the --probe URL)")
     with tempfile.TemporaryDirectory(prefix="gramlin-probe-") as tmp:
         local = Path(tmp) / remote.name
         local.write_bytes(remote.read_bytes())
