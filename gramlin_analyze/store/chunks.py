@@ -84,7 +84,9 @@ def local_dir(arr: zarr.Array, *, write: bool = True) -> Path | None:
     try:
         if arr.shards is not None or not all(isinstance(c, int) for c in arr.chunks):
             return None
-    except (NotImplementedError, ValueError, TypeError):  # an irregular chunk grid
+    except (NotImplementedError, ValueError, TypeError):
+        # zarr raises these from Array.chunks for a grid that is not regular
+        # (rectilinear chunks): such arrays go through zarr, not as raw files.
         return None
     return Path(store.root, arr.path)
 
