@@ -6,9 +6,11 @@ attributes, ``/steps``, every ``/metrics`` scalar of ``analyze``, and per-layer
 matrices are chunked 100 steps at a time instead of one, to keep the store to
 a few thousand files: the report reads two steps of them). Values are smooth
 curves with noise, so every figure has data. Then times the report, as a
-subprocess of the console script (process start included) when it has the
-``report`` subcommand, else in this process; ``--repeats`` runs, median wall
-and CPU (user + system; the steadier on a busy machine) time.
+subprocess of the console script (process start included) and in this process
+with one and with two drawing processes, beside a baseline process that starts,
+imports and reads what a report reads but draws nothing; ``--repeats`` runs,
+median wall and CPU (user + system, the helper process included; the steadier on a
+busy machine) time, and each wall time as a ratio of the baseline's.
 
 Target (issue 13): at most 10 s for 1,000 steps x 50 layers.
 
@@ -134,30 +136,63 @@ def cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "gramlin_analyze"]
 
 
-def has_report_command() -> bool:
-    done = subprocess.run([*cli(), "report", "--help"], capture_output=True)
-    return done.returncode == 0
+#: The baseline: a process that starts, imports what a report imports and reads what it
+#: reads (``/metrics``, ``/steps``, attributes), and draws nothing.
+BASELINE = (
+    "import sys, matplotlib.pyplot\n"
+    "from gramlin_analyze.plot._source import load\n"
+    "load(sys.argv[1])\n"
+)
 
 
-def time_cli(store: Path, out: Path) -> tuple[float, float]:
+def _timed_subprocess(argv: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system, the helper process included) of one command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(
-        [*cli(), "report", str(store), "-o", str(out), "--quiet"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def time_in_process(store: Path, out: Path) -> tuple[float, float]:
-    from gramlin_analyze.report.build import build_report
+def time_cli(store: Path, out: Path) -> tuple[float, float]:
+    return _timed_subprocess([*cli(), "report", str(store), "-o", str(out), "--quiet"])
 
-    c0, t0 = time.process_time(), time.perf_counter()
-    build_report(store, out)
-    return time.perf_counter() - t0, time.process_time() - c0
+
+def time_baseline(store: Path, out: Path) -> tuple[float, float]:
+    return _timed_subprocess([sys.executable, "-c", BASELINE, str(store)])
+
+
+def in_process(processes: int):
+    def timer(store: Path, out: Path) -> tuple[float, float]:
+        from gramlin_analyze.report.build import build_report
+
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        c0, t0 = time.process_time(), time.perf_counter()
+        build_report(store, out, processes=processes)
+        done = resource.getrusage(resource.RUSAGE_CHILDREN)
+        helper = (done.ru_utime - child.ru_utime) + (done.ru_stime - child.ru_stime)
+        return time.perf_counter() - t0, time.process_time() - c0 + helper
+
+    return timer
+
+
+def _rows(store: Path, out: Path, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) of each way of running, interleaved so load drifts hit all alike."""
+    timers = {
+        "baseline: start, import, read /metrics (CLI-like subprocess)": time_baseline,
+        "report, CLI (process start included)": time_cli,
+        "report, in process, 1 process": in_process(1),
+        "report, in process, 2 processes": in_process(2),
+    }
+    runs: dict[str, list] = {k: [] for k in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            runs[name].append(timer(store, out))
+    return {
+        k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v))
+        for k, v in runs.items()
+    }
 
 
 def main() -> None:
@@ -175,26 +210,21 @@ def main() -> None:
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gramlin-bench-report-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
+        store = work / "synthetic.zarr"
         t0 = time.perf_counter()
-        store = build_store(work / "synthetic.zarr", a.steps, a.layers, a.width)
+        if not (store / "zarr.json").exists():
+            build_store(store, a.steps, a.layers, a.width)
         print(
-            f"store: {a.steps} steps x {a.layers} layers, built in {time.perf_counter() - t0:.1f} s ({store})"
+            f"store: {a.steps} steps x {a.layers} layers ({time.perf_counter() - t0:.1f} s; {store})"
         )
-        how, timer = (
-            ("CLI subprocess", time_cli)
-            if has_report_command()
-            else ("in-process", time_in_process)
-        )
-        runs = [timer(store, work / "report.html") for _ in range(a.repeats)]
-        wall = statistics.median(r[0] for r in runs)
-        cpu = statistics.median(r[1] for r in runs)
-        size = (work / "report.html").stat().st_size / 1e6
-        verdict = "met" if wall <= TARGET_S else "not met"
+        rows = _rows(store, work / "report.html", a.repeats)
+        base_wall = next(iter(rows.values()))[0]
+        print(f"{'median of ' + str(a.repeats):<62} {'wall s':>7} {'CPU s':>7} {'x base':>7}")
+        for name, (wall, cpu) in rows.items():
+            print(f"{name:<62} {wall:7.2f} {cpu:7.2f} {wall / base_wall:7.2f}")
+        cli_wall = rows["report, CLI (process start included)"][0]
         print(
-            f"report ({how}): median wall {wall:.2f} s, CPU {cpu:.2f} s over {a.repeats} runs; {size:.1f} MB HTML"
-        )
-        print(
-            f"target <= {TARGET_S:.0f} s: {verdict}   (runs: {', '.join(f'{r[0]:.2f}' for r in runs)} s)"
+            f"target: CLI report <= {TARGET_S:.0f} s: {'met' if cli_wall <= TARGET_S else 'not met'}"
         )
     finally:
         if not a.keep:

@@ -84,12 +84,10 @@ def _notes(fig) -> tuple[str, ...]:
     return tuple(t.get_text().replace("\n", " ") for t in fig.texts if t.get_gid() == NOTE_GID)
 
 
-def _draw_all(src, export, progress):
-    """Each available figure drawn, rendered (and exported); and the figures not drawn."""
-    from gramlin_analyze.plot._registry import FIGURES, available_figures
+def draw_figures(src, specs, export, progress) -> tuple[list, list[Path], list[str]]:
+    """Each of ``specs`` drawn, rendered (and exported); and those without data, and why."""
     from gramlin_analyze.report.html import RenderedFigure
 
-    specs = available_figures(src)
     drawn, files, missing = [], [], []
     for i, spec in enumerate(specs):
         if progress:
@@ -103,16 +101,12 @@ def _draw_all(src, export, progress):
         size = (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"))  # IHDR
         drawn.append(RenderedFigure(spec.name, spec.title, spec.question, png, size, _notes(fig)))
         files += export(spec.name, fig, png)
-    names = {s.name for s in specs}
-    for spec in FIGURES:
-        if spec.name not in names:
-            missing.append(f"{spec.title}: the store has no {' or '.join(spec.needs)}")
-    if progress:
-        progress(len(specs), len(specs), "")
     return drawn, files, missing
 
 
-def _exporter(png_dir: Path | None, svg: bool) -> Callable:
+def exporter(png_dir: Path | None, svg: bool) -> Callable:
+    """``export(name, fig, png)``: the files written for one figure (none without a DIR)."""
+
     def export(name: str, fig, png: bytes) -> list[Path]:
         if png_dir is None:
             return []
@@ -126,6 +120,46 @@ def _exporter(png_dir: Path | None, svg: bool) -> Callable:
     return export
 
 
+def _draw_all(src, job, helper, progress):
+    """Every available figure, in reading order: half of them by ``helper`` when there is
+    one (the parent takes the even places, the helper the odd), or all here."""
+    from gramlin_analyze.plot._registry import FIGURES, available_figures
+
+    specs = available_figures(src)
+    theirs = specs[1::2] if helper is not None and len(specs) > 1 else []
+    mine = [s for s in specs if s not in theirs]
+    if helper is not None:
+        helper.hand([s.name for s in theirs])
+    export = exporter(job.png_dir, job.svg)
+    drawn, files, missing = draw_figures(src, mine, export, progress)
+    if theirs:
+        got = helper.result() or draw_figures(src, theirs, export, None)
+        drawn, files, missing = drawn + got[0], files + got[1], missing + got[2]
+    order = {spec.name: i for i, spec in enumerate(FIGURES)}
+    drawn.sort(key=lambda f: order[f.name])
+    names = {s.name for s in specs}
+    for spec in FIGURES:
+        if spec.name not in names:
+            missing.append(f"{spec.title}: the store has no {' or '.join(spec.needs)}")
+    if progress:
+        progress(len(specs), len(specs), "")
+    files.sort(key=lambda path: (order[path.stem], path.suffix != ".png"))
+    return drawn, files, missing
+
+
+def _start_helper(job, processes: int | None):
+    from gramlin_analyze.report import parallel
+
+    if processes is None:
+        processes = (
+            2
+            if parallel.usable_cpus() > 1
+            and (parallel.cells(job.store, job.storage_options) >= parallel.MIN_CELLS)
+            else 1
+        )
+    return parallel.Helper.start(job) if processes > 1 else None
+
+
 def build_report(
     store: str | os.PathLike,
     output: str | os.PathLike | None = None,
@@ -135,30 +169,40 @@ def build_report(
     layers: list[str] | None = None,
     storage_options: dict | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    processes: int | None = None,
 ) -> ReportResult:
     """Write the HTML report of ``store`` (default :func:`default_output`).
 
     Reads only ``/metrics``, ``/steps`` and attributes. ``png_dir`` also writes each
     figure as ``<name>.png`` (and ``<name>.svg`` with ``svg``); ``layers`` selects
     layers by name or glob. ``progress(done, total, figure)`` is called as figures
-    are drawn.
+    are drawn. ``processes=2`` draws half the figures in a second process (the default
+    does so for runs of at least :data:`~gramlin_analyze.report.parallel.MIN_CELLS`
+    step x layer cells, where there is a second CPU); ``1`` draws all here.
     """
     from gramlin_analyze._version import __version__
     from gramlin_analyze.plot._source import load
     from gramlin_analyze.report.html import page
     from gramlin_analyze.report.overview import overview
+    from gramlin_analyze.report.parallel import Job
     from gramlin_analyze.report.summary import summary_frame
 
     if svg and png_dir is None:
         raise UsageError("--svg writes SVGs beside the PNGs: give --png DIR too")
     store = os.fspath(store)
     html_path = Path(output) if output is not None else default_output(store)
-    png_path = Path(png_dir) if png_dir is not None else None
-    src = load(store, layers=layers, storage_options=storage_options)
-    ov = overview(src, store)
-    if png_path is not None:
-        png_path.mkdir(parents=True, exist_ok=True)
-    drawn, files, missing = _draw_all(src, _exporter(png_path, svg), progress)
+    png_path = Path(png_dir).absolute() if png_dir is not None else None
+    job = Job(store, layers, storage_options, png_path, svg)
+    helper = _start_helper(job, processes)
+    try:
+        src = load(store, layers=layers, storage_options=storage_options)
+        ov = overview(src, store)
+        if png_path is not None:
+            png_path.mkdir(parents=True, exist_ok=True)
+        drawn, files, missing = _draw_all(src, job, helper, progress)
+    finally:
+        if helper is not None:
+            helper.close()
     try:
         table = summary_frame(src) if src.metrics.data_vars else None
     except GramlinError:

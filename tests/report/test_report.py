@@ -70,15 +70,55 @@ def test_png_files_are_the_embedded_figures(report):
 
 def test_svg_beside_the_png(mlp_store, tmp_path):
     import gramlin_analyze.plot as gp
-    from gramlin_analyze.report.build import _exporter, _render
+    from gramlin_analyze.report.build import _render, exporter
 
     fig = gp.tl_heatmap(mlp_store)
     png = _render(fig, "png")
-    written = _exporter(tmp_path, True)("tl_heatmap", fig, png)
+    written = exporter(tmp_path, True)("tl_heatmap", fig, png)
     assert [p.name for p in written] == ["tl_heatmap.png", "tl_heatmap.svg"]
     assert written[0].read_bytes() == png
     root = ET.parse(written[1]).getroot()
     assert root.tag.endswith("svg") and "target_linearity" in written[1].read_text()  # the gid
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_same_report(report, tmp_path):
+    """The helper process draws half the figures, byte for byte as one process draws
+    them all; in reading order, with the same files."""
+    from gramlin_analyze.plot._registry import FIGURES as SPECS
+    from gramlin_analyze.report.build import build_report
+
+    html, png_dir = report
+    store = html.parent / "mlp.zarr"
+    result = build_report(store, tmp_path / "two.html", png_dir=tmp_path / "png", processes=2)
+    assert [p.name for p in result.files] == [f"{s.name}.png" for s in SPECS]
+    for p in result.files:
+        assert p.read_bytes() == (png_dir / p.name).read_bytes(), p.name
+    one, two = (IMG.findall(h.read_text()) for h in (html, tmp_path / "two.html"))
+    assert one == two and len(two) == FIGURES
+
+
+@pytest.mark.slow
+def test_a_helper_that_dies_leaves_its_figures_to_the_parent(report):
+    """A helper killed before it answers: the parent draws its figures too."""
+    from gramlin_analyze.plot._source import load
+    from gramlin_analyze.report.build import _draw_all
+    from gramlin_analyze.report.parallel import Helper, Job
+
+    html, png_dir = report
+    store = str(html.parent / "mlp.zarr")
+    job = Job(store, None, None, None, False)
+    helper = Helper.start(job)
+    helper.process.kill()
+    helper.process.wait()
+    try:
+        drawn, files, missing = _draw_all(load(store), job, helper, None)
+    finally:
+        helper.close()
+    assert not files and not missing
+    assert [f.png for f in drawn] == [
+        base64.b64decode(d) for d, _, _ in IMG.findall(html.read_text())
+    ]
 
 
 def test_report_of_a_store_without_metrics_says_what_to_run(tmp_path, capsys):
