@@ -3,6 +3,7 @@
 >>> import gramlin_analyze as ga
 >>> tree = ga.open("digits.zarr")            # doctest: +SKIP
 >>> tree["metrics"]["target_linearity"]       # doctest: +SKIP
+>>> runs = ga.open_runs("sweep/*.zarr")       # doctest: +SKIP  (a ``run`` dimension)
 
 Importing the package makes the ``gramlin`` xarray accessor available
 (``da.gramlin.gram()``, ``ds.gramlin.target_linearity(...)``): at once when
@@ -22,12 +23,13 @@ import types
 from gramlin_analyze._lazy import lazy_attributes
 from gramlin_analyze._version import __version__
 
-__all__ = ["__version__", "open", "ingest", "analyze", "scan", "reducers"]
+__all__ = ["__version__", "open", "open_runs", "ingest", "analyze", "scan", "reducers"]
 
 _LAZY = {
     "ingest": "gramlin_analyze.ingest:ingest",
     "analyze": "gramlin_analyze.analysis:analyze",
     "scan": "gramlin_analyze.io.discovery:scan",
+    "open_runs": "gramlin_analyze.runs:open_runs",
     "reducers": "gramlin_analyze.reducers:",
 }
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__, globals())

@@ -13,6 +13,9 @@ of steps that are not ``ok`` are never drawn. Only ``/metrics``, ``/steps`` and
 attributes are read. Figures are made without pyplot (no GUI backend; Agg
 draws PNGs), and each drawn line or image carries a ``gid`` naming its metric
 and layer, so what a figure shows can be checked against the store.
+
+Comparison figures (``runs_tl_over_steps``, ``final_tl_by``, ``tl_gap_by``) take
+several stores (paths, a glob) or ``ga.open_runs(...)``'s DataTree instead.
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ __all__ = [
     "available_figures",
     "cka_to_final",
     "depth_order",
+    "final_tl_by",
     "gram_vc_alignment",
     "gram_vs_vcs",
     "interval_consistency",
     "load",
+    "load_runs",
     "neural_collapse",
     "rank_over_steps",
+    "runs_tl_over_steps",
     "spectra",
     "tl_heatmap",
+    "tl_gap_by",
     "tl_over_steps",
     "tl_vs_depth",
 ]
@@ -51,6 +58,10 @@ _LAZY = {
     "spectra": "spectrum",
     "neural_collapse": "representation",
     "cka_to_final": "representation",
+    "runs_tl_over_steps": "runs",
+    "final_tl_by": "runs",
+    "tl_gap_by": "runs",
+    "load_runs": "_runs",
     "depth_order": "_order",
     "load": "_source",
     "FIGURES": "_registry",

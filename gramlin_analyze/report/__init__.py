@@ -7,7 +7,8 @@ per-layer summary and tidy exports of ``/metrics``.
 
 Modules: ``build`` (the report's stages), ``html`` (the page), ``overview``
 (run summary and warnings from ``/steps`` and attributes), ``summary`` (the
-per-layer table and tidy exports), ``commands`` (the ``report`` and
+per-layer table and tidy exports), ``compare`` and ``runs_table`` (the comparison
+page and table of several runs), ``commands`` (the ``report`` and
 ``summary`` subcommands). Names are loaded on first use: importing this
 package imports neither matplotlib nor xarray.
 """
@@ -18,6 +19,7 @@ from gramlin_analyze._lazy import lazy_attributes
 
 __all__ = [
     "ReportResult",
+    "build_comparison_report",
     "build_report",
     "default_output",
     "format_table",
@@ -29,6 +31,7 @@ __all__ = [
 _LAZY = {
     "ReportResult": "build",
     "build_report": "build",
+    "build_comparison_report": "compare",
     "default_output": "build",
     "format_table": "summary",
     "summary_frame": "summary",

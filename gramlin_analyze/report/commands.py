@@ -20,12 +20,19 @@ _FORMATS = ("csv", "parquet")
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", help="a store written by ingest and analyze (path or fsspec URL)")
+    p.add_argument(
+        "stores",
+        nargs="+",
+        metavar="STORE",
+        help="a store written by ingest and analyze (path or fsspec URL); several stores "
+        "or a glob ('sweep/*.zarr') write one comparison report of their runs",
+    )
     p.add_argument(
         "-o",
         "--output",
         metavar="HTML",
-        help="the report (default: <store name>.report.html beside the store)",
+        help="the report (default: <store name>.report.html beside the store; "
+        "runs.report.html beside the first of several)",
     )
     p.add_argument("--png", metavar="DIR", help="also write each figure as DIR/<figure>.png")
     p.add_argument("--svg", action="store_true", help="with --png: also DIR/<figure>.svg")
@@ -35,20 +42,64 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="only these layers: names (in this order) or globs such as 'encoder.layer.1*'",
     )
+    _add_comparison_arguments(p)
     add_storage(p)
 
 
-def run_report(args: argparse.Namespace) -> int:
-    from gramlin_analyze.report.build import build_report
-
-    result = build_report(
-        args.store,
-        args.output,
-        png_dir=args.png,
-        svg=args.svg,
-        layers=args.layers,
-        storage_options=args.storage_options,
+def _add_comparison_arguments(p: argparse.ArgumentParser) -> None:
+    runs = p.add_argument_group("comparing several stores")
+    runs.add_argument(
+        "--by",
+        metavar="ATTR",
+        help="the run attribute the final TL and the TL gap are drawn against (default: "
+        "the one attribute besides seed that differs between the runs)",
     )
+    runs.add_argument(
+        "--gap",
+        nargs=2,
+        metavar=("FIRST", "SECOND"),
+        help="the two layers of the TL gap TL(SECOND) - TL(FIRST) (default: first and last)",
+    )
+    runs.add_argument(
+        "--align",
+        choices=("step", "epoch"),
+        default="step",
+        help="align the runs by step (default) or by the epochs of their /steps",
+    )
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from gramlin_analyze.errors import UsageError
+    from gramlin_analyze.runs import expand_stores
+
+    stores = expand_stores(args.stores, storage_options=args.storage_options)
+    if len(stores) > 1:
+        from gramlin_analyze.report.compare import build_comparison_report
+
+        result = build_comparison_report(
+            stores,
+            args.output,
+            by=args.by,
+            gap=args.gap,
+            align=args.align,
+            png_dir=args.png,
+            svg=args.svg,
+            layers=args.layers,
+            storage_options=args.storage_options,
+        )
+    else:
+        if args.by or args.gap or args.align != "step":
+            raise UsageError("--by, --gap and --align compare runs: give several stores")
+        from gramlin_analyze.report.build import build_report
+
+        result = build_report(
+            stores[0],
+            args.output,
+            png_dir=args.png,
+            svg=args.svg,
+            layers=args.layers,
+            storage_options=args.storage_options,
+        )
     if not args.quiet:
         for line in result.warnings:
             say(f"warning: {line}", err=True)
@@ -89,16 +140,22 @@ def add_summary_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_summary(args: argparse.Namespace) -> int:
+    from gramlin_analyze.runs import expand_stores
+
     _check_export(args)
-    tables = [_one_summary(args, store) for store in args.stores]
+    args.stores = expand_stores(args.stores, storage_options=args.storage_options)
+    if len(args.stores) == 1:
+        table = _one_summary(args, args.stores[0])
+    else:
+        table = _runs_summary(args)
     if args.csv:
         _export(args)
     if args.json:
         import json
 
-        say(json.dumps(tables[0] if len(tables) == 1 else tables, indent=1, allow_nan=False))
+        say(json.dumps(table, indent=1, allow_nan=False))
     else:
-        say("\n\n".join(tables))
+        say(table)
     if args.csv and not args.quiet:
         say(f"wrote {args.csv}", err=True)
     return 0
@@ -142,6 +199,38 @@ def _one_summary(args: argparse.Namespace, store: str):
     return f"{store}: step {df.attrs['step']}\n\n{format_table(df)}\n\n{legend}"
 
 
+def _runs_summary(args: argparse.Namespace):
+    """One table of several stores' runs (a ``run`` column), each at its own step."""
+    from gramlin_analyze.plot._source import load
+    from gramlin_analyze.report.runs_table import (
+        format_runs_table,
+        runs_records,
+        runs_summary_frame,
+    )
+
+    sources = []
+    for store in args.stores:
+        sources.append(load(store, layers=args.layers, storage_options=args.storage_options))
+        _require_metrics(sources[-1], store)
+    names = _names(sources, args.stores)
+    df = runs_summary_frame(sources, names, step=args.step, stores=args.stores)
+    if args.json:
+        return {
+            "stores": dict(zip(names, args.stores, strict=True)),
+            "columns": df.attrs["meanings"],
+            "rows": runs_records(df),
+        }
+    legend = "; ".join(f"{k}: {v}" for k, v in df.attrs["meanings"].items())
+    head = ", ".join(f"{n}: {s}" for n, s in zip(names, args.stores, strict=True))
+    return f"runs {head}\n\n{format_runs_table(df)}\n\n{legend}"
+
+
+def _names(sources, stores) -> list[str]:
+    from gramlin_analyze.runs import run_names
+
+    return run_names([src.attrs for src in sources], stores)
+
+
 def _require_metrics(src, store: str) -> None:
     from gramlin_analyze.errors import MissingDataError
 
@@ -155,18 +244,18 @@ def _export(args: argparse.Namespace) -> None:
     from gramlin_analyze.plot._source import load
     from gramlin_analyze.report.summary import tidy_frame
 
-    frames = []
+    sources = []
     for store in args.stores:
-        src = load(
-            store,
-            layers=args.layers,
-            storage_options=args.storage_options,
-            ok_only=False,
+        sources.append(
+            load(store, layers=args.layers, storage_options=args.storage_options, ok_only=False)
         )
-        _require_metrics(src, store)
+        _require_metrics(sources[-1], store)
+    frames = []
+    for src, store, name in zip(sources, args.stores, _names(sources, args.stores), strict=True):
         df = tidy_frame(src)
         if len(args.stores) > 1:
-            df.insert(0, "store", store)
+            df.insert(0, "run", name)
+            df.insert(1, "store", store)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     fmt = args.format or ("parquet" if str(args.csv).endswith(".parquet") else "csv")

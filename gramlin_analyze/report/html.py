@@ -9,7 +9,9 @@ from html import escape
 
 from gramlin_analyze.report.overview import Overview
 
-__all__ = ["RenderedFigure", "page"]
+__all__ = ["RenderedFigure", "page", "runs_table"]
+
+_SUBTITLE = "Gram matrix, virtual covariance and target linearity over a training run."
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0;
@@ -85,6 +87,33 @@ def _table(df) -> str:
     return f'<div class="scroll"><table class="metrics"><tr>{head}</tr>{body}</table></div><dl>{meanings}</dl>'
 
 
+def runs_table(df) -> str:
+    """The table of several runs (``run, layer, step`` and metric columns) as HTML."""
+    from gramlin_analyze.report.runs_table import KEYS
+    from gramlin_analyze.report.summary import COLUMNS, format_cell
+
+    fmts = {c.header: c.fmt for c in COLUMNS}
+    metrics = [c for c in df.columns if c not in KEYS]
+    head = '<th>run</th><th>layer input of</th><th class="num">step</th>' + "".join(
+        f'<th class="num">{escape(c)}</th>' for c in metrics
+    )
+    body = ""
+    for rec in df.to_dict("records"):
+        cells = "".join(
+            f'<td class="num">{format_cell(float(rec[c]), fmts.get(c, ".3f"))}</td>'
+            for c in metrics
+        )
+        body += (
+            f'<tr><td class="name">{escape(str(rec["run"]))}</td>'
+            f'<td class="name">{escape(str(rec["layer"]))}</td>'
+            f'<td class="num">{int(rec["step"])}</td>{cells}</tr>'
+        )
+    meanings = "".join(
+        f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in df.attrs.get("meanings", {}).items()
+    )
+    return f'<div class="scroll"><table class="metrics"><tr>{head}</tr>{body}</table></div><dl>{meanings}</dl>'
+
+
 def page(
     *,
     title: str,
@@ -93,12 +122,19 @@ def page(
     missing: list[str],
     table,
     footer: str,
+    subtitle: str = _SUBTITLE,
+    summary_heading: str = "Run summary",
+    table_section: tuple[str, str] | None = None,
 ) -> str:
-    """The whole report page."""
+    """The whole report page. ``table_section``: a (heading, HTML) replacing the
+    single run's per-layer table (the comparison page's table of runs)."""
     nav = "".join(
         f'<li><a href="#fig-{escape(f.name)}">{escape(f.title)}</a></li>' for f in figures
     )
     step = table.attrs.get("step") if table is not None else None
+    if table_section is None:
+        heading = f"Per layer at the last step{f' (step {step})' if step is not None else ''}"
+        table_section = (heading, _table(table))
     not_drawn = (
         '<ul class="warnings">' + "".join(f"<li>{escape(m)}</li>" for m in missing) + "</ul>"
         if missing
@@ -109,11 +145,10 @@ def page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body><main>"
         f"<h1>{escape(title)}</h1>"
-        '<p class="sub">Gram matrix, virtual covariance and target linearity over a training run.</p>'
-        f'<section id="summary"><h2>Run summary</h2>{_facts(overview)}</section>'
+        f'<p class="sub">{escape(subtitle)}</p>'
+        f'<section id="summary"><h2>{escape(summary_heading)}</h2>{_facts(overview)}</section>'
         f'<section id="contents"><h2>Figures</h2><ol>{nav}</ol>{not_drawn}</section>'
         f'<section id="figures">{"".join(_figure(f) for f in figures)}</section>'
-        f'<section id="table"><h2>Per layer at the last step'
-        f"{f' (step {step})' if step is not None else ''}</h2>{_table(table)}</section>"
+        f'<section id="table"><h2>{escape(table_section[0])}</h2>{table_section[1]}</section>'
         f"<footer>{escape(footer)}</footer></main></body></html>\n"
     )

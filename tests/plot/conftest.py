@@ -1,6 +1,7 @@
 import pytest
 
 from tests.plot.stores import cached_store
+from tests.runs.stores import cached_sweep
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +14,9 @@ def mlp_store(tmp_path_factory):
 def bert_store(tmp_path_factory):
     """The tiny BERT of tests/plot/models.py: 17 layers, per-token rows, embeddings without activations."""
     return cached_store(tmp_path_factory, "bert")
+
+
+@pytest.fixture(scope="session")
+def noise_sweep(tmp_path_factory):
+    """Four runs derived from the MLP store (tests/runs/stores.py): label noise 0 and 0.5, two seeds each."""
+    return cached_sweep(tmp_path_factory)
