@@ -3,7 +3,8 @@
 ``session`` (``WriteSession``: the one way to write), ``core`` (the store
 handle), ``layout`` (names, dims, chunking, node specs), ``lock``, ``location``
 (local paths and URLs), ``consolidated`` (the consolidated copy of the metadata
-and task-side lookups), ``step_axis``, ``metrics`` (the ``/metrics`` layout),
+and task-side lookups), ``metadata_cache`` (a remote writer's copy of every
+node's metadata), ``step_axis``, ``metrics`` (the ``/metrics`` layout),
 ``chunks`` (array I/O), ``direct_io``, ``sink`` (capture activations),
 ``probe``, ``faults`` (full disk, permissions, lost endpoints), ``provenance``,
 ``validate`` and ``info``. Only zarr's public API is used.

@@ -233,6 +233,14 @@ def write_all(pairs: list[tuple[zarr.Array, np.ndarray]]) -> None:
     _resize_and_write([(a, tuple(a.shape), value) for a, value in pairs])
 
 
+def same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two small arrays (manifest columns) hold the same values, NaN equal to NaN:
+    a column equal to what is stored is not written again (a request on an object store)."""
+    if a.shape != b.shape:
+        return False
+    return bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
+
+
 def read_all(arrays: list[zarr.Array]) -> list[np.ndarray]:
     """``arr[:]`` of many small arrays."""
     return _run_all([lambda a=a: a[:] for a in arrays])

@@ -21,6 +21,7 @@ from gramlin_analyze.store.chunks import (
     create_nodes,
     group_at,
     read_all,
+    same_values,
     write_all,
 )
 from gramlin_analyze.store.consolidated import (
@@ -29,8 +30,9 @@ from gramlin_analyze.store.consolidated import (
     open_consolidated,
     quiet_consolidated,
 )
-from gramlin_analyze.store.location import zarr_store
+from gramlin_analyze.store.location import is_remote, zarr_store
 from gramlin_analyze.store.lock import StoreLock
+from gramlin_analyze.store.metadata_cache import MetadataCache, consolidated_root, seed
 
 __all__ = ["GramlinStore", "zarr_store"]
 
@@ -81,10 +83,16 @@ class GramlinStore:
         self._steps_arrays: dict[str, zarr.Array] | None = None
         self._man: dict[str, np.ndarray] | None = None  # a writer's copy of the manifest
         self._stale = False  # this writer changed the structure since it last consolidated
-        self._consolidated = False  # this writer wrote the consolidated copy
+        self._consolidated = False  # this writer made the consolidated copy
+        self._unwritten = False  # ... in memory only: the store holds an older one
         self._view: zarr.Group | None = None
         self.created = False  #: this handle created the store
         self._zstore = zarr_store(url, storage_options=storage_options, read_only=mode == "r")
+        # A remote writer keeps every zarr.json it reads or writes (metadata_cache.py):
+        # adding a step then reads no array's metadata back.
+        self._cache = MetadataCache(self._zstore) if mode != "r" and is_remote(self.url) else None
+        if self._cache is not None:
+            self._zstore = self._cache
         try:
             if mode == "r":
                 self.root = zarr.open_group(
@@ -117,9 +125,12 @@ class GramlinStore:
             if source is None:
                 raise
         self.created = True
-        return zarr.create_group(
+        root = zarr.create_group(
             self._zstore, zarr_format=3, attributes=root_attributes(source, run_name)
         )
+        if self._cache is not None:
+            self._cache.mark_complete()  # a new store: its root is every node
+        return root
 
     def _check_owner(self) -> None:
         """Refuse a Zarr group another tool wrote, and a store of a newer schema."""
@@ -188,10 +199,24 @@ class GramlinStore:
             create_nodes(self._zstore, groups=groups, arrays=arrays)
 
     def consolidate(self) -> None:
-        """Rewrite the consolidated copy of every node's metadata."""
+        """Make the consolidated copy of every node's metadata.
+
+        A remote writer whose copy of the metadata is complete makes it in
+        memory, with no request; the store receives it with the next write of
+        the root (:meth:`ensure_consolidated` for tasks in other processes, or
+        the closing :meth:`touch`): the new copy is written once per command.
+        Otherwise every node's metadata is read back and the root rewritten.
+        """
         self._steps_arrays = None
-        with quiet_consolidated():
-            zarr.consolidate_metadata(self._zstore, zarr_format=3)
+        if self._cache is not None and self._cache.complete:
+            consolidated_root(self._cache)
+            self._unwritten = True
+        else:
+            with quiet_consolidated():
+                zarr.consolidate_metadata(self._zstore, zarr_format=3)
+            if self._cache is not None:
+                self._cache.mark_complete()  # consolidating read every node's document
+            self._unwritten = False
         self._stale = False
         self._consolidated = True
         self._view = None
@@ -225,12 +250,22 @@ class GramlinStore:
                 self._stamp({CONSOLIDATED_ATTR: False}, via=view, reopen=False)
             self._stale = True
 
-    def ensure_consolidated(self) -> None:
-        """Consolidate when this writer, or an earlier one that stopped midway, changed the structure."""
+    def ensure_consolidated(self, *, on_store: bool = True) -> None:
+        """Consolidate when this writer, or an earlier one that stopped midway, changed the structure.
+
+        ``on_store=False`` when every task runs in this process (they find
+        their arrays in :attr:`view`): a copy made in memory then reaches the
+        store only with the closing :meth:`touch`, one root write fewer.
+        Tasks in other processes read the store's copy, so by default it is
+        written now (``consolidated_current`` stays false until the close).
+        """
         if self._stale or not (
             self._consolidated or consolidated_is_current(dict(self.root.attrs))
         ):
             self.consolidate()
+        if on_store and self._unwritten:
+            self._stamp({CONSOLIDATED_ATTR: False}, via=self.view, reopen=False)
+            self._unwritten = False
 
     def touch(self) -> None:
         """Stamp the root with the time and the library version (a writer's last act).
@@ -238,7 +273,9 @@ class GramlinStore:
         Written through a handle that holds the root's consolidated metadata,
         so the root keeps it: a reader opening the store before the next
         :meth:`consolidate` sees the last consolidated state, instead of
-        falling back (with a warning) to one request per node.
+        falling back (with a warning) to one request per node. A remote
+        writer's copy made in memory reaches the store here. A writer stopped
+        mid-change (still stale) is not consolidated: the flag stays false.
         """
         attrs = {
             "modified_at": _now(),
@@ -247,6 +284,7 @@ class GramlinStore:
         }
         # The open consolidated view already holds the current copy: no need to read it again.
         self._stamp(attrs, via=None if self._stale else self._view)
+        self._unwritten = False
 
     def _stamp(
         self, attrs: dict[str, Any], *, via: zarr.Group | None = None, reopen: bool = True
@@ -333,6 +371,8 @@ class GramlinStore:
             return self.root
         if self._view is None:
             self._view = open_consolidated(self._zstore, "r" if self.mode == "r" else "r+")
+            if self._cache is not None and not self._cache.complete:
+                seed(self._cache, self._view)  # the copy is current: no node read from now on
         return self._view
 
     def layer_names(self) -> list[str]:
@@ -386,7 +426,8 @@ class GramlinStore:
             return
         g = self._manifest_arrays()
         man = self.manifest()
-        was = man["status"].copy()  # the status column as stored
+        stored = self.manifest()  # the columns as stored
+        was = stored["status"]
         cols: dict[str, np.ndarray] = {}
         for name, value in fields.items():
             if name not in L.MANIFEST:
@@ -413,7 +454,10 @@ class GramlinStore:
                 first[demoted] = cols["status"][demoted]
                 write_all([(g["status"], first)])
         # Every column but status together; status last (it is what readers trust).
-        write_all([(g[name], col) for name, col in cols.items() if name != "status"])
+        # A column equal to its stored copy is not written: on an object store
+        # each write is a request (a column of fill values, a batch delete).
+        changed = [n for n in cols if n != "status" and not same_values(cols[n], stored[n])]
+        write_all([(g[name], cols[name]) for name in changed])
         if "status" in cols:
             write_all([(g["status"], cols["status"])])
         man.update(cols)

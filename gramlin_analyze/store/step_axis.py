@@ -17,7 +17,13 @@ import zarr
 
 from gramlin_analyze.errors import UsageError
 from gramlin_analyze.store import layout as L
-from gramlin_analyze.store.chunks import _resize_and_write, resize_all, v3_metadata, write_all
+from gramlin_analyze.store.chunks import (
+    _resize_and_write,
+    resize_all,
+    same_values,
+    v3_metadata,
+    write_all,
+)
 from gramlin_analyze.store.metrics import INPUTS
 
 if TYPE_CHECKING:
@@ -68,7 +74,8 @@ def _change_axis(
     gs.structure_changed()
     gs._man = None  # rewritten below
     step_arrays, step_coords = _step_nodes(nodes)
-    if gs._interrupted:
+    repaired = gs._interrupted
+    if repaired:
         _repair_lengths([*step_arrays.values(), *step_coords], n_old)
         gs._interrupted = False
     manifest_paths = {f"{L.STEPS}/{k}" for k in L.MANIFEST}
@@ -86,7 +93,8 @@ def _change_axis(
     for j in moves.values():
         new_man["status"][j] = "pending"
     if not moves and n_new > n_old and np.array_equal(new_steps[:n_old], old_steps):
-        _append(rows, pos, n_old, n_new, data_arrays, g, step_coords, new_man, new_steps)
+        stored = None if repaired else man
+        _append(rows, pos, n_old, data_arrays, g, step_coords, new_man, new_steps, stored)
     else:
         _rearrange(
             moves,
@@ -138,10 +146,17 @@ def _permuted_manifest(
     return new_man
 
 
-def _append(rows, pos, n_old, n_new, data_arrays, g, step_coords, new_man, new_steps) -> None:
+def _append(rows, pos, n_old, data_arrays, g, step_coords, new_man, new_steps, stored) -> None:
     """Steps appended: old rows keep their place and values, new rows are unset ("" status:
     not ok) until written, so no order is needed for safety; every array is resized and
-    rewritten in one batch, with the given fields of the new rows (never ok here)."""
+    rewritten in one batch, with the given fields of the new rows (never ok here).
+
+    A column whose old rows are as ``stored`` and whose new rows are all its
+    fill value is only resized: its chunk already holds them (zarr writes
+    whole chunks, padded with the fill value, and a shrink resets dropped
+    rows), and on an object store each column written is a request. After a
+    repair (``stored`` None) every column is written.
+    """
     from gramlin_analyze.store.core import _coerce
 
     for step in [
@@ -151,9 +166,19 @@ def _append(rows, pos, n_old, n_new, data_arrays, g, step_coords, new_man, new_s
             if name not in L.MANIFEST:
                 raise KeyError(f"unknown manifest field {name!r}")
             new_man[name][pos[step]] = _coerce(name, v)
+    n_new = len(new_steps)
+
+    def value(name: str, col: np.ndarray) -> np.ndarray | None:
+        if stored is None or name not in stored or not same_values(col[:n_old], stored[name]):
+            return col
+        fill = "" if col.dtype == object else L.MANIFEST[name][1]
+        tail = col[n_old:]
+        unset = np.all(np.isnan(tail)) if isinstance(fill, float) else np.all(tail == fill)
+        return None if unset else col
+
     _resize_and_write(
         [(arr, (n_new, *arr.shape[1:]), None) for arr in data_arrays]
-        + [(g[name], (n_new,), col) for name, col in new_man.items()]
+        + [(g[name], (n_new,), value(name, col)) for name, col in new_man.items()]
         + [(c, (n_new,), new_steps) for c in step_coords]
     )
 
