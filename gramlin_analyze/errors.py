@@ -23,6 +23,9 @@ __all__ = [
     "ProbeError",
     "ModelError",
     "MissingDataError",
+    "MissingTensorError",
+    "CheckpointReadError",
+    "DecompressionLimitError",
 ]
 
 
@@ -81,3 +84,21 @@ class ModelError(GramlinError, ValueError):
 
 class MissingDataError(GramlinError, LookupError):
     """A metric needs data the store does not hold (e.g. TL without activations)."""
+
+
+class MissingTensorError(GramlinError, KeyError):
+    """A checkpoint holds no tensor of the requested name (a ``KeyError``, as readers promise)."""
+
+    def __str__(self) -> str:
+        # KeyError's str() quotes its argument; this one is a sentence.
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointReadError(GramlinError, OSError):
+    """A checkpoint cannot be read at all: missing, unreadable, a dangling link, or a
+    special file (FIFO, device, socket) that is never opened."""
+
+
+class DecompressionLimitError(CheckpointFormatError):
+    """A checkpoint declares more decompressed or allocated bytes than its size allows
+    (a decompression bomb, or a corrupt size field); ``GRAMLIN_MAX_INFLATE`` raises the cap."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any, cast
 
 import numpy as np
 
+from gramlin_analyze.errors import MissingTensorError
+from gramlin_analyze.io.guard import guard_class
 from gramlin_analyze.io.remote import RemotePath, as_path
 
 __all__ = [
@@ -41,7 +44,8 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * _itemsize(self.dtype)
+        # math.prod: a corrupt header's shape must not wrap around int64.
+        return math.prod(self.shape) * _itemsize(self.dtype)
 
 
 def _itemsize(dtype: str) -> int:
@@ -76,10 +80,12 @@ class CheckpointMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def missing_tensor_error(name: str, path: os.PathLike | str, available: list[str]) -> KeyError:
-    """The ``KeyError`` for a tensor name a checkpoint does not hold."""
+def missing_tensor_error(
+    name: str, path: os.PathLike | str, available: list[str]
+) -> MissingTensorError:
+    """The error (a ``KeyError``) for a tensor name a checkpoint does not hold."""
     shown = ", ".join(sorted(available)[:8]) + (", ..." if len(available) > 8 else "")
-    return KeyError(
+    return MissingTensorError(
         f"no tensor named {name!r} in {path}; it holds {len(available)} tensors ({shown}); "
         "list them with list_tensors() and use one of those names"
     )
@@ -120,7 +126,15 @@ class CheckpointReader:
     directory formats (Hugging Face ``checkpoint-N/``, orbax steps, sharded
     safetensors' index file's directory). Readers must never execute code
     from the file (no unrestricted unpickling).
+
+    Every public method of a subclass is wrapped (:mod:`.guard`): whatever it
+    raises reaches the caller as a :class:`~gramlin_analyze.errors.GramlinError`
+    naming the file, and special files are refused before they are opened.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        guard_class(cls, on_handle=False)
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
@@ -189,7 +203,12 @@ class CheckpointReader:
 
 
 class CheckpointHandle:
-    """An open checkpoint; use as a context manager."""
+    """An open checkpoint; use as a context manager. Its public methods are
+    guarded like the reader's (:mod:`.guard`)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        guard_class(cls, on_handle=True)
 
     def __init__(self, reader: CheckpointReader, path: str | os.PathLike):
         self.reader = reader
@@ -216,3 +235,7 @@ class CheckpointHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+guard_class(CheckpointReader, on_handle=False)
+guard_class(CheckpointHandle, on_handle=True)

@@ -3,29 +3,35 @@
 ``scan`` walks a directory, groups the files that form one checkpoint
 (sharded safetensors, Hugging Face ``checkpoint-N/`` directories, orbax step
 directories), finds each checkpoint's step from its name or, failing that,
-its metadata, and fingerprints it. It reads no tensor bytes.
+its metadata, and fingerprints it. It reads no tensor bytes. Names that look
+like checkpoints but are special files (FIFOs, sockets, devices, links to
+them) or dangling links are never opened: they are listed in
+:attr:`ScanResult.skipped` with the reason, as are files no reader could
+recognize because recognizing them failed.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from gramlin_analyze.errors import (
     CheckpointFormatError,
+    GramlinError,
     MissingDependencyError,
     StepDiscoveryError,
     UsageError,
 )
 from gramlin_analyze.io.base import CheckpointMeta, CheckpointReader
+from gramlin_analyze.io.fingerprint import fingerprint_files, stat_key
+from gramlin_analyze.io.guard import special_file
 from gramlin_analyze.io.registry import known_readers, reader_for
 from gramlin_analyze.io.remote import RemotePath, as_path
 
@@ -67,9 +73,6 @@ _NOT_WEIGHTS = re.compile(
     r"^(optimizer|scheduler|rng_state|scaler|training_args|trainer_state)\b|\.json$|\.txt$|\.md$|\.yaml$|\.yml$",
     re.IGNORECASE,
 )
-
-_SAMPLE = 64 * 1024
-_N_SAMPLES = 16
 
 
 @dataclass
@@ -130,61 +133,6 @@ def step_from_name(path: str | os.PathLike, root: str | os.PathLike | None = Non
     return None
 
 
-def stat_key(files: list[Path], stats: list[os.stat_result]) -> str:
-    """A short key of the files' names, sizes, mtimes (ns) and inodes.
-
-    Not a fingerprint (copying a run changes it): a cache key. When a file's
-    key equals the one stored with its fingerprint, the file was not
-    rewritten since, and hashing it again is skipped.
-    """
-    h = hashlib.blake2b(digest_size=12)
-    for f, st in zip(files, stats, strict=True):
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}\n".encode())
-    return h.hexdigest()
-
-
-def fingerprint_files(files: list[Path], root: Path | None = None) -> str:
-    """A content fingerprint that tells a changed checkpoint from an unchanged one.
-
-    Hashing every byte costs as much as reading the file (longer than copying
-    it), so the fingerprint is blake2b over each file's size and 16 evenly
-    spaced 64 KiB samples (all of a file up to 1 MiB). Training rewrites
-    essentially every weight, so a changed checkpoint changes the samples;
-    renaming or copying a run does not change its fingerprint (mtime is
-    deliberately not part of it).
-    """
-    h = hashlib.blake2b(digest_size=16)
-    for f in files:
-        rel = f.relative_to(root) if root is not None and f.is_relative_to(root) else Path(f.name)
-        size = f.stat().st_size
-        h.update(f"{rel.as_posix()}\0{size}\0".encode())
-        for chunk in _samples(f, size):
-            h.update(chunk)
-    return "blake2b-sampled:" + h.hexdigest()
-
-
-def _sample_ranges(size: int) -> list[tuple[int, int]]:
-    """The ``[start, end)`` ranges a fingerprint hashes: all of a small file, else
-    16 evenly spaced samples."""
-    if size <= _SAMPLE * _N_SAMPLES:
-        return [(0, size)]
-    stride = (size - _SAMPLE) // (_N_SAMPLES - 1)
-    return [(i * stride, i * stride + _SAMPLE) for i in range(_N_SAMPLES)]
-
-
-def _samples(f: Path, size: int) -> Iterator[bytes]:
-    """The sampled bytes of ``f``: ranged reads behind a URL, seeks in a local file
-    (the same bytes, so a checkpoint's fingerprint does not depend on where it lives)."""
-    if isinstance(f, RemotePath):
-        for start, end in _sample_ranges(size):
-            yield f.read_range(start, end)
-        return
-    with open(f, "rb") as fh:
-        for start, end in _sample_ranges(size):
-            fh.seek(start)
-            yield fh.read(end - start)
-
-
 def _readers(format: str | None, reader_options: dict | None) -> list[CheckpointReader]:
     if format is not None:
         return [reader_for(format, reader_options)]
@@ -217,27 +165,50 @@ def _remote_readers(
     return out
 
 
+Skipped = list[tuple[Path, str]]
+
+
 def _claim(
-    readers: list[CheckpointReader], path: Path, *, directory: bool
+    readers: list[CheckpointReader],
+    path: Path,
+    *,
+    directory: bool,
+    skipped: Skipped | None = None,
 ) -> CheckpointReader | None:
+    """The first reader that recognizes ``path``. A reader failing to tell is passed
+    over; when none claims the path, the failure goes to ``skipped``."""
+    failures = []
     for r in readers:
         if r.is_directory_format != directory:
             continue
         try:
             if r.guess_can_read(path):
                 return r
-        except OSError:
-            continue
+        except (GramlinError, OSError) as err:
+            failures.append(f"the {r.name} reader could not tell its format ({err})")
+    if failures and skipped is not None:
+        skipped.append((path, "; ".join(failures)))
     return None
 
 
-def _walk(root: Path, readers: list[CheckpointReader]) -> list[tuple[Path, CheckpointReader]]:
+def _looks_like_checkpoint(name: str) -> bool:
+    return bool(_SUFFIXES.search(name)) and not (
+        _TEMP_NAME.search(name) or _NOT_WEIGHTS.search(name)
+    )
+
+
+def _walk(
+    root: Path, readers: list[CheckpointReader], skipped: Skipped
+) -> list[tuple[Path, CheckpointReader]]:
+    """Every checkpoint under ``root`` with its reader; what looks like one but is not
+    readable (special files, dangling links, failed recognition) goes to ``skipped``."""
     found: list[tuple[Path, CheckpointReader]] = []
     if root.is_file():
-        r = _claim(readers, root, directory=False)
+        r = _claim(readers, root, directory=False, skipped=skipped)
         if r is None:
+            why = f" ({skipped[-1][1]})" if skipped else ""
             raise CheckpointFormatError(
-                f"{root}: no checkpoint reader recognizes this file; pass --format NAME"
+                f"{root}: no checkpoint reader recognizes this file{why}; pass --format NAME"
             )
         return [(root, r)]
     if isinstance(root, RemotePath):
@@ -262,7 +233,11 @@ def _walk(root: Path, readers: list[CheckpointReader]) -> list[tuple[Path, Check
             if name in claimed or _TEMP_NAME.search(name) or _NOT_WEIGHTS.search(name):
                 continue
             p = d / name
-            r = _claim(readers, p, directory=False)
+            kind = special_file(p) if _looks_like_checkpoint(name) else None
+            if kind is not None:
+                skipped.append((p, f"{kind}; not opened"))
+                continue
+            r = _claim(readers, p, directory=False, skipped=skipped)
             if r is not None:
                 found.append((p, r))
     return found
@@ -338,6 +313,8 @@ def scan(
     if storage_options is None:
         storage_options = (reader_options or {}).get("storage_options")
     root = cast(Path, as_path(root, storage_options))
+    if not isinstance(root, RemotePath) and (kind := special_file(root)) is not None:
+        raise UsageError(f"{root}: {kind}; it was not opened; pass a run directory or a checkpoint")
     if not root.exists():
         raise UsageError(f"{root}: no such file or directory")
     readers = _readers(format, reader_options)
@@ -345,12 +322,21 @@ def scan(
         readers = _remote_readers(readers, format, storage_options)
     now = time.time()
     sources: list[CheckpointSource] = []
-    for path, reader in _walk(root, readers):
-        source = _source(path, reader, root, now=now, settle_seconds=settle_seconds, known=known)
+    skipped: Skipped = []
+    for path, reader in _walk(root, readers, skipped):
+        try:
+            source = _source(
+                path, reader, root, now=now, settle_seconds=settle_seconds, known=known
+            )
+        except (GramlinError, OSError) as err:
+            skipped.append((path, f"its files cannot be listed ({err})"))
+            continue
         if source is not None:
             sources.append(source)
     _fingerprint_all([s for s in sources if not s.fingerprint])
-    return _resolve_steps(sources, order)
+    result = _resolve_steps(sources, order)
+    result.skipped = skipped + result.skipped
+    return result
 
 
 def _source(
@@ -399,7 +385,7 @@ def _step_of(
         return step, "name", CheckpointMeta()
     try:
         meta = reader.read_metadata(path)
-    except (CheckpointFormatError, OSError, KeyError, ValueError):
+    except (GramlinError, OSError):
         meta = CheckpointMeta()
     return meta.step, "metadata" if meta.step is not None else "none", meta
 

@@ -38,6 +38,7 @@ from gramlin_analyze.io.base import (
     CheckpointReader,
     TensorInfo,
     converted_shape,
+    missing_tensor_error,
     to_numpy,
 )
 
@@ -227,7 +228,7 @@ def _read(
     try:
         leaf = leaves[name]
     except KeyError:
-        raise KeyError(f"no tensor named {name!r} in {path}") from None
+        raise missing_tensor_error(name, path, list(leaves)) from None
     return convert_leaf(arrays[leaf.path], leaf.convert)
 
 

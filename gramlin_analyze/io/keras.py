@@ -31,6 +31,7 @@ The optimizer's variables are not model weights and are not listed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -46,8 +47,10 @@ from gramlin_analyze.io.base import (
     CheckpointReader,
     TensorInfo,
     converted_shape,
+    missing_tensor_error,
     to_numpy,
 )
+from gramlin_analyze.io.limits import check_inflate
 
 __all__ = ["KerasWeightsReader"]
 
@@ -144,6 +147,47 @@ def _dtype_name(ds: Any) -> str:
     return ds.dtype.name
 
 
+#: A global heap collection's signature, version 1 and three reserved zero bytes.
+_GCOL = b"GCOL\x01\x00\x00\x00"
+
+
+def _check_global_heaps(path: Path) -> None:
+    """Refuse a file whose global heap collections (where HDF5 keeps variable-length
+    strings, such as each layer's ``name``) are inconsistent: libhdf5 loops forever
+    reading a string from a collection whose object sizes were damaged."""
+    import mmap
+
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size < len(_GCOL):
+            return  # h5py reports the file itself
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            at = mm.find(_GCOL)
+            while at >= 0:
+                if not _heap_consistent(mm, at):
+                    raise CheckpointFormatError(
+                        f"{path}: the HDF5 global heap at byte {at} is corrupt (its objects do "
+                        "not add up to its size); re-save it with model.save_weights()"
+                    )
+                at = mm.find(_GCOL, at + 1)
+
+
+def _heap_consistent(mm: Any, at: int) -> bool:
+    """Objects (16-byte header, data padded to 8) then the free-space object (index 0,
+    whose size is all that is left) fill the collection exactly (HDF5 spec, III.E)."""
+    size = int.from_bytes(mm[at + 8 : at + 16], "little")
+    end = at + size
+    if size < 32 or end > len(mm):
+        return False
+    pos = at + 16
+    while pos + 16 <= end:
+        index = int.from_bytes(mm[pos : pos + 2], "little")
+        length = int.from_bytes(mm[pos + 8 : pos + 16], "little")
+        if index == 0:
+            return length == end - pos
+        pos += 16 + (length + 7) // 8 * 8
+    return pos == end
+
+
 class KerasWeightsReader(CheckpointReader):
     """Keras 3 weight files written by ``model.save_weights("x.weights.h5")``.
 
@@ -181,6 +225,7 @@ class KerasWeightsReader(CheckpointReader):
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such Keras weights file")
+        _check_global_heaps(p)
         try:
             return h5py.File(p, "r")
         except OSError as err:
@@ -191,19 +236,26 @@ class KerasWeightsReader(CheckpointReader):
 
     def _entries(self, f: Any, path: Path) -> dict[str, _Entry]:
         h5py = _h5py()
-        if "layer_names" in f.attrs or "model_weights" in f:
-            raise CheckpointFormatError(
-                f"{path}: this is a legacy Keras 2 HDF5 file, not a Keras 3 .weights.h5; "
-                "load it in Keras and call model.save_weights('model.weights.h5') to convert it"
-            )
         entries: dict[str, _Entry] = {}
         try:
-            self._walk(h5py, f, (), path, entries, top=True)
-        except (OSError, KeyError, RuntimeError) as err:
+            # Even these lookups walk the file's B-trees, which may be damaged.
+            legacy = "layer_names" in f.attrs or "model_weights" in f
+            if not legacy:
+                self._walk(h5py, f, (), path, entries, top=True)
+        except CheckpointFormatError:
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
+            # h5py: OSError/KeyError/RuntimeError for damaged B-trees and heaps,
+            # ValueError/TypeError for a garbled datatype or dataspace message.
             raise CheckpointFormatError(
                 f"{path}: the HDF5 structure cannot be read ({err}); the file is truncated "
                 "or corrupt, re-save it with model.save_weights()"
             ) from err
+        if legacy:
+            raise CheckpointFormatError(
+                f"{path}: this is a legacy Keras 2 HDF5 file, not a Keras 3 .weights.h5; "
+                "load it in Keras and call model.save_weights('model.weights.h5') to convert it"
+            )
         if not entries:
             raise CheckpointFormatError(
                 f"{path}: no Keras 3 weights found (no 'vars' groups); "
@@ -266,8 +318,13 @@ class KerasWeightsReader(CheckpointReader):
         try:
             entry = entries[name]
         except KeyError:
-            raise KeyError(f"no tensor named {name!r} in {path}") from None
+            raise missing_tensor_error(name, path, list(entries)) from None
         ds = f[entry.dataset]
+        # A chunked dataset declares its shape freely (a 1 KB file may claim terabytes
+        # of fill value, or gzip a bomb): check before h5py allocates it.
+        check_inflate(
+            path, math.prod(ds.shape) * ds.dtype.itemsize, path.stat().st_size, f"dataset {name!r}"
+        )
         try:
             arr = ds[()]
         except (OSError, ValueError) as err:

@@ -35,6 +35,7 @@ from gramlin_analyze.io.base import (
     CheckpointReader,
     TensorInfo,
     converted_shape,
+    missing_tensor_error,
     to_numpy,
 )
 
@@ -84,7 +85,8 @@ def _uses(onnx: Any, graph: Any) -> dict[str, set[str]]:
 
     for g in _graphs(graph):
         for node in g.node:
-            inputs = list(node.input)
+            # Invalid UTF-8 comes back as bytes; such a name matches no initializer's.
+            inputs = [n if isinstance(n, str) else repr(n) for n in node.input]
             if node.op_type == "Gemm" and len(inputs) > 1:
                 attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
                 add(inputs[1], "as_is" if attrs.get("transB", 0) else "in_out")
@@ -192,7 +194,17 @@ class OnnxReader(CheckpointReader):
         for index, tensor in enumerate(model.graph.initializer):
             if tensor.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
                 continue
+            if isinstance(tensor.name, bytes):  # protobuf hands back invalid UTF-8 as bytes
+                raise CheckpointFormatError(
+                    f"{p}: initializer name {tensor.name[:60]!r} is not valid UTF-8, as ONNX "
+                    f"requires; the file is corrupt, {_FIX}"
+                )
             shape = tuple(int(d) for d in tensor.dims)
+            if any(d < 0 for d in shape):
+                raise CheckpointFormatError(
+                    f"{p}: initializer {tensor.name!r} has negative dimensions {shape}; "
+                    f"the file is corrupt, {_FIX}"
+                )
             dtype = _np_dtype(onnx, tensor, p)
             if tensor.HasField("raw_data") and _external_location(tensor) is None:
                 expected = _expected_bytes(onnx, tensor, shape, dtype)
@@ -234,7 +246,7 @@ class OnnxReader(CheckpointReader):
         try:
             entry = entries[name]
         except KeyError:
-            raise KeyError(f"no tensor named {name!r} in {p}") from None
+            raise missing_tensor_error(name, p, list(entries)) from None
         tensor = model.graph.initializer[entry.index]
         location = _external_location(tensor)
         if location is not None:

@@ -18,6 +18,7 @@ transposed to ``(out, in)``), see :mod:`gramlin_analyze.io.flax`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -25,8 +26,15 @@ from typing import Any, cast
 import numpy as np
 
 from gramlin_analyze.errors import CheckpointFormatError, MissingDependencyError
-from gramlin_analyze.io.base import CheckpointHandle, CheckpointMeta, CheckpointReader, TensorInfo
+from gramlin_analyze.io.base import (
+    CheckpointHandle,
+    CheckpointMeta,
+    CheckpointReader,
+    TensorInfo,
+    missing_tensor_error,
+)
 from gramlin_analyze.io.flax import TreeLeaf, convert_leaf, tree_leaves
+from gramlin_analyze.io.limits import check_inflate
 
 __all__ = ["OrbaxReader"]
 
@@ -217,6 +225,10 @@ class OrbaxReader(CheckpointReader):
         import jax
 
         ocp = _ocp()
+        stored = sum(f.stat().st_size for f in self.files(path))
+        for leaf in wanted:  # compressed chunks may declare any shape: check before restoring
+            declared = math.prod(leaf.info.shape) * np.dtype(leaf.info.dtype).itemsize
+            check_inflate(path, declared, stored, f"array {leaf.info.name!r}")
         wanted_paths = {leaf.path for leaf in wanted}
         out: dict[tuple[str, ...], np.ndarray] = {}
         for prefix, item_dir in self._resolve(path):
@@ -262,7 +274,7 @@ def _lookup(leaves: dict[str, TreeLeaf], path: Path, name: str) -> TreeLeaf:
     try:
         return leaves[name]
     except KeyError:
-        raise KeyError(f"no tensor named {name!r} in {path}") from None
+        raise missing_tensor_error(name, path, list(leaves)) from None
 
 
 class _OrbaxHandle(CheckpointHandle):

@@ -13,8 +13,14 @@ import os
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from gramlin_analyze.errors import CheckpointFormatError, MissingDependencyError, UsageError
+from gramlin_analyze.errors import (
+    CheckpointFormatError,
+    GramlinError,
+    MissingDependencyError,
+    UsageError,
+)
 from gramlin_analyze.io.base import CheckpointReader
+from gramlin_analyze.io.guard import check_source
 
 __all__ = [
     "known_readers",
@@ -142,16 +148,23 @@ def guess_reader(path: str | os.PathLike, *, format: str | None = None) -> Check
     if format is not None:
         return get_reader(format)
     p = Path(path)
+    check_source(p)
     missing: list[MissingDependencyError] = []
+    failures: list[str] = []
     for name in known_readers():
         try:
             reader = get_reader(name)
         except MissingDependencyError as err:
             missing.append(err)
             continue
-        if reader.guess_can_read(p):
-            return reader
+        try:
+            if reader.guess_can_read(p):
+                return reader
+        except GramlinError as err:  # could not tell: the next reader may
+            failures.append(str(err))
     msg = f"{p}: no checkpoint reader recognizes this file"
+    if failures:
+        msg += " (" + "; ".join(failures) + ")"
     if missing:
         msg += " (some readers are unavailable: " + "; ".join(str(m) for m in missing) + ")"
     raise CheckpointFormatError(msg + "; pass --format NAME to choose one explicitly")

@@ -3,7 +3,11 @@
 Every load is ``torch.load(weights_only=True, map_location="cpu")``: PyTorch's
 restricted unpickler builds tensors and plain containers and refuses every
 other global, so a hostile file cannot execute anything; such a file raises
-:class:`~gramlin_analyze.errors.UnsafeCheckpointError`. Zip-format files
+:class:`~gramlin_analyze.errors.UnsafeCheckpointError`, whatever its pickle
+protocol (:mod:`.pickle_scan` names the callable when torch does not), while a
+damaged file raises :class:`~gramlin_analyze.errors.CheckpointFormatError`.
+A zip archive's declared member sizes are checked first (:mod:`.limits`).
+Zip-format files
 (the default since PyTorch 1.6) are memory-mapped, so listing tensors parses
 only the pickle, never the tensor bytes; legacy files are read whole.
 
@@ -20,6 +24,8 @@ import os
 import pickle
 import re
 import sys
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
@@ -35,6 +41,8 @@ from gramlin_analyze.io.base import (
     missing_tensor_error,
     to_numpy,
 )
+from gramlin_analyze.io.limits import FLOOR, check_zip
+from gramlin_analyze.io.pickle_scan import pickle_bytes, unsafe_globals
 from gramlin_analyze.io.remote import RemotePath, as_path
 
 if TYPE_CHECKING:
@@ -75,6 +83,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _REFUSED_GLOBAL = re.compile(
     r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*) (?:was not an allowed global|whose module)"
 )
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
 _REFUSED_CALL = re.compile(
     r"(?:call reduce for unrecognized function|Can only create new object .*? but got"
     r"|Can only build .*? but got) (.+)"
@@ -135,6 +144,11 @@ def _corrupt(path: Path, err: BaseException) -> CheckpointFormatError:
     reason = str(inner or err)
     reason = reason.strip().splitlines()[0].split(". ")[0][:200] if reason.strip() else ""
     reason = reason or "unexpected end of file"
+    if reason.startswith("Unsupported operand"):
+        reason += (
+            ": a pickle protocol above 2, which torch.load(weights_only=True) cannot read; "
+            "re-save it with torch.save's default protocol"
+        )
     return CheckpointFormatError(
         f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {reason}); the file "
         "is truncated, corrupt or not written by torch.save; re-save or re-copy the checkpoint"
@@ -158,33 +172,63 @@ def load_torch_file(path: os.PathLike | str) -> Any:
     if isinstance(path, RemotePath):
         # torch.load reads the zip's directory and records through a seekable fsspec file.
         with path.open("rb") as remote:
+            _check_archive(remote, path)
             return _checked_load(torch, remote, path, mmap=False)
     with path.open("rb") as f:
         # mmap works only for the zip format; legacy files are loaded the old way.
-        zipped = f.read(4) == _ZIP_MAGIC
+        zipped = _check_archive(f, path)
     return _checked_load(torch, path, path, mmap=zipped)
+
+
+def _check_archive(f: Any, path: Path) -> bool:
+    """Whether ``f`` is a zip; if so its declared member sizes must be within the cap.
+    A zip that Python cannot list is left to torch, which reports the damage."""
+    zipped = f.read(4) == _ZIP_MAGIC
+    f.seek(0)
+    if zipped:
+        try:
+            with zipfile.ZipFile(f) as archive:
+                listed = archive.infolist()
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError):
+            listed = None
+        if listed is not None:
+            check_zip(path, listed, path.stat().st_size)
+        f.seek(0)
+    return zipped
+
+
+def _code_in(path: Path) -> str | None:
+    """The first callable outside torch's allow-list the file's pickle imports, found by
+    parsing its opcodes (for refusals torch words as unsupported opcodes)."""
+    try:
+        with path.open("rb") as f:
+            zipped = f.read(4) == _ZIP_MAGIC
+            f.seek(0)
+            data = pickle_bytes(f, zipped=zipped, limit=FLOOR)
+    except Exception:  # unreadable: there is no pickle to judge, the load error stands
+        return None
+    culprits = [g for g in unsafe_globals(data) if _IDENTIFIER.fullmatch(g) or "<" in g]
+    return culprits[0] if culprits else None
 
 
 def _checked_load(torch: Any, source: Any, path: Path, *, mmap: bool) -> Any:
     """``torch.load(weights_only=True)`` of ``source``; refusals and damage become our errors."""
     try:
         return torch.load(source, weights_only=True, map_location="cpu", mmap=mmap)
-    except pickle.UnpicklingError as err:
-        culprit = _refusal(err)
+    except Exception as err:
+        culprit = _refusal(err) if isinstance(err, pickle.UnpicklingError) else None
+        culprit = culprit or _code_in(path)
         if culprit is None:
+            # torch's zip reader and unpickler fail on garbage with RuntimeError, OSError
+            # (EINVAL), EOFError, IndexError, struct.error... depending on the damage.
             raise _corrupt(path, err) from err
         raise UnsafeCheckpointError(
-            f"{path}: refused to load: unpickling this file would import and call {culprit}, "
-            "i.e. the file wants to run code, and gramlin-analyze loads only tensors and plain "
+            f"{path}: refused: it would run code: unpickling this file would import and call "
+            f"{culprit}, and gramlin-analyze loads only tensors and plain "
             "containers (torch.load with weights_only=True). If you trust its source, load it "
             "yourself and re-save only the weights, e.g. torch.save(model.state_dict(), path) "
             "or safetensors.torch.save_file"
         ) from err
-    except Exception as err:
-        # The file opened above, so errors from here on come from its contents: torch's
-        # zip reader and unpickler fail on garbage with RuntimeError, OSError (EINVAL),
-        # EOFError, IndexError, struct.error, ... depending on where the damage is.
-        raise _corrupt(path, err) from err
 
 
 def _is_tensor_dict(node: Any) -> bool:

@@ -23,6 +23,7 @@ from gramlin_analyze.io.base import (
     CheckpointMeta,
     CheckpointReader,
     TensorInfo,
+    missing_tensor_error,
     to_numpy,
 )
 
@@ -33,13 +34,19 @@ __all__ = ["TorchScriptReader", "is_torchscript_archive", "load_torchscript"]
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
-    """True for a zip holding TorchScript ``code/`` (no code is loaded)."""
+    """True for a zip holding TorchScript ``code/`` (no code is loaded).
+
+    Any zip it cannot list (damaged, or member names that are not valid UTF-8)
+    is not a TorchScript archive: this runs on every ``.pt`` file, and the
+    PyTorch reader reports the damage when it reads the file.
+    """
     p = Path(path)
     if not p.is_file() or not zipfile.is_zipfile(p):
         return False
     try:
-        names = zipfile.ZipFile(p).namelist()
-    except (zipfile.BadZipFile, OSError):
+        with zipfile.ZipFile(p) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         return False
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
@@ -58,7 +65,7 @@ class _Handle(CheckpointHandle):
 
     def read_tensor(self, name: str) -> np.ndarray:
         if name not in self._sd:
-            raise KeyError(f"{name!r}: no such tensor in {self.path}")
+            raise missing_tensor_error(name, self.path, list(self._sd))
         return to_numpy(self._sd[name])
 
     def read_metadata(self) -> CheckpointMeta:
