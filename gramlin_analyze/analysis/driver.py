@@ -109,11 +109,18 @@ def analyze(
             options = {"tl": tl_options}  # each family's options, part of its input hash
             plan = plan_jobs(out, run, probe_fp, options, recompute=recompute, report=report)
             tasks = _tasks(task_path(url), storage_options, run, plan, base)
-            if tasks:
-                _check_workers(target, url)
-            Execution(out, run, plan, report, progress=progress, recompute=recompute).run(
-                tasks, workers=workers, scheduler=target.client, threads=threads
+            execution = Execution(
+                out,
+                run,
+                plan,
+                report,
+                progress=progress,
+                recompute=recompute,
+                store=(task_path(url), storage_options),
             )
+            if tasks or execution.phase2_pending():
+                _check_workers(target, url)
+            execution.run(tasks, workers=workers, scheduler=target.client, threads=threads)
     report.seconds = time.perf_counter() - t0
     return report
 

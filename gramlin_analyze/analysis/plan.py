@@ -215,7 +215,8 @@ def probe_targets(
         c = int(pg.attrs.get("n_classes", labels.max() + 1))
         per_label = int(np.prod(raw.shape[1:], dtype=np.int64)) if raw.ndim > 1 else 1
         _drop_unpaired_labels(gs, run, per_label, report)
-        return ProbeTargets(np.eye(c)[labels], labels, c, per_label), fingerprint
+        # Class indices travel to the tasks, not an N x C one-hot matrix.
+        return ProbeTargets(labels=labels, n_classes=c, labels_per_example=per_label), fingerprint
     if "targets" in pg:
         return ProbeTargets(Y=np.asarray(pg["targets"][:], dtype=np.float64)), fingerprint
     return ProbeTargets(), fingerprint

@@ -17,4 +17,6 @@ class AnalyzeReport:
     unavailable: dict[str, str] = field(default_factory=dict)
     partial: dict[str, list[str]] = field(default_factory=dict)
     nonfinite: list[tuple[int, str]] = field(default_factory=list)
+    #: phase-2 tasks run (a layer's trajectory, or a segment of it)
+    phase2_tasks: int = 0
     seconds: float = 0.0

@@ -37,7 +37,7 @@ from gramlin_analyze.reducers import (
 )
 from gramlin_analyze.reducers._common import pack
 from gramlin_analyze.reducers.surrogate import _surrogate_np
-from gramlin_analyze.reducers.target_linearity import _layout as _tl_layout
+from gramlin_analyze.reducers.target_linearity import tl_label_stats_np, tl_layout
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store import put_step, read_step, task_node
 
@@ -51,9 +51,10 @@ ACTIVATION_FAMILIES = frozenset({"vc", "tl", "nc", "cka"})
 class ProbeTargets:
     """The probe set's targets, as every task of a run pairs them with samples.
 
-    ``Y`` holds N x C float targets (one-hot rows for labels); ``labels`` the
-    N class indices (None for regression targets). ``labels_per_example`` is
-    1 for one label per example, else the number of positions it labels.
+    ``labels`` holds the N class indices (of ``n_classes``): the one-hot
+    targets of TL and NC are never built. ``Y`` holds N x C real-valued
+    targets (regression; None with labels). ``labels_per_example`` is 1 for
+    one label per example, else the number of positions it labels.
     """
 
     Y: np.ndarray | None = None
@@ -265,7 +266,12 @@ def _stream_activations(
             stats = dict(zip(("hh", "gh", "gg"), vc_stats_np(h, g), strict=True))
             sums.vc = _add(sums.vc, stats)
         if "tl" in fams:
-            sums.tl = _add(sums.tl, tl_stats_np(h, t.Y[ex]))
+            tl = (
+                tl_stats_np(h, t.Y[ex])
+                if t.labels is None
+                else tl_label_stats_np(h, t.labels[ex], t.n_classes)
+            )
+            sums.tl = _add(sums.tl, tl)
         if "nc" in fams:
             sums.nc = _add(sums.nc, collapse_stats_np(h, t.labels[ex], t.n_classes))
         if "cka" in fams:
@@ -314,7 +320,10 @@ def _finish_tl(tl: dict, W: np.ndarray, n: int, d: int, ctx: TaskContext) -> dic
         ),
         "tl_null": min(1.0, d / n),
     }
-    layout = _tl_layout(d, ctx.targets.Y.shape[1])
+    t = ctx.targets
+    layout = (
+        tl_layout(d, t.Y.shape[1]) if t.labels is None else tl_layout(d, t.n_classes, labels=True)
+    )
     s, kta = _surrogate_np(pack(tl, layout, ()), W, layout)
     out.update(tl_surrogate=float(s), kta=float(kta))
     return out

@@ -22,8 +22,10 @@ from gramlin_analyze.reducers._common import (
     sym,
 )
 
-#: The sufficient statistics of TL, in the order they are packed.
+#: The sufficient statistics of TL, in the order they are packed. Class labels
+#: keep the diagonal of ``Y^T Y`` (``yy_diag``; the one-hot's is diagonal) instead of ``yy``.
 STAT_NAMES = ("n", "sum_h", "sum_y", "hh", "hy", "yy")
+LABEL_STAT_NAMES = ("n", "sum_h", "sum_y", "hh", "hy", "yy_diag")
 
 
 def _t(a: np.ndarray) -> np.ndarray:
@@ -50,25 +52,48 @@ def finite_stats(
 ) -> tuple[dict[str, FloatArray], np.ndarray, FloatArray]:
     """The statistics as float64 with zeros for batch entries holding a NaN/Inf (which
     keeps ``eigh`` away from them), those entries' mask, and ``N`` (1 where masked)."""
-    s = {k: as_float64(stats[k]) for k in STAT_NAMES}
+    names = LABEL_STAT_NAMES if "yy_diag" in stats else STAT_NAMES
+    s = {k: as_float64(stats[k]) for k in names}
     lead = s["hh"].shape[:-2]
     bad = np.zeros(lead, dtype=bool)
-    for k in STAT_NAMES:
+    for k in names:
         bad = bad | batch_bad(s[k], stat_core(k))
-    for k in STAT_NAMES:
+    for k in names:
         s[k] = np.where(bad[(...,) + (None,) * stat_core(k)], 0.0, s[k])
     n = np.where(bad, 1.0, s["n"][..., 0])
     return s, bad, n
 
 
+def target_trace(s: Mapping[str, FloatArray]) -> FloatArray:
+    """``tr(Y^T Y) = ||Y||_F^2`` from ``yy`` or, for class labels, its diagonal."""
+    if "yy_diag" in s:
+        return np.sum(s["yy_diag"], axis=-1)
+    return np.trace(s["yy"], axis1=-2, axis2=-1)
+
+
+def centered_target_gram_norm(s: Mapping[str, FloatArray], n: FloatArray) -> FloatArray:
+    """``||Y_c^T Y_c||_F`` with ``Y_c^T Y_c = Y^T Y - s s^T / N`` (``s`` the column sums).
+
+    For class labels ``Y^T Y = D`` is diagonal, and
+    ``||D - s s^T/N||_F^2 = sum D^2 - 2 sum D s^2 / N + (sum s^2)^2 / N^2``:
+    no ``C x C`` matrix.
+    """
+    sy = s["sum_y"]
+    if "yy_diag" not in s:
+        yc = s["yy"] - sy[..., :, None] * sy[..., None, :] / n[..., None, None]
+        return np.sqrt(np.sum(yc * yc, axis=(-2, -1)))
+    dg, sq = s["yy_diag"], sy * sy
+    total = np.sum(dg * dg, axis=-1) - 2.0 * np.sum(dg * sq, axis=-1) / n
+    return np.sqrt(np.maximum(total + np.sum(sq, axis=-1) ** 2 / (n * n), 0.0))
+
+
 def centered_targets(
-    sum_y: FloatArray, yy: FloatArray, sh: FloatArray, hy: FloatArray, n: FloatArray
+    sum_y: FloatArray, raw: FloatArray, sh: FloatArray, hy: FloatArray, n: FloatArray
 ) -> tuple[FloatArray, FloatArray]:
-    """``H^T Y_c`` and ``||Y_c||^2`` by correcting the uncentered sums; the latter NaN
-    for targets that are constant up to round-off."""
+    """``H^T Y_c`` and ``||Y_c||^2`` by correcting the uncentered sums (``raw`` is
+    ``||Y||_F^2``); the latter NaN for targets that are constant up to round-off."""
     mean_y = sum_y / n[..., None]
     b = hy - sh[..., :, None] * mean_y[..., None, :]
-    raw = np.trace(yy, axis1=-2, axis2=-1)
     tss = raw - np.sum(sum_y**2, axis=-1) / n
     # centered targets below the round-off of that subtraction are constant: 0/0
     tss = np.where(tss > 10.0 * n * EPS * raw, tss, np.nan)

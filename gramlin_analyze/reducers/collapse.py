@@ -35,7 +35,6 @@ from gramlin_analyze.reducers._common import (
     batch_bad,
     layout_size,
     mask_nonfinite,
-    one_hot_np,
     pack,
     pinvh,
     poison,
@@ -47,6 +46,7 @@ from gramlin_analyze.reducers._common import (
     unpack,
     xr,
 )
+from gramlin_analyze.reducers._labels import class_counts_np, class_index_np, class_sums_np
 
 __all__ = [
     "collapse_stats_np",
@@ -75,6 +75,8 @@ def collapse_stats_np(
 ) -> dict[str, FloatArray]:
     """Additive statistics over the sample axis: counts, per-class sums, ``sum h h^T``.
 
+    Per-class sums by label index (``O(N d)``): no ``N x C`` one-hot matrix.
+
     Parameters
     ----------
     h : array_like, shape (..., n_samples, d)
@@ -93,10 +95,14 @@ def collapse_stats_np(
     (array([2., 1.]), array([4., 5.]))
     """
     h = as_float64(h)
-    y = one_hot_np(labels, n_classes)
-    lead = np.broadcast_shapes(h.shape[:-2], y.shape[:-2])
-    bad = np.broadcast_to(batch_bad(h, 2) | batch_bad(y, 2), lead)
-    parts = {"counts": y.sum(axis=-2), "class_sums": _t(y) @ h, "scatter": sym(_t(h) @ h)}
+    index, valid = class_index_np(labels, int(n_classes))
+    lead = np.broadcast_shapes(h.shape[:-2], index.shape[:-1])
+    bad = np.broadcast_to(batch_bad(h, 2) | ~np.all(valid, axis=-1), lead)
+    parts = {
+        "counts": class_counts_np(np.broadcast_to(index, lead + index.shape[-1:]), int(n_classes)),
+        "class_sums": class_sums_np(h, index, int(n_classes)),
+        "scatter": sym(_t(h) @ h),
+    }
     core = {"counts": 1, "class_sums": 2, "scatter": 2}
     return {
         k: poison(np.array(np.broadcast_to(v, lead + v.shape[v.ndim - core[k] :])), bad, core[k])

@@ -23,6 +23,7 @@ from gramlin_analyze.reducers._common import (
     unpack,
     xr,
 )
+from gramlin_analyze.reducers._tl_solve import centered_target_gram_norm
 from gramlin_analyze.reducers.target_linearity import streamed_tl_stats
 
 __all__ = ["tl_surrogate"]
@@ -41,9 +42,8 @@ def _surrogate_np(stats: np.ndarray, w: np.ndarray, layout: list) -> tuple[Float
     b = s["hy"] - s["sum_h"][..., :, None] * (s["sum_y"] / n[..., None])[..., None, :]
     zy = w @ b
     zz = w @ s["hh"] @ _t(w)
-    yc = s["yy"] - s["sum_y"][..., :, None] * s["sum_y"][..., None, :] / n[..., None, None]
     num = np.sum(zy * zy, axis=(-2, -1))
-    kta = num / (np.sqrt(np.sum(zz * zz, axis=(-2, -1))) * np.sqrt(np.sum(yc * yc, axis=(-2, -1))))
+    kta = num / (np.sqrt(np.sum(zz * zz, axis=(-2, -1))) * centered_target_gram_norm(s, n))
     bad = batch_bad(w, 2)
     return np.where(bad, np.nan, num / c), np.where(bad, np.nan, kta)
 

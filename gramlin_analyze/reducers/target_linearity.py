@@ -12,8 +12,9 @@ algebraic correction of those sums, e.g. ``H^T Y_c = H^T Y - (sum H)(sum Y)^T / 
 the ``N x N`` kernel is never formed.
 
 Inputs: features ``h`` with dims ``(..., "sample", "in")``; either integer
-class ``labels`` with dims ``("sample",)`` (one-hot encoded, ``C`` classes) or
-real ``targets`` with dims ``("sample", "target")``.
+class ``labels`` with dims ``("sample",)`` (``C`` classes: the one-hot targets'
+statistics come from per-class sums of ``h`` and the class counts, the ``N x C``
+one-hot matrix is never built) or real ``targets`` with dims ``("sample", "target")``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from gramlin_analyze.reducers._common import (
     as_float64,
     batch_bad,
     layout_size,
-    one_hot_np,
     pack,
     poison,
     quiet,
@@ -42,6 +42,7 @@ from gramlin_analyze.reducers._common import (
     unpack,
     xr,
 )
+from gramlin_analyze.reducers._labels import class_counts_np, class_index_np, class_sums_np
 from gramlin_analyze.reducers._tl_solve import (
     centered_targets,
     finite_stats,
@@ -49,10 +50,13 @@ from gramlin_analyze.reducers._tl_solve import (
     pca_project,
     residual_sum_of_squares,
     stat_core,
+    target_trace,
 )
 
 __all__ = [
     "tl_stats_np",
+    "tl_label_stats_np",
+    "tl_layout",
     "target_linearity_from_stats_np",
     "target_linearity_np",
     "target_linearity",
@@ -60,15 +64,11 @@ __all__ = [
 ]
 
 
-def _layout(d: int, c: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [
-        ("n", (1,)),
-        ("sum_h", (d,)),
-        ("sum_y", (c,)),
-        ("hh", (d, d)),
-        ("hy", (d, c)),
-        ("yy", (c, c)),
-    ]
+def tl_layout(d: int, c: int, *, labels: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """How TL's statistics are packed: ``d`` features, ``c`` targets or classes
+    (class labels keep the diagonal of ``Y^T Y`` only)."""
+    yy = ("yy_diag", (c,)) if labels else ("yy", (c, c))
+    return [("n", (1,)), ("sum_h", (d,)), ("sum_y", (c,)), ("hh", (d, d)), ("hy", (d, c)), yy]
 
 
 def _t(a: np.ndarray) -> np.ndarray:
@@ -120,6 +120,56 @@ def tl_stats_np(h: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
 
 
 @quiet
+def tl_label_stats_np(
+    h: npt.ArrayLike, labels: npt.ArrayLike, n_classes: int
+) -> dict[str, FloatArray]:
+    """:func:`tl_stats_np` for one-hot targets of integer class labels, without the one-hot.
+
+    ``H^T Y`` is the per-class sums of the rows of ``h``, ``sum Y`` the class
+    counts, and ``Y^T Y`` (diagonal) is kept as its diagonal ``yy_diag``: memory
+    and time do not grow with ``N x C``.
+
+    Parameters
+    ----------
+    h : array_like, shape (..., n_samples, d)
+    labels : array_like, shape (..., n_samples)
+        Classes in ``[0, n_classes)``; an invalid label makes its batch entry NaN.
+    n_classes : int
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``n``, ``sum_h``, ``sum_y`` (..., C), ``hh``, ``hy`` (..., d, C) and
+        ``yy_diag`` (..., C); summable over sample blocks like :func:`tl_stats_np`'s.
+
+    Examples
+    --------
+    >>> s = tl_label_stats_np([[1.0], [2.0], [4.0]], [0, 1, 1], 2)
+    >>> s["hy"], s["yy_diag"]
+    (array([[1., 6.]]), array([1., 2.]))
+    """
+    h = as_float64(h)
+    index, valid = class_index_np(labels, int(n_classes))
+    lead = np.broadcast_shapes(h.shape[:-2], index.shape[:-1])
+    bad = np.broadcast_to(batch_bad(h, 2) | ~np.all(valid, axis=-1), lead)
+    counts = class_counts_np(np.broadcast_to(index, lead + index.shape[-1:]), int(n_classes))
+    parts = {
+        "n": np.full(lead + (1,), float(h.shape[-2])),
+        "sum_h": h.sum(axis=-2),
+        "sum_y": counts,
+        "hh": sym(_t(h) @ h),
+        "hy": np.ascontiguousarray(_t(class_sums_np(h, index, int(n_classes)))),
+        "yy_diag": counts.copy(),
+    }
+    out = {}
+    for name, value in parts.items():
+        core = stat_core(name)
+        full = np.array(np.broadcast_to(value, lead + value.shape[value.ndim - core :]))
+        out[name] = poison(full, bad, core)
+    return out
+
+
+@quiet
 def target_linearity_from_stats_np(
     stats: Mapping[str, npt.ArrayLike],
     *,
@@ -141,7 +191,8 @@ def target_linearity_from_stats_np(
     Parameters
     ----------
     stats : mapping
-        ``n, sum_h, sum_y, hh, hy, yy`` with shared leading (batch) axes.
+        ``n, sum_h, sum_y, hh, hy, yy`` (or ``yy_diag`` from
+        :func:`tl_label_stats_np`) with shared leading (batch) axes.
     lam : float
         Ridge penalty ``lambda >= 0`` (on the feature weights, not the intercept).
     center_features : bool
@@ -175,7 +226,7 @@ def target_linearity_from_stats_np(
     hh, sh, hy = s["hh"], s["sum_h"], s["hy"]
     if pca_components is not None and pca_components < hh.shape[-1]:
         hh, sh, hy = pca_project(hh, sh, hy, n, int(pca_components))
-    b, tss = centered_targets(s["sum_y"], s["yy"], sh, hy, n)
+    b, tss = centered_targets(s["sum_y"], target_trace(s), sh, hy, n)
     a, m, b = normal_equations(
         hh, sh, b, n, lam=lam, center_features=center_features, intercept=intercept
     )
@@ -258,16 +309,15 @@ def streamed_tl_stats(
     >>> stats, layout = streamed_tl_stats(
     ...     h, xr.DataArray([0, 1], dims="sample"), None, 2, "sample", "in", "target")
     >>> [name for name, _ in layout], stats.shape
-    (['n', 'sum_h', 'sum_y', 'hh', 'hy', 'yy'], (11,))
+    (['n', 'sum_h', 'sum_y', 'hh', 'hy', 'yy_diag'], (9,))
     """
     require_dims(h, [sample_dim, in_dim], "h")
     y, y_core, c, is_labels = resolve_targets(labels, targets, n_classes, sample_dim, target_dim)
     d = h.sizes[in_dim]
-    layout = _layout(d, c)
+    layout = tl_layout(d, c, labels=is_labels)
 
     def block(hb: np.ndarray, yb: np.ndarray) -> FloatArray:
-        yv = one_hot_np(yb, c) if is_labels else yb
-        parts = tl_stats_np(hb, yv)
+        parts = tl_label_stats_np(hb, yb, c) if is_labels else tl_stats_np(hb, yb)
         return pack(parts, layout, parts["n"].shape[:-1])
 
     stats = stream_sum(
@@ -313,8 +363,9 @@ def target_linearity(
         Features, dims ``(..., sample_dim, in_dim)``; NumPy or Dask backed
         (chunked along samples: one pass, one task per chunk).
     labels : xarray.DataArray, optional
-        Integer class indices, dims ``(sample_dim,)``; one-hot encoded with
-        ``n_classes`` columns (default ``max(labels) + 1``). Invalid labels give NaN.
+        Integer class indices, dims ``(sample_dim,)``: one-hot targets with
+        ``n_classes`` columns (default ``max(labels) + 1``), never built as a
+        matrix. Invalid labels give NaN.
     targets : xarray.DataArray, optional
         Real targets, dims ``(sample_dim, target_dim)`` or ``(sample_dim,)``.
     lam : float

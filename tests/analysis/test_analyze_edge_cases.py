@@ -202,14 +202,14 @@ def test_a_failing_phase2_keeps_the_finished_phase1_results(tmp_path, monkeypatc
     run, store = tmp_path / "run", tmp_path / "s.zarr"
     write_trajectory(run, [0, 10, 20])
     ga.ingest(run, store)
-    real = phase2.layer_phase2
+    real = phase2.layer_chain_task
 
-    def failing(chain: phase2.LayerChain) -> None:
-        if chain.layer == "fc2":
+    def failing(url: str, storage_options: dict | None, job: phase2.ChainJob):
+        if job.layer == "fc2":
             raise RuntimeError("injected phase-2 failure")
-        real(chain)
+        return real(url, storage_options, job)
 
-    monkeypatch.setattr(phase2, "layer_phase2", failing)
+    monkeypatch.setattr(phase2, "layer_chain_task", failing)
     with pytest.raises(RuntimeError, match="injected"):
         ga.analyze(store, metrics=["gram"])
     monkeypatch.undo()
@@ -319,12 +319,8 @@ def test_a_new_steps_gram_change_comes_with_its_task(tmp_path, monkeypatch):
     """An incremental analyze computes a new step's Gram change in the step's
     own task (the previous Gram is stored and current), not in phase 2; the
     values equal a full analyze of the same run and an independent reference.
-    Both phases compute it with ``norms.gram_norms``; phase 2 runs on its own
-    named threads."""
-    import threading
-
+    Both phases compute it with ``norms.gram_norms``; no phase-2 task runs."""
     from gramlin_analyze.analysis import norms
-    from gramlin_analyze.analysis.phase2 import PHASE2_THREAD_PREFIX
     from tests.trajectory import write_trajectory
 
     run, store, fresh = tmp_path / "run", tmp_path / "s.zarr", tmp_path / "f.zarr"
@@ -334,20 +330,19 @@ def test_a_new_steps_gram_change_comes_with_its_task(tmp_path, monkeypatch):
     write_trajectory(run, [30], seed=3)
     ga.ingest(run, store)
 
-    seen: list[tuple[str, int, bool]] = []
+    seen: list[tuple[int, bool]] = []
     real = norms.gram_norms
 
     def counting(G, G_prev, rows=64):
-        in_phase2 = threading.current_thread().name.startswith(PHASE2_THREAD_PREFIX)
-        seen.append(("phase2" if in_phase2 else "task", G.shape[0], G_prev is None))
+        seen.append((G.shape[0], G_prev is None))
         return real(G, G_prev, rows)
 
     monkeypatch.setattr(norms, "gram_norms", counting)
     rep = ga.analyze(store, metrics=["gram"])
     monkeypatch.undo()
-    assert rep.computed == 2
+    assert rep.computed == 2 and rep.phase2_tasks == 0
     # per layer, in its task: the change, and the previous Gram's norm; nothing in phase 2
-    assert sorted(seen) == [("task", d, prev) for d in (5, 6) for prev in (False, True)]
+    assert sorted(seen) == [(d, prev) for d in (5, 6) for prev in (False, True)]
     ga.ingest(run, fresh)
     ga.analyze(fresh, metrics=["gram"])
     a = ga.open(store)["metrics"].to_dataset()["gram_change"]

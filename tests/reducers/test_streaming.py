@@ -23,14 +23,15 @@ def test_kernels_see_one_sample_chunk_at_a_time(monkeypatch, rng):
     seen: list[int] = []
 
     def spy(kernel):
-        def wrapped(a, b):
+        def wrapped(a, *rest):
             seen.append(a.shape[-2])
-            return kernel(a, b)
+            return kernel(a, *rest)
 
         return wrapped
 
     monkeypatch.setattr(vc_module, "vc_stats_np", spy(vc_module.vc_stats_np))
-    monkeypatch.setattr(tl_module, "tl_stats_np", spy(tl_module.tl_stats_np))
+    # labels: per-class sums by index (the one-hot path is for real-valued targets)
+    monkeypatch.setattr(tl_module, "tl_label_stats_np", spy(tl_module.tl_label_stats_np))
     lazy_h, lazy_g = h.chunk(sample=chunk, step=1), g.chunk(sample=chunk, step=1)
     vc = R.virtual_covariance(lazy_h, lazy_g, 0.1)
     tl = R.target_linearity(lazy_h, labels=labels.chunk(sample=chunk), n_classes=3)
