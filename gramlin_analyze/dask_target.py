@@ -29,6 +29,8 @@ __all__ = [
     "WorkerSetupError",
     "dask_target",
     "task_path",
+    "worker_budgets",
+    "worker_cores",
 ]
 
 
@@ -65,6 +67,8 @@ class WorkerCheck:
     model: str | None = (
         None  # a model factory to import: ``pkg.mod:build`` or ``/abs/file.py:build``
     )
+    creatable: tuple[str, ...] = ()  # not there yet: the directory they go in must be writable
+    device: str = "cpu"  # where capture runs: a GPU every worker must have
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,15 @@ class Target:
 
     client: Any
     where: str = ""  # "on the Dask scheduler at tcp://…", for the report and the log
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` where the tasks run: on a worker, or in this process without a client.
+
+        For work the driver should not do itself (building a model to check it).
+        """
+        if self.client is None:
+            return fn(*args)
+        return self.client.submit(fn, *args, pure=False).result()
 
     def check_workers(self, check: WorkerCheck) -> None:
         """One round on every worker before the tasks: the first problem is one error."""
@@ -91,6 +104,8 @@ _WORKER_PROBLEMS = {
     "or pass a URL they can read",
     "import": "{p} cannot be imported on worker {w} ({e}): install it on the workers, or pass a "
     "file path they can read",
+    "device": "no CUDA device on worker {w} ({e}); run without --device {p}, or on workers with "
+    "a GPU",
 }
 
 
@@ -106,6 +121,16 @@ def _check_on_worker(check: WorkerCheck) -> list[tuple[str, str, str]]:
                 problems.append((what, p, "no such file or directory"))
             elif not os.access(p, mode):
                 problems.append((what, p, "permission denied"))
+    for p in check.creatable:
+        parent = _existing_parent(p)
+        if not os.access(parent, os.W_OK):
+            problems.append(("write", p, f"{parent} is not writable"))
+    if check.device != "cpu":
+        from gramlin_analyze.capture.device import device_problem
+
+        problem = device_problem(check.device)
+        if problem:
+            problems.append(("device", check.device, problem))
     if check.model:
         from gramlin_analyze.capture.models import check_factory
 
@@ -115,6 +140,14 @@ def _check_on_worker(check: WorkerCheck) -> list[tuple[str, str, str]]:
             cause = err.__cause__ or err
             problems.append(("import", check.model, f"{type(cause).__name__}: {cause}"))
     return problems
+
+
+def _existing_parent(path: str) -> str:
+    """The nearest directory above ``path`` that exists (where it would be created)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    return parent
 
 
 @contextmanager
@@ -249,3 +282,36 @@ def _wait_for_a_worker(client: Any, address: str, timeout: float) -> None:
             f"{address}: the Dask scheduler has no worker (none joined within {timeout:g} s); start "
             "workers (`dask worker " + address + "`) or scale the cluster, then run again"
         ) from err
+
+
+# -- the workers' cores --------------------------------------------------------------
+
+
+def worker_cores() -> tuple[int, ...]:
+    """The cores this process may run on (its affinity: a batch job's cores, not the node's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+def _describe_worker(dask_worker=None) -> tuple[str, tuple[int, ...], int]:
+    """On a worker: its machine, its cores, and how many tasks it runs at once."""
+    import socket
+
+    return socket.gethostname(), worker_cores(), int(dask_worker.state.nthreads)
+
+
+def worker_budgets(client) -> dict[str, int]:
+    """Each worker's threads per task: its cores over the task slots sharing them.
+
+    The workers on one machine bound to the same cores (a ``LocalCluster``,
+    ``dask worker --nworkers 4``, ``processes: 4`` of a jobqueue job) share
+    them; workers bound to other cores (two batch jobs on one node) do not.
+    """
+    found = client.run(_describe_worker)
+    slots: dict[tuple[str, tuple[int, ...]], int] = {}
+    for host, cores, nthreads in found.values():
+        slots[(host, cores)] = slots.get((host, cores), 0) + nthreads
+    return {
+        addr: max(1, len(cores) // slots[(host, cores)]) for addr, (host, cores, _) in found.items()
+    }

@@ -11,6 +11,11 @@ for ingest, mark steps ok) one task at a time.
 Tasks run in parallel, so each one's BLAS and torch get ``cores / tasks``
 threads (at least one): two tasks each spinning two OpenMP threads on two
 cores were 1.3x slower than one thread each, and starved zarr's I/O thread.
+On a cluster the same rule holds per machine (:func:`worker_budgets`): a
+worker's tasks share the cores its process may run on with every task slot
+of the workers on that machine bound to the same cores, so one worker with
+one slot on a 32-core node gives its task 32 threads. ``threads_per_task``
+(or :func:`task_threads` around a run) sets the number instead.
 
 Stopping: :func:`stop_on_signals` (the command line, while a command runs)
 turns SIGINT and SIGTERM into a request to stop. The runner then starts no
@@ -25,10 +30,9 @@ from __future__ import annotations
 import contextvars
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +46,16 @@ from gramlin_analyze.dask_target import (
     WorkerSetupError,
     dask_target,
     task_path,
+    worker_budgets,
+)
+from gramlin_analyze.thread_budget import (
+    TaskBudget,
+    budget_here,
+    kernel_threads,
+    set_process_budget,
+    set_thread_budget,
+    task_threads,
+    threads_override,
 )
 
 __all__ = [
@@ -54,6 +68,9 @@ __all__ = [
     "make_runner",
     "task_path",
     "kernel_threads",
+    "TaskBudget",
+    "task_threads",
+    "worker_budgets",
     "stop_on_signals",
     "stop_requested",
     "StopState",
@@ -120,52 +137,33 @@ def stop_on_signals(
         _stop.clear()
 
 
-# -- kernel threads -----------------------------------------------------------------------
-
-_controller: tuple[int, Any] | None = None
-
-
-def _threadpools():
-    """threadpoolctl's controller, kept while no module was imported since.
-
-    Building one inspects every loaded shared library (about 3 ms); a new
-    import may have loaded another BLAS, so any new module means a new one.
-    """
-    global _controller
-    from threadpoolctl import ThreadpoolController
-
-    n_modules = len(sys.modules)
-    if _controller is None or _controller[0] != n_modules:
-        _controller = (n_modules, ThreadpoolController())
-    return _controller[1]
+def _limited(budget: TaskBudget, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` in a worker with its share of kernel threads (see :class:`TaskBudget`)."""
+    if os.getpid() == budget.driver_pid:  # a cluster of threads in the driver: leave it as it was
+        with kernel_threads(budget_here(budget)):
+            return fn(*args)
+    set_thread_budget(budget_here(budget), budget.preload)
+    return fn(*args)
 
 
-@contextmanager
-def kernel_threads(n: int) -> Iterator[None]:
-    """Limit BLAS (threadpoolctl) and, when imported, torch to ``n`` threads.
-
-    ``n`` of at least the cores is no limit: nothing is changed (and
-    threadpoolctl, which inspects every loaded library, is not consulted).
-    """
-    if n >= (os.cpu_count() or 1):
-        yield
-        return
-    torch = sys.modules.get("torch")
-    old = torch.get_num_threads() if torch is not None else None
-    with _threadpools().limit(limits=n):
-        if torch is not None:
-            torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            if torch is not None and old:
-                torch.set_num_threads(old)
+def _with_threads(n: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` on a task thread of this process with ``n`` kernel threads."""
+    set_thread_budget(n, ())
+    return fn(*args)
 
 
-def _limited(n: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn`` in a worker process with ``n`` kernel threads."""
-    with kernel_threads(n):
-        return fn(*args)
+class _Each:
+    """``tasks`` with ``head`` before each one's ``(fn, *args)``, taken one at a time: a
+    feed that runs dry and is fed again (by a finished task's callback) goes on."""
+
+    def __init__(self, tasks: Iterable[tuple], head: tuple) -> None:
+        self.tasks, self.head = iter(tasks), head
+
+    def __iter__(self) -> _Each:
+        return self
+
+    def __next__(self) -> tuple:
+        return (*self.head, *next(self.tasks))
 
 
 # -- runners ----------------------------------------------------------------------------
@@ -249,7 +247,7 @@ def children_ignore_sigint() -> Iterator[None]:
 STOP_GRACE_S = 30.0
 
 
-def run_on_cluster(client, tasks: list, on_done: Callable[[Any], None], per: int) -> None:
+def run_on_cluster(client, tasks: list, on_done: Callable[[Any], None], budget: TaskBudget) -> None:
     """Run ``tasks`` on a Dask cluster, a window at a time, started in list order.
 
     A window of tasks in flight rather than all at once: after an error or a
@@ -268,7 +266,7 @@ def run_on_cluster(client, tasks: list, on_done: Callable[[Any], None], per: int
     def submit_next() -> None:
         task = None if _stop.is_set() else next(todo, None)
         if task is not None:
-            futures.append(client.submit(_limited, per, *task, pure=False))
+            futures.append(client.submit(_limited, budget, *task, pure=False))
             pending.add(futures[-1])
 
     try:
@@ -307,23 +305,42 @@ def run_on_cluster(client, tasks: list, on_done: Callable[[Any], None], per: int
         raise error
 
 
-def make_runner(workers: int | None, scheduler: Any, threads: int | None):
+def make_runner(
+    workers: int | None,
+    scheduler: Any,
+    threads: int | None,
+    *,
+    threads_per_task: int | None = None,
+    preload: tuple[str, ...] = (),
+):
     """Return ``run(tasks, on_done)``; a task is ``(fn, *args)``, started in list order.
 
     ``scheduler``: a ``distributed.Client`` (used as is), a cluster or a
     scheduler's address (connected for the run, then closed), or None.
+    ``threads_per_task``: BLAS/torch threads of each task (default: the
+    :func:`task_threads` in effect, else cores over the tasks running at once,
+    per machine on a cluster). ``preload``: modules a worker imports before
+    its threads are set (those the tasks will import, such as torch).
     """
     cores = os.cpu_count() or 1
     if isinstance(scheduler, str) and not scheduler:  # an empty address: none, as before
         scheduler = None
+    fixed = threads_per_task if threads_per_task is not None else threads_override()
 
     def run_threads(tasks: list, on_done: Callable[[dict], None]) -> None:
         # Twice as many tasks as cores by default: each task alternates between
         # single-threaded kernels and zarr I/O waits, and overlapping them made
         # analyze --metrics gram 1.3x faster than one task per core here.
         n = max(1, min(threads or 2 * cores, len(tasks)))
-        with kernel_threads(max(1, cores // n)):
-            run_on_threads(tasks, on_done, n)
+        per = fixed or max(1, cores // n)
+        with kernel_threads(per):  # BLAS's pool is the process's: the driver's threads too
+            run_on_threads(_Each(tasks, (_with_threads, per)), on_done, n)
+
+    def run_there(client, tasks: list, on_done: Callable[[dict], None]) -> None:
+        per_worker = {} if fixed is not None else worker_budgets(client)
+        budget = TaskBudget(per_worker, fixed, tuple(preload), os.getpid())
+        client.run(set_process_budget, budget)
+        run_on_cluster(client, tasks, on_done, budget)
 
     def run_distributed(tasks: list, on_done: Callable[[dict], None]) -> None:
         from distributed import Client, LocalCluster
@@ -332,7 +349,7 @@ def make_runner(workers: int | None, scheduler: Any, threads: int | None):
             return
         if scheduler is not None:
             with dask_target(scheduler) as target:
-                run_on_cluster(target.client, tasks, on_done, 1)
+                run_there(target.client, tasks, on_done)
             return
         with children_ignore_sigint():
             cluster = LocalCluster(
@@ -344,7 +361,7 @@ def make_runner(workers: int | None, scheduler: Any, threads: int | None):
             )
         client = Client(cluster)
         try:
-            run_on_cluster(client, tasks, on_done, max(1, cores // workers))
+            run_there(client, tasks, on_done)
         finally:
             client.close()
             cluster.close()

@@ -24,10 +24,13 @@ __all__ = ["AGOP_EXACT_MAX_OUTPUTS", "accumulate_agop", "agop_sums"]
 AGOP_EXACT_MAX_OUTPUTS = 16
 
 
-def agop_sums(layers: Iterable[CaptureLayer]) -> dict[str, torch.Tensor]:
-    """A float64 ``(d_in, d_in)`` zero sum per layer."""
+def agop_sums(
+    layers: Iterable[CaptureLayer], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """A float64 ``(d_in, d_in)`` zero sum per layer, on the device capture runs on."""
     return {
-        layer.name: torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64) for layer in layers
+        layer.name: torch.zeros(layer.d_in, layer.d_in, dtype=torch.float64, device=device)
+        for layer in layers
     }
 
 
@@ -49,7 +52,8 @@ def accumulate_agop(
         if exact:
             objective = f[:, k].sum()
         else:
-            signs = torch.randint(0, 2, f.shape, generator=generator).to(f.dtype) * 2 - 1
+            # drawn on the CPU whatever the device: the same signs, so the same estimate
+            signs = torch.randint(0, 2, f.shape, generator=generator).to(f.device, f.dtype) * 2 - 1
             objective = (f * signs).sum()
         gs = runner.input_grads(objective, retain_graph=k < passes - 1)
         for layer in runner.layers:

@@ -30,6 +30,10 @@ estimate.
 
 Memory stays at one model plus one batch: nothing is accumulated except the
 loss and, when asked, the ``(d_in, d_in)`` AGOP matrices.
+
+Capture runs where the model's parameters are (the CPU, or a GPU the model
+was moved to): each batch follows them there, and the arrays handed to the
+sink come back to the CPU with the same dtypes either way.
 """
 
 from __future__ import annotations
@@ -121,15 +125,26 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     raise ModelError("model has no floating-point parameters to capture")
 
 
-def _inputs(probe: ProbeSet, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are: its batches go there."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _inputs(
+    probe: ProbeSet, start: int, stop: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(probe.inputs[start:stop]))
-    return x.to(dtype) if x.is_floating_point() else x.long()
+    return x.to(device, dtype) if x.is_floating_point() else x.to(device, torch.long)
 
 
-def _targets(probe: ProbeSet, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+def _targets(
+    probe: ProbeSet, start: int, stop: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     if probe.labels is not None:
-        return torch.from_numpy(np.ascontiguousarray(probe.labels[start:stop])).long()
-    return torch.from_numpy(np.ascontiguousarray(probe.targets[start:stop])).to(dtype)
+        return torch.from_numpy(np.ascontiguousarray(probe.labels[start:stop])).to(
+            device, torch.long
+        )
+    return torch.from_numpy(np.ascontiguousarray(probe.targets[start:stop])).to(device, dtype)
 
 
 def _first_forward(runner: Runner, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +223,7 @@ def sample_counts(
     dtype = _model_dtype(model)
     with _eval_mode(model):
         with runner, torch.no_grad():
-            _first_forward(runner, _inputs(probe, 0, 1, dtype))
+            _first_forward(runner, _inputs(probe, 0, 1, dtype, _model_device(model)))
         counts = {}
         for layer in runner.layers:
             per_example = 1 if pool else runner.h[layer.name].shape[0]
@@ -316,6 +331,7 @@ class _Pass:
     loss_fn: LossFunction
     out_dtype: np.dtype
     model_dtype: torch.dtype
+    device: torch.device
     batch_size: int
     pool: str | None
     step: int | None
@@ -363,6 +379,7 @@ def _plan_pass(
         loss_fn=loss_fn,
         out_dtype=out_dtype,
         model_dtype=_model_dtype(model),
+        device=_model_device(model),
         batch_size=batch_size,
         pool=pool,
         step=step,
@@ -376,7 +393,7 @@ def _run_batches(plan: _Pass, probe: ProbeSet, sink: Sink | None) -> _Totals:
     runner, n_total = plan.runner, probe.n_samples
     starts = {layer.name: 0 for layer in runner.layers}
     projections = plan.agop_projections
-    agop = agop_sums(runner.layers) if projections is not None else {}
+    agop = agop_sums(runner.layers, plan.device) if projections is not None else {}
     total_loss, agop_method = 0.0, None
     for start in range(0, n_total, plan.batch_size):
         stop = min(start + plan.batch_size, n_total)
@@ -395,9 +412,9 @@ def _batch_loss(
     plan: _Pass, probe: ProbeSet, start: int, stop: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's outputs on probe samples ``start:stop`` and their term of the loss."""
-    x = _inputs(probe, start, stop, plan.model_dtype)
+    x = _inputs(probe, start, stop, plan.model_dtype, plan.device)
     out = _first_forward(plan.runner, x) if start == 0 else plan.runner.forward(x)
-    targets = _targets(probe, start, stop, plan.model_dtype)
+    targets = _targets(probe, start, stop, plan.model_dtype, plan.device)
     term = plan.loss_fn.batch_term(out, targets, probe.n_samples)
     if not torch.isfinite(term):
         where = f" at step {plan.step}" if plan.step is not None else ""
@@ -424,8 +441,8 @@ def _hand_over(
             sink(
                 layer.name,
                 starts[layer.name],
-                np.ascontiguousarray(h.numpy(), dtype=plan.out_dtype),
-                np.ascontiguousarray(g.numpy(), dtype=plan.out_dtype),
+                np.ascontiguousarray(h.cpu().numpy(), dtype=plan.out_dtype),
+                np.ascontiguousarray(g.cpu().numpy(), dtype=plan.out_dtype),
             )
         starts[layer.name] += h.shape[0]
 
@@ -441,7 +458,7 @@ def _result(plan: _Pass, totals: _Totals) -> CaptureResult:
         d_in={layer.name: layer.d_in for layer in runner.layers},
         dtype=plan.out_dtype,
         model_dtype=str(plan.model_dtype).removeprefix("torch."),
-        agop={k: (v / max(starts[k], 1)).numpy() for k, v in totals.agop.items()}
+        agop={k: (v / max(starts[k], 1)).cpu().numpy() for k, v in totals.agop.items()}
         if plan.agop_projections is not None
         else None,
         agop_method=totals.agop_method,

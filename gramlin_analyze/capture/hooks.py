@@ -240,6 +240,8 @@ class EagerRunner:
                 dz = self._dz.get(layer.name)
                 if dz is None:
                     # The objective does not depend on this layer's output.
-                    dz = torch.zeros(self.z_shapes[layer.name], dtype=objective.dtype)
+                    dz = torch.zeros(
+                        self.z_shapes[layer.name], dtype=objective.dtype, device=objective.device
+                    )
                 out[layer.name] = output_rows(dz, layer) @ self.weight(layer.name)
         return out

@@ -32,6 +32,7 @@ __all__ = [
     "CaptureConfig",
     "build_model",
     "capture_checkpoint",
+    "check_setup",
     "checkpoint_config",
     "plan_capture",
 ]
@@ -214,6 +215,35 @@ def plan_capture(
     return selected
 
 
+def check_setup(
+    config_json: str,
+    checkpoint: tuple[str, str] | None,
+    reader_options: dict[str, Any],
+    store_layers: list[str],
+) -> dict[str, tuple[int, int]] | None:
+    """Where the tasks run, not in the driver: the loss, and the model built for the
+    first checkpoint ``(format, path)`` with a probe example through it and the loss.
+
+    Returns ``layer -> (n_samples, d_in)`` of the stored layers capture records
+    (None without a checkpoint: then only the loss and the factory are checked).
+    """
+    from gramlin_analyze.capture.losses import check_loss
+    from gramlin_analyze.capture.models import check_factory
+    from gramlin_analyze.io.registry import reader_for
+
+    config = CaptureConfig.from_json(config_json)
+    loss = resolve_loss(config.loss, reduction=config.reduction)
+    if checkpoint is None:
+        if config.model:
+            check_factory(config.model)
+        return None
+    fmt, path = checkpoint
+    with reader_for(fmt, reader_options).open(path) as h:
+        counts = plan_capture(config, h, store_layers)
+        check_loss(loss, build_model(config, h), cached_probe(config.probe))
+    return counts
+
+
 def capture_checkpoint(
     config: CaptureConfig,
     handle: CheckpointHandle,
@@ -221,9 +251,13 @@ def capture_checkpoint(
     layers: list[str],
     sink: Sink,
     step: int,
+    device: str = "cpu",
 ) -> CaptureResult:
-    """Build the checkpoint's model and run the probe set through it."""
+    """Build the checkpoint's model, move it to ``device``, run the probe set through it."""
     model = build_model(config, handle)
+    if device != "cpu":
+        _require(device)
+        model = model.to(device)
     result = capture_step(
         model,
         cached_probe(config.probe),
@@ -245,3 +279,17 @@ def capture_checkpoint(
     del model
     torch.set_num_threads(torch.get_num_threads())
     return result
+
+
+def _require(device: str) -> None:
+    """A task asked for a device its process lacks (a worker that joined after the check)."""
+    from gramlin_analyze.capture.device import device_problem
+
+    problem = device_problem(device)
+    if problem:
+        import socket
+
+        raise UsageError(
+            f"no CUDA device on worker {socket.gethostname()} ({problem}); run without "
+            f"--device {device}, or on workers with a GPU"
+        )

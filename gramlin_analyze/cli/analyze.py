@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace, scheduler: str | None):
     """Run the analysis the options describe, with a progress bar, on ``scheduler`` if given."""
     from gramlin_analyze.analysis import analyze
+    from gramlin_analyze.scheduling import task_threads
 
-    with ProgressBar(args.quiet, "analyze") as bar:
+    with ProgressBar(args.quiet, "analyze") as bar, task_threads(args.threads_per_task):
         return analyze(
             args.store,
             metrics=args.metrics,

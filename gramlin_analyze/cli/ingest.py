@@ -81,6 +81,13 @@ def _add_capture_recording(cap: argparse._ArgumentGroup) -> None:
         help="random projections for AGOP with many outputs",
     )
     cap.add_argument(
+        "--device",
+        default="cpu",
+        metavar="cpu|cuda|cuda:N",
+        help="run capture on this device of each worker (default cpu; cuda needs a GPU on every "
+        "worker); the stored arrays are the same either way, to float tolerance",
+    )
+    cap.add_argument(
         "--no-strict",
         action="store_true",
         help="load checkpoint weights into the factory model non-strictly",
@@ -136,6 +143,8 @@ def _ingest(args: argparse.Namespace, capture, scheduler: str | None):
             lr_schedule=args.lr_schedule,
             workers=args.workers,
             threads=args.threads,
+            threads_per_task=args.threads_per_task,
+            device=args.device,
             scheduler=scheduler,
             storage_options=args.storage_options,
             break_lock=args.break_lock,

@@ -62,6 +62,13 @@ def add_writer(p: argparse.ArgumentParser) -> None:
         type=int,
         help="tasks in parallel on the default threaded scheduler (default: twice the cores, one BLAS/torch thread each; one per core when capturing)",
     )
+    p.add_argument(
+        "--threads-per-task",
+        type=_positive(int),
+        metavar="N",
+        help="BLAS/torch threads of each task (default: the cores of the machine it runs on "
+        "over the tasks running there at once, at least one)",
+    )
     where.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
     p.add_argument(
         "--break-lock",

@@ -7,17 +7,18 @@ the store as it was.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gramlin_analyze.dask_target import task_path
 from gramlin_analyze.errors import ProbeError, UsageError
 from gramlin_analyze.ingest.template import LayerSpec, check_against, plan_layers
 from gramlin_analyze.io.discovery import CheckpointSource
 from gramlin_analyze.io.names import select_layers
-from gramlin_analyze.io.registry import reader_for
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.provenance import describe_run, holds_run_from
 
@@ -196,35 +197,27 @@ def check_capture(
     capture: CaptureConfig | None,
     runnable: list[CheckpointSource],
     template: dict,
+    call: Callable[..., Any],
 ) -> dict[str, tuple[int, int]] | None:
     """Check the capture setup on the first checkpoint to read; ``layer -> (rows, d_in)`` to declare.
 
     The probe (read by :func:`resolve_capture`), the loss, the model (its
     factory, the checkpoint's fit, the probe's inputs) and the labels against
-    the model's outputs: a setup that fails here is never recorded.
+    the model's outputs: a setup that fails here is never recorded. The model
+    is built by ``call(fn, *args)`` where the tasks run (a worker), not here.
     """
     if capture is None or (st.probe_attrs is not None and st.activation_layers):
         return None  # none, or declared (and checked) by an earlier ingest
-    from gramlin_analyze.capture.losses import check_loss, resolve_loss
-    from gramlin_analyze.capture.task import build_model, cached_probe, plan_capture
+    from gramlin_analyze.capture.task import check_setup
 
-    loss = resolve_loss(capture.loss, reduction=capture.reduction)
-    if not runnable:
-        if capture.model:
-            from gramlin_analyze.capture.models import check_factory
-
-            check_factory(capture.model)
-        return None
-    src = runnable[0]
+    first = (runnable[0].format, task_path(runnable[0].path)) if runnable else None
+    setup = capture.for_tasks().to_json()
     try:
-        with reader_for(src.format, req.reader_options).open(src.path) as h:
-            counts = plan_capture(capture, h, list(template))
-            check_loss(loss, build_model(capture, h), cached_probe(capture.probe))
+        return call(check_setup, setup, first, req.reader_options, list(template))
     except ProbeError as err:
         if str(capture.probe) in str(err):
             raise
         raise ProbeError(f"probe file {str(capture.probe)!r}: {err}") from err
-    return counts
 
 
 # -- activations computed elsewhere --------------------------------------------------

@@ -72,6 +72,8 @@ def ingest(
     lr_schedule: str | os.PathLike | None = None,
     workers: int | None = None,
     threads: int | None = None,
+    threads_per_task: int | None = None,
+    device: str = "cpu",
     scheduler: Any = None,
     client: Any = None,
     connect_timeout: float | None = None,
@@ -105,6 +107,12 @@ def ingest(
     workers, threads
         Processes of a ``LocalCluster``; else tasks on threads (default: twice the cores, each
         with one BLAS/torch thread; one per core when capturing).
+    threads_per_task
+        BLAS/torch threads of each task (default: the cores of the machine a task runs on over
+        the tasks running there at once, at least one).
+    device
+        Where capture runs: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"`` (every worker needs
+        that GPU); activations and gradients are stored the same way either way.
     client, scheduler, connect_timeout
         A ``distributed.Client`` (used as is), a Dask cluster or a scheduler address
         (``scheduler``: its older name), which must answer within ``connect_timeout`` seconds
@@ -121,7 +129,8 @@ def ingest(
         loss or model, checkpoints of another model or run than the store's, or no Dask scheduler
         answering. A stored ``ok`` step is never given up for a checkpoint that cannot replace it.
     WorkerSetupError
-        Before any task ran: a worker cannot reach a path of the run or import the model.
+        Before any task ran (and, for a new store, before it is created): a worker cannot reach
+        a path of the run, import the model, or run on ``device``.
     StoreUnavailableError
         The store's disk is full or read-only, permission is denied, or its endpoint is gone:
         completed steps are kept.
@@ -155,6 +164,8 @@ class _Options:
     lr_schedule: str | os.PathLike | None
     workers: int | None
     threads: int | None
+    threads_per_task: int | None
+    device: str
     scheduler: Any
     client: Any
     connect_timeout: float | None
@@ -184,13 +195,18 @@ def _ingest_on(o: _Options, request: Request, target: Target) -> IngestReport:
     # leaves no new store, and an existing one as it was. An existing store is
     # planned under its lock (its manifest, read once, gives scan the
     # fingerprints it may reuse); a new one is created only once its plan holds.
-    plan = None if is_store(request.store, o.storage_options) else make_plan(request, None)
+    # The workers are checked first (the capture setup's check runs on one).
+    _check_where_tasks_run(o, request, target)
+    exists = is_store(request.store, o.storage_options)
+    plan = None if exists else make_plan(request, None, call=target.call)
     source = source_of(o.directory)
     with WriteSession(
         request.store, storage_options=o.storage_options, break_lock=o.break_lock, source=source
     ) as gs:
         if plan is None or not gs.created:  # (or another writer made it meanwhile)
-            plan = make_plan(request, gs)
+            plan = make_plan(request, gs, call=target.call)
+        if plan.runnable:  # the store as created, a stored capture's model: before any write
+            target.check_workers(_worker_check(o, request, plan))
         report = IngestReport(
             store=request.store,
             scan_skipped=list(getattr(plan.sources, "skipped", [])),
@@ -211,6 +227,7 @@ def _check_inputs(o: _Options) -> Request:
         raise UsageError(
             "pass either a model to capture with (--model/--mlp-activation) or --activations DIR, not both"
         )
+    _check_execution(o)
     reader_options: dict[str, Any] = {}
     if o.state_dict_key:
         reader_options["state_dict_key"] = o.state_dict_key
@@ -236,6 +253,21 @@ def _check_inputs(o: _Options) -> Request:
         lr=o.lr,
         lr_schedule=o.lr_schedule,
     )
+
+
+def _check_execution(o: _Options) -> None:
+    """``threads_per_task`` and ``device`` make sense, and ``device`` has capture to run."""
+    if o.threads_per_task is not None and o.threads_per_task < 1:
+        raise UsageError(f"--threads-per-task must be at least 1, got {o.threads_per_task}")
+    if o.device == "cpu":  # the default: no need to import the capture package (and torch)
+        return
+    from gramlin_analyze.capture.device import check_device_name
+
+    if check_device_name(o.device) != "cpu" and o.capture is None:
+        raise UsageError(
+            f"--device {o.device} is where capture runs: pass a model to capture with "
+            "(--model/--mlp-activation and --probe), or leave --device out"
+        )
 
 
 def _report_plan_failures(
@@ -279,9 +311,15 @@ def _run_tasks(
     # per task: 1.1x faster than two, benchmarks/capture.py), unlike the weight
     # copy, whose tasks wait on I/O.
     threads = o.threads if o.threads is not None or plan.capture is None else os.cpu_count() or 1
-    if jobs and target.client is not None:
-        target.check_workers(_worker_check(ctx, request))
-    _run(gs, ctx, jobs, recorder, plan, make_runner(o.workers, target.client, threads))
+    torch_dtypes = any(_torch_dtype(d) for _, d, _ in plan.template.values())
+    runner = make_runner(
+        o.workers,
+        target.client,
+        threads,
+        threads_per_task=o.threads_per_task,
+        preload=("torch",) if plan.capture is not None or torch_dtypes else (),
+    )
+    _run(gs, ctx, jobs, recorder, plan, runner)
 
 
 def _run(
@@ -299,7 +337,9 @@ def _run(
         # bf16/fp8 weights are widened through torch inside the tasks; importing
         # it here lets the runner limit its threads like BLAS's (one per task).
         import torch  # noqa: F401
-    gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
+    # tasks find their arrays in the consolidated copy; the store's, when they
+    # run in other processes (write_behind: all in this one)
+    gs.ensure_consolidated(on_store=not ctx.write_behind)
     # threads of this process skip re-opening it
     share_with_tasks(ctx.store_url, ctx.run_token, gs.view)
     if not jobs:
@@ -326,21 +366,52 @@ def _task_context(o: _Options, target: Target, staged: _Staged) -> TaskContext:
         activation_layers=written.activation_layers,
         external_dir=task_path(request.activations) if request.activations is not None else None,
         write_behind=not (o.workers or target.client is not None),
+        device=o.device,
     )
 
 
-def _worker_check(ctx: TaskContext, request: Request) -> WorkerCheck:
-    """The store to write, the checkpoints, activations and probe to read, the model to import."""
-    config = None
-    if ctx.capture:
-        from gramlin_analyze.capture.task import CaptureConfig
+def _check_where_tasks_run(o: _Options, request: Request, target: Target) -> None:
+    """Before planning: the workers (or, without a cluster, this machine) can run the tasks.
 
-        config = CaptureConfig.from_json(ctx.capture)
-    readable = [task_path(request.directory), ctx.external_dir, config and config.probe]
+    A path a worker cannot reach, a model it cannot import or a GPU it lacks is
+    one error before a new store is created.
+    """
+    if target.client is None:
+        if o.device != "cpu":
+            from gramlin_analyze.capture.device import device_problem
+
+            problem = device_problem(o.device)
+            if problem:
+                raise UsageError(
+                    f"no CUDA device on this machine ({problem}); run without --device "
+                    f"{o.device}, or on workers with a GPU (--scheduler, --cluster)"
+                )
+        return
+    store = task_path(request.store)
+    capture = request.capture.for_tasks() if request.capture is not None else None
+    local = "://" not in store
+    readable = [task_path(request.directory), request.activations, capture and capture.probe]
+    target.check_workers(
+        WorkerCheck(
+            writable=(store,) if local and os.path.exists(store) else (),
+            creatable=(store,) if local and not os.path.exists(store) else (),
+            readable=tuple(task_path(p) for p in readable if p and not is_url(p)),
+            model=capture.model if capture is not None else None,
+            device=o.device,
+        )
+    )
+
+
+def _worker_check(o: _Options, request: Request, plan: Plan) -> WorkerCheck:
+    """The store to write, the checkpoints, activations and probe to read, the model to import."""
+    config = plan.capture.for_tasks() if plan.capture is not None else None
+    store = task_path(request.store)
+    readable = [task_path(request.directory), request.activations, config and config.probe]
     return WorkerCheck(
-        writable=tuple(p for p in [ctx.store_url] if "://" not in p),
-        readable=tuple(p for p in readable if p and "://" not in p),
+        writable=tuple(p for p in [store] if "://" not in p),
+        readable=tuple(task_path(p) for p in readable if p and not is_url(p)),
         model=config.model if config is not None else None,
+        device=o.device,
     )
 
 

@@ -5,6 +5,7 @@ before anything is written (``checks``: the inputs against the run and the store
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
 __all__ = ["Plan", "Request", "is_store", "lr_for", "make_plan"]
 
 _READ_ERRORS = (GramlinError, OSError, KeyError, ValueError, RuntimeError, EOFError)
+
+
+def _here(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` in this process (no cluster)."""
+    return fn(*args)
 
 
 def lr_for(step: int, meta_lr, constant, schedule) -> tuple[float | None, str]:
@@ -89,12 +95,14 @@ class Plan:
     external_plan: ExternalPlan | None
 
 
-def make_plan(req: Request, gs: GramlinStore | None) -> Plan:
+def make_plan(req: Request, gs: GramlinStore | None, *, call: Callable[..., Any] = _here) -> Plan:
     """Scan the run and check every option against it and the store; write nothing.
 
     Usage errors (a missing or bad probe, a loss or model that does not fit,
     layer globs matching nothing, checkpoints of another model or run than
     the store's) raise here, so the store is neither created nor changed.
+    Checkpoints are planned from their headers; ``call(fn, *args)`` runs the
+    capture setup's check (which builds a model) where the tasks run.
     """
     st = Stored.read(gs, req)
     sources = _scan(req, st)
@@ -127,7 +135,7 @@ def make_plan(req: Request, gs: GramlinStore | None) -> Plan:
         runnable=runnable,
         failed={s: m for s, m in errors.items() if s not in kept},
         kept=kept,
-        capture_counts=check_capture(req, st, capture, runnable, template),
+        capture_counts=check_capture(req, st, capture, runnable, template, call),
         external_plan=check_external(req, st, external, template),
     )
 

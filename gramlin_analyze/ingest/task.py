@@ -46,6 +46,7 @@ class TaskContext:
     # Threads in this process: a task may return while its activation writes
     # finish (the driver marks the step ok only after them).
     write_behind: bool
+    device: str = "cpu"  # where capture runs: "cpu", "cuda" or "cuda:N"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +253,9 @@ def _capture(ctx: TaskContext, job: CheckpointJob, handle, root) -> Future | Non
         _write_behind_slots.acquire()
     pending = None
     try:
-        result = capture_checkpoint(config, handle, layers=layers, sink=sink, step=job.step)
+        result = capture_checkpoint(
+            config, handle, layers=layers, sink=sink, step=job.step, device=ctx.device
+        )
         pending = sink.finish(wait=not behind)
     finally:
         sink.close()

@@ -22,7 +22,13 @@ import gramlin_analyze as ga
 from gramlin_analyze.capture.task import CaptureConfig
 from gramlin_analyze.cli import main
 from gramlin_analyze.errors import UsageError
-from gramlin_analyze.scheduling import SchedulerUnreachableError, WorkerSetupError
+from gramlin_analyze.scheduling import (
+    SchedulerUnreachableError,
+    WorkerSetupError,
+    make_runner,
+    task_threads,
+    worker_budgets,
+)
 from tests.trajectory import write_trajectory
 
 distributed = pytest.importorskip("distributed")
@@ -82,6 +88,12 @@ def _assert_same_store(a: Path, b: Path) -> None:
     for var in ("step", "status", "fingerprint"):
         np.testing.assert_array_equal(ta["steps"][var].values, tb["steps"][var].values)
     assert set(ta["steps"]["status"].values.tolist()) == {"ok"}
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _free_address() -> str:
@@ -184,8 +196,9 @@ def test_client_object_cluster_and_active_client_run_on_the_cluster(tmp_path, cl
         assert report.ran_on == f"on the active Dask client at {cluster.scheduler_address}"
         assert _tasks_seen(active) - seen == len(STEPS)
         seen = _tasks_seen(active)
-        ga.analyze(tmp_path / "c.zarr", metrics=["gram"])
-        assert _tasks_seen(active) - seen == len(STEPS) * 2  # one per (step, layer)
+        analyzed = ga.analyze(tmp_path / "c.zarr", metrics=["gram"])
+        # one per (step, layer), and one per layer's phase 2
+        assert _tasks_seen(active) - seen == len(STEPS) * 2 + analyzed.phase2_tasks
     _assert_same_store(tmp_path / "local.zarr", tmp_path / "c.zarr")
 
 
@@ -231,7 +244,108 @@ def test_a_model_the_workers_cannot_import_is_one_error(tmp_path, cluster, monke
     msg = str(info.value)
     assert msg.startswith("driver_only_model:build cannot be imported on worker tcp://")
     assert "ModuleNotFoundError" in msg and "install it on the workers" in msg
+    assert not (tmp_path / "s.zarr").exists()  # found before the store was created
     sys.modules.pop("driver_only_model", None)
+
+
+BUILT_HERE = """
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def build(config=None):
+    Path(__file__).with_name("built").joinpath(str(os.getpid())).touch()
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+"""
+
+
+@pytest.mark.slow
+def test_the_driver_never_builds_the_model(tmp_path, cluster):
+    """Each build leaves a file named after its process: none is the driver's."""
+    _capture_run(tmp_path)
+    (tmp_path / "factory.py").write_text(BUILT_HERE)
+    (tmp_path / "built").mkdir()
+    config = CaptureConfig(
+        probe=str(tmp_path / "probe.npz"), model=str(tmp_path / "factory.py:build"), batch_size=8
+    )
+    with distributed.Client(cluster, set_as_default=False) as client:
+        workers = set(client.run(os.getpid).values())
+        report = ga.ingest(tmp_path / "run", tmp_path / "s.zarr", capture=config, client=client)
+    assert report.ingested == [0, 1, 2] and not report.failed
+    built = {int(p.name) for p in (tmp_path / "built").iterdir()}
+    assert built and built <= workers and os.getpid() not in built
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cuda_here(), reason="checks the error of workers without a GPU")
+def test_device_cuda_on_workers_without_a_gpu_is_one_error_before_the_store(tmp_path, cluster):
+    _capture_run(tmp_path)
+    config = CaptureConfig(
+        probe=str(tmp_path / "probe.npz"), model=str(tmp_path / "factory.py:build"), batch_size=8
+    )
+    with pytest.raises(WorkerSetupError) as info:
+        ga.ingest(
+            tmp_path / "run",
+            tmp_path / "s.zarr",
+            capture=config,
+            device="cuda",
+            client=cluster.scheduler_address,
+        )
+    msg = str(info.value)
+    assert msg.startswith("no CUDA device on worker tcp://")
+    assert "torch.cuda.is_available() is False" in msg and "run without --device cuda" in msg
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def _kernel_threads() -> tuple[int, list[int]]:
+    """torch's threads and every BLAS pool's, as the task sees them."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    return torch.get_num_threads(), sorted({i["num_threads"] for i in threadpool_info()})
+
+
+@pytest.mark.parametrize(("threads", "fixed"), [(1, None), (2, None), (1, 1), (2, 2)])
+def test_threads_of_this_process_get_the_cores_over_the_tasks_or_the_number_given(threads, fixed):
+    """Twice, so that the second run's task threads are the first run's, kept in their pool."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    expected = fixed or max(1, cores // threads)
+    before = torch.get_num_threads()
+    for _ in range(2):
+        seen: list = []
+        make_runner(None, None, threads, threads_per_task=fixed)(
+            [(_kernel_threads,)] * 4, seen.append
+        )
+        assert seen == [(expected, [expected])] * 4
+    assert torch.get_num_threads() == before  # the driver's own threads are as they were
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n_workers", "fixed"), [(1, None), (2, None), (1, 1)])
+def test_tasks_get_their_machines_cores_over_its_task_slots(n_workers, fixed):
+    """A nanny starts workers with OMP_NUM_THREADS=1: tasks get their share all the same."""
+    cores = len(os.sched_getaffinity(0))
+    expected = fixed or max(1, cores // n_workers)
+    with (
+        distributed.LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as c,
+        distributed.Client(c, set_as_default=False) as client,
+    ):
+        assert set(worker_budgets(client).values()) == {max(1, cores // n_workers)}
+        seen: list = []
+        run = make_runner(None, client, None, threads_per_task=fixed, preload=("torch",))
+        run([(_kernel_threads,)] * 4, seen.append)
+        with task_threads(fixed):  # the same, for callers that cannot pass it down
+            run = make_runner(None, client, None, preload=("torch",))
+            run([(_kernel_threads,)] * 4, seen.append)
+    assert seen == [(expected, [expected])] * 8
 
 
 @pytest.mark.slow

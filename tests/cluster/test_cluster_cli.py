@@ -175,7 +175,8 @@ def test_ingest_and_analyze_on_a_local_cluster_match_a_local_run(capture_run, tm
     store = tmp_path / "s.zarr"
     for args in (
         ["ingest", run, "--store", store, *flags, "--cluster", "local", "--jobs", "2", "-q"],
-        ["analyze", store, "--cluster", "local", "--jobs", "2", "-q"],
+        # (one thread per task, as the two workers on this machine's cores get anyway)
+        ["analyze", store, "--cluster", "local", "--jobs", "2", "--threads-per-task", "1", "-q"],
     ):
         proc = cli(args)
         assert proc.returncode == 0, proc.stderr[-3000:]
