@@ -34,7 +34,7 @@ from gramlin_analyze.analysis.plan import (
 )
 from gramlin_analyze.analysis.report import AnalyzeReport
 from gramlin_analyze.analysis.task import TaskContext, layer_step_task
-from gramlin_analyze.scheduling import Target, WorkerCheck, dask_target, task_path
+from gramlin_analyze.scheduling import Target, WorkerCheck, dask_target, task_path, task_threads
 from gramlin_analyze.store import GramlinStore, WriteSession, declare_metrics, share_with_tasks
 from gramlin_analyze.store import layout as L
 
@@ -52,6 +52,7 @@ def analyze(
     intercept: bool = False,
     workers: int | None = None,
     threads: int | None = None,
+    threads_per_task: int | None = None,
     scheduler: Any = None,
     client: Any = None,
     connect_timeout: float | None = None,
@@ -75,7 +76,7 @@ def analyze(
         Recompute even (step, layer) pairs whose inputs did not change.
     tl_lambda, center_features, intercept
         Target-linearity options (docs/metrics.md; defaults are the paper's).
-    workers, threads, client, scheduler, connect_timeout
+    workers, threads, threads_per_task, client, scheduler, connect_timeout
         As for :func:`gramlin_analyze.ingest`: with none of them, the active ``distributed``
         client is used if there is one (a logged line says so).
 
@@ -120,7 +121,8 @@ def analyze(
             )
             if tasks or execution.phase2_pending():
                 _check_workers(target, url)
-            execution.run(tasks, workers=workers, scheduler=target.client, threads=threads)
+            with task_threads(threads_per_task):
+                execution.run(tasks, workers=workers, scheduler=target.client, threads=threads)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -47,9 +47,8 @@ def run(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace, scheduler: str | None):
     """Run the analysis the options describe, with a progress bar, on ``scheduler`` if given."""
     from gramlin_analyze.analysis import analyze
-    from gramlin_analyze.scheduling import task_threads
 
-    with ProgressBar(args.quiet, "analyze") as bar, task_threads(args.threads_per_task):
+    with ProgressBar(args.quiet, "analyze") as bar:
         return analyze(
             args.store,
             metrics=args.metrics,
@@ -60,6 +59,7 @@ def _analyze(args: argparse.Namespace, scheduler: str | None):
             intercept=args.intercept,
             workers=args.workers,
             threads=args.threads,
+            threads_per_task=args.threads_per_task,
             scheduler=scheduler,
             storage_options=args.storage_options,
             break_lock=args.break_lock,

@@ -28,7 +28,7 @@ def layers_of(infos: dict[str, TensorInfo]) -> dict[str, LayerSpec]:
     biases: dict[str, str] = {}
     for raw, info in infos.items():
         layer, role = split_param_name(raw, prefix)
-        if role == "weight" and len(info.shape) >= 2:
+        if role == "weight" and len(info.shape) >= 2 and 0 not in info.shape:  # (6, 0): no values
             weights[layer] = info
         elif role == "bias" and len(info.shape) == 1:
             biases[layer] = raw
