@@ -70,7 +70,9 @@ _TEMP_NAME = re.compile(
 
 # Sidecar files that belong to a checkpoint but are not weights.
 _NOT_WEIGHTS = re.compile(
-    r"^(optimizer|scheduler|rng_state|scaler|training_args|trainer_state)\b|\.json$|\.txt$|\.md$|\.yaml$|\.yml$",
+    # gramlin_record.safetensors: gramlin_analyze.record's sidecar of a checkpoint
+    r"^(optimizer|scheduler|rng_state|scaler|training_args|trainer_state)\b|\.json$|\.txt$|\.md$|\.yaml$|\.yml$"
+    r"|gramlin_record\.safetensors$",
     re.IGNORECASE,
 )
 
