@@ -163,6 +163,15 @@ def time_baseline(store: Path, out: Path) -> tuple[float, float]:
     return _timed_subprocess([sys.executable, "-c", BASELINE, str(store)])
 
 
+def time_one_process(store: Path, out: Path) -> tuple[float, float]:
+    """The CLI's work in a fresh process, drawing every figure itself (no helper)."""
+    code = (
+        "import sys\nfrom gramlin_analyze.report.build import build_report\n"
+        "build_report(sys.argv[1], sys.argv[2], processes=1)\n"
+    )
+    return _timed_subprocess([sys.executable, "-c", code, str(store), str(out)])
+
+
 def in_process(processes: int):
     def timer(store: Path, out: Path) -> tuple[float, float]:
         from gramlin_analyze.report.build import build_report
@@ -182,6 +191,7 @@ def _rows(store: Path, out: Path, repeats: int) -> dict[str, tuple[float, float]
     timers = {
         "baseline: start, import, read /metrics (CLI-like subprocess)": time_baseline,
         "report, CLI (process start included)": time_cli,
+        "report, fresh process, 1 process (no helper)": time_one_process,
         "report, in process, 1 process": in_process(1),
         "report, in process, 2 processes": in_process(2),
     }
