@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import re
@@ -14,7 +13,7 @@ import pytest
 
 from gramlin_analyze.cli import main
 from tests.report.browser import chromium, load_page
-from tests.report.test_report import IMG, non_blank
+from tests.report.test_report import assert_self_contained, non_blank
 from tests.runs.stores import SWEEP, metrics_of
 
 pytest.importorskip("matplotlib")
@@ -37,15 +36,7 @@ def comparison(noise_sweep, tmp_path_factory):
 def test_comparison_page_is_self_contained(comparison):
     html, png_dir = comparison
     text = html.read_text(encoding="utf-8")
-    assert not re.search(r"https?://", text)
-    for outside in ("<script", "<link", "@import", "url(", "@font-face", "<iframe"):
-        assert outside not in text.lower()
-    embedded = IMG.findall(text)
-    assert len(embedded) == 3 == len(re.findall(r"<img ", text))
-    for data, width, height in embedded:
-        png = base64.b64decode(data)
-        assert Image.open(io.BytesIO(png)).size == (int(width), int(height))
-        assert non_blank(png)
+    assert_self_contained(text, 3)
     assert {p.name for p in png_dir.glob("*.png")} == {
         "runs_tl_over_steps.png",
         "final_tl_by.png",

@@ -43,18 +43,24 @@ def report(mlp_store, tmp_path_factory):
     return html, png
 
 
-def test_report_is_one_self_contained_page(report):
-    html, _ = report
-    text = html.read_text(encoding="utf-8")
+def assert_self_contained(text: str, figures: int) -> None:
+    """Nothing fetched from outside the page; ``figures`` embedded, drawn-on PNGs of the
+    size their ``<img>`` says."""
     assert not re.search(r"https?://", text)
     for outside in ("<script", "<link", "@import", "url(", "@font-face", "<iframe"):
         assert outside not in text.lower()
     embedded = IMG.findall(text)
-    assert len(embedded) == FIGURES == len(re.findall(r"<img ", text))
+    assert len(embedded) == figures == len(re.findall(r"<img ", text))
     for data, width, height in embedded:
         png = base64.b64decode(data)
         assert Image.open(io.BytesIO(png)).size == (int(width), int(height))
         assert non_blank(png)
+
+
+def test_report_is_one_self_contained_page(report):
+    html, _ = report
+    text = html.read_text(encoding="utf-8")
+    assert_self_contained(text, FIGURES)
     for part in ("Run summary", "3 ok", "Per layer at the last step (step 8)", "Gram~AGOP"):
         assert part in text
     assert '<ul class="warnings">' not in text  # no warning, every figure drawn
