@@ -189,6 +189,7 @@ def _check_archive(f: Any, path: Path) -> bool:
         try:
             with zipfile.ZipFile(f) as archive:
                 listed = archive.infolist()
+        # zipfile raises NotImplementedError for a compression method it lacks
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError):
             listed = None
         if listed is not None:

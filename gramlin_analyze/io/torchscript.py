@@ -46,6 +46,7 @@ def is_torchscript_archive(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(p) as archive:
             names = archive.namelist()
+    # zipfile raises NotImplementedError for a compression method it lacks: not TorchScript
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         return False
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)

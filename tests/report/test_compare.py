@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 
@@ -12,8 +11,7 @@ import pandas as pd
 import pytest
 
 from gramlin_analyze.cli import main
-from tests.report.browser import chromium, load_page
-from tests.report.test_report import assert_self_contained, non_blank
+from tests.report.test_report import assert_self_contained, check_in_browser
 from tests.runs.stores import SWEEP, metrics_of
 
 pytest.importorskip("matplotlib")
@@ -109,26 +107,10 @@ def test_comparison_usage_errors(noise_sweep, mlp_store, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_comparison_page_in_a_real_browser(comparison, tmp_path):
-    if chromium() is None:
-        pytest.skip(
-            "Chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)"
-        )
     html, _ = comparison
-    page = load_page(html, tmp_path / "profile")
-    shot = tmp_path / "comparison-screenshot.png"
-    shot.write_bytes(page.screenshot)
-    assert page.requests[0] == html.resolve().as_uri()
-    assert all(u.startswith(("file:", "data:")) for u in page.requests), page.requests
-    assert not page.failed and not page.console_errors, (page.failed, page.console_errors)
+    page = check_in_browser(html, tmp_path, "comparison-screenshot.png")
     assert [img["figure"] for img in page.images] == [
         "runs_tl_over_steps",
         "final_tl_by",
         "tl_gap_by",
     ]
-    screenshot = Image.open(shot).convert("L")
-    for img in page.images:
-        assert img["complete"] and img["w"] > 0 and img["h"] > 0, img
-        box = (img["x"], img["y"], img["x"] + img["bw"], img["y"] + img["bh"])
-        region = io.BytesIO()
-        screenshot.crop(tuple(round(v) for v in box)).save(region, format="PNG")
-        assert non_blank(region.getvalue()), img["figure"]

@@ -158,21 +158,21 @@ def test_bad_usage_is_one_line_and_exit_2(tmp_path, capsys, mlp_store):
         assert err.count("\n") == 0 and err.startswith("error: ") and says in err, (argv, err)
 
 
-@pytest.mark.slow
-def test_the_page_in_a_real_browser(report, tmp_path):
+def check_in_browser(html, tmp_path, shot_name: str):
+    """Open ``html`` in headless Chromium (skip without it): local requests only, no
+    errors, every image loaded and drawn on in the screenshot, saved as the test's
+    artifact (what a reader sees). Returns the page."""
     if chromium() is None:
         pytest.skip(
             "Chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)"
         )
-    html, _ = report
     page = load_page(html, tmp_path / "profile")
-    shot = tmp_path / "report-screenshot.png"
-    shot.write_bytes(page.screenshot)  # the test's artifact: what a reader sees
+    shot = tmp_path / shot_name
+    shot.write_bytes(page.screenshot)
     assert page.requests[0] == html.resolve().as_uri()
     assert all(u.startswith(("file:", "data:")) for u in page.requests), page.requests
     assert not page.failed, page.failed
     assert not page.console_errors, page.console_errors
-    assert len(page.images) == FIGURES
     screenshot = Image.open(shot).convert("L")
     for img in page.images:
         assert img["complete"] and img["w"] > 0 and img["h"] > 0, img
@@ -180,3 +180,11 @@ def test_the_page_in_a_real_browser(report, tmp_path):
         region = io.BytesIO()
         screenshot.crop(tuple(round(v) for v in box)).save(region, format="PNG")
         assert non_blank(region.getvalue()), img["figure"]
+    return page
+
+
+@pytest.mark.slow
+def test_the_page_in_a_real_browser(report, tmp_path):
+    html, _ = report
+    page = check_in_browser(html, tmp_path, "report-screenshot.png")
+    assert len(page.images) == FIGURES
