@@ -23,10 +23,11 @@ import types
 from gramlin_analyze._lazy import lazy_attributes
 from gramlin_analyze._version import __version__
 
-__all__ = ["__version__", "open", "open_runs", "ingest", "analyze", "scan", "reducers"]
+__all__ = ["__version__", "open", "open_runs", "ingest", "watch", "analyze", "scan", "reducers"]
 
 _LAZY = {
     "ingest": "gramlin_analyze.ingest:ingest",
+    "watch": "gramlin_analyze.ingest:watch",
     "analyze": "gramlin_analyze.analysis:analyze",
     "scan": "gramlin_analyze.io.discovery:scan",
     "open_runs": "gramlin_analyze.runs:open_runs",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["build", "load_digits_split", "train"]
+__all__ = ["build", "load_digits_split", "randomize_labels", "train"]
 
 WIDTH = 64
 DEPTH = 4
@@ -51,6 +51,18 @@ def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return x[tr], y[tr].astype(np.int64), x[te], y[te].astype(np.int64)
 
 
+def randomize_labels(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """``labels`` with ``round(fraction * n)`` of them, chosen at random, replaced by
+    uniformly random classes (the paper's random-label experiment)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng([seed, 1])
+    out = labels.copy()
+    idx = rng.choice(len(out), size=round(fraction * len(out)), replace=False)
+    out[idx] = rng.integers(0, 10, size=idx.size)
+    return out
+
+
 def train(
     out: str | Path,
     *,
@@ -59,20 +71,31 @@ def train(
     lr: float = 0.1,
     batch_size: int = 64,
     seed: int = 0,
+    label_noise: float = 0.0,
+    record: bool = True,
 ) -> dict:
     """Train and write ``out/ckpts/`` (checkpoints), ``out/probe_train.npz`` and
-    ``out/probe_test.npz``; returns the training log."""
+    ``out/probe_test.npz``; returns the training log. ``label_noise``: the fraction of
+    training labels replaced by uniformly random ones (seeded; the probe set keeps them).
+    ``record``: a :class:`gramlin_analyze.record.Recorder` sums every step's VCS, saved
+    beside each checkpoint as ``step_NNNNN.gramlin_record.safetensors``."""
     from safetensors.torch import save_file
 
     out = Path(out)
     ckpts = out / "ckpts"
     ckpts.mkdir(parents=True, exist_ok=True)
     x_tr, y_tr, x_te, y_te = load_digits_split(seed)
+    y_tr = randomize_labels(y_tr, label_noise, seed)
     np.savez(out / "probe_train.npz", inputs=x_tr, labels=y_tr)
     np.savez(out / "probe_test.npz", inputs=x_te, labels=y_te)
     torch.manual_seed(seed)
     model = build()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    rec = None
+    if record:
+        from gramlin_analyze.record import Recorder
+
+        rec = Recorder(model, opt)
     loss_fn = nn.CrossEntropyLoss()
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     gen = torch.Generator().manual_seed(seed)
@@ -85,9 +108,13 @@ def train(
         log["step"].append(step)
         log["train_loss"].append(full)
         if (step // every) % 2 == 0:
-            save_file(sd, str(ckpts / f"step_{step:05d}.safetensors"), metadata={"step": str(step)})
+            path = ckpts / f"step_{step:05d}.safetensors"
+            save_file(sd, str(path), metadata={"step": str(step)})
         else:
-            torch.save({"model": sd, "global_step": step, "lr": lr}, ckpts / f"step_{step:05d}.pt")
+            path = ckpts / f"step_{step:05d}.pt"
+            torch.save({"model": sd, "global_step": step, "lr": lr}, path)
+        if rec is not None:
+            rec.save(path)
 
     step = 0
     save(0)
@@ -103,6 +130,8 @@ def train(
                 save(step)
             if step >= steps:
                 break
+    if rec is not None:
+        rec.close()
     with torch.no_grad():
         log["test_accuracy"] = float(
             (model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean()

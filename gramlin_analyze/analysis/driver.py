@@ -23,14 +23,18 @@ from typing import Any
 
 from gramlin_analyze.analysis.execution import Execution
 from gramlin_analyze.analysis.metrics import resolve_families
-from gramlin_analyze.analysis.output import MetricsOutput, ScalarBuffer
+from gramlin_analyze.analysis.output import MetricsOutput, ScalarBuffer, note_optimizer
 from gramlin_analyze.analysis.plan import (
     JobPlan,
     RunPlan,
+    check_tl_options,
     metrics_spec,
     plan_jobs,
     probe_targets,
+    record_tl_attrs,
     select,
+    tl_attrs,
+    tl_setups,
 )
 from gramlin_analyze.analysis.report import AnalyzeReport
 from gramlin_analyze.analysis.task import TaskContext, layer_step_task
@@ -50,6 +54,9 @@ def analyze(
     tl_lambda: float = 0.0,
     center_features: bool = False,
     intercept: bool = False,
+    tl_pca: int = 256,
+    tl_pca_above: int = 1000,
+    conv_samples: str = "image",
     workers: int | None = None,
     threads: int | None = None,
     threads_per_task: int | None = None,
@@ -76,6 +83,10 @@ def analyze(
         Recompute even (step, layer) pairs whose inputs did not change.
     tl_lambda, center_features, intercept
         Target-linearity options (docs/metrics.md; defaults are the paper's).
+    tl_pca, tl_pca_above, conv_samples
+        The paper's conventions (docs/metrics.md): TL's ``H`` and the surrogate's ``Z``
+        projected onto ``tl_pca`` principal axes when wider than ``tl_pca_above``
+        (0 disables); multi-position layers' samples per ``image``, ``position`` or ``mean``.
     workers, threads, threads_per_task, client, scheduler, connect_timeout
         As for :func:`gramlin_analyze.ingest`: with none of them, the active ``distributed``
         client is used if there is one (a logged line says so).
@@ -95,7 +106,8 @@ def analyze(
     # A mistyped path is an error, not a new store.
     GramlinStore(url, mode="r", storage_options=storage_options)
     report = AnalyzeReport(store=url)
-    tl_options = [tl_lambda, center_features, intercept]
+    check_tl_options(tl_pca, tl_pca_above, conv_samples)
+    tl_options = [tl_lambda, center_features, intercept, tl_pca, tl_pca_above, conv_samples]
     # The Dask client answers (or is refused) before the store is locked.
     with (
         dask_target(
@@ -105,9 +117,20 @@ def analyze(
     ):
         run = select(gs, url, layers, requested, report)
         if run is not None:
-            out = _open_metrics(gs, url, run)
+            setups = tl_setups(
+                gs,
+                run,
+                tl_pca=tl_pca,
+                tl_pca_above=tl_pca_above,
+                conv_samples=conv_samples,
+                report=report,
+            )
+            tl_attrs_ = tl_attrs(setups, tl_pca, tl_pca_above, conv_samples)
+            out = _open_metrics(gs, url, run, report.warnings, tl_attrs_)
             base, probe_fp = _task_context(gs, run, out.run_token, tl_options, report)
-            options = {"tl": tl_options}  # each family's options, part of its input hash
+            base = dataclasses.replace(base, tl_setup=setups)
+            # each family's options, part of its input hash
+            options = {"tl": tl_options, "nc": [conv_samples]}
             plan = plan_jobs(out, run, probe_fp, options, recompute=recompute, report=report)
             tasks = _tasks(task_path(url), storage_options, run, plan, base)
             execution = Execution(
@@ -123,6 +146,10 @@ def analyze(
                 _check_workers(target, url)
             with task_threads(threads_per_task):
                 execution.run(tasks, workers=workers, scheduler=target.client, threads=threads)
+        if requested is None or "vc" in requested:  # the record: beside the trapezoid estimate
+            from gramlin_analyze.analysis.recorded import analyze_recorded
+
+            report.recorded_layers = analyze_recorded(gs, layers=layers)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -133,9 +160,13 @@ def _check_workers(target: Target, url: str) -> None:
     target.check_workers(WorkerCheck(writable=(path,) if "://" not in path else ()))
 
 
-def _open_metrics(gs: GramlinStore, url: str, run: RunPlan) -> MetricsOutput:
-    """Lay out ``/metrics`` for the run and share the open store with its tasks."""
+def _open_metrics(
+    gs: GramlinStore, url: str, run: RunPlan, warnings: list[str], tl_attrs_: dict
+) -> MetricsOutput:
+    """Lay out ``/metrics`` for the run (marking what assumes SGD) and share the open store with its tasks."""
     declare_metrics(gs, metrics_spec(gs, run))
+    note_optimizer(gs, run.families, warnings)
+    record_tl_attrs(gs, tl_attrs_)  # how TL/NC samples and PCA were chosen, per layer
     gs.ensure_consolidated()  # tasks find their arrays in the consolidated copy
     m = gs.view[L.METRICS]
     run_token = uuid.uuid4().hex
@@ -150,7 +181,7 @@ def _task_context(
 ) -> tuple[TaskContext, str]:
     """What every task gets (the probe's targets, the options), and the probe's fingerprint."""
     targets, probe_fp = probe_targets(gs, run, report)
-    tl_lambda, center_features, intercept = tl_options
+    tl_lambda, center_features, intercept = tl_options[:3]
     ctx = TaskContext(
         run_token=run_token,
         final_index=run.ok[-1],

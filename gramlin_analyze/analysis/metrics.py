@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Family", "FAMILIES", "METRIC_DOCS", "resolve_families"]
+__all__ = ["ASSUMES_SGD", "Family", "FAMILIES", "METRIC_DOCS", "resolve_families"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,18 @@ FAMILIES: dict[str, Family] = {
         Family("cka", needs=("activations",), scalars=("cka_to_final",)),
     )
 }
+
+#: Quantities defined by the virtual plain-SGD update ``W - gamma G`` with the recorded lr
+#: (MATH.md): their meaning assumes plain SGD steps. Each carries ``assumes: "sgd"`` and an
+#: ``optimizer_check`` attribute, and ``analyze``/``info`` warn when the run used another
+#: optimizer (docs/metrics.md, "Other optimizers"). ``gg`` (a gradient statistic) does not.
+ASSUMES_SGD: tuple[str, ...] = (
+    *FAMILIES["vc"].scalars,
+    *FAMILIES["vc"].phase2_scalars,
+    "vc",
+    "vcs",
+    "vcs_accumulated",
+)
 
 #: One line per metric (README and ``long_name`` attrs).
 METRIC_DOCS: dict[str, str] = {

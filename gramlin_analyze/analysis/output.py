@@ -1,4 +1,5 @@
-"""Where the results of one ``analyze`` go: ``/metrics``, and the buffer of its scalars."""
+"""Where the results of one ``analyze`` go: ``/metrics``, the buffer of its scalars, and the
+attributes that say which of them assume plain SGD steps."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zarr
 
+from gramlin_analyze.analysis.metrics import ASSUMES_SGD
 from gramlin_analyze.store import INPUTS, GramlinStore, read_all, write_all
+from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.chunks import group_at
 
-__all__ = ["ScalarBuffer", "MetricsOutput"]
+__all__ = ["MetricsOutput", "ScalarBuffer", "note_optimizer"]
 
 
 class ScalarBuffer:
@@ -73,3 +78,31 @@ class MetricsOutput:
     buf: ScalarBuffer
     layer_index: dict[str, int]
     run_token: str
+
+
+def note_optimizer(gs: GramlinStore, families: list[str], warnings: list[str]) -> None:
+    """Mark the metrics that assume SGD (``assumes``, ``optimizer_check`` attrs); warn when not SGD.
+
+    Attributes change only when the check does (a structural change: the
+    consolidated copy is rewritten by the caller).
+    """
+    if "vc" not in families or L.METRICS not in gs.root:
+        return
+    from gramlin_analyze.io.optimizer import manifest_check, sgd_warning
+
+    check, used = manifest_check(gs.manifest())
+    if used is not None:
+        warnings.append(sgd_warning(used, ASSUMES_SGD))
+    m = group_at(gs.root, L.METRICS)
+    wanted: dict[str, Any] = {"assumes": "sgd", "optimizer_check": check}
+    arrays = [a for _, a in m.members(max_depth=None) if isinstance(a, zarr.Array)]
+    stale = [
+        a
+        for a in arrays
+        if a.path.rsplit("/", 1)[-1] in ASSUMES_SGD
+        and any(a.attrs.get(k) != v for k, v in wanted.items())
+    ]
+    if stale:
+        gs.structure_changed()
+        for a in stale:
+            a.update_attributes(wanted)

@@ -18,7 +18,7 @@ import numpy as np
 from gramlin_analyze.analysis.metrics import FAMILIES, METRIC_DOCS
 from gramlin_analyze.analysis.output import MetricsOutput, ScalarBuffer
 from gramlin_analyze.analysis.report import AnalyzeReport
-from gramlin_analyze.analysis.task import ProbeTargets
+from gramlin_analyze.analysis.task import ProbeTargets, TLSetup
 from gramlin_analyze.errors import MissingDataError, UsageError
 from gramlin_analyze.io.names import select_layers
 from gramlin_analyze.store import INPUTS, GramlinStore, MatrixSpec, MetricsSpec
@@ -32,6 +32,11 @@ __all__ = [
     "probe_targets",
     "plan_jobs",
     "chain_hashes",
+    "CONV_SAMPLES",
+    "check_tl_options",
+    "tl_setups",
+    "tl_attrs",
+    "record_tl_attrs",
 ]
 
 
@@ -92,7 +97,11 @@ def _how_to_add(piece: str, url: str) -> str:
             f"the virtual covariance needs the learning rate at each step, and {url} records none; "
             "re-ingest with --lr RATE or --lr-schedule FILE (checkpoints that record it need nothing)"
         ),
-        "agop": f"the store has no AGOP; ingest with --capture-agop into {url}",
+        "agop": (
+            f"{url} has no AGOP: ingest the run with `--probe PROBE.npz --model pkg.module:build "
+            "--capture-agop` into a new store (or into this one while it holds weights only: a "
+            "store captured without AGOP refuses the flag)"
+        ),
         "weight": f"{url} holds no layers yet; run `gramlin-analyze ingest RUN_DIR --store {url}`",
     }[piece]
 
@@ -322,3 +331,120 @@ def chain_hashes(fam: str, ok: list[int], fps: Any, lr: Any) -> dict[int, str]:
             chain.append(float(lr[i]))
         hashes[i] = _hash(key, chain)
     return hashes
+
+
+#: How a multi-position layer's rows (conv positions, tokens) become TL/NC samples.
+CONV_SAMPLES = ("image", "position", "mean")
+#: Widest per-image sample streamed with an exact ``d x d`` covariance (float64: 128 MiB, and
+#: an ``eigh`` of seconds); wider layers use the mean over positions, with a note.
+IMAGE_FEATURES_MAX = 4096
+
+
+def check_tl_options(tl_pca: int, tl_pca_above: int, conv_samples: str) -> None:
+    """Refuse TL options that cannot mean anything, before the store is locked."""
+    if conv_samples not in CONV_SAMPLES:
+        raise UsageError(f"--conv-samples {conv_samples!r} is not one of {', '.join(CONV_SAMPLES)}")
+    if int(tl_pca) != tl_pca or tl_pca < 0:
+        raise UsageError(f"--tl-pca must be an integer >= 0 (0: no PCA), got {tl_pca}")
+    if int(tl_pca_above) != tl_pca_above or tl_pca_above < 0:
+        raise UsageError(f"--tl-pca-above must be an integer >= 0, got {tl_pca_above}")
+
+
+def _labels_per_example(gs: GramlinStore) -> int:
+    pg = gs.view[L.PROBE] if L.PROBE in gs.view else None
+    if pg is None or "labels" not in pg:
+        return 1
+    return int(np.prod(pg["labels"].shape[1:], dtype=np.int64))
+
+
+def tl_setups(
+    gs: GramlinStore,
+    run: RunPlan,
+    *,
+    tl_pca: int,
+    tl_pca_above: int,
+    conv_samples: str,
+    report: AnalyzeReport,
+) -> dict[str, TLSetup]:
+    """Each TL/NC layer's samples and PCA, from its width and positions per example.
+
+    Per-position labels keep one sample per position; a per-image sample wider
+    than :data:`IMAGE_FEATURES_MAX` falls back to the mean over positions (noted).
+    """
+    per_label = _labels_per_example(gs)
+    out = {}
+    for name in run.layers:
+        if not {"tl", "nc"} & set(run.layer_fams[name]):
+            continue
+        grp = gs.layer(name)
+        per = int(grp.attrs.get("samples_per_example", 1))
+        d_in, d_out = int(grp["weight"].shape[2]), int(grp["weight"].shape[1])
+        mode = conv_samples if per > 1 and per_label == 1 else "position"
+        if per == 1:
+            mode = "example"
+        if mode == "image" and per * d_in > IMAGE_FEATURES_MAX:
+            report.unavailable[f"per-image TL/NC for {name}"] = (
+                f"{per} positions x {d_in} inputs = {per * d_in} features exceed the "
+                f"{IMAGE_FEATURES_MAX} of an exact streamed PCA; used the mean over positions "
+                "(pass --conv-samples mean or position to choose)"
+            )
+            mode = "mean"
+        width = per * d_in if mode == "image" else d_in
+        z_width = per * d_out if mode == "image" else d_out
+        out[name] = TLSetup(
+            samples=mode,
+            positions=per,
+            features=width,
+            pca_components=_pca_k(width, tl_pca, tl_pca_above),
+            surrogate_pca=_pca_k(z_width, tl_pca, tl_pca_above),
+        )
+    return out
+
+
+def _pca_k(width: int, k: int, above: int) -> int | None:
+    return int(k) if k > 0 and width > above and k < width else None
+
+
+def tl_attrs(setups: dict[str, TLSetup], tl_pca: int, tl_pca_above: int, conv_samples: str):
+    """What TL/NC's ``/metrics`` arrays record of how they were computed, per layer."""
+    layers = {
+        name: {
+            "samples": s.samples,
+            "positions": s.positions,
+            "features": s.features,
+            "tl_pca_components": s.pca_components or 0,
+            "surrogate_pca_components": s.surrogate_pca or 0,
+        }
+        for name, s in setups.items()
+    }
+    return {
+        "tl_pca": int(tl_pca),
+        "tl_pca_above": int(tl_pca_above),
+        "tl_pca_method": "exact: eigh of the centered float64 covariance, features H P",
+        "conv_samples": conv_samples,
+        "tl_samples_by_layer": layers,
+    }
+
+
+def record_tl_attrs(gs: GramlinStore, attrs: dict[str, Any]) -> bool:
+    """Write ``attrs`` on the TL/NC scalars of ``/metrics`` (per-layer entries merged with
+    those of layers this run did not touch); True when anything changed."""
+    if L.METRICS not in gs.root:
+        return False
+    m = gs.root[L.METRICS]
+    updates = []
+    for name in ("target_linearity", "tl_null", "tl_surrogate", "kta", "nc1"):
+        if name not in m:
+            continue
+        arr = m[name]
+        have = dict(arr.attrs)
+        layers = dict(have.get("tl_samples_by_layer") or {})
+        layers.update(attrs["tl_samples_by_layer"])
+        new = dict(attrs, tl_samples_by_layer=layers)
+        if any(have.get(k) != v for k, v in new.items()):
+            updates.append((name, new))
+    if updates:  # attributes live in the consolidated copy too: it is rewritten
+        gs.structure_changed()
+        for name, new in updates:
+            gs.root[L.METRICS][name].update_attributes(new)
+    return bool(updates)

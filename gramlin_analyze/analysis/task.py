@@ -35,13 +35,12 @@ from gramlin_analyze.reducers import (
     vcs_np,
     virtual_covariance_np,
 )
-from gramlin_analyze.reducers._common import pack
-from gramlin_analyze.reducers.surrogate import _surrogate_np
-from gramlin_analyze.reducers.target_linearity import tl_label_stats_np, tl_layout
+from gramlin_analyze.reducers.surrogate import surrogate_from_stats_np
+from gramlin_analyze.reducers.target_linearity import tl_label_stats_np
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store import put_step, read_step, task_node
 
-__all__ = ["layer_step_task", "TaskContext", "ProbeTargets", "TaskResult"]
+__all__ = ["layer_step_task", "TaskContext", "ProbeTargets", "TaskResult", "TLSetup"]
 
 #: The families that stream the layer's captured inputs.
 ACTIVATION_FAMILIES = frozenset({"vc", "tl", "nc", "cka"})
@@ -64,6 +63,37 @@ class ProbeTargets:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSetup:
+    """How a layer's rows become TL/NC samples, and whether PCA applies (plan decides).
+
+    ``samples``: ``example`` (one row per example), ``position`` (one per
+    (example, position)), ``image`` (an example's ``positions`` rows flattened into
+    one sample, the paper's conv convention) or ``mean`` (their mean).
+    ``features``: width of a sample; ``pca_components`` / ``surrogate_pca``:
+    principal axes kept for TL's ``H`` / the surrogate's ``Z`` (None: no PCA).
+    """
+
+    samples: str = "example"
+    positions: int = 1
+    features: int = 0
+    pca_components: int | None = None
+    surrogate_pca: int | None = None
+
+    @property
+    def grouped(self) -> bool:
+        """Whether an example's positions make one sample (``image`` or ``mean``)."""
+        return self.samples in ("image", "mean")
+
+    def view(self, h: np.ndarray) -> np.ndarray:
+        """Rows of whole examples (example-major) as this layer's TL/NC samples."""
+        if self.samples == "image":
+            return h.reshape(-1, self.positions * h.shape[1])
+        if self.samples == "mean":
+            return h.reshape(-1, self.positions, h.shape[1]).mean(axis=1)
+        return h
+
+
+@dataclass(frozen=True, slots=True)
 class TaskContext:
     """What a (step, layer) task needs besides its store: the run's options and its step's.
 
@@ -83,6 +113,7 @@ class TaskContext:
     spectrum_k: int = 0
     gram_change_in_task: bool = False
     gram_prev_index: int | None = None
+    tl_setup: dict[str, TLSetup] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +184,10 @@ def layer_step_task(
     act_fams = ACTIVATION_FAMILIES & set(families)
     if act_fams:
         H_arr = grp["input"]
-        sums = _stream_activations(H_arr, grp, index, act_fams, ctx)
+        setup = ctx.tl_setup.get(layer) or TLSetup(features=H_arr.shape[2])
+        sums = _stream_activations(H_arr, grp, index, act_fams, ctx, setup)
         nonfinite |= sums.nonfinite
-        out.update(_finish_activations(H_arr, mgrp, index, w, sums, ctx))
+        out.update(_finish_activations(H_arr, mgrp, index, w, sums, ctx, setup))
     if nonfinite:
         out = {k: float("nan") for k in out}
     if ctx.gram_change_in_task:
@@ -239,17 +271,20 @@ def _add(acc: dict | None, part: dict) -> dict:
 
 
 def _stream_activations(
-    H_arr: Any, grp: Any, index: int, fams: AbstractSet[str], ctx: TaskContext
+    H_arr: Any, grp: Any, index: int, fams: AbstractSet[str], ctx: TaskContext, setup: TLSetup
 ) -> _Sums:
     """One pass over the step's sample chunks, summing every family's statistics.
 
     (n,) labels go with every position of an example; (n, T) token labels
-    with their own row (example-major, like the activations).
+    with their own row (example-major, like the activations). With grouped TL
+    samples (``image``/``mean``) blocks hold whole examples.
     """
     G_arr = grp["input_grad"]
     n = H_arr.shape[1]
     per = int(grp.attrs.get("samples_per_example", 1))
     rows = H_arr.chunks[1]
+    if setup.grouped:
+        rows = max(1, rows // per) * per
     t = ctx.targets
     sums = _Sums()
     for start in range(0, n, rows):
@@ -265,33 +300,47 @@ def _stream_activations(
                 sums.nonfinite = True
             stats = dict(zip(("hh", "gh", "gg"), vc_stats_np(h, g), strict=True))
             sums.vc = _add(sums.vc, stats)
-        if "tl" in fams:
-            tl = (
-                tl_stats_np(h, t.Y[ex])
-                if t.labels is None
-                else tl_label_stats_np(h, t.labels[ex], t.n_classes)
-            )
-            sums.tl = _add(sums.tl, tl)
-        if "nc" in fams:
-            sums.nc = _add(sums.nc, collapse_stats_np(h, t.labels[ex], t.n_classes))
+        if "tl" in fams or "nc" in fams:
+            hs, exs = (setup.view(h), ex[::per]) if setup.grouped else (h, ex)
+            _add_labelled(sums, fams, hs, exs, t)
         if "cka" in fams:
             hf = np.asarray(H_arr[ctx.final_index, start:stop], dtype=np.float64)
             sums.cka = _add(sums.cka, cka_stats_np(h, hf))
     return sums
 
 
+def _add_labelled(
+    sums: _Sums, fams: AbstractSet[str], h: np.ndarray, ex: np.ndarray, t: ProbeTargets
+) -> None:
+    """Add one block's TL and NC statistics (samples ``h`` of examples ``ex``)."""
+    if "tl" in fams:
+        tl = (
+            tl_stats_np(h, t.Y[ex])
+            if t.labels is None
+            else tl_label_stats_np(h, t.labels[ex], t.n_classes)
+        )
+        sums.tl = _add(sums.tl, tl)
+    if "nc" in fams:
+        sums.nc = _add(sums.nc, collapse_stats_np(h, t.labels[ex], t.n_classes))
+
+
 def _finish_activations(
-    H_arr: Any, mgrp: Any, index: int, w: _Weights, sums: _Sums, ctx: TaskContext
+    H_arr: Any,
+    mgrp: Any,
+    index: int,
+    w: _Weights,
+    sums: _Sums,
+    ctx: TaskContext,
+    setup: TLSetup,
 ) -> dict[str, float]:
     """Each activation family's results from its summed statistics."""
     out: dict[str, float] = {}
     if sums.vc is not None:
         out.update(_finish_vc(mgrp, index, sums.vc, w.G, ctx.gamma))
     if sums.tl is not None:
-        n, d = H_arr.shape[1:]
-        out.update(_finish_tl(sums.tl, w.W, n, d, ctx))
+        out.update(_finish_tl(sums.tl, w.W, ctx, setup))
     if sums.nc is not None:
-        out.update(_finish_nc(sums.nc, w, H_arr, index, ctx.targets.n_classes))
+        out.update(_finish_nc(sums.nc, w, H_arr, index, ctx.targets.n_classes, setup))
     if sums.cka is not None:
         out["cka_to_final"] = float(linear_cka_from_stats_np(sums.cka))
     return out
@@ -311,31 +360,36 @@ def _finish_vc(mgrp: Any, index: int, vc: dict, G: np.ndarray, gamma: float) -> 
     }
 
 
-def _finish_tl(tl: dict, W: np.ndarray, n: int, d: int, ctx: TaskContext) -> dict[str, float]:
+def _finish_tl(tl: dict, W: np.ndarray, ctx: TaskContext, setup: TLSetup) -> dict[str, float]:
+    """TL (after the layer's PCA, if any), its null baseline, and the surrogate."""
+    n, d = float(tl["n"][0]), tl["sum_h"].shape[-1]
+    k = setup.pca_components
     out = {
         "target_linearity": float(
             target_linearity_from_stats_np(
-                tl, lam=ctx.tl_lambda, center_features=ctx.center_features, intercept=ctx.intercept
+                tl,
+                lam=ctx.tl_lambda,
+                center_features=ctx.center_features,
+                intercept=ctx.intercept,
+                pca_components=k,
             )
         ),
-        "tl_null": min(1.0, d / n),
+        "tl_null": min(1.0, (d if k is None else min(k, d)) / n),
     }
-    t = ctx.targets
-    layout = (
-        tl_layout(d, t.Y.shape[1]) if t.labels is None else tl_layout(d, t.n_classes, labels=True)
-    )
-    s, kta = _surrogate_np(pack(tl, layout, ()), W, layout)
+    positions = setup.positions if setup.samples == "image" else 1
+    s, kta = surrogate_from_stats_np(tl, W, positions=positions, pca_components=setup.surrogate_pca)
     out.update(tl_surrogate=float(s), kta=float(kta))
     return out
 
 
 def _finish_nc(
-    nc: dict, w: _Weights, H_arr: Any, index: int, n_classes: int | None
+    nc: dict, w: _Weights, H_arr: Any, index: int, n_classes: int | None, setup: TLSetup
 ) -> dict[str, float]:
-    """NC1 and NC2 from the class statistics; NC3 and NC4 for a readout (d_out = C)."""
+    """NC1 and NC2 from the class statistics; NC3 and NC4 for a readout (d_out = C)
+    whose samples are its rows (not grouped positions)."""
     out = {k: float(v) for k, v in collapse_from_stats_np(nc).items()}
     W = w.W
-    if W.shape[0] != n_classes:
+    if W.shape[0] != n_classes or setup.grouped:
         out["nc3"] = out["nc4"] = float("nan")
         return out
     counts, sums = nc["counts"], nc["class_sums"]

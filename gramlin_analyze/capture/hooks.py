@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gramlin_analyze.capture.layers import eager_layers, output_rows, patches
+from gramlin_analyze.capture.layers import eager_layers, effective_weight, output_rows, patches
+from gramlin_analyze.capture.outputs import model_outputs
 from gramlin_analyze.errors import ModelError
 
 __all__ = ["EagerRunner"]
@@ -63,8 +64,8 @@ class EagerRunner:
         self._verify = False
 
     def weight(self, name: str) -> torch.Tensor:
-        """The layer's weight as a detached ``(d_out, d_in)`` matrix."""
-        weight = self._modules[name].weight.detach()
+        """The layer's weight as a detached ``(d_out, d_in)`` matrix (``Conv1D``'s transposed)."""
+        weight = effective_weight(self._modules[name]).detach()
         return weight.reshape(weight.shape[0], -1)
 
     def __enter__(self) -> EagerRunner:
@@ -168,7 +169,12 @@ class EagerRunner:
                 rows = patches(h, layer.conv)
             else:
                 rows = h.reshape(-1, h.shape[-1]).clone()
-            if self._verify and layer.conv is None and not isinstance(module, nn.Linear):
+            if (
+                self._verify
+                and layer.conv is None
+                and not layer.transposed
+                and not isinstance(module, nn.Linear)
+            ):
                 self._check_linear(name, module, h, output)
             self.h[name] = rows
             self.z_shapes[name] = output.shape
@@ -191,8 +197,8 @@ class EagerRunner:
             raise ModelError(
                 f"extra layer {name!r} ({type(module).__name__}) does not compute "
                 "h @ weight.T + bias; capture needs z = W h (+ b) with weight of shape "
-                "(out, in) (a transposed (in, out) weight, as in Hugging Face Conv1D, is not "
-                "supported)"
+                "(out, in) (Hugging Face Conv1D, whose weight is (in, out), is recognized "
+                "by its type)"
             )
 
     def forward(self, x: torch.Tensor, *, verify: bool = False) -> torch.Tensor:
@@ -208,17 +214,12 @@ class EagerRunner:
         self.h.clear()
         self.z_shapes.clear()
         self._verify = verify
-        out = self.model(x)
+        out = model_outputs(self.model(x), self.model)
         missing = [layer.name for layer in self.layers if layer.name not in self.h]
         if missing:
             raise ModelError(
                 f"layers {missing} did not run in the forward pass; leave them out of the "
                 "layer selection"
-            )
-        if not isinstance(out, torch.Tensor):
-            raise ModelError(
-                f"model returned a {type(out).__name__}; capture needs a tensor of outputs "
-                "(wrap the model so that forward returns the logits)"
             )
         return out
 

@@ -8,6 +8,10 @@ position) is a sample whose ``h`` is the unfolded input patch (length
 orders its columns). Samples of one batch are ordered example-major, then
 position (row-major over the output grid).
 
+Hugging Face ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``) computes
+``h @ weight + bias`` with ``weight`` of shape ``(in, out)``: it is a linear
+layer whose ``W`` is ``weight.T``, captured like ``nn.Linear``.
+
 Layer names follow :mod:`gramlin_analyze.io.names`: the module path after
 stripping the wrapper prefix shared by every state-dict key, i.e. the same
 name the store gives the layer's weight ``<layer>.weight``.
@@ -26,12 +30,40 @@ from torch import nn
 from gramlin_analyze.errors import ModelError, UsageError
 from gramlin_analyze.io.names import common_wrapper_prefix, split_param_name
 
-__all__ = ["CaptureLayer", "ConvGeometry", "DEFAULT_LAYER_TYPES", "patches", "pool_samples"]
+__all__ = [
+    "CaptureLayer",
+    "ConvGeometry",
+    "DEFAULT_LAYER_TYPES",
+    "effective_weight",
+    "is_hf_conv1d",
+    "patches",
+    "pool_samples",
+]
 
 #: Module types captured when no layer globs are given.
 DEFAULT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 POOLS = (None, "mean", "last")
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """A transformers ``Conv1D``: ``z = h @ weight + bias`` with ``weight`` of shape ``(in, out)``.
+
+    Duck-typed (class name, ``nf``, weight shape) so that transformers is never imported.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == module.nf
+    )
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The module's ``W`` as ``(out, in)`` (a ``Conv1D`` weight transposed), not detached."""
+    return module.weight.t() if is_hf_conv1d(module) else module.weight
 
 
 @dataclass(frozen=True)
@@ -64,9 +96,12 @@ class CaptureLayer:
     kind : str
         ``"linear"``, ``"conv1d"`` or ``"conv2d"``.
     weight_shape : tuple of int
-        The weight's original shape, ``(out, in)`` or ``(C_out, C_in, *kernel)``.
+        The effective weight's shape, ``(out, in)`` or ``(C_out, C_in, *kernel)``
+        (a Hugging Face ``Conv1D``'s ``(in, out)`` weight transposed).
     conv : ConvGeometry or None
         Patch geometry of a convolution.
+    transposed : bool
+        The module stores ``W.T`` (Hugging Face ``Conv1D``).
     """
 
     name: str
@@ -74,6 +109,7 @@ class CaptureLayer:
     kind: str
     weight_shape: tuple[int, ...]
     conv: ConvGeometry | None = None
+    transposed: bool = False
 
     @property
     def d_in(self) -> int:
@@ -215,33 +251,45 @@ def match_globs(
     return [n for n in available if any(fnmatch.fnmatchcase(n, g) for g in globs)]
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """Captured without being named: ``nn.Linear``, ``Conv1d``/``Conv2d``, HF ``Conv1D``."""
+    return isinstance(module, DEFAULT_LAYER_TYPES) or is_hf_conv1d(module)
+
+
 def eager_layers(
     model: nn.Module, layers: Sequence[str] | None, extra_layers: Sequence[str]
 ) -> tuple[list[CaptureLayer], dict[str, nn.Module]]:
     """The selected layers of an eager model, and their modules by layer name.
 
     ``extra_layers`` globs add modules other than ``nn.Linear``/``nn.Conv1d``/
-    ``nn.Conv2d`` that hold a 2-D ``weight`` and compute ``h @ W.T + b``
-    (verified on the first batch); ``layers`` globs then select among all of
-    these (every one when None).
+    ``nn.Conv2d``/HF ``Conv1D`` that hold a 2-D ``weight`` and compute
+    ``h @ W.T + b`` (verified on the first batch); ``layers`` globs then select
+    among all of these (every one when None). An extra glob that also matches
+    standard layers (``transformer.h.*``) adds the others it matches.
     """
     prefix = wrapper_prefix(model)
     standard: dict[str, tuple[str, nn.Module]] = {}
     other: dict[str, tuple[str, nn.Module]] = {}
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if isinstance(module, DEFAULT_LAYER_TYPES):
+        if _linear_like(module):
             standard[layer_name(module_name, prefix)] = (module_name, module)
         elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
             other[layer_name(module_name, prefix)] = (module_name, module)
     hint = " (modules with a 2-D weight that are not Linear/Conv)"
-    extra = match_globs(other, extra_layers, what="extra layer", hint=hint) if extra_layers else []
+    extra = []
+    if extra_layers:
+        match_globs({**standard, **other}, extra_layers, what="extra layer", hint=hint)
+        extra = [n for n in other if any(fnmatch.fnmatchcase(n, g) for g in extra_layers)]
     candidates = [*standard, *extra]
     chosen = (
         candidates
         if layers is None
         else match_globs(
-            candidates, layers, what="layer", hint=" (Linear, Conv1d, Conv2d and extra layers)"
+            candidates,
+            layers,
+            what="layer",
+            hint=" (Linear, Conv1d, Conv2d, Hugging Face Conv1D and extra layers)",
         )
     )
     if not chosen:
@@ -252,12 +300,17 @@ def eager_layers(
     out, modules = [], {}
     for name in chosen:
         module_name, module = standard.get(name) or other[name]
-        weight_shape = tuple(int(s) for s in module.weight.shape)
-        if isinstance(module, nn.Linear) or name in other:
-            layer = CaptureLayer(name, module_name, "linear", weight_shape)
-        else:
-            kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
-            layer = CaptureLayer(name, module_name, kind, weight_shape, conv_geometry(module, name))
-        out.append(layer)
+        out.append(_capture_layer(name, module_name, module, extra=name in other))
         modules[name] = module
     return out, modules
+
+
+def _capture_layer(name: str, module_name: str, module: nn.Module, *, extra: bool) -> CaptureLayer:
+    """The :class:`CaptureLayer` of one selected module."""
+    weight_shape = tuple(int(s) for s in effective_weight(module).shape)
+    if is_hf_conv1d(module):
+        return CaptureLayer(name, module_name, "linear", weight_shape, transposed=True)
+    if isinstance(module, nn.Linear) or extra:
+        return CaptureLayer(name, module_name, "linear", weight_shape)
+    kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+    return CaptureLayer(name, module_name, kind, weight_shape, conv_geometry(module, name))

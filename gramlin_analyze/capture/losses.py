@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gramlin_analyze.capture.outputs import model_outputs
 from gramlin_analyze.errors import ModelError, ProbeError, UsageError
 
 if TYPE_CHECKING:
@@ -285,11 +286,7 @@ def check_loss(loss: LossFunction, model: torch.nn.Module, probe: ProbeSet) -> N
                 raise ProbeError(
                     f"{where}: the model rejected inputs of shape {tuple(x.shape)}: {str(err).splitlines()[0]}"
                 ) from err
-            if not isinstance(out, torch.Tensor):
-                raise ModelError(
-                    f"model returned a {type(out).__name__}; capture needs a tensor of outputs "
-                    "(wrap the model so that forward returns the logits)"
-                )
+            out = model_outputs(out, model)
             try:
                 loss(out, y)
             except ProbeError as err:

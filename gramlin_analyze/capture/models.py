@@ -6,6 +6,8 @@ Capture needs the architecture, which weights alone do not give. Three sources:
   names a callable returning a ``torch.nn.Module``; it is called with the
   checkpoint's config dict when it takes one argument, else with none.
   Importing the factory runs the user's own code, which they named.
+  ``"hf"`` builds a ``transformers`` model from the checkpoint's ``config.json``
+  (:mod:`gramlin_analyze.capture.hf_models`).
 - :func:`load_torchscript`: a ``torch.jit`` archive. Such archives contain
   code that runs when the model runs, so loading one needs the explicit
   ``allow_code=True`` (CLI: a loudly named flag); never loaded by default.
@@ -25,7 +27,6 @@ import inspect
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from gramlin_analyze.errors import ModelError
+from gramlin_analyze.capture.state_dict import StateDictDiff, load_state_dict_strict, to_tensor
+from gramlin_analyze.errors import GramlinError, ModelError
 from gramlin_analyze.io.names import common_wrapper_prefix, split_param_name
 from gramlin_analyze.io.torchscript import load_torchscript  # the one place TorchScript is loaded
 
 __all__ = [
     "ACTIVATIONS",
+    "HF_FACTORY",
     "check_factory",
     "StateDictDiff",
     "RebuiltMLP",
@@ -59,6 +62,9 @@ ACTIVATIONS = {
 }
 
 _MAX_LISTED = 10
+
+#: ``--model hf``: the model built by transformers from the checkpoint's ``config.json``.
+HF_FACTORY = "hf"
 
 
 def _import_target(spec: str) -> Any:
@@ -120,13 +126,18 @@ def _takes_one_argument(fn: Any) -> bool:
 def check_factory(spec: str) -> Any:
     """Import a model factory without calling it, and return it.
 
-    A wrong module path, file or name fails here, before anything is stored.
+    A wrong module path, file or name fails here, before anything is stored;
+    ``"hf"`` (:data:`HF_FACTORY`) needs transformers installed.
 
     Raises
     ------
     ModelError
         If the import fails or the attribute is missing or not callable.
     """
+    if spec == HF_FACTORY:
+        from gramlin_analyze.capture.hf_models import hf_factory
+
+        return hf_factory
     factory = _import_target(spec)
     if not callable(factory):
         raise ModelError(
@@ -162,6 +173,8 @@ def load_factory(spec: str, config: Mapping[str, Any] | None = None) -> nn.Modul
     factory = check_factory(spec)
     try:
         model = factory(dict(config or {})) if _takes_one_argument(factory) else factory()
+    except GramlinError:
+        raise
     except Exception as err:
         raise ModelError(
             f"model factory {spec!r} raised {type(err).__name__}: {err} "
@@ -173,115 +186,6 @@ def load_factory(spec: str, config: Mapping[str, Any] | None = None) -> nn.Modul
             "torch.nn.Module; return the model itself (not a state dict or a tuple)"
         )
     return model.eval()
-
-
-@dataclass(frozen=True)
-class StateDictDiff:
-    """Keys compared between a model and checkpoint tensors (prefixes stripped)."""
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.mismatched)
-
-    def describe(self) -> str:
-        """A readable summary listing at most ten entries of each kind."""
-
-        def listed(items: list[Any]) -> str:
-            more = len(items) - _MAX_LISTED
-            return ", ".join(map(str, items[:_MAX_LISTED])) + (
-                f", … ({more} more)" if more > 0 else ""
-            )
-
-        parts = []
-        if self.missing:
-            parts.append(
-                f"missing from the checkpoint ({len(self.missing)}): {listed(self.missing)}"
-            )
-        if self.unexpected:
-            parts.append(
-                f"in the checkpoint but not the model ({len(self.unexpected)}): "
-                f"{listed(self.unexpected)}"
-            )
-        if self.mismatched:
-            shapes = [
-                f"{k} model {tuple(m)} vs checkpoint {tuple(c)}" for k, m, c in self.mismatched
-            ]
-            parts.append(f"shape mismatches ({len(shapes)}): {listed(shapes)}")
-        return "; ".join(parts)
-
-
-def _to_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    arr = np.asarray(value)
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(arr.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
-    arr = np.ascontiguousarray(arr)
-    # readers may return read-only views of a memory-mapped file; torch wants writable memory
-    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-
-
-def load_state_dict_strict(
-    model: nn.Module,
-    tensors: Mapping[str, np.ndarray | torch.Tensor],
-    *,
-    strict: bool = True,
-) -> StateDictDiff:
-    """Load checkpoint tensors into ``model`` (in place), explaining any mismatch.
-
-    Wrapper prefixes shared by every name (``module.``, ``model.``,
-    ``_orig_mod.``) are stripped on both sides before matching; values are
-    cast to the model's dtypes.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model to fill.
-    tensors : Mapping of str to numpy.ndarray or torch.Tensor
-        Checkpoint tensors by name.
-    strict : bool, default True
-        When False, missing and unexpected keys are tolerated (and returned);
-        shape mismatches are always an error.
-
-    Returns
-    -------
-    StateDictDiff
-        Empty after a strict load; otherwise the tolerated differences.
-
-    Raises
-    ------
-    ModelError
-        On mismatch, listing missing keys, unexpected keys and shape
-        mismatches (at most ten of each).
-    """
-    model_sd = model.state_dict()
-    m_prefix = common_wrapper_prefix(model_sd)
-    t_prefix = common_wrapper_prefix(tensors)
-    model_keys = {k[len(m_prefix) :]: k for k in model_sd}
-    ckpt_keys = {k[len(t_prefix) :]: k for k in tensors}
-    missing = sorted(set(model_keys) - set(ckpt_keys))
-    unexpected = sorted(set(ckpt_keys) - set(model_keys))
-    mismatched = []
-    for key in sorted(set(model_keys) & set(ckpt_keys)):
-        m_shape = tuple(model_sd[model_keys[key]].shape)
-        c_shape = tuple(np.shape(tensors[ckpt_keys[key]]))
-        if m_shape != c_shape:
-            mismatched.append((key, m_shape, c_shape))
-    diff = StateDictDiff(missing=missing, unexpected=unexpected, mismatched=mismatched)
-    if mismatched or (strict and diff):
-        raise ModelError(
-            f"checkpoint tensors do not fit the model {type(model).__name__}: {diff.describe()} "
-            "(check that the model factory builds the architecture that was trained, "
-            "with the same sizes)"
-        )
-    remapped = {
-        model_keys[k]: _to_tensor(tensors[ckpt_keys[k]]) for k in set(model_keys) & set(ckpt_keys)
-    }
-    model.load_state_dict(remapped, strict=False)
-    return diff
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -403,7 +307,7 @@ def _linear_params(
                 f"cannot rebuild an MLP: tensor {name!r} is neither a weight nor a bias; "
                 "pass a model factory for architectures other than a plain linear chain"
             )
-        params.setdefault(layer, {})[role] = _to_tensor(value)
+        params.setdefault(layer, {})[role] = to_tensor(value)
     return params
 
 

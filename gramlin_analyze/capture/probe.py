@@ -155,8 +155,59 @@ def _fix_hint(err: jsonschema.ValidationError) -> str | None:
     return fix
 
 
+#: Names people give probe arrays, and the probe key each likely means.
+_ALIASES = {
+    "x": "inputs",
+    "input": "inputs",
+    "data": "inputs",
+    "features": "inputs",
+    "images": "inputs",
+    "input_ids": "inputs",
+    "y": "labels",
+    "label": "labels",
+    "target": "targets",
+    "ids": "sample_id",
+}
+
+_EXPECTED = (
+    "'inputs' (n_samples, ...), exactly one of 'labels' (integer class indices) or "
+    "'targets' (real values), and optionally 'sample_id'"
+)
+
+
+def _key_problem(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """What is wrong with the array names (unknown, missing, both labels and targets), if anything."""
+    unknown = [k for k in arrays if k not in PROBE_KEYS]
+    if unknown:
+        hints = [f"{k!r} -> {g!r}" for k in unknown if (g := _guess(k, arrays[k])) is not None]
+        names = ", ".join(map(repr, unknown))
+        probably = f" (probably {', '.join(hints)})" if hints else ""
+        return f"unknown array{'s' if len(unknown) > 1 else ''} {names}{probably}: rename or drop the others"
+    if "inputs" not in arrays:
+        return "no 'inputs' array: store the model inputs under the name 'inputs'"
+    if "labels" in arrays and "targets" in arrays:
+        return "both 'labels' and 'targets': keep exactly one of 'labels' or 'targets' (the one the loss uses)"
+    if "labels" not in arrays and "targets" not in arrays:
+        return "neither 'labels' nor 'targets': store exactly one of 'labels' or 'targets'"
+    return None
+
+
+def _guess(key: str, arr: np.ndarray) -> str | None:
+    """The probe key an unknown name probably means (``y`` of floats: ``targets``)."""
+    guess = _ALIASES.get(key.lower())
+    if guess == "labels" and np.asarray(arr).dtype.kind == "f":
+        return "targets"
+    return guess
+
+
 def _validate(arrays: Mapping[str, np.ndarray], path: Path | None) -> None:
     summary = probe_summary(arrays)
+    problem = _key_problem(arrays)
+    if problem is not None:
+        held = ", ".join(f"{k!r} {tuple(v.shape)} {_dtype_name(v)}" for k, v in arrays.items())
+        raise ProbeError(
+            f"{_where(path)} holds {held or 'no arrays'}: {problem}; a probe file holds {_EXPECTED}"
+        )
     validator = jsonschema.Draft202012Validator(_schema())
     problems = []
     for err in sorted(validator.iter_errors(summary), key=lambda e: list(e.absolute_path)):

@@ -158,7 +158,8 @@ def build_model(config: CaptureConfig, handle: CheckpointHandle) -> nn.Module:
                 "--format torchscript --allow-torchscript-code)"
             )
         return module
-    tensors = {name: handle.read_tensor(name) for name in handle.list_tensors()}
+    infos = handle.list_tensors()
+    tensors = {name: handle.read_tensor(name) for name in infos}
     if config.mlp_activation:
         model = rebuild_mlp(tensors, activation=config.mlp_activation)
     else:
@@ -168,7 +169,9 @@ def build_model(config: CaptureConfig, handle: CheckpointHandle) -> nn.Module:
             else checkpoint_config(handle.path)
         )
         model = _factory_model(config, model_config)
-        load_state_dict_strict(model, tensors, strict=config.strict)
+        # Hugging Face Conv1D weights the reader listed as (out, in) go back as (in, out).
+        flipped = {n for n, i in infos.items() if i.source_layout == "in_out"}
+        load_state_dict_strict(model, tensors, strict=config.strict, transposed=flipped)
     return model
 
 
@@ -199,6 +202,13 @@ def plan_capture(
 ) -> dict[str, tuple[int, int]]:
     """``layer -> (n_samples, d_in)`` of every stored layer that capture records."""
     model = build_model(config, handle)
+    if not isinstance(model, torch.jit.ScriptModule):
+        from gramlin_analyze.capture.hf_models import check_orientation
+        from gramlin_analyze.capture.layers import eager_layers
+
+        chosen = eager_layers(model, config.layers, config.extra_layers)[0]
+        stored = [layer for layer in chosen if layer.name in store_layers]
+        check_orientation(stored, handle.list_tensors(), handle.path)
     counts = sample_counts(
         model,
         cached_probe(config.probe),

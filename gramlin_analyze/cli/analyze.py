@@ -31,6 +31,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--intercept", action="store_true", help="add an intercept column to the TL regression"
     )
+    p.add_argument(
+        "--tl-pca",
+        type=int,
+        default=256,
+        metavar="K",
+        help="project TL's H and the surrogate's Z onto K principal axes when wider than "
+        "--tl-pca-above (the paper's code: 256; 0 disables)",
+    )
+    p.add_argument(
+        "--tl-pca-above",
+        type=int,
+        default=1000,
+        metavar="WIDTH",
+        help="width above which --tl-pca applies (default 1000, the paper's)",
+    )
+    p.add_argument(
+        "--conv-samples",
+        choices=("image", "position", "mean"),
+        default="image",
+        help="TL/NC samples of conv and token layers with one label per example: image = an "
+        "example's positions flattened into one sample (the paper's, default), position = one "
+        "per (example, position), mean = mean over positions",
+    )
     add_writer(p)
     add_storage(p)
 
@@ -57,6 +80,9 @@ def _analyze(args: argparse.Namespace, scheduler: str | None):
             tl_lambda=args.tl_lambda,
             center_features=args.center_features,
             intercept=args.intercept,
+            tl_pca=args.tl_pca,
+            tl_pca_above=args.tl_pca_above,
+            conv_samples=args.conv_samples,
             workers=args.workers,
             threads=args.threads,
             threads_per_task=args.threads_per_task,
@@ -76,6 +102,11 @@ def _print_report(args: argparse.Namespace, report) -> None:
             say(f"skipped step {step}: status {status} (not read)", err=True)
         for fam, why in report.unavailable.items():
             say(f"not computed: {fam}: {why}", err=True)
+    if report.warnings:  # rich only when there is something to say: a no-op run stays light
+        from rich.markup import escape  # (warnings are plain text: brackets are not markup)
+
+        for line in report.warnings:
+            console(args.quiet).print(f"[yellow]warning:[/yellow] {escape(line)}", soft_wrap=True)
     for step, layer in report.nonfinite:
         console(args.quiet).print(
             f"[yellow]warning:[/yellow] step {step}, layer {layer}: NaN/Inf inputs, results are NaN"

@@ -18,5 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gramlin_analyze.store.info import store_info
 
-    out().print(store_info(args.store, storage_options=args.storage_options))
+    # plain text: layer names and optimizer settings may hold brackets, which are not markup
+    out().print(store_info(args.store, storage_options=args.storage_options), markup=False)
     return 0

@@ -28,8 +28,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_capture_model(cap)
     _add_capture_recording(cap)
     _add_capture_sources(cap)
+    _add_run_metadata(p)
+    _add_watch(p)
     add_writer(p)
     add_storage(p)
+
+
+def _add_run_metadata(p: argparse.ArgumentParser) -> None:
+    """The run's name and attributes, stored for comparing runs (``ga.open_runs``)."""
+    run = p.add_argument_group("run metadata (compare runs: report A.zarr B.zarr, ga.open_runs)")
+    run.add_argument("--run-name", help="the run's name (default: the checkpoint directory's)")
+    run.add_argument(
+        "--run-attr",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run attribute, repeatable (label_noise=0.5, seed=3, optimizer=sgd); numbers stay "
+        "numbers, true/false are flags",
+    )
+    run.add_argument(
+        "--replace-run-attrs",
+        action="store_true",
+        help="replace the store's run attributes with the ones given (else another value is refused)",
+    )
 
 
 def _add_capture_model(cap: argparse._ArgumentGroup) -> None:
@@ -108,19 +129,27 @@ def _add_capture_sources(cap: argparse._ArgumentGroup) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gramlin_analyze.store.provenance import parse_run_attrs
+
+    _check_watch_options(args)
     capture = _capture_config(args)
+    parse_run_attrs(args.run_attr)  # a malformed --run-attr is refused before any work
     with writer_scheduler(args) as scheduler:
         if args.cluster and scheduler is None:  # stopped while its workers came up
             return 0
         report = _ingest(args, capture, scheduler)
     if not args.quiet:
-        _print_report(report)
+        (_print_watch if args.watch else _print_report)(report)
     return report.exit_code
 
 
 def _ingest(args: argparse.Namespace, capture, scheduler: str | None):
     """Run the ingest the options describe, with a progress bar, on ``scheduler`` if given."""
     from gramlin_analyze.ingest import ingest
+    from gramlin_analyze.store.provenance import parse_run_attrs
+
+    if args.watch:  # the same options, pass after pass as checkpoints complete
+        ingest = _watcher(args)
 
     def on_error(msg: str) -> None:
         console().print(f"[red]error:[/red] {msg}", soft_wrap=True)
@@ -150,6 +179,9 @@ def _ingest(args: argparse.Namespace, capture, scheduler: str | None):
             break_lock=args.break_lock,
             progress=bar,
             on_error=on_error,
+            run_name=args.run_name,
+            run_attrs=parse_run_attrs(args.run_attr),
+            replace_run_attrs=args.replace_run_attrs,
         )
 
 
@@ -162,12 +194,11 @@ def _capture_config(args: argparse.Namespace):
                 "or --mlp-activation relu|gelu|tanh|… for plain MLP state dicts (or --activations DIR)"
             )
         return None
-    if not args.probe:
-        raise UsageError("capturing activations needs a probe set: pass --probe FILE")
     from gramlin_analyze.capture.task import CaptureConfig
 
+    # Without --probe, the store's probe (the plan refuses a store that holds none).
     return CaptureConfig(
-        probe=args.probe,
+        probe=args.probe or "",
         model=None if args.model == "torchscript" else args.model,
         torchscript=args.model == "torchscript",
         mlp_activation=args.mlp_activation,
@@ -199,3 +230,97 @@ def _print_report(report) -> None:
         console().print(
             f"[yellow]warning:[/yellow] step {step}: {n} NaN/Inf values stored and flagged (/steps.nonfinite)"
         )
+
+
+def _add_watch(p: argparse.ArgumentParser) -> None:
+    """``--watch`` a live training directory, and what to do after each new checkpoint."""
+    w = p.add_argument_group("live runs (--watch; docs/watch.md)")
+    w.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep ingesting each checkpoint once it is complete, until Ctrl-C, --until-idle or "
+        "--pid; complete: the framework's own signal, else files unmodified for --settle "
+        "seconds (default 1 with --watch) that parse",
+    )
+    w.add_argument("--analyze", action="store_true", help="analyze the new steps after each ingest")
+    w.add_argument("--report", metavar="FILE", help="rewrite this HTML report after each ingest")
+    w.add_argument(
+        "--until-idle",
+        type=float,
+        metavar="SECONDS",
+        help="stop once nothing in the directory changed for SECONDS",
+    )
+    w.add_argument(
+        "--pid",
+        type=int,
+        help="stop when this process (the training) exits, after ingesting every checkpoint",
+    )
+    w.add_argument(
+        "--poll",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="look for new checkpoints this often (default 0.25; file-system events wake the "
+        "watcher sooner when watchdog is installed)",
+    )
+
+
+def _check_watch_options(args: argparse.Namespace) -> None:
+    """The watch's options need ``--watch``: refused before any work."""
+    given = [
+        flag
+        for flag, value in (
+            ("--analyze", args.analyze),
+            ("--report", args.report),
+            ("--until-idle", args.until_idle),
+            ("--pid", args.pid),
+        )
+        if value
+    ]
+    if given and not args.watch:
+        raise UsageError(
+            f"{', '.join(given)} act after each checkpoint of a live run: add --watch "
+            "(or run gramlin-analyze analyze/report STORE after this ingest)"
+        )
+
+
+def _watcher(args: argparse.Namespace):
+    """``ingest``'s stand-in under ``--watch``: its options go to ``watch`` with the watch's own."""
+    from gramlin_analyze.ingest.watch import DEFAULT_SETTLE, watch
+
+    def on_pass(p) -> None:
+        if args.quiet:
+            return
+        what = f"steps {', '.join(map(str, p.ingested))}" if p.ingested else "no new step"
+        line = f"watch pass {p.number}: {what} ingested ({p.ingest_seconds:.2f} s)"
+        if args.analyze:
+            line += f"; {p.analyzed} result(s) analyzed ({p.analyze_seconds:.2f} s)"
+        if p.report is not None:
+            line += f"; report {p.report}"
+        say(line)
+
+    def run_watch(directory, store, *, settle_seconds, progress, **options):
+        return watch(
+            directory,
+            store,
+            settle_seconds=settle_seconds or DEFAULT_SETTLE,
+            analyze=args.analyze,
+            report=args.report,
+            until_idle=args.until_idle,
+            pid=args.pid,
+            poll_seconds=args.poll,
+            on_pass=on_pass,
+            **options,
+        )
+
+    return run_watch
+
+
+def _print_watch(report) -> None:
+    """Why the watch stopped and what it did, in one line."""
+    why = {"idle": "idle", "pid": "the training process exited", "signal": "a signal"}
+    say(
+        f"{report.store}: watched until {why.get(report.stopped_by, report.stopped_by)}: "
+        f"{len(report.ingested)} checkpoint(s) ingested in {len(report.passes)} pass(es), "
+        f"{len(report.failed)} failed"
+    )

@@ -8,7 +8,7 @@ the store as it was.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,9 @@ from gramlin_analyze.errors import ProbeError, UsageError
 from gramlin_analyze.ingest.template import LayerSpec, check_against, plan_layers
 from gramlin_analyze.io.discovery import CheckpointSource
 from gramlin_analyze.io.names import select_layers
+from gramlin_analyze.io.remote import is_url
 from gramlin_analyze.store import layout as L
+from gramlin_analyze.store.location import is_remote
 from gramlin_analyze.store.provenance import describe_run, holds_run_from
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ __all__ = [
     "refuse_another_model",
     "refuse_another_run",
     "resolve_capture",
+    "settled",
 ]
 
 
@@ -155,9 +158,12 @@ def refuse_another_run(
 def resolve_capture(st: Stored, capture: CaptureConfig | None) -> tuple[CaptureConfig | None, bool]:
     """The capture config to use, and whether every step must be (re)read.
 
-    A store remembers how it was captured; new checkpoints are captured the
-    same way. A different probe set or capture setup is refused: it would
-    mix two experiments in one store.
+    A store remembers how it was captured, its paths resolved (absolute, or
+    relative to the store when inside it): new checkpoints are captured the
+    same way with no flags, ``--model`` alone reuses the stored probe, and the
+    same file spelled another way is the same setting. A different probe set
+    or capture setup is refused (it would mix two experiments in one store), as
+    is ``--capture-agop`` on a store captured without it (never ignored).
     """
     attrs = st.probe_attrs or {}
     if capture is None and not attrs.get("capture_config"):
@@ -165,10 +171,17 @@ def resolve_capture(st: Stored, capture: CaptureConfig | None) -> tuple[CaptureC
     from gramlin_analyze.capture.task import CaptureConfig
 
     stored = (
-        CaptureConfig.from_json(attrs["capture_config"]) if attrs.get("capture_config") else None
+        _usable(CaptureConfig.from_json(attrs["capture_config"]), st.url)
+        if attrs.get("capture_config")
+        else None
     )
     if capture is None:
         return stored, False
+    capture = _usable(capture, st.url)
+    if not capture.probe:
+        if stored is None:
+            raise UsageError("capturing activations needs a probe set: pass --probe FILE")
+        capture = replace(capture, probe=stored.probe)
     from gramlin_analyze.capture.task import cached_probe
 
     probe = cached_probe(capture.probe)
@@ -178,7 +191,22 @@ def resolve_capture(st: Stored, capture: CaptureConfig | None) -> tuple[CaptureC
             f"(fingerprint {str(attrs.get('fingerprint'))[:16]}…); a store holds one probe set: "
             "ingest into a new store to use another"
         )
-    if stored is not None and stored.identity() != capture.identity():
+    if stored is None:
+        return capture, True
+    _refuse_other_capture(st, stored, capture)
+    # Runtime choices (batch size, strict loading) are the command's; what is stored, the store's.
+    return replace(stored, batch_size=capture.batch_size, strict=capture.strict), False
+
+
+def _refuse_other_capture(st: Stored, stored: CaptureConfig, capture: CaptureConfig) -> None:
+    """Refuse settings that would change what the stored capture records."""
+    if capture.agop and not stored.agop:
+        raise UsageError(
+            f"{st.url} was captured without --capture-agop and its stored steps have no AGOP; "
+            "an existing capture cannot gain it: ingest the run into a new store with --capture-agop "
+            "(nothing was written)"
+        )
+    if stored.identity() != capture.identity():
         diff = {
             k: (stored.identity()[k], v)
             for k, v in capture.identity().items()
@@ -188,7 +216,57 @@ def resolve_capture(st: Stored, capture: CaptureConfig | None) -> tuple[CaptureC
             f"{st.url} was captured with other settings ({diff} as stored vs given); "
             "ingest into a new store to capture differently"
         )
-    return capture, stored is None
+
+
+def _is_path_spec(model: str | None) -> tuple[str, str] | None:
+    """``(file, attr)`` of a ``path/to/file.py:build`` factory (None for a module or none)."""
+    if not model:
+        return None
+    module_part, sep, attr = model.rpartition(":")
+    if sep and (module_part.endswith(".py") or "/" in module_part or "\\" in module_part):
+        return module_part, attr
+    return None
+
+
+def _store_dir(url: str) -> Path | None:
+    return None if is_remote(url) else Path(url).resolve()
+
+
+def _usable(config: CaptureConfig, store: str) -> CaptureConfig:
+    """``config`` with its paths absolute: stored ones relative to the store are joined to it."""
+    base = _store_dir(store)
+
+    def absolute(p: str) -> str:
+        if not p or is_url(p):
+            return p
+        if base is not None and p.startswith(_IN_STORE):
+            return str(base / p.removeprefix(_IN_STORE))
+        return str(Path(p).resolve())  # (one spelling: ./, .., symlinks resolved)
+
+    spec = _is_path_spec(config.model)
+    model = f"{absolute(spec[0])}:{spec[1]}" if spec else config.model
+    return replace(config, probe=absolute(str(config.probe or "")), model=model)
+
+
+def settled(config: CaptureConfig, store: str) -> CaptureConfig:
+    """``config`` as a store records it: paths absolute, or relative to the store when inside it."""
+    base = _store_dir(store)
+
+    def stored(p: str) -> str:
+        if not p or is_url(p):
+            return p
+        path = Path(p).resolve()
+        if base is not None and path.is_relative_to(base):
+            return _IN_STORE + path.relative_to(base).as_posix()
+        return str(path)
+
+    spec = _is_path_spec(config.model)
+    model = f"{stored(spec[0])}:{spec[1]}" if spec else config.model
+    return replace(config, probe=stored(str(config.probe)), model=model)
+
+
+#: Prefix of a stored path that lives inside the store (so the store can move with it).
+_IN_STORE = "<store>/"
 
 
 def check_capture(

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,9 +21,15 @@ from gramlin_analyze.ingest.task import CheckpointJob, TaskContext, ingest_one
 from gramlin_analyze.ingest.write import WrittenPlan, write_plan
 from gramlin_analyze.io.discovery import CheckpointSource
 from gramlin_analyze.io.remote import is_url
+from gramlin_analyze.io.run_meta import read_run_metadata
 from gramlin_analyze.scheduling import Target, WorkerCheck, dask_target, make_runner, task_path
 from gramlin_analyze.store import GramlinStore, WriteSession, release_buffers, share_with_tasks
-from gramlin_analyze.store.provenance import source_of
+from gramlin_analyze.store.provenance import (
+    check_run_attrs,
+    hyperparameters_update,
+    run_attrs_update,
+    source_of,
+)
 
 if TYPE_CHECKING:
     from gramlin_analyze.capture.task import CaptureConfig
@@ -81,6 +87,10 @@ def ingest(
     break_lock: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
     on_error: Callable[[str], None] | None = None,
+    run_name: str | None = None,
+    run_attrs: Mapping[str, Any] | None = None,
+    replace_run_attrs: bool = False,
+    select: Callable[[CheckpointSource], bool] | None = None,
 ) -> IngestReport:
     """Ingest every checkpoint under ``directory`` into the store at ``store``.
 
@@ -121,6 +131,13 @@ def ingest(
         Remove a remote store's lock left by a writer that died.
     progress, on_error
         Called as ``progress(done, total, bytes_done)`` after each checkpoint; with each failure.
+    run_name, run_attrs, replace_run_attrs
+        The run's name and attributes (numbers, flags, text: ``{"label_noise": 0.5}``), stored
+        in the root attributes beside the hyper-parameters read from the checkpoints. Giving a
+        stored attribute another value is refused unless ``replace_run_attrs`` (docs/runs.md).
+    select
+        Consider only the scanned checkpoints this returns True for (the others are left for a
+        later run): :func:`gramlin_analyze.ingest.watch` passes the complete ones.
 
     Raises
     ------
@@ -173,6 +190,10 @@ class _Options:
     break_lock: bool
     progress: Callable[[int, int, int], None] | None
     on_error: Callable[[str], None] | None
+    run_name: str | None
+    run_attrs: Mapping[str, Any] | None
+    replace_run_attrs: bool
+    select: Callable[[CheckpointSource], bool] | None
 
 
 def _ingest(o: _Options) -> IngestReport:
@@ -203,6 +224,13 @@ def _ingest_on(o: _Options, request: Request, target: Target) -> IngestReport:
     with WriteSession(
         request.store, storage_options=o.storage_options, break_lock=o.break_lock, source=source
     ) as gs:
+        run_update = run_attrs_update(
+            gs.root.attrs,
+            request.store,
+            run_name=o.run_name,
+            run_attrs=o.run_attrs,
+            replace=o.replace_run_attrs,
+        )
         if plan is None or not gs.created:  # (or another writer made it meanwhile)
             plan = make_plan(request, gs, call=target.call)
         if plan.runnable:  # the store as created, a stored capture's model: before any write
@@ -214,6 +242,8 @@ def _ingest_on(o: _Options, request: Request, target: Target) -> IngestReport:
             ran_on=target.where,
         )
         gs.initialize(source=source)
+        found = read_run_metadata(plan.sources)
+        gs.set_root_attributes(run_update | hyperparameters_update(gs.root.attrs, found))
         written = write_plan(gs, plan, request)
         _report_plan_failures(report, plan, o.on_error)
         _run_tasks(gs, o, target, _Staged(request, plan, written), report)
@@ -228,6 +258,7 @@ def _check_inputs(o: _Options) -> Request:
             "pass either a model to capture with (--model/--mlp-activation) or --activations DIR, not both"
         )
     _check_execution(o)
+    check_run_attrs(o.run_attrs)
     reader_options: dict[str, Any] = {}
     if o.state_dict_key:
         reader_options["state_dict_key"] = o.state_dict_key
@@ -252,6 +283,7 @@ def _check_inputs(o: _Options) -> Request:
         probe=o.probe,
         lr=o.lr,
         lr_schedule=o.lr_schedule,
+        select=o.select,
     )
 
 
@@ -367,6 +399,7 @@ def _task_context(o: _Options, target: Target, staged: _Staged) -> TaskContext:
         external_dir=task_path(request.activations) if request.activations is not None else None,
         write_behind=not (o.workers or target.client is not None),
         device=o.device,
+        recorded=written.recorded or None,
     )
 
 
@@ -426,6 +459,7 @@ def _job(index: int, s: CheckpointSource, plan: Plan) -> CheckpointJob:
         # (objects behind a URL have no os.stat for the task's changed-file check)
         files=tuple(task_path(f) for f in s.files if not is_url(f)),
         external=task_path(external) if external is not None else None,
+        record=task_path(s.record) if s.record is not None else None,
     )
 
 

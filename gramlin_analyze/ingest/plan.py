@@ -72,6 +72,8 @@ class Request:
     probe: str | os.PathLike | None
     lr: float | None
     lr_schedule: str | os.PathLike | None
+    #: which checkpoints of the scan to consider (the others wait for a later run); all if None
+    select: Callable[[CheckpointSource], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,8 @@ def _scan(req: Request, st: Stored) -> list[CheckpointSource]:
         settle_seconds=req.settle_seconds,
         known=fingerprint_rows(st.manifest),
     )
+    if req.select is not None:  # (``watch``: checkpoints still being written wait)
+        sources = type(sources)([s for s in sources if req.select(s)], sources.skipped)
     if not is_remote(req.store) and Path(req.store).resolve() == Path(req.directory).resolve():
         raise UsageError("the store cannot be the checkpoint directory itself; pass --store OUT")
     return sources

@@ -90,6 +90,7 @@ class Recorder:
                 "epoch": res.epoch,
                 "lr_source": rate_source,
                 "optimizer": res.optimizer,
+                "optimizer_params": res.optimizer_params,
                 "nonfinite": res.nonfinite,
                 "error": "",
                 "status": "ok",

@@ -47,6 +47,7 @@ class TaskContext:
     # finish (the driver marks the step ok only after them).
     write_behind: bool
     device: str = "cpu"  # where capture runs: "cpu", "cuda" or "cuda:N"
+    recorded: dict[str, Any] | None = None  # layer -> RecordedLayer: training-time records
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class CheckpointJob:
     format: str
     files: tuple[str, ...]
     external: str | None  # its activation file, with ``TaskContext.external_dir``
+    record: str | None = None  # its training-time record file (gramlin_analyze.record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,7 @@ class TaskResult:
     lr: float | None = None
     epoch: Any = None
     optimizer: str = ""
+    optimizer_params: str = ""  # JSON (gramlin_analyze.io.optimizer.OptimizerInfo.to_json)
     pending: Future | None = None  # activation writes still running (write-behind)
 
 
@@ -119,6 +122,10 @@ def ingest_one(ctx: TaskContext, job: CheckpointJob) -> TaskResult:
                 pending = _capture(ctx, job, h, root)
         if ctx.external_dir:
             _write_external(ctx, job, root)
+        if ctx.recorded:
+            from gramlin_analyze.ingest.recorded import write_recorded
+
+            write_recorded(layers_grp, job.index, job.record, ctx.recorded)
         if _file_state(job.files) != before:
             raise CheckpointFormatError(
                 f"{job.path}: the file changed while it was being read (still being written?); "
@@ -137,6 +144,7 @@ def ingest_one(ctx: TaskContext, job: CheckpointJob) -> TaskResult:
         lr=meta.lr,
         epoch=meta.epoch,
         optimizer=meta.optimizer or "",
+        optimizer_params=str(meta.extra.get("optimizer_params", "")),
         pending=pending,
     )
 

@@ -19,6 +19,17 @@ class LayerSpec:
     bias: str | None
     shape: tuple[int, ...]  # (out, in, *kernel) as the reader returns it
     dtype: str
+    # How (out, in) was decided: "config" (config.json's model_type) or "default"
+    # (the format's own convention).
+    orientation_source: str = "default"
+    tied_to: str | None = None  # the layer sharing this weight (a declared tie)
+
+    def attrs(self) -> dict:
+        """The layer attributes the checkpoint decides (orientation, tie)."""
+        out: dict = {"orientation_source": self.orientation_source}
+        if self.tied_to is not None:
+            out["tied_to"] = self.tied_to
+        return out
 
 
 def layers_of(infos: dict[str, TensorInfo]) -> dict[str, LayerSpec]:
@@ -37,7 +48,15 @@ def layers_of(infos: dict[str, TensorInfo]) -> dict[str, LayerSpec]:
         b = biases.get(layer)
         if b is not None and infos[b].shape[0] != info.shape[0]:
             b = None
-        out[layer] = LayerSpec(info.name, b, tuple(info.shape), info.dtype)
+        tied = getattr(info, "tied_to", None)
+        out[layer] = LayerSpec(
+            info.name,
+            b,
+            tuple(info.shape),
+            info.dtype,
+            orientation_source=getattr(info, "orientation", "default"),
+            tied_to=split_param_name(tied, prefix)[0] if tied else None,
+        )
     return out
 
 

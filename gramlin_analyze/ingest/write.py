@@ -6,12 +6,13 @@ own step's chunks, and the driver marks each step ``ok`` as its task ends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gramlin_analyze.ingest.recorded import RecordedLayer, declare_recorded, plan_recorded
 from gramlin_analyze.io.discovery import CheckpointSource
 from gramlin_analyze.store import GramlinStore, declare_activations, write_probe
 from gramlin_analyze.store import layout as L
@@ -32,6 +33,7 @@ class WrittenPlan:
     positions: dict[int, int]  # step -> row index
     stored_dtypes: dict[str, str]
     activation_layers: list[str]  # layers whose activations the tasks write
+    recorded: dict[str, RecordedLayer] = field(default_factory=dict)  # training-time records
 
 
 def write_plan(gs: GramlinStore, plan: Plan, req: Request) -> WrittenPlan:
@@ -58,10 +60,12 @@ def write_plan(gs: GramlinStore, plan: Plan, req: Request) -> WrittenPlan:
         pos = gs.set_step_axis(new_steps)
     stored_dtypes = {n: dict(gs.layer(n).attrs)["stored_dtype"] for n in gs.layer_names()}
     act_layers = _declare_activations(gs, plan, req)
+    recorded = plan_recorded(gs, plan.sources, plan.template)
+    declare_recorded(gs, recorded)
     redo = _pending([s for s in plan.todo if s.step in step_row and s.step not in plan.kept])
     gs.write_row_fields([(pos[step], fields) for step, fields in redo.items()])
     gs.write_rows([pos[s] for s in plan.failed], error=list(plan.failed.values()), status="failed")
-    return WrittenPlan(pos, stored_dtypes, act_layers)
+    return WrittenPlan(pos, stored_dtypes, act_layers, recorded)
 
 
 def _pending(rows: list[CheckpointSource]) -> dict[int, dict[str, Any]]:
@@ -104,6 +108,8 @@ def _declare_layers(
             )
         if dtype == "bfloat16":
             attrs["bfloat16_stored_as"] = "float32"
+        if name in first:
+            attrs.update(first[name].attrs())
         specs[name] = (flat, sdtype, has_bias, attrs)
     gs.declare_layers(specs)
 
@@ -112,7 +118,7 @@ def _declare_activations(gs: GramlinStore, plan: Plan, req: Request) -> list[str
     """The layers whose activations the tasks write, their arrays declared when new."""
     if plan.capture is not None:
         if plan.capture_counts:
-            return _declare_capture(gs, plan.capture, plan.capture_counts)
+            return _declare_capture(gs, plan.capture, plan.capture_counts, req.store)
         if plan.stored.probe_attrs is not None:
             return list(plan.stored.activation_layers)
         return []
@@ -122,10 +128,14 @@ def _declare_activations(gs: GramlinStore, plan: Plan, req: Request) -> list[str
 
 
 def _declare_capture(
-    gs: GramlinStore, capture: CaptureConfig, counts: dict[str, tuple[int, int]]
+    gs: GramlinStore, capture: CaptureConfig, counts: dict[str, tuple[int, int]], store: str
 ) -> list[str]:
-    """Write ``/probe`` and declare the activation arrays; return the captured layers."""
+    """Write ``/probe`` and declare the activation arrays; return the captured layers.
+
+    The capture setup is recorded with its paths resolved (:func:`~gramlin_analyze.ingest.checks.settled`).
+    """
     from gramlin_analyze.capture.task import cached_probe
+    from gramlin_analyze.ingest.checks import settled
 
     probe = cached_probe(capture.probe)
     attrs = {
@@ -135,7 +145,7 @@ def _declare_capture(
         "reduction": capture.reduction,
         "probe_path": _where(capture.probe),
         "model_source": capture.describe_model(),
-        "capture_config": capture.to_json(),
+        "capture_config": settled(capture, store).to_json(),
         "activations_dtype": capture.dtype,
         "long_name": "probe set",
     }

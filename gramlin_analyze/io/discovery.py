@@ -92,6 +92,8 @@ class CheckpointSource:
     meta: CheckpointMeta = field(default_factory=CheckpointMeta)
     #: size, mtime and inode of ``files``: equal keys mean files untouched since
     stat_key: str = ""
+    #: the training-time record beside it (``gramlin_analyze.record``), also in ``files``
+    record: Path | None = None
 
     @property
     def source_path(self) -> str:
@@ -356,6 +358,9 @@ def _source(
     files = reader.files(path)
     if not files:
         return None
+    record = _record_of(path)  # in the fingerprint: a record written later redoes the step
+    if record is not None and record not in files:
+        files = [*files, record]
     stats = [f.stat() for f in files]
     mtime = max(s.st_mtime for s in stats)
     if settle_seconds and now - mtime < settle_seconds:
@@ -374,7 +379,17 @@ def _source(
         mtime=mtime,
         meta=meta,
         stat_key=key,
+        record=record,
     )
+
+
+def _record_of(path: Path) -> Path | None:
+    """The training-time record of a local checkpoint, named as ``record.file.record_path``."""
+    if isinstance(path, RemotePath):
+        return None
+    name = "gramlin_record.safetensors"
+    cand = path / name if path.is_dir() else path.with_name(f"{path.name.rsplit('.', 1)[0]}.{name}")
+    return cand if special_file(cand) is None and cand.is_file() else None
 
 
 def _step_of(

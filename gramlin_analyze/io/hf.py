@@ -5,8 +5,15 @@ model weights in one of four layouts (``model.safetensors``, sharded
 safetensors with ``model.safetensors.index.json``, ``pytorch_model.bin``,
 or sharded ``pytorch_model.bin.index.json``) beside ``trainer_state.json``
 (``global_step``, ``epoch``, ``log_history``) and the optimizer, scheduler
-and RNG states. Only the weights and ``trainer_state.json`` are read; the
-weights go through the safetensors and PyTorch readers.
+and RNG states. Only the weights, ``trainer_state.json`` and ``config.json``
+are read; the weights go through the safetensors and PyTorch readers.
+
+``config.json``'s ``model_type`` decides the orientation of the weights
+(:mod:`gramlin_analyze.io.hf_conventions`): GPT-2's ``Conv1D`` weights, stored
+``(in, out)``, are listed and read as ``(out, in)``; an output embedding that
+``save_pretrained`` left out because the config ties it to the input
+embedding (``tie_word_embeddings``) is listed under its own name and read
+from the embedding, both named in :attr:`HFTensorInfo.tied_to`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import numpy as np
 
 from gramlin_analyze.errors import CheckpointFormatError
 from gramlin_analyze.io.base import CheckpointHandle, CheckpointMeta, CheckpointReader, TensorInfo
+from gramlin_analyze.io.hf_conventions import Conventions, conventions_for, read_model_config
 from gramlin_analyze.io.safetensors import (
     SafetensorsReader,
     ShardedIndexReader,
@@ -85,12 +93,17 @@ def _learning_rate(state: Mapping, step: int | None) -> float | None:
 
 
 class HFTrainerHandle(CheckpointHandle):
-    """An open ``checkpoint-N/`` directory, delegating to the handle of its weights."""
+    """An open ``checkpoint-N/`` directory, delegating to the handle of its weights.
+
+    Tensors are presented in the gramlin convention that ``config.json`` decides
+    (``Conv1D`` weights transposed, declared ties listed).
+    """
 
     def __init__(self, reader: HFTrainerReader, path: os.PathLike | str):
         super().__init__(reader, path)
         self.reader: HFTrainerReader = reader
         self._weights: CheckpointHandle | None = None
+        self._conventions: Conventions | None = None
 
     def _opened(self) -> CheckpointHandle:
         if self._weights is None:
@@ -98,16 +111,38 @@ class HFTrainerHandle(CheckpointHandle):
             self._weights = weights_reader.open(weights_path)
         return self._weights
 
+    def conventions(self) -> Conventions:
+        """What ``config.json`` says about the raw tensors (orientation, ties)."""
+        if self._conventions is None:
+            raw = self._opened().list_tensors()
+            config = read_model_config(Path(self.path))
+            self._conventions = conventions_for(config, raw)
+        return self._conventions
+
     def list_tensors(self) -> dict[str, TensorInfo]:
-        return self._opened().list_tensors()
+        return self.conventions().present(self._opened().list_tensors())
 
     def read_tensor(self, name: str) -> np.ndarray:
-        return self._opened().read_tensor(name)
+        conv = self.conventions()
+        raw = self._opened().read_tensor(conv.source_of(name))
+        return np.ascontiguousarray(raw.T) if name in conv.transposed else raw
+
+    def read_metadata(self) -> CheckpointMeta:
+        """``trainer_state.json``'s, plus the optimizer of ``optimizer.pt`` (read by a task, not the scan)."""
+        from gramlin_analyze.io.optimizer import hf_optimizer
+
+        meta = self.reader.read_metadata(self.path)
+        opt = hf_optimizer(self.path)
+        if opt is not None:
+            meta.optimizer = opt.family or None
+            meta.extra["optimizer_params"] = opt.to_json()
+        return meta
 
     def close(self) -> None:
         if self._weights is not None:
             self._weights.close()
             self._weights = None
+        self._conventions = None
         super().close()
 
 

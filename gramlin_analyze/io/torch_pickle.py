@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import sys
+import threading
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -155,6 +156,18 @@ def _corrupt(path: Path, err: BaseException) -> CheckpointFormatError:
     )
 
 
+_TORCH_IMPORT = threading.Lock()
+
+
+def _import_torch() -> Any:
+    """``import torch``, one thread at a time: task threads that import it together in a
+    fresh process can see the half-initialized module ("no attribute 'Tensor'")."""
+    with _TORCH_IMPORT:
+        import torch
+
+    return torch
+
+
 def load_torch_file(path: os.PathLike | str) -> Any:
     """``torch.load`` a file with the restricted unpickler, memory-mapped when possible.
 
@@ -166,7 +179,7 @@ def load_torch_file(path: os.PathLike | str) -> Any:
     CheckpointFormatError
         The file is empty, truncated, corrupt or not a ``torch.save`` file.
     """
-    import torch
+    torch = _import_torch()
 
     path = cast(Path, as_path(path))
     if isinstance(path, RemotePath):
@@ -469,6 +482,9 @@ class TorchPickleReader(CheckpointReader):
             if groups and isinstance(groups[0], Mapping):
                 meta.lr = as_float(groups[0].get("lr"))
             meta.optimizer = optimizer_family(optimizer)
+            from gramlin_analyze.io.optimizer import describe_state
+
+            meta.extra["optimizer_params"] = describe_state(optimizer, "optimizer state").to_json()
         if meta.lr is None:
             meta.lr = next(
                 (lr for key in _LR_KEYS if (lr := as_float(obj.get(key))) is not None), None

@@ -2,7 +2,8 @@
 
 Per selected layer a forward pre-hook hands the module an alias of its input when the
 input needs a gradient: backward then delivers ``g = W^T dL/dz`` (through this layer only)
-at no extra cost. Otherwise a hook on the output ``z`` forms ``g = dL/dz W``. An optimizer
+at no extra cost. Otherwise a hook on the output ``z`` forms ``g = dL/dz W``, or keeps only
+``sum_i dz_i dz_i^T`` where that is cheaper (narrow outputs; ``LayerSums.plan``). An optimizer
 step pre-hook turns the step's products into the running sums (``terms.py``). Only training
 forwards with gradients count; a forward that finds the weight's ``.grad`` empty starts a
 new accumulation cycle (so a GradScaler step skipped for inf/NaN leaves nothing behind).
@@ -106,8 +107,10 @@ class RecordCore:
             self._check_scaler(h)
             if layer.param.grad is None:
                 sums.reset()
+            free_g = h.requires_grad and _plain(module, layer)
+            sums.plan(h.numel() // max(h.shape[-1], 1), free_g=free_g)
             keep_h = h.detach() if sums.needs_h() else None
-            if h.requires_grad and _plain(module, layer):
+            if free_g and sums.second == "g":
                 alias = h.view_as(h)
                 alias.register_hook(lambda g: sums.add_samples(g.detach(), keep_h) and None)
                 return ((alias, *args[1:]), kwargs) if args else (args, {**kwargs, "input": alias})
@@ -125,9 +128,11 @@ class RecordCore:
 
     def _from_dz(self, layer: RecordLayer, dz: torch.Tensor, h: torch.Tensor | None) -> None:
         sums = self.sums[layer.name]
-        W = layer.weight(sums.dtype)
         dz = dz.detach().reshape(-1, dz.shape[-1]).to(sums.dtype)
-        sums.add_samples(dz @ W, h)
+        if sums.second == "dz":
+            sums.add_dz(dz)
+        else:
+            sums.add_samples(dz @ layer.weight(sums.dtype), h)
 
     def _check_scaler(self, h: torch.Tensor) -> None:
         device = h.device.type

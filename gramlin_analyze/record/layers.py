@@ -3,7 +3,8 @@
 Names come from :mod:`gramlin_analyze.capture.layers` (the wrapper prefix shared
 by every state-dict key stripped), so a record's layer names are the store's.
 Hugging Face ``Conv1D`` (GPT-2) keeps its weight as ``(in, out)``; its effective
-``W`` is ``weight.T``, recognised by duck typing so that transformers is never imported.
+``W`` is ``weight.T``, recognised by :func:`~gramlin_analyze.capture.layers.is_hf_conv1d`
+(shared with capture) so that transformers is never imported.
 """
 
 from __future__ import annotations
@@ -15,24 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gramlin_analyze.capture.layers import layer_name, match_globs, wrapper_prefix
+from gramlin_analyze.capture.layers import is_hf_conv1d, layer_name, match_globs, wrapper_prefix
 from gramlin_analyze.errors import UsageError
 
 __all__ = ["RecordLayer", "find_layers", "is_hf_conv1d", "MODES"]
 
 MODES = ("full", "diag")
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """A transformers ``Conv1D``: ``z = h @ weight + bias`` with ``weight`` of shape ``(in, out)``."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-        and weight.shape[1] == module.nf
-    )
 
 
 @dataclass

@@ -7,7 +7,8 @@ gradient ``G = dL/dW`` and per-sample ``g_i = W^T dL/dz_i`` (MATH.md):
 - ``vcs_second = gamma^2 sum_i g_i g_i^T``; ``vcs = vcs_first + vcs_second``;
 - ``sgd_second = gamma^2 G^T G``: ``vcs_first + sgd_second`` is the exact Gram change of a
   plain SGD step with this gradient;
-- ``dgram = W^T W - W_0^T W_0``, the actual change since the recorder started (any optimizer).
+- ``dgram = W^T W - W_0^T W_0``, the actual change since the recorder started (any optimizer),
+  formed only when the sums are read.
 
 ``diag`` mode keeps the diagonals only, at ``O(samples d_in + d_out d_in)`` per step.
 """
@@ -20,28 +21,60 @@ import torch
 
 from gramlin_analyze.record.layers import RecordLayer
 
-__all__ = ["LayerSums"]
+__all__ = ["FLUSH_EVERY", "SYM_MIN", "LayerSums"]
+
+# Steps summed in the compute dtype before one float64 add: a float64 add of a float32
+# d_in x d_in matrix per step cost as much as a GEMM (docs/performance.md). 32 float32
+# adds keep the rounding near that of one float32 product; float64 models add every step.
+FLUSH_EVERY = 32
+# From this width on, symmetric products (sum_i g_i g_i^T, W^T D W, G^T G) are formed as
+# their top rows and bottom-right quarter: 3/4 of the multiply-adds; the bottom-left is
+# filled from the top-right when the sums are read.
+SYM_MIN = 256
 
 
 class LayerSums:
     """One layer's step buffers (compute dtype) and running sums (float64, on the weight's device).
 
-    ``route`` says how ``A = sum_i g_i h_i^T`` is formed in ``full`` mode: ``"wg"`` from the
-    step's gradient (``W^T G``, ``d_out d_in^2``), ``"gh"`` from the per-sample products
-    (``samples d_in^2``), chosen at the first backward by whichever costs less.
+    Chosen at the first forward (:meth:`plan`), by multiply-add count, per layer:
+    ``second`` says how ``sum_i g_i g_i^T`` is formed: ``"g"`` from the rows ``g_i``
+    (``samples d_in^2``; ``g_i`` comes free from backward when the layer input needs a
+    gradient), or ``"dz"`` as ``W^T D W`` with ``D = sum_i dz_i dz_i^T`` (``d_out d_in^2``: narrow
+    outputs such as a classifier head); ``route`` says how ``A`` (diag: its diagonal) is
+    formed: ``"wg"`` from the step's gradient (``W^T G``, ``d_out d_in^2``; diag ``d_out d_in``),
+    or ``"gh"`` from the rows (``sum_i g_i h_i^T``, ``samples d_in^2``; diag ``samples d_in``)
+    when there are fewer samples than outputs.
     """
 
-    def __init__(self, layer: RecordLayer, *, sgd: bool, compute_dtype: torch.dtype | None):
+    def __init__(
+        self,
+        layer: RecordLayer,
+        *,
+        sgd: bool,
+        compute_dtype: torch.dtype | None,
+        flush_every: int = FLUSH_EVERY,
+    ):
         self.layer = layer
         self.sgd = sgd
         w = layer.param
         self.dtype = compute_dtype or (torch.float64 if w.dtype == torch.float64 else torch.float32)
-        self.route = "wg" if layer.mode == "diag" else None
-        shape = (layer.d_in,) if layer.mode == "diag" else (layer.d_in, layer.d_in)
+        self.diag = layer.mode == "diag"
+        self.route: str | None = None
+        self.second: str | None = None
+        shape = (layer.d_in,) if self.diag else (layer.d_in, layer.d_in)
         # "first_half" is sum_t -gamma A (diag: its diagonal); vcs_first = it + its transpose,
-        # vcs = vcs_first + vcs_second, formed at save: two float64 adds per step, no transposes
+        # vcs = vcs_first + vcs_second, formed when read: no transposes per step
         names = ["first_half", "vcs_second", *(["sgd_second"] if sgd else [])]
         self.sums = {q: torch.zeros(shape, dtype=torch.float64, device=w.device) for q in names}
+        exact = self.dtype == torch.float64
+        self.flush_every = 1 if exact else max(1, int(flush_every))
+        self.pending = (
+            None
+            if exact
+            else {q: torch.zeros(shape, dtype=self.dtype, device=w.device) for q in names}
+        )
+        self.pending_steps = 0
+        self._bufs: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.samples = 0
         self.lr_sum = 0.0
@@ -56,36 +89,118 @@ class LayerSums:
     def gram(self) -> torch.Tensor:
         """``W^T W`` (or its diagonal) of the current weight, in float64."""
         w = self.layer.weight(torch.float64)
-        return (w * w).sum(0) if self.layer.mode == "diag" else w.t() @ w
+        return (w * w).sum(0) if self.diag else w.t() @ w
 
     def reset(self) -> None:
         """Forget the per-sample products since the last step (a new accumulation cycle)."""
         self.gg: torch.Tensor | None = None
         self.gh: torch.Tensor | None = None
+        self.dd: torch.Tensor | None = None
         self.rows = 0
+
+    def plan(self, rows: int, *, free_g: bool) -> None:
+        """Once, at the first forward: the cheaper ``second`` and ``route`` for ``rows`` samples."""
+        if self.second is not None:
+            return
+        o, i, b = self.layer.d_out, self.layer.d_in, max(int(rows), 1)
+        g_cost = 0 if free_g else b * o * i
+        if self.diag:
+            from_rows, from_dz = g_cost + b * i, b * o * o + o * o * i + o * i
+        else:
+            from_rows = g_cost + b * i * i + min(b, o) * i * i
+            from_dz = b * o * o + o * o * i + 2 * o * i * i
+        self.second = "g" if from_rows <= from_dz else "dz"
+        self.route = "gh" if self.second == "g" and b < o else "wg"
+
+    def needs_h(self) -> bool:
+        """Whether the next backward needs the layer input (the ``gh`` route)."""
+        return self.route == "gh"
+
+    def _mm(self, current: torch.Tensor | None, key: str, a: torch.Tensor, b: torch.Tensor):
+        """``current + a @ b``, or ``a @ b`` into a buffer kept across steps (no fresh memory)."""
+        if current is not None:
+            return current.addmm_(a, b)
+        buf = self._bufs.get(key)
+        shape = (a.shape[0], b.shape[1])
+        if buf is None or buf.shape != shape or buf.dtype != a.dtype or buf.device != a.device:
+            buf = self._bufs[key] = torch.empty(shape, dtype=a.dtype, device=a.device)
+        return torch.mm(a, b, out=buf)
+
+    def _sym(self, current: torch.Tensor | None, key: str, a: torch.Tensor, b: torch.Tensor):
+        """:meth:`_mm` for a symmetric ``a @ b`` (``d x d``); the bottom-left block stays zero."""
+        d = a.shape[0]
+        if d < SYM_MIN:
+            return self._mm(current, key, a, b)
+        h = d // 2
+        if current is None:
+            current = self._bufs.get(key)
+            if current is None or current.shape != (d, d) or current.dtype != a.dtype:
+                current = self._bufs[key] = torch.zeros((d, d), dtype=a.dtype, device=a.device)
+            torch.mm(a[:h], b, out=current[:h])
+            torch.mm(a[h:], b[:, h:], out=current[h:, h:])
+            return current
+        current[:h].addmm_(a[:h], b)
+        current[h:, h:].addmm_(a[h:], b[:, h:])
+        return current
+
+    def _symmetric(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of a sum of :meth:`_sym` products with its bottom-left block filled."""
+        t = t.clone()
+        d = t.shape[0]
+        if t.dim() == 2 and d >= SYM_MIN:
+            h = d // 2
+            t[h:, :h] = t[:h, h:].t()
+        return t
+
+    def _colsum(self, a: torch.Tensor, b: torch.Tensor, key: str) -> torch.Tensor:
+        """``(a * b).sum(0)``, the product in a buffer kept across steps."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != a.shape or buf.dtype != a.dtype or buf.device != a.device:
+            buf = self._bufs[key] = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        return torch.mul(a, b, out=buf).sum(0)
 
     def add_samples(self, g: torch.Tensor, h: torch.Tensor | None) -> None:
         """Add one backward pass's rows ``g_i`` (and ``h_i`` for the ``gh`` route)."""
         g = g.reshape(-1, g.shape[-1]).to(self.dtype)
-        if self.route is None:
-            self.route = "gh" if g.shape[0] < self.layer.d_out else "wg"
-        gg = (g * g).sum(0) if self.layer.mode == "diag" else g.t() @ g
-        self.gg = gg if self.gg is None else self.gg + gg
+        self.plan(g.shape[0], free_g=True)
+        if self.diag:
+            gg = torch.linalg.vecdot(g, g, dim=0)
+            self.gg = gg if self.gg is None else self.gg.add_(gg)
+        else:
+            self.gg = self._sym(self.gg, "gg", g.t(), g)
         if self.route == "gh" and h is not None:
-            gh = g.t() @ h.reshape(-1, h.shape[-1]).to(self.dtype)
-            self.gh = gh if self.gh is None else self.gh + gh
+            h = h.reshape(-1, h.shape[-1]).to(self.dtype)
+            if self.diag:
+                gh = torch.linalg.vecdot(g, h, dim=0)
+                self.gh = gh if self.gh is None else self.gh.add_(gh)
+            else:
+                self.gh = self._mm(self.gh, "gh", g.t(), h)
         self.rows += g.shape[0]
 
-    def needs_h(self) -> bool:
-        """Whether the next backward needs the layer input (the ``gh`` route or undecided)."""
-        return self.route != "wg"
+    def add_dz(self, dz: torch.Tensor) -> None:
+        """Add one backward pass's output gradients (the ``dz`` route: ``D = sum_i dz_i dz_i^T``)."""
+        dz = dz.reshape(-1, dz.shape[-1]).to(self.dtype)
+        self.dd = self._mm(self.dd, "dd", dz.t(), dz)
+        self.rows += dz.shape[0]
+
+    def _finish_second(self) -> None:
+        """Turn the ``dz`` route's ``D`` into ``sum_i g_i g_i^T = W^T D W`` (once per step)."""
+        if self.dd is None:
+            return
+        W = self.layer.weight(self.dtype)
+        DW = self.dd @ W
+        self.gg = (
+            torch.linalg.vecdot(DW, W, dim=0) if self.diag else self._sym(None, "gg", W.t(), DW)
+        )
+        self.dd = None
 
     def local_buffers(self) -> list[torch.Tensor]:
         """The step's products to be summed over data-parallel ranks, flattened, float64."""
+        self._finish_second()
         shape = self.sums["first_half"].shape
-        zero = torch.zeros(shape, dtype=torch.float64, device=self.sums["first_half"].device)
+        zero = torch.zeros(shape, dtype=torch.float64, device=self.device)
         gg = zero if self.gg is None else self.gg.double()
-        gh = zero if self.gh is None or self.layer.mode == "diag" else self.gh.double()
+        gh = zero if self.gh is None else self.gh.double()
         rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=zero.device)
         return [gg.reshape(-1), gh.reshape(-1), rows]
 
@@ -93,9 +208,21 @@ class LayerSums:
         """Take back :meth:`local_buffers` after the all-reduce."""
         shape = self.sums["first_half"].shape
         n = self.sums["first_half"].numel()
-        self.gg = flat[:n].reshape(shape)
-        self.gh = flat[n : 2 * n].reshape(shape) if self.route == "gh" else None
+        self.gg = flat[:n].reshape(shape).to(self.dtype)
+        self.gh = flat[n : 2 * n].reshape(shape).to(self.dtype) if self.route == "gh" else None
         self.rows = int(round(float(flat[2 * n])))
+
+    def _first(self, W: torch.Tensor, G: torch.Tensor, per_sample: float) -> tuple:
+        """``(A, its scale)`` by this layer's route, and ``G^T G`` when recorded."""
+        if self.diag:  # (no vector_norm(dim=0): a strided reduction, 10x slower on CPU)
+            sgd = self._colsum(G, G, "sgd") if self.sgd else None
+        else:
+            sgd = self._sym(None, "sgd", G.t(), G) if self.sgd else None
+        if self.route == "gh" and self.gh is not None:
+            return self.gh, per_sample, sgd
+        if self.diag:
+            return self._colsum(W, G, "wg"), 1.0, sgd
+        return self._mm(None, "wg", W.t(), G), 1.0, sgd
 
     def step(self, lr: float, *, scale: float, ranks: int) -> bool:
         """Add this step's terms to the running sums; False when the weight has no gradient.
@@ -109,26 +236,32 @@ class LayerSums:
             self.reset()
             return False
         self._warn_unseen()
+        self._finish_second()
         W = self.layer.weight(self.dtype)
         per_sample = 1.0 / (scale * ranks)
-        # products in the compute dtype; the running sums are float64 (in-place adds promote)
-        if self.layer.mode == "diag":
-            A = (W * G).sum(0)
-            sgd = (G * G).sum(0) if self.sgd else None
-        elif self.route == "gh" and self.gh is not None:
-            A, sgd = self.gh * per_sample, G.t() @ G if self.sgd else None
-        else:
-            A, sgd = W.t() @ G, G.t() @ G if self.sgd else None
-        self.sums["first_half"].add_(A, alpha=-lr)
+        A, a_scale, sgd = self._first(W, G, per_sample)
+        into = self.sums if self.pending is None else self.pending
+        into["first_half"].add_(A, alpha=-lr * a_scale)
         if self.gg is not None:
-            self.sums["vcs_second"].add_(self.gg, alpha=(lr * per_sample) ** 2)
+            into["vcs_second"].add_(self.gg, alpha=(lr * per_sample) ** 2)
         if sgd is not None:
-            self.sums["sgd_second"].add_(sgd, alpha=lr**2)
+            into["sgd_second"].add_(sgd, alpha=lr**2)
+        self.pending_steps += 1
+        if self.pending is not None and self.pending_steps >= self.flush_every:
+            self.flush()
         self.steps += 1
         self.samples += self.rows
         self.lr_sum += lr
         self.reset()
         return True
+
+    def flush(self) -> None:
+        """Move the steps summed in the compute dtype into the float64 sums."""
+        if self.pending is not None and self.pending_steps:
+            for q, t in self.pending.items():
+                self.sums[q].add_(t)
+                t.zero_()
+        self.pending_steps = 0
 
     def _warn_unseen(self) -> None:
         """Once: a gradient with no forward seen means the weight is used without the module."""
@@ -143,10 +276,11 @@ class LayerSums:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The running sums (and ``dgram`` now), float64 on CPU, keyed by quantity."""
+        self.flush()
         half = self.sums["first_half"]
-        first = 2 * half if self.layer.mode == "diag" else half + half.t()
-        out = {"vcs": first + self.sums["vcs_second"], "vcs_first": first}
-        out.update((q, t) for q, t in self.sums.items() if q != "first_half")
+        first = 2 * half if self.diag else half + half.t()
+        second = {q: self._symmetric(t) for q, t in self.sums.items() if q != "first_half"}
+        out = {"vcs": first + second["vcs_second"], "vcs_first": first, **second}
         out = {q: t.detach().cpu().contiguous() for q, t in out.items()}
         out["dgram"] = (self.gram() - self.gram0).cpu().contiguous()
         out["steps"] = torch.tensor(self.steps, dtype=torch.int64)
@@ -161,6 +295,10 @@ class LayerSums:
         for q in self.sums:
             if q in own:
                 self.sums[q] = own[q].to(device=device, dtype=torch.float64).clone()
+        if self.pending is not None:
+            for t in self.pending.values():
+                t.zero_()
+        self.pending_steps = 0
         self.gram0 = self.gram() - tensors["dgram"].to(device=device, dtype=torch.float64)
         self.steps = int(tensors["steps"])
         self.samples = int(tensors["samples"])

@@ -40,10 +40,16 @@ def stat_core(name: str) -> int:
 def pca_project(
     hh: FloatArray, sh: FloatArray, hy: FloatArray, n: FloatArray, k: int
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Features ``H P``: ``P`` = top-``k`` principal axes of the centered features."""
+    """Features ``H P``: ``P`` = top-``k`` principal axes of the centered features.
+
+    Axes of zero variance (below the ``eigh`` round-off, e.g. beyond the rank of
+    duplicated conv patches) are dropped: any basis of that null space is as good as
+    another, and each would add an arbitrary constant column ``mean(H) . v``.
+    """
     cov = hh - sh[..., :, None] * sh[..., None, :] / n[..., None, None]
-    _, vecs = eigh_desc(cov)
-    p = vecs[..., :, :k]
+    w, vecs = eigh_desc(cov)
+    keep = w[..., :k] > default_rtol(cov.shape[-1]) * np.abs(w[..., :1])
+    p = vecs[..., :, :k] * keep[..., None, :]
     return sym(_t(p) @ hh @ p), (_t(p) @ sh[..., :, None])[..., 0], _t(p) @ hy
 
 

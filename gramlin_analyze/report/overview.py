@@ -106,6 +106,24 @@ def overview(src: Source, store: str) -> Overview:
         warnings += _manifest_warnings(src.steps)
     layers = src.layers
     facts.append(("layers", f"{len(layers)}" if layers else "no /metrics yet"))
+    vcs = _vcs_sources(src.metrics)
+    if vcs:
+        facts.append(("VCS sum", vcs))
     if not src.metrics.data_vars:
         warnings.append(f"no /metrics: run gramlin-analyze analyze {store}")
     return Overview(tuple(facts), tuple(warnings))
+
+
+def _vcs_sources(metrics) -> str:
+    """Where the metrics' VCS sums come from: the training-time record and/or the checkpoint
+    trapezoid estimate (empty when neither was computed)."""
+    out = []
+    for var, text in (
+        ("gram_vcs_recorded_corr", "recorded at every training step ({n} layers)"),
+        ("gram_vcs_acc_corr", "trapezoid estimate from the checkpoints ({n} layers)"),
+    ):
+        if var in metrics:
+            have = np.isfinite(metrics[var].transpose("layer", "step").values).any(axis=1)
+            if have.any():
+                out.append(text.format(n=int(have.sum())))
+    return "; ".join(out)

@@ -286,6 +286,12 @@ class GramlinStore:
         self._stamp(attrs, via=None if self._stale else self._view)
         self._unwritten = False
 
+    def set_root_attributes(self, attrs: dict[str, Any]) -> None:
+        """Write root attributes (run metadata), through the open consolidated view if any,
+        so that view's closing :meth:`touch` keeps them."""
+        if attrs:
+            self._stamp(attrs, via=self._view)
+
     def _stamp(
         self, attrs: dict[str, Any], *, via: zarr.Group | None = None, reopen: bool = True
     ) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
 import fsspec
 import numpy as np
+import zarr
 
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.chunks import array_at, group_at
@@ -31,6 +33,52 @@ def _du(url: str, path: str, storage_options: dict | None) -> int:
         return 0
 
 
+def _optimizer_lines(gs: GramlinStore, man: dict) -> list[str]:
+    """The optimizers the ok steps recorded, and a warning when the SGD-assuming metrics do not fit."""
+    from gramlin_analyze.io.optimizer import manifest_check, sgd_warning
+
+    ok = man["status"] == "ok"
+    fams = Counter(str(f) for f in man.get("optimizer", np.zeros(0))[ok] if f)
+    if not fams:
+        return []
+    check, used = manifest_check(man)
+    lines = ["optimizer " + ", ".join(f"{k} x{v}" for k, v in sorted(fams.items())) + f" ({check})"]
+    if used is not None:
+        lines.append("warning  " + sgd_warning(used, _sgd_metrics(gs)))
+    return lines
+
+
+def _sgd_metrics(gs: GramlinStore) -> list[str]:
+    """The stored metrics marked ``assumes: sgd`` by ``analyze`` (scalars and matrices)."""
+    if L.METRICS not in gs.root:
+        return []
+    names = {
+        a.path.rsplit("/", 1)[-1]
+        for _, a in group_at(gs.root, L.METRICS).members(max_depth=None)
+        if isinstance(a, zarr.Array) and a.attrs.get("assumes") == "sgd"
+    }
+    return sorted(names)
+
+
+def _run_lines(attrs: dict) -> list[str]:
+    """The run's attributes (given with ``--run-attr``) and the hyper-parameters its
+    checkpoints state, ``key=value`` wrapped to a readable width."""
+    lines = []
+    for key, label in (("run_attrs", "attrs"), ("hyperparameters", "hparams")):
+        value = attrs.get(key)
+        if not isinstance(value, dict) or not value:
+            continue
+        row = f"{label:<8} "
+        for k, v in value.items():
+            item = f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+            if len(row) + len(item) > 100 and row.strip() != label:
+                lines.append(row.rstrip())
+                row = " " * 9
+            row += item + "  "
+        lines.append(row.rstrip())
+    return lines
+
+
 def store_info(url: str | os.PathLike, *, storage_options: dict | None = None) -> str:
     """A multi-line text summary of the store at ``url``."""
     url = str(url)
@@ -44,6 +92,7 @@ def store_info(url: str | os.PathLike, *, storage_options: dict | None = None) -
         f"created  {a.get('created_at', '?')} by {a.get('creation_library', '?')} "
         f"{a.get('creation_library_version', '?')} (schema {a.get('gramlin_schema_version', '?')})",
     ]
+    lines += _run_lines(a)
     counts = Counter(man["status"])
     rng = f"{steps.min()}..{steps.max()}" if len(steps) else "-"
     lines.append(
@@ -56,6 +105,7 @@ def store_info(url: str | os.PathLike, *, storage_options: dict | None = None) -
     lr = man.get("lr")
     if lr is not None and np.isfinite(lr).any():
         lines.append(f"lr       {np.nanmin(lr):.4g}..{np.nanmax(lr):.4g}")
+    lines += _optimizer_lines(gs, man)
     flagged = [(int(s), int(n)) for s, n in zip(steps, man["nonfinite"], strict=True) if n > 0]
     if flagged:
         lines.append("nonfinite " + ", ".join(f"step {s}: {n} NaN/Inf" for s, n in flagged[:10]))

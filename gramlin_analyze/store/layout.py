@@ -50,6 +50,13 @@ MANIFEST: dict[str, tuple[type[str] | str, object, str, str | None]] = {
         None,
     ),
     "optimizer": (str, "", "optimizer family when the checkpoint says it", None),
+    "optimizer_params": (
+        str,
+        "",
+        "JSON: the optimizer's hyper-parameters (lr, momentum, betas, eps, weight_decay, ...), "
+        "inferred_from (the keys that decided the family) and source",
+        None,
+    ),
     "stat_key": (
         str,
         "",
@@ -223,4 +230,64 @@ def layer_array_specs(name: str, steps, weight_shape: tuple[int, ...], dtype: np
             ),
         )
     )
+    return specs
+
+
+# -- training-time records (gramlin_analyze.record) in /layers/<name> ------------------
+
+#: Recorded running sums stored per step as ``<q>_recorded``: ``q`` -> long_name.
+RECORDED_SUMS: dict[str, str] = {
+    "vcs": "recorded VCS summed over every optimizer step since training began",
+    "vcs_first": "first-order part -gamma (W^T G + G^T W) of the recorded VCS sum",
+    "vcs_second": "second-order part gamma^2 sum_i g_i g_i^T of the recorded VCS sum",
+    "dgram": "recorded W_t^T W_t - W_0^T W_0 since training began",
+    "sgd_second": "recorded sum of gamma^2 G^T G (plain SGD: vcs_first + sgd_second is the Gram change)",
+}
+
+#: Recorded per-step counters stored as ``<q>_recorded``: ``q`` -> (dtype, fill, long_name).
+RECORDED_COUNTERS: dict[str, tuple[str, int | float, str]] = {
+    "steps": ("int64", -1, "optimizer steps the record summed (-1: no record for this step)"),
+    "samples": ("int64", -1, "rows i summed by the record (-1: no record)"),
+    "lr_sum": ("float64", np.nan, "sum of the learning rates of the recorded steps"),
+}
+
+RECORDED_SOURCE = "gramlin_analyze.record: every optimizer step on its own training batch"
+
+
+def recorded_name(quantity: str) -> str:
+    """The array of ``/layers/<name>`` holding a recorded quantity: ``vcs`` -> ``vcs_recorded``."""
+    return f"{quantity}_recorded"
+
+
+def recorded_array_specs(
+    name: str, n_steps: int, d_in: int, mode: str, quantities: tuple[str, ...]
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(path, keywords)`` of the recorded arrays of ``/layers/<name>``: each sum as
+    ``(step, in_i, in_j)`` (mode ``full``) or ``(step, in)`` (``diag``), one step per chunk,
+    and the counters ``(step,)`` in chunks of one step, so that tasks never share a chunk."""
+    base = f"{LAYERS}/{name}"
+    common: dict[str, Any] = dict(
+        compressors=None, overwrite=True, chunk_key_encoding=STEP_CHUNK_KEYS
+    )
+    specs = []
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    for q in quantities:
+        if mode == "full":
+            shape, dims = (n_steps, d_in, d_in), ["step", "in_i", "in_j"]
+            chunks = matrix_chunks(shape, 8)
+        else:
+            shape, dims, chunks = (n_steps, d_in), ["step", "in"], (1, d_in)
+        attrs = {"long_name": f"{RECORDED_SUMS[q]} ({name})", "units": "1", "mode": mode}
+        attrs["source"] = RECORDED_SOURCE
+        kw = dict(shape=shape, dtype="float64", chunks=chunks, fill_value=np.nan, **common)
+        specs.append(
+            (f"{base}/{recorded_name(q)}", dict(kw, dimension_names=dims, attributes=attrs))
+        )
+    for q, (dtype, fill, long_name) in RECORDED_COUNTERS.items():
+        kw = dict(shape=(n_steps,), dtype=dtype, chunks=(1,), fill_value=fill, **common)
+        attrs = {"long_name": long_name, "source": RECORDED_SOURCE}
+        specs.append(
+            (f"{base}/{recorded_name(q)}", dict(kw, dimension_names=["step"], attributes=attrs))
+        )
     return specs

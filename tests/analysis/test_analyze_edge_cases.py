@@ -71,11 +71,14 @@ def test_external_activations_with_positions(tmp_path):
         **{"fc/input": H, "fc/input_grad": rng.standard_normal((20, 4)).astype(np.float32)},
     )
     ga.ingest(run, tmp_path / "s.zarr", activations=acts, probe=tmp_path / "p.npz")
-    ga.analyze(tmp_path / "s.zarr", metrics=["tl"])
+    ga.analyze(tmp_path / "s.zarr", metrics=["tl"], conv_samples="position")
     got = float(ga.open(tmp_path / "s.zarr")["metrics"]["target_linearity"].sel(step=0, layer="fc"))
     np.testing.assert_allclose(
         got, ref_tl(H.astype(np.float64), np.eye(3)[np.repeat(labels, 2)]), rtol=1e-8
     )
+    ga.analyze(tmp_path / "s.zarr", metrics=["tl"])  # default: one sample per example
+    got = float(ga.open(tmp_path / "s.zarr")["metrics"]["target_linearity"].sel(step=0, layer="fc"))
+    np.testing.assert_allclose(got, ref_tl(H.astype(np.float64).reshape(10, 8), np.eye(3)[labels]))
     np.savez(
         tmp_path / "other.npz",
         inputs=rng.standard_normal((10, 6)).astype(np.float32),

@@ -36,7 +36,7 @@ def test_vcs_sums_match_per_sample_autograd(mode):
             _train(model, [(x, y)], rec, 0.3)
         got = rec.sums()
     assert rec.layers == ["0", "2", "4"]
-    assert {s.route for s in rec.core.sums.values()} == ({"gh", "wg"} if mode == "full" else {"wg"})
+    assert {s.route for s in rec.core.sums.values()} == {"gh", "wg"}
     for name, terms in expected.items():
         assert int(got[name]["steps"]) == 4 and int(got[name]["samples"]) == 32
         for q, t in terms.items():

@@ -1,0 +1,3 @@
+from examples.random_labels.experiment import main
+
+main()

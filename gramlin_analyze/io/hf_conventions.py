@@ -1,0 +1,166 @@
+"""What a Hugging Face ``config.json`` says about a checkpoint's raw tensors.
+
+Weights alone do not say their orientation: GPT-2 and the models that reuse
+its layers (``transformers.pytorch_utils.Conv1D``) store ``W`` as ``(in, out)``,
+and a square ``c_proj`` looks the same either way. ``model_type`` names the
+family, and with it which parameters are ``Conv1D``. ``save_pretrained``
+leaves out an output embedding tied to the input embedding
+(``tie_word_embeddings``, true unless the config says otherwise); the tie is
+listed so that both layers exist, each naming the other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gramlin_analyze.errors import CheckpointFormatError
+from gramlin_analyze.io.base import TensorInfo
+
+__all__ = [
+    "CONV1D_MODULES",
+    "TIED_OUTPUTS",
+    "Conventions",
+    "HFTensorInfo",
+    "conventions_for",
+    "read_model_config",
+]
+
+_GPT2_CONV1D = ("c_attn", "q_attn", "c_proj", "c_fc")
+
+#: ``model_type`` -> module-name endings whose ``weight`` is a ``Conv1D`` ``(in, out)``
+#: (transformers' modeling code: every ``Conv1D(...)`` it builds).
+CONV1D_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": _GPT2_CONV1D,
+    "imagegpt": _GPT2_CONV1D,
+    "decision_transformer": _GPT2_CONV1D,
+    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
+    "clvp": ("mlp.c_fc", "mlp.c_proj"),
+}
+
+#: ``model_type`` -> ``{output parameter: input embedding}`` tied when the config ties them
+#: (the models' ``_tied_weights_keys``).
+TIED_OUTPUTS: dict[str, dict[str, str]] = {
+    "gpt2": {"lm_head.weight": "transformer.wte.weight"},
+    "openai-gpt": {"lm_head.weight": "transformer.tokens_embed.weight"},
+    "bert": {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"},
+}
+
+#: Architecture names (``config.json`` ``architectures``) with a language-model head:
+#: only these have an output embedding that a tie may have left out.
+_LM_HEADS = ("LMHead", "MaskedLM", "CausalLM", "PreTraining", "DoubleHeads")
+
+#: Input embeddings an ``lm_head`` of another family is tied to.
+_EMBEDDING_ENDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+@dataclass(frozen=True)
+class HFTensorInfo(TensorInfo):
+    """A tensor as a Hugging Face checkpoint presents it, with how that was decided.
+
+    ``orientation`` is ``"config"`` when ``config.json`` names a ``model_type``
+    (transformers' modeling code then says which weights are ``Conv1D``), else
+    ``"default"``; ``tied_to`` names the tensor this one
+    shares its values with.
+    """
+
+    orientation: str = "default"
+    tied_to: str | None = None
+
+
+def read_model_config(directory: Path) -> dict | None:
+    """``config.json`` of a checkpoint directory, None when absent."""
+    path = directory / "config.json"
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointFormatError(
+            f"{path}: not valid JSON ({err}); the file is truncated or corrupt; re-copy the "
+            "checkpoint directory"
+        ) from err
+    if not isinstance(doc, Mapping):
+        raise CheckpointFormatError(
+            f"{path}: expected a JSON object as written by transformers' save_pretrained, "
+            f"found {type(doc).__name__}; re-copy the checkpoint directory"
+        )
+    return dict(doc)
+
+
+def _is_conv1d(name: str, endings: tuple[str, ...]) -> bool:
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and any(module == e or module.endswith("." + e) for e in endings)
+
+
+def _ties(model_type: str | None, raw: Mapping[str, TensorInfo]) -> dict[str, str]:
+    """``{output parameter: input embedding}`` of the family's ties whose embedding is present."""
+    known = TIED_OUTPUTS.get(model_type or "")
+    if known:
+        return {out: src for out, src in known.items() if src in raw}
+    if "lm_head.weight" in raw:  # both saved: no sign of a tie but the values
+        return {}
+    embeddings = [n for n in raw if n.endswith(_EMBEDDING_ENDINGS) and len(raw[n].shape) == 2]
+    return {"lm_head.weight": embeddings[0]} if len(embeddings) == 1 else {}
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How one checkpoint's raw tensors become gramlin's: transposed, tied, or as they are."""
+
+    orientation: str = "default"
+    transposed: frozenset[str] = frozenset()
+    virtual: Mapping[str, str] = field(default_factory=dict)  # listed name -> raw name
+    tied: Mapping[str, str] = field(default_factory=dict)  # both directions
+
+    def source_of(self, name: str) -> str:
+        """The raw tensor a listed name is read from."""
+        return self.virtual.get(name, name)
+
+    def present(self, raw: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The raw tensor list as read: ``(out, in)`` shapes, tied outputs added."""
+        out: dict[str, TensorInfo] = {}
+        for name, info in raw.items():
+            out[name] = self._info(name, info)
+        for name, src in self.virtual.items():
+            out[name] = replace(self._info(src, raw[src]), name=name, tied_to=src)
+        return out
+
+    def _info(self, name: str, info: TensorInfo) -> HFTensorInfo:
+        shape, layout = tuple(info.shape), info.source_layout
+        if name in self.transposed:
+            shape, layout = shape[::-1], "in_out"
+        return HFTensorInfo(
+            name,
+            shape,
+            info.dtype,
+            source_layout=layout,
+            orientation=self.orientation,
+            tied_to=self.tied.get(name),
+        )
+
+
+def conventions_for(config: Mapping | None, raw: Mapping[str, TensorInfo]) -> Conventions:
+    """The conventions ``config`` declares for the raw tensors ``raw``."""
+    if config is None:
+        return Conventions()
+    model_type = config.get("model_type")
+    model_type = model_type if isinstance(model_type, str) else None
+    endings = CONV1D_MODULES.get(model_type or "", ())
+    transposed = frozenset(
+        n for n, info in raw.items() if len(info.shape) == 2 and _is_conv1d(n, endings)
+    )
+    archs = config.get("architectures")
+    lm_head = isinstance(archs, list) and any(
+        isinstance(a, str) and any(h in a for h in _LM_HEADS) for a in archs
+    )
+    ties = _ties(model_type, raw) if config.get("tie_word_embeddings", True) is not False else {}
+    ties = {out: src for out, src in ties.items() if out in raw or lm_head}
+    return Conventions(
+        orientation="config" if model_type else "default",
+        transposed=transposed,
+        virtual={out: src for out, src in ties.items() if out not in raw},
+        tied={**ties, **{src: out for out, src in ties.items()}},
+    )
