@@ -34,10 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tl-pca",
         type=int,
-        default=256,
+        default=0,
         metavar="K",
         help="project TL's H and the surrogate's Z onto K principal axes when wider than "
-        "--tl-pca-above (the paper's code: 256; 0 disables)",
+        "--tl-pca-above (the paper's code: 256; default 0: off, as MATH.md)",
     )
     p.add_argument(
         "--tl-pca-above",
@@ -49,10 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--conv-samples",
         choices=("image", "position", "mean"),
-        default="image",
+        default="position",
         help="TL/NC samples of conv and token layers with one label per example: image = an "
-        "example's positions flattened into one sample (the paper's, default), position = one "
-        "per (example, position), mean = mean over positions",
+        "example's positions flattened into one sample (the paper's code), position = one "
+        "per (example, position) (default, as MATH.md), mean = mean over positions",
     )
     add_writer(p)
     add_storage(p)

@@ -23,11 +23,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-
 from gramlin_analyze.errors import CheckpointFormatError
-from gramlin_analyze.io.base import CheckpointHandle, CheckpointMeta, CheckpointReader, TensorInfo
-from gramlin_analyze.io.hf_conventions import Conventions, conventions_for, read_model_config
+from gramlin_analyze.io.base import CheckpointMeta, CheckpointReader
+from gramlin_analyze.io.hf_conventions import ConfiguredHandle, ReadsModelConfig, read_model_config
 from gramlin_analyze.io.safetensors import (
     SafetensorsReader,
     ShardedIndexReader,
@@ -50,7 +48,7 @@ class _ShardedTorchReader(ShardedIndexReader):
 
 
 #: Weight layouts, in the order transformers prefers them when loading.
-_WEIGHT_LAYOUTS: tuple[tuple[str, CheckpointReader], ...] = (
+_WEIGHT_LAYOUTS: tuple[tuple[str, ReadsModelConfig], ...] = (
     ("model.safetensors", SafetensorsReader()),
     ("model.safetensors.index.json", ShardedSafetensorsReader()),
     ("pytorch_model.bin", TorchPickleReader()),
@@ -92,40 +90,19 @@ def _learning_rate(state: Mapping, step: int | None) -> float | None:
     return None
 
 
-class HFTrainerHandle(CheckpointHandle):
+class HFTrainerHandle(ConfiguredHandle):
     """An open ``checkpoint-N/`` directory, delegating to the handle of its weights.
 
     Tensors are presented in the gramlin convention that ``config.json`` decides
-    (``Conv1D`` weights transposed, declared ties listed).
+    (``Conv1D`` weights transposed, declared ties listed); the weights are
+    opened raw, so the convention is applied here once.
     """
 
     def __init__(self, reader: HFTrainerReader, path: os.PathLike | str):
-        super().__init__(reader, path)
+        weights_reader, weights_path = reader.weights(path)
+        super().__init__(weights_reader.open_raw(weights_path), read_model_config(Path(path)))
         self.reader: HFTrainerReader = reader
-        self._weights: CheckpointHandle | None = None
-        self._conventions: Conventions | None = None
-
-    def _opened(self) -> CheckpointHandle:
-        if self._weights is None:
-            weights_reader, weights_path = self.reader.weights(self.path)
-            self._weights = weights_reader.open(weights_path)
-        return self._weights
-
-    def conventions(self) -> Conventions:
-        """What ``config.json`` says about the raw tensors (orientation, ties)."""
-        if self._conventions is None:
-            raw = self._opened().list_tensors()
-            config = read_model_config(Path(self.path))
-            self._conventions = conventions_for(config, raw)
-        return self._conventions
-
-    def list_tensors(self) -> dict[str, TensorInfo]:
-        return self.conventions().present(self._opened().list_tensors())
-
-    def read_tensor(self, name: str) -> np.ndarray:
-        conv = self.conventions()
-        raw = self._opened().read_tensor(conv.source_of(name))
-        return np.ascontiguousarray(raw.T) if name in conv.transposed else raw
+        self.path = Path(path)
 
     def read_metadata(self) -> CheckpointMeta:
         """``trainer_state.json``'s, plus the optimizer of ``optimizer.pt`` (read by a task, not the scan)."""
@@ -137,13 +114,6 @@ class HFTrainerHandle(CheckpointHandle):
             meta.optimizer = opt.family or None
             meta.extra["optimizer_params"] = opt.to_json()
         return meta
-
-    def close(self) -> None:
-        if self._weights is not None:
-            self._weights.close()
-            self._weights = None
-        self._conventions = None
-        super().close()
 
 
 class HFTrainerReader(CheckpointReader):
@@ -164,7 +134,7 @@ class HFTrainerReader(CheckpointReader):
     name = "hf-trainer"
     is_directory_format = True
 
-    def weights(self, path: os.PathLike | str) -> tuple[CheckpointReader, Path]:
+    def weights(self, path: os.PathLike | str) -> tuple[ReadsModelConfig, Path]:
         """The reader and path of the model weights in a checkpoint directory."""
         directory = Path(path)
         for filename, reader in _WEIGHT_LAYOUTS:

@@ -7,6 +7,13 @@ family, and with it which parameters are ``Conv1D``. ``save_pretrained``
 leaves out an output embedding tied to the input embedding
 (``tie_word_embeddings``, true unless the config says otherwise); the tie is
 listed so that both layers exist, each naming the other.
+
+The readers of the files ``save_pretrained`` writes (safetensors, sharded or
+not, and ``pytorch_model.bin``) take :class:`ReadsModelConfig`: a
+``config.json`` naming a ``model_type`` in the weights' directory presents
+their tensors the same way (:class:`ConfiguredHandle`). The Trainer reader
+opens them raw (:meth:`ReadsModelConfig.open_raw`) and applies the conventions
+itself, so nothing is transposed twice.
 """
 
 from __future__ import annotations
@@ -16,14 +23,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from gramlin_analyze.errors import CheckpointFormatError
-from gramlin_analyze.io.base import TensorInfo
+from gramlin_analyze.io.base import CheckpointHandle, CheckpointMeta, TensorInfo
+from gramlin_analyze.io.guard import guard_class
+from gramlin_analyze.io.remote import RemotePath
 
 __all__ = [
     "CONV1D_MODULES",
     "TIED_OUTPUTS",
+    "ConfiguredHandle",
     "Conventions",
     "HFTensorInfo",
+    "ReadsModelConfig",
     "conventions_for",
     "read_model_config",
 ]
@@ -164,3 +177,66 @@ def conventions_for(config: Mapping | None, raw: Mapping[str, TensorInfo]) -> Co
         virtual={out: src for out, src in ties.items() if out not in raw},
         tied={**ties, **{src: out for out, src in ties.items()}},
     )
+
+
+class ConfiguredHandle(CheckpointHandle):
+    """An open checkpoint whose tensors are presented as a ``config.json`` declares
+    (``Conv1D`` weights ``(out, in)``, declared ties listed); ``inner`` reads the raw ones."""
+
+    def __init__(self, inner: CheckpointHandle, config: Mapping | None):
+        super().__init__(inner.reader, inner.path)
+        self.inner = inner
+        self.config = config
+        self._conventions: Conventions | None = None
+
+    def conventions(self) -> Conventions:
+        """What the config says about the raw tensors (orientation, ties)."""
+        if self._conventions is None:
+            self._conventions = conventions_for(self.config, self.inner.list_tensors())
+        return self._conventions
+
+    def list_tensors(self) -> dict[str, TensorInfo]:
+        return self.conventions().present(self.inner.list_tensors())
+
+    def read_tensor(self, name: str):
+        conv = self.conventions()
+        raw = self.inner.read_tensor(conv.source_of(name))
+        return np.ascontiguousarray(raw.T) if name in conv.transposed else raw
+
+    def read_metadata(self) -> CheckpointMeta:
+        return self.inner.read_metadata()
+
+    def close(self) -> None:
+        self.inner.close()
+        self._conventions = None
+        super().close()
+
+
+class ReadsModelConfig:
+    """Mixin of the readers of ``save_pretrained``'s weight files.
+
+    :meth:`open` presents the tensors as the ``config.json`` beside the weights
+    declares when transformers wrote it (it names a ``model_type``); a file
+    without one, or behind a URL, is read as it is.
+    """
+
+    def open_raw(self, path) -> CheckpointHandle:
+        """The file's tensors as stored, whatever config sits beside them."""
+        return super().open(path)  # type: ignore[misc]
+
+    def open(self, path) -> CheckpointHandle:
+        handle = self.open_raw(path)
+        where = handle.path
+        if isinstance(where, RemotePath):
+            return handle
+        try:
+            config = read_model_config(where if where.is_dir() else where.parent)
+        except Exception:
+            handle.close()
+            raise
+        if config is None or not isinstance(config.get("model_type"), str):
+            return handle
+        return ConfiguredHandle(handle, config)
+
+
+guard_class(ReadsModelConfig, on_handle=False)

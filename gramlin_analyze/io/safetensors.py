@@ -27,6 +27,7 @@ from gramlin_analyze.io.base import (
     TensorInfo,
     missing_tensor_error,
 )
+from gramlin_analyze.io.hf_conventions import ReadsModelConfig
 from gramlin_analyze.io.remote import RemotePath
 
 __all__ = [
@@ -263,12 +264,13 @@ class SafetensorsHandle(CheckpointHandle):
         super().close()
 
 
-class SafetensorsReader(CheckpointReader):
+class SafetensorsReader(ReadsModelConfig, CheckpointReader):
     """Reader for a single ``.safetensors`` file.
 
     Listing tensors reads only the header. bfloat16 and float8 tensors are
     returned as float32 (NumPy has no such dtypes); :class:`TensorInfo` keeps
-    the stored dtype.
+    the stored dtype. A transformers ``config.json`` beside the file decides
+    the orientation of ``Conv1D`` weights and the ties (:class:`ReadsModelConfig`).
     """
 
     name = "safetensors"
@@ -342,7 +344,7 @@ class ShardedHandle(CheckpointHandle):
                     f"{self.index.path}: shard {shard.name} named in the index is missing from "
                     f"{shard.parent}; re-copy the complete checkpoint"
                 )
-            self._shards[shard] = self.reader.shard_reader.open(shard)
+            self._shards[shard] = self.reader.shard_reader.open_raw(shard)
         return self._shards[shard]
 
     def list_tensors(self) -> dict[str, TensorInfo]:
@@ -376,8 +378,11 @@ class ShardedHandle(CheckpointHandle):
         super().close()
 
 
-class ShardedIndexReader(CheckpointReader):
+class ShardedIndexReader(ReadsModelConfig, CheckpointReader):
     """Weights split over shard files by a Hugging Face index (``weight_map``).
+
+    A transformers ``config.json`` beside the index applies to the whole
+    checkpoint (:class:`ReadsModelConfig`); the shards are read raw.
 
     ``path`` is the index file or the directory holding :attr:`index_name`.
     Subclasses set :attr:`index_name`, :attr:`index_suffix` and
@@ -387,7 +392,7 @@ class ShardedIndexReader(CheckpointReader):
     is_directory_format = True
     index_name: str = ""
     index_suffix: str = ""
-    shard_reader: CheckpointReader
+    shard_reader: ReadsModelConfig
 
     def index_path(self, path: os.PathLike | str) -> Path:
         """The index file of a checkpoint given as the index or its directory."""

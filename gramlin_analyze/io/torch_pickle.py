@@ -42,6 +42,7 @@ from gramlin_analyze.io.base import (
     missing_tensor_error,
     to_numpy,
 )
+from gramlin_analyze.io.hf_conventions import ReadsModelConfig
 from gramlin_analyze.io.limits import FLOOR, check_zip
 from gramlin_analyze.io.pickle_scan import pickle_bytes, unsafe_globals
 from gramlin_analyze.io.remote import RemotePath, as_path
@@ -388,7 +389,7 @@ class TorchFileHandle(CheckpointHandle):
         super().close()
 
 
-class TorchPickleReader(CheckpointReader):
+class TorchPickleReader(ReadsModelConfig, CheckpointReader):
     """Reader for ``torch.save`` files: a state dict or a training checkpoint dict.
 
     Parameters
@@ -406,7 +407,9 @@ class TorchPickleReader(CheckpointReader):
     code raises :class:`~gramlin_analyze.errors.UnsafeCheckpointError`.
     Metadata: ``global_step``/``step``/``iteration`` as the step, ``epoch``,
     the learning rate of the first param group of a stored optimizer state,
-    and the optimizer class inferred from that state.
+    and the optimizer class inferred from that state. A transformers
+    ``config.json`` beside the file (``pytorch_model.bin``) decides the
+    orientation of ``Conv1D`` weights and the ties (:class:`ReadsModelConfig`).
     """
 
     name = "torch"

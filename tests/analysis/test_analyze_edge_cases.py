@@ -76,7 +76,7 @@ def test_external_activations_with_positions(tmp_path):
     np.testing.assert_allclose(
         got, ref_tl(H.astype(np.float64), np.eye(3)[np.repeat(labels, 2)]), rtol=1e-8
     )
-    ga.analyze(tmp_path / "s.zarr", metrics=["tl"])  # default: one sample per example
+    ga.analyze(tmp_path / "s.zarr", metrics=["tl"], conv_samples="image")  # one per example
     got = float(ga.open(tmp_path / "s.zarr")["metrics"]["target_linearity"].sel(step=0, layer="fc"))
     np.testing.assert_allclose(got, ref_tl(H.astype(np.float64).reshape(10, 8), np.eye(3)[labels]))
     np.savez(

@@ -88,7 +88,7 @@ def _metrics(store, name):
 
 def test_tl_pca_256_equals_exact_pca_reference(wide_store):
     store, H, W, labels = wide_store
-    ga.analyze(store, metrics=["tl"])  # the defaults: --tl-pca 256 above width 1000
+    ga.analyze(store, metrics=["tl"], tl_pca=256)  # the paper's: 256 above width 1000
     expected = paper_tl(paper_pca(H), labels)
     assert 0.2 < expected < 0.95  # neither trivial nor saturated
     np.testing.assert_allclose(_metrics(store, "target_linearity"), expected, atol=1e-6)

@@ -127,7 +127,7 @@ def test_weights_are_the_modules_bit_for_bit(trained):
 
 def test_tl_per_image_matches_the_papers_code(trained):
     store, states, x, y = trained
-    ga.analyze(store, metrics=["tl"])  # default --conv-samples image
+    ga.analyze(store, metrics=["tl"], conv_samples="image", tl_pca=256)  # the paper's code
     m = ga.open(store)["metrics"]
     attrs = m["target_linearity"].attrs["tl_samples_by_layer"]
     assert attrs["conv1"]["samples"] == "image" and attrs["conv1"]["features"] == 9 * 64
@@ -166,6 +166,6 @@ def test_tl_from_stored_rows_exactly(trained):
     ga.analyze(store, metrics=["tl"], layers=["conv1"], conv_samples="position")
     got = float(ga.open(store)["metrics"]["target_linearity"].sel(step=6, layer="conv1"))
     np.testing.assert_allclose(got, paper_tl(H, np.repeat(y, 64)), atol=1e-9)
-    ga.analyze(store, metrics=["tl"], layers=["conv1"])
+    ga.analyze(store, metrics=["tl"], layers=["conv1"], conv_samples="image")
     got = float(ga.open(store)["metrics"]["target_linearity"].sel(step=6, layer="conv1"))
     np.testing.assert_allclose(got, paper_tl(H.reshape(N_PROBE, -1), y), atol=1e-9)
