@@ -63,6 +63,27 @@ def randomize_labels(labels: np.ndarray, fraction: float, seed: int = 0) -> np.n
     return out
 
 
+def sgd_loop(
+    model, opt, loss_fn, data, gen, *, steps: int, every: int, batch_size: int, save
+) -> None:
+    """Minibatch steps over reshuffled epochs, ``save(step)`` at step 0 and every ``every``."""
+    xt, yt = data
+    step = 0
+    save(0)
+    while step < steps:
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt) - batch_size + 1, batch_size):
+            idx = perm[i : i + batch_size]
+            opt.zero_grad()
+            loss_fn(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+            step += 1
+            if step % every == 0:
+                save(step)
+            if step >= steps:
+                return
+
+
 def train(
     out: str | Path,
     *,
@@ -116,20 +137,17 @@ def train(
         if rec is not None:
             rec.save(path)
 
-    step = 0
-    save(0)
-    while step < steps:
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt) - batch_size + 1, batch_size):
-            idx = perm[i : i + batch_size]
-            opt.zero_grad()
-            loss_fn(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-            step += 1
-            if step % every == 0:
-                save(step)
-            if step >= steps:
-                break
+    sgd_loop(
+        model,
+        opt,
+        loss_fn,
+        (xt, yt),
+        gen,
+        steps=steps,
+        every=every,
+        batch_size=batch_size,
+        save=save,
+    )
     if rec is not None:
         rec.close()
     with torch.no_grad():

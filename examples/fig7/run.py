@@ -49,7 +49,7 @@ def train(out: str | Path, *, steps: int = 3000, every: int = 100, seed: int = 0
     ``out/probe_train.npz``; returns the checkpoint directory."""
     from safetensors.torch import save_file
 
-    from examples.digits.train import load_digits_split
+    from examples.digits.train import load_digits_split, sgd_loop
     from gramlin_analyze.record import Recorder
 
     out = Path(out)
@@ -73,30 +73,21 @@ def train(out: str | Path, *, steps: int = 3000, every: int = 100, seed: int = 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-256-10 step is too small to gain from threads
     try:
-        _loop(model, opt, loss_fn, (xt, yt), gen, steps, every, save)
+        sgd_loop(
+            model,
+            opt,
+            loss_fn,
+            (xt, yt),
+            gen,
+            steps=steps,
+            every=every,
+            batch_size=BATCH,
+            save=save,
+        )
     finally:
         torch.set_num_threads(threads)
     rec.close()
     return ckpts
-
-
-def _loop(model, opt, loss_fn, data, gen, steps: int, every: int, save) -> None:
-    """Plain SGD over shuffled batches, ``save(step)`` at step 0 and every ``every`` steps."""
-    xt, yt = data
-    step = 0
-    save(0)
-    while step < steps:
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt) - BATCH + 1, BATCH):
-            idx = perm[i : i + BATCH]
-            opt.zero_grad()
-            loss_fn(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-            step += 1
-            if step % every == 0:
-                save(step)
-            if step >= steps:
-                break
 
 
 def run(out: str | Path, *, steps: int = 3000, every: int = 100, seed: int = 0) -> dict:

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import gramlin_analyze as ga
 from gramlin_analyze.errors import UsageError
+from tests.paper_reference import regression_r2
 
 N, D, C, D_OUT = 600, 1200, 10, 1100
 
@@ -30,21 +31,10 @@ def paper_pca(X, k=256, above=1000):
     return X @ vt[:k].T
 
 
-def _regression_r2(H, Y):
-    """``1 - RSS/TSS`` of least squares on unit-norm columns, singular values below
-    ``sqrt(10 d eps)`` of the largest treated as zero (the pseudo-inverse MATH.md asks for:
-    float32 features turn exact collinearities into singular values near 1e-9)."""
-    norms = np.linalg.norm(H, axis=0)
-    Hs = H / np.where(norms > 0, norms, 1.0)
-    cutoff = np.sqrt(10 * H.shape[1] * np.finfo(np.float64).eps)
-    B, *_ = np.linalg.lstsq(Hs, Y, rcond=cutoff)
-    return 1 - np.sum((Y - Hs @ B) ** 2) / np.sum(Y**2)
-
-
 def paper_tl(H, labels):
     Y = np.eye(C)[labels]
     Y = Y - Y.mean(axis=0)
-    return _regression_r2(H, Y)
+    return regression_r2(H, Y)
 
 
 def paper_surrogate(H, W, labels):

@@ -16,6 +16,7 @@ datasets = pytest.importorskip("sklearn.datasets")
 import gramlin_analyze as ga  # noqa: E402
 from gramlin_analyze.capture.task import CaptureConfig  # noqa: E402
 from tests.lightning_cnn.cnn_model import DigitsCNN  # noqa: E402
+from tests.paper_reference import regression_r2  # noqa: E402
 
 N_PROBE, C = 600, 10
 
@@ -41,17 +42,6 @@ def unfold_per_image(X, conv):
     return cols.reshape(cols.shape[0], -1).numpy().astype(np.float64)  # (N, C_in k k L)
 
 
-def _regression_r2(H, Y):
-    """``1 - RSS/TSS`` of least squares on unit-norm columns, singular values below
-    ``sqrt(10 d eps)`` of the largest treated as zero (the pseudo-inverse MATH.md asks for:
-    float32 features turn exact collinearities into singular values near 1e-9)."""
-    norms = np.linalg.norm(H, axis=0)
-    Hs = H / np.where(norms > 0, norms, 1.0)
-    cutoff = np.sqrt(10 * H.shape[1] * np.finfo(np.float64).eps)
-    B, *_ = np.linalg.lstsq(Hs, Y, rcond=cutoff)
-    return 1 - np.sum((Y - Hs @ B) ** 2) / np.sum(Y**2)
-
-
 def paper_tl(H, labels):
     Y = np.eye(C)[labels]
     Y = Y - Y.mean(axis=0)
@@ -59,7 +49,7 @@ def paper_tl(H, labels):
         _, sv, vt = np.linalg.svd(H - H.mean(axis=0), full_matrices=False)
         keep = sv[:256] ** 2 > 10 * H.shape[1] * np.finfo(float).eps * sv[0] ** 2
         H = H @ vt[:256][keep].T
-    return _regression_r2(H, Y)
+    return regression_r2(H, Y)
 
 
 def paper_surrogate(cols, W, labels):
