@@ -37,7 +37,6 @@ from gramlin_analyze.errors import CheckpointFormatError, UnsafeCheckpointError,
 from gramlin_analyze.io.base import (
     CheckpointHandle,
     CheckpointMeta,
-    CheckpointReader,
     TensorInfo,
     missing_tensor_error,
     to_numpy,
@@ -161,8 +160,7 @@ _TORCH_IMPORT = threading.Lock()
 
 
 def _import_torch() -> Any:
-    """``import torch``, one thread at a time: task threads that import it together in a
-    fresh process can see the half-initialized module ("no attribute 'Tensor'")."""
+    """``import torch`` one thread at a time (concurrent first imports see a partial module)."""
     with _TORCH_IMPORT:
         import torch
 
@@ -389,7 +387,7 @@ class TorchFileHandle(CheckpointHandle):
         super().close()
 
 
-class TorchPickleReader(ReadsModelConfig, CheckpointReader):
+class TorchPickleReader(ReadsModelConfig):
     """Reader for ``torch.save`` files: a state dict or a training checkpoint dict.
 
     Parameters
