@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gramlin_analyze.errors import CheckpointFormatError
-from gramlin_analyze.io.base import CheckpointHandle, CheckpointMeta, TensorInfo
-from gramlin_analyze.io.guard import guard_class
+from gramlin_analyze.io.base import CheckpointHandle, CheckpointMeta, CheckpointReader, TensorInfo
 from gramlin_analyze.io.remote import RemotePath
 
 __all__ = [
@@ -212,8 +211,8 @@ class ConfiguredHandle(CheckpointHandle):
         super().close()
 
 
-class ReadsModelConfig:
-    """Mixin of the readers of ``save_pretrained``'s weight files.
+class ReadsModelConfig(CheckpointReader):
+    """Base of the readers of ``save_pretrained``'s weight files.
 
     :meth:`open` presents the tensors as the ``config.json`` beside the weights
     declares when transformers wrote it (it names a ``model_type``); a file
@@ -222,7 +221,7 @@ class ReadsModelConfig:
 
     def open_raw(self, path) -> CheckpointHandle:
         """The file's tensors as stored, whatever config sits beside them."""
-        return super().open(path)  # type: ignore[misc]
+        return super().open(path)
 
     def open(self, path) -> CheckpointHandle:
         handle = self.open_raw(path)
@@ -237,6 +236,3 @@ class ReadsModelConfig:
         if config is None or not isinstance(config.get("model_type"), str):
             return handle
         return ConfiguredHandle(handle, config)
-
-
-guard_class(ReadsModelConfig, on_handle=False)

@@ -264,7 +264,7 @@ class SafetensorsHandle(CheckpointHandle):
         super().close()
 
 
-class SafetensorsReader(ReadsModelConfig, CheckpointReader):
+class SafetensorsReader(ReadsModelConfig):
     """Reader for a single ``.safetensors`` file.
 
     Listing tensors reads only the header. bfloat16 and float8 tensors are
@@ -378,7 +378,7 @@ class ShardedHandle(CheckpointHandle):
         super().close()
 
 
-class ShardedIndexReader(ReadsModelConfig, CheckpointReader):
+class ShardedIndexReader(ReadsModelConfig):
     """Weights split over shard files by a Hugging Face index (``weight_map``).
 
     A transformers ``config.json`` beside the index applies to the whole
