@@ -47,9 +47,11 @@ __all__ = [
 RUN_ATTR_KEYS = ("hyperparameters", "run_attrs")
 #: Coordinates ``open_runs`` sets itself; a run attribute of one of these names is
 #: renamed ``attr_<name>``.
-RESERVED = frozenset({"run", "step", "epoch", "layer", "ok", "store", "run_name"})
+RESERVED = frozenset({"run", "step", "epoch", "tokens_seen", "layer", "ok", "store", "run_name"})
 _GLOB = set("*?[")
-_ALIGN = ("step", "epoch")
+_ALIGN = ("step", "epoch", "tokens")
+#: The ``/steps`` column each non-step alignment indexes by.
+_AXIS = {"epoch": "epoch", "tokens": "tokens_seen"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,28 +175,34 @@ def _ok(run: _Run) -> xr.DataArray:
     return (status == "ok").drop_vars([c for c in status.coords if c != "step"])
 
 
-def _on_epochs(ds: xr.Dataset, run: _Run, ok: xr.DataArray) -> xr.Dataset:
-    """``ds`` indexed by its run's epochs instead of steps (``step`` kept as a coordinate).
+def _on_axis(ds: xr.Dataset, run: _Run, ok: xr.DataArray, axis: str) -> xr.Dataset:
+    """``ds`` indexed by its run's ``axis`` column of ``/steps`` (epochs, tokens seen)
+    instead of steps (``step`` kept as a coordinate).
 
-    Rows that are not ``ok`` and have no epoch are left out (they hold no trustworthy
-    data); an ``ok`` step without an epoch, or two with one epoch, is an error.
+    Rows that are not ``ok`` and have no value are left out (they hold no trustworthy
+    data); an ``ok`` step without a value, or two with one value, is an error.
     """
     steps = ds["step"].values
-    epoch = (
-        run.steps["epoch"].reindex(step=steps).values.astype(float)
-        if run.steps is not None and "epoch" in run.steps
+    value = (
+        run.steps[axis].reindex(step=steps).values.astype(float)
+        if run.steps is not None and axis in run.steps
         else np.full(steps.size, np.nan)
     )
     good = ok.reindex(step=steps, fill_value=False).values
-    keep = np.isfinite(epoch)
-    if (good & ~keep).any() or np.unique(epoch[keep]).size < keep.sum():
+    keep = np.isfinite(value)
+    if (good & ~keep).any() or np.unique(value[keep]).size < keep.sum():
         bad = "repeated" if (good <= keep).all() else "missing"
+        source = (
+            "trainer_state.json's num_input_tokens_seen"
+            if axis == "tokens_seen"
+            else ("the checkpoints or trainer_state.json")
+        )
         raise UsageError(
-            f"{run.url}: cannot align by epoch: epochs are {bad} in /steps "
-            "(ingest records them from the checkpoints or trainer_state.json); align by step"
+            f"{run.url}: cannot align by {axis}: values are {bad} in /steps "
+            f"(ingest records them from {source}); align by step"
         )
     ds = ds.isel(step=np.flatnonzero(keep))
-    return ds.assign_coords(epoch=("step", epoch[keep])).swap_dims(step="epoch").sortby("epoch")
+    return ds.assign_coords({axis: ("step", value[keep])}).swap_dims(step=axis).sortby(axis)
 
 
 def _stack(parts: list[xr.Dataset], names: list[str]) -> xr.Dataset:
@@ -267,9 +275,10 @@ def open_runs(
     paths_or_glob
         Store paths or fsspec URLs, or glob patterns (``"sweep/*.zarr"``), or a list of them.
     align
-        ``"step"`` (default) or ``"epoch"``: the axis the runs' trajectories share; by
-        epoch, every step of each run needs an epoch in its ``/steps``, and ``step``
-        becomes a coordinate (run, epoch) saying which step each run had there.
+        ``"step"`` (default), ``"epoch"`` or ``"tokens"`` (``/steps.tokens_seen``, from
+        HF ``num_input_tokens_seen``): the axis the runs' trajectories share; by epoch or
+        tokens, every ok step of each run needs a value in its ``/steps``, and ``step``
+        becomes a coordinate saying which step each run had there.
     storage_options
         fsspec options for remote stores (the same for every store).
     chunks
@@ -300,9 +309,9 @@ def open_runs(
         ok = _ok(run)
         m = run.metrics.assign(ok=ok)  # a variable while stacked: it gains ``run`` even if equal
         s = run.steps if run.steps is not None else xr.Dataset()
-        if align == "epoch":
-            m = _on_epochs(m, run, ok)
-            s = _on_epochs(s, run, ok) if s.data_vars else s
+        if align in _AXIS:
+            m = _on_axis(m, run, ok, _AXIS[align])
+            s = _on_axis(s, run, ok, _AXIS[align]) if s.data_vars else s
         metrics.append(m)
         manifests.append(s)
     attributes = _attribute_coords(runs)

@@ -88,6 +88,7 @@ class Recorder:
             row = {
                 "lr": rate,
                 "epoch": res.epoch,
+                "tokens_seen": res.tokens_seen,
                 "lr_source": rate_source,
                 "optimizer": res.optimizer,
                 "optimizer_params": res.optimizer_params,

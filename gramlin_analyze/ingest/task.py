@@ -74,6 +74,7 @@ class TaskResult:
     layer_nonfinite: dict[str, int] = field(default_factory=dict)
     lr: float | None = None
     epoch: Any = None
+    tokens_seen: Any = None
     optimizer: str = ""
     optimizer_params: str = ""  # JSON (gramlin_analyze.io.optimizer.OptimizerInfo.to_json)
     pending: Future | None = None  # activation writes still running (write-behind)
@@ -143,6 +144,7 @@ def ingest_one(ctx: TaskContext, job: CheckpointJob) -> TaskResult:
         layer_nonfinite=layer_nonfinite,
         lr=meta.lr,
         epoch=meta.epoch,
+        tokens_seen=meta.tokens_seen,
         optimizer=meta.optimizer or "",
         optimizer_params=str(meta.extra.get("optimizer_params", "")),
         pending=pending,

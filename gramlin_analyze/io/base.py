@@ -75,6 +75,7 @@ class CheckpointMeta:
 
     step: int | None = None
     epoch: float | None = None
+    tokens_seen: float | None = None
     lr: float | None = None
     optimizer: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -116,6 +116,13 @@ class HFTrainerHandle(ConfiguredHandle):
         return meta
 
 
+def _tokens_seen(state: dict, step: int | None) -> float | None:
+    """``num_input_tokens_seen``; the Trainer leaves it 0 unless asked to count, so a 0
+    after step 0 means "not counted", not "no tokens"."""
+    tokens = as_float(state.get("num_input_tokens_seen"))
+    return tokens if tokens and tokens > 0 or (tokens == 0 and step == 0) else None
+
+
 class HFTrainerReader(CheckpointReader):
     """Reader for ``transformers.Trainer`` checkpoint directories.
 
@@ -162,7 +169,10 @@ class HFTrainerReader(CheckpointReader):
             return CheckpointMeta()
         step = as_int(state.get("global_step"))
         return CheckpointMeta(
-            step=step, epoch=as_float(state.get("epoch")), lr=_learning_rate(state, step)
+            step=step,
+            epoch=as_float(state.get("epoch")),
+            tokens_seen=_tokens_seen(state, step),
+            lr=_learning_rate(state, step),
         )
 
     def files(self, path: os.PathLike | str) -> list[Path]:

@@ -27,7 +27,7 @@ SEED = "seed"
 class Runs:
     """Several runs' scalar metrics ``(run, axis, layer)``, loaded, not-ok rows NaN.
 
-    ``axis`` is ``step`` or ``epoch`` (how the runs were aligned); ``attributes`` the
+    ``axis`` is ``step``, ``epoch`` or ``tokens_seen`` (how the runs were aligned); ``attributes`` the
     names of the run-attribute coordinates.
     """
 
@@ -86,7 +86,7 @@ def load_runs(
         ds = open_runs(paths, storage_options=storage_options, align=align)["metrics"].to_dataset()
     if "run" not in ds.dims:
         raise UsageError("comparison figures need several runs: give stores or ga.open_runs(...)")
-    axis = "epoch" if "epoch" in ds.dims else "step"
+    axis = next((a for a in ("epoch", "tokens_seen") if a in ds.dims), "step")
     keep = [
         n
         for n, v in ds.data_vars.items()

@@ -62,9 +62,9 @@ def _add_comparison_arguments(p: argparse.ArgumentParser) -> None:
     )
     runs.add_argument(
         "--align",
-        choices=("step", "epoch"),
+        choices=("step", "epoch", "tokens"),
         default="step",
-        help="align the runs by step (default) or by the epochs of their /steps",
+        help="align the runs by step (default), or by the epochs or tokens seen of their /steps",
     )
 
 

@@ -184,7 +184,7 @@ def build_comparison_report(
     run attribute the final-TL and TL-gap figures put on their x axis (default: the one
     attribute besides ``seed`` that differs between runs, if there is exactly one);
     ``gap``: the two layers of the TL gap (default the first and last with TL);
-    ``align``: ``"step"`` or ``"epoch"``. Reads only ``/metrics``, ``/steps`` and
+    ``align``: ``"step"``, ``"epoch"`` or ``"tokens"``. Reads only ``/metrics``, ``/steps`` and
     attributes; other options as :func:`~gramlin_analyze.report.build.build_report`.
     """
     from gramlin_analyze._version import __version__

@@ -40,6 +40,12 @@ MANIFEST: dict[str, tuple[type[str] | str, object, str, str | None]] = {
     "bytes": ("int64", -1, "checkpoint size on disk", "bytes"),
     "lr": ("float64", np.nan, "learning rate at this checkpoint", None),
     "epoch": ("float64", np.nan, "training epoch at this checkpoint", None),
+    "tokens_seen": (
+        "float64",
+        np.nan,
+        "training tokens seen at this checkpoint (HF num_input_tokens_seen)",
+        None,
+    ),
     "status": (str, "", "ingest status: ok | pending | failed", None),
     "error": (str, "", "why the step failed (empty when ok)", None),
     "nonfinite": ("int64", -1, "number of NaN/Inf values stored for this step", None),

@@ -278,7 +278,7 @@ def test_adding_a_step_costs_requests_per_layer_not_per_array(tmp_path):
             report = ingest(run, url, storage_options=s3.storage_options)
             assert report.ingested == [20] and not report.failed
             counts = tally(s3.log.since(mark))
-            step_arrays = 13 + 4 * n_layers  # /steps (with step) + step, weight, bias, nonfinite
+            step_arrays = 15 + 4 * n_layers  # /steps (with step) + step, weight, bias, nonfinite
             assert counts[("PUT", "zarr.json")] == step_arrays
             assert counts[("GET", "zarr.json")] == counts[("HEAD", "zarr.json")] == 0
             assert counts[("PUT", "root")] == 2

@@ -502,7 +502,9 @@ def test_lightning_lr_from_scheduler(tmp_path):
 # -- Hugging Face Trainer ---------------------------------------------------------
 
 
-def write_trainer_state(directory: Path, *, global_step: int, log_history: list[dict]) -> None:
+def write_trainer_state(
+    directory: Path, *, global_step: int, log_history: list[dict], tokens: int = 0
+) -> None:
     """``trainer_state.json`` as ``transformers.TrainerState.save_to_json`` writes it."""
     state = {
         "best_global_step": None,
@@ -517,7 +519,7 @@ def write_trainer_state(directory: Path, *, global_step: int, log_history: list[
         "log_history": log_history,
         "logging_steps": 10,
         "max_steps": 60,
-        "num_input_tokens_seen": 0,
+        "num_input_tokens_seen": tokens,
         "num_train_epochs": 3,
         "save_steps": 30,
         "stateful_callbacks": {
@@ -578,6 +580,18 @@ def hf_checkpoint(request, tmp_path):
         step=30,
         extra_meta={"epoch": 1.5, "lr": 2.5e-05},
     )
+
+
+def test_hf_tokens_seen_only_when_counted(tmp_path):
+    """The Trainer writes ``num_input_tokens_seen: 0`` unless it counts tokens: not a value."""
+    from gramlin_analyze.io.hf import HFTrainerReader
+
+    for tokens, expected in ((4096, 4096.0), (0, None)):
+        directory = tmp_path / f"checkpoint-30-{tokens}"
+        directory.mkdir()
+        save_file({"w": torch.ones(2, 2)}, directory / "model.safetensors")
+        write_trainer_state(directory, global_step=30, log_history=LOG_HISTORY, tokens=tokens)
+        assert HFTrainerReader().read_metadata(directory).tokens_seen == expected
 
 
 class TestHFTrainerReader(ReaderConformance):

@@ -25,6 +25,7 @@ def derived_store(
     run_name: str | None = None,
     run_attrs: dict | None = None,
     epochs=None,
+    tokens=None,
     status: dict[int, str] | None = None,
 ) -> Path:
     """``source``'s root attributes, ``/steps`` and ``/metrics`` (no per-layer matrices),
@@ -41,6 +42,8 @@ def derived_store(
             metrics[name].attrs = var.attrs
     if epochs is not None:
         manifest["epoch"] = ("step", np.asarray(epochs, float), manifest["epoch"].attrs)
+    if tokens is not None:
+        manifest["tokens_seen"] = ("step", np.asarray(tokens, float))
     if status:
         values = manifest["status"].values.astype(object)
         for step, value in status.items():

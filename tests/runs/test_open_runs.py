@@ -132,6 +132,22 @@ def test_align_by_epoch(mlp_store, tmp_path):
         ga.open_runs([a, mlp_store], align="epoch")  # the MLP store records no epochs
 
 
+def test_align_by_tokens_seen(mlp_store, tmp_path):
+    a = derived_store(mlp_store, tmp_path / "a.zarr", run_name="a", tokens=[0, 512, 1024])
+    b = derived_store(
+        mlp_store, tmp_path / "b.zarr", run_name="b", steps=[0, 8], tokens=[0, 768], scale=3.0
+    )
+    ds = ga.open_runs([a, b], align="tokens")["metrics"].to_dataset()
+    assert ds["tokens_seen"].values.tolist() == [0.0, 512.0, 768.0, 1024.0]
+    np.testing.assert_array_equal(ds["step"].sel(run="b").values, [0, np.nan, 8, np.nan])
+    own = metrics_of(b)["target_linearity"]
+    np.testing.assert_array_equal(
+        ds["target_linearity"].sel(run="b", tokens_seen=768.0).values, own.sel(step=8).values
+    )
+    with pytest.raises(UsageError, match="cannot align by tokens_seen"):
+        ga.open_runs([a, mlp_store], align="tokens")  # the MLP store counts no tokens
+
+
 def test_errors_name_the_store(tmp_path, mlp_store):
     with pytest.raises(UsageError, match="align must be"):
         ga.open_runs([mlp_store], align="time")
