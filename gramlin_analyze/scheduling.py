@@ -287,7 +287,12 @@ def run_on_cluster(client, tasks: list, on_done: Callable[[Any], None], budget: 
                 if fut.status == "error":
                     error = error or fut.exception()
                     continue
-                if fut.status != "finished":  # cancelled or lost: the step stays pending
+                if fut.status == "lost" and deadline is None:
+                    # its worker died after it finished: the scheduler recomputes it,
+                    # so wait for it again (skipped, the step stayed pending, exit 0)
+                    pending.add(fut)
+                    continue
+                if fut.status != "finished":  # cancelled: the step stays pending
                     continue
                 try:
                     res = fut.result(
