@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gramlin_analyze.analysis.metrics import FAMILIES
 from gramlin_analyze.reducers.alignment import pearson_np
 from gramlin_analyze.store import layout as L
 from gramlin_analyze.store.chunks import group_at
@@ -53,15 +54,9 @@ RECORDED_METRICS: dict[str, str] = {
     ),
 }
 
-#: The checkpoint-estimate metrics of the ``vc`` family, labelled with their source here.
-TRAPEZOID_METRICS = (
-    "gram_vcs_acc_corr",
-    "gram_vcs_acc_corr_full",
-    "gram_vcs_acc_cos",
-    "dgram_vcs_corr",
-    "vcs_interval_corr",
-    "vcs_interval_ratio",
-)
+#: The checkpoint-estimate metrics of the ``vc`` family (its trajectory scalars but the FLE
+#: residual's), labelled with their source here.
+TRAPEZOID_METRICS = tuple(n for n in FAMILIES["vc"].phase2_scalars if not n.startswith("fle_"))
 _TRAPEZOID_SOURCE = (
     "trapezoid estimate: (b - a)(VCS_a + VCS_b)/2 of the probe-set VCS at the checkpoints"
 )
