@@ -18,14 +18,18 @@ from the embedding, both named in :attr:`HFTensorInfo.tied_to`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from gramlin_analyze.errors import CheckpointFormatError
 from gramlin_analyze.io.base import CheckpointMeta, CheckpointReader
-from gramlin_analyze.io.hf_conventions import ConfiguredHandle, ReadsModelConfig, read_model_config
+from gramlin_analyze.io.hf_conventions import (
+    ConfiguredHandle,
+    ReadsModelConfig,
+    read_json_object,
+    read_model_config,
+)
 from gramlin_analyze.io.safetensors import (
     SafetensorsReader,
     ShardedIndexReader,
@@ -58,22 +62,7 @@ _WEIGHT_LAYOUTS: tuple[tuple[str, ReadsModelConfig], ...] = (
 
 def read_trainer_state(path: os.PathLike | str) -> dict | None:
     """The parsed ``trainer_state.json`` of a checkpoint directory, None when absent."""
-    state_file = Path(path) / TRAINER_STATE
-    try:
-        doc = json.loads(state_file.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointFormatError(
-            f"{state_file}: not valid JSON ({err}); the file is truncated or corrupt; re-copy "
-            "the checkpoint directory"
-        ) from err
-    if not isinstance(doc, Mapping):
-        raise CheckpointFormatError(
-            f"{state_file}: expected a JSON object as written by transformers' TrainerState, "
-            f"found {type(doc).__name__}; re-copy the checkpoint directory"
-        )
-    return dict(doc)
+    return read_json_object(Path(path) / TRAINER_STATE, "transformers' TrainerState")
 
 
 def _learning_rate(state: Mapping, step: int | None) -> float | None:

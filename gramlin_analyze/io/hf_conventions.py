@@ -82,9 +82,9 @@ class HFTensorInfo(TensorInfo):
     tied_to: str | None = None
 
 
-def read_model_config(directory: Path) -> dict | None:
-    """``config.json`` of a checkpoint directory, None when absent."""
-    path = directory / "config.json"
+def read_json_object(path: Path, written_by: str) -> dict | None:
+    """A JSON object file of a checkpoint directory, None when absent; one clear error
+    naming the file when it is not one (``written_by`` says what should have written it)."""
     try:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -96,10 +96,15 @@ def read_model_config(directory: Path) -> dict | None:
         ) from err
     if not isinstance(doc, Mapping):
         raise CheckpointFormatError(
-            f"{path}: expected a JSON object as written by transformers' save_pretrained, "
+            f"{path}: expected a JSON object as written by {written_by}, "
             f"found {type(doc).__name__}; re-copy the checkpoint directory"
         )
     return dict(doc)
+
+
+def read_model_config(directory: Path) -> dict | None:
+    """``config.json`` of a checkpoint directory, None when absent."""
+    return read_json_object(directory / "config.json", "transformers' save_pretrained")
 
 
 def _is_conv1d(name: str, endings: tuple[str, ...]) -> bool:
