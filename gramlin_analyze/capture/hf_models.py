@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from gramlin_analyze.capture.layers import CaptureLayer
+from gramlin_analyze.capture.layers import CaptureLayer, is_hf_conv1d
 from gramlin_analyze.errors import MissingDependencyError, ModelError, UsageError
 from gramlin_analyze.io.names import common_wrapper_prefix, split_param_name
 
-__all__ = ["check_orientation", "hf_factory"]
+__all__ = ["check_orientation", "conv1d_layer_names", "hf_factory"]
 
 
 def _transformers() -> Any:
@@ -90,9 +90,10 @@ def hf_factory(config: Mapping[str, Any]) -> nn.Module:
 def check_orientation(layers: Sequence[CaptureLayer], infos: Mapping[str, Any], path: Any) -> None:
     """Refuse a ``Conv1D`` layer whose checkpoint weight nothing declared as ``(in, out)``.
 
-    Its stored weight would be ``W.T``, every Gram on the wrong side. The
-    Hugging Face reader turns such weights when ``config.json`` names the
-    model family; other files do not say.
+    Its stored weight would be ``W.T``, every Gram on the wrong side. Readers
+    turn such weights when ``config.json`` names the model family, and ingest
+    when the model source's module is a ``Conv1D`` (:func:`conv1d_layer_names`);
+    what is left is a store that already holds these layers as listed.
     """
     prefix = common_wrapper_prefix(infos)
     flipped = {
@@ -104,8 +105,23 @@ def check_orientation(layers: Sequence[CaptureLayer], infos: Mapping[str, Any], 
     if raw:
         raise UsageError(
             f"{path}: layer(s) {raw} are Hugging Face Conv1D modules, whose weight is stored "
-            "(in, out), and nothing beside the checkpoint says so: the store would hold W "
-            "transposed. Ingest the checkpoint directories that transformers writes "
-            "(save_pretrained or Trainer, with config.json), or leave these layers out "
-            "with --exclude"
+            "(in, out), and the store holds them as listed (ingested without a model "
+            "source): capturing them would pair h with W transposed. Ingest the run into a "
+            "new store with --model, or leave these layers out with --exclude"
         )
+
+
+def conv1d_layer_names(model: nn.Module) -> list[str]:
+    """The layers of ``model`` that are ``Conv1D`` modules, named as ingest names layers.
+
+    Parameter names are normalized like a checkpoint's (wrapper prefix such as
+    ``module.`` stripped), so the names match however the checkpoint was wrapped.
+    """
+    keys = list(model.state_dict())
+    prefix = common_wrapper_prefix(keys)
+    conv1d = {
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if is_hf_conv1d(module)
+    }
+    return sorted(split_param_name(k, prefix)[0] for k in keys if k in conv1d)

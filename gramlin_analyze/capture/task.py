@@ -34,6 +34,7 @@ __all__ = [
     "capture_checkpoint",
     "check_setup",
     "checkpoint_config",
+    "conv1d_layers",
     "plan_capture",
 ]
 
@@ -173,6 +174,21 @@ def build_model(config: CaptureConfig, handle: CheckpointHandle) -> nn.Module:
         flipped = {n for n, i in infos.items() if i.source_layout == "in_out"}
         load_state_dict_strict(model, tensors, strict=config.strict, transposed=flipped)
     return model
+
+
+def conv1d_layers(config_json: str, checkpoint: tuple[str, str] | None) -> list[str]:
+    """Where the tasks run: the layers whose module is a Hugging Face ``Conv1D`` (weight
+    stored ``(in, out)``), from the model the factory builds for the checkpoint ``(format,
+    path)``; ingest presents their weights ``(out, in)`` before planning the layers."""
+    config = CaptureConfig.from_json(config_json)
+    if not config.model:
+        return []
+    from gramlin_analyze.capture.hf_models import conv1d_layer_names
+
+    model_config = config.model_config
+    if model_config is None and checkpoint is not None:
+        model_config = checkpoint_config(checkpoint[1])
+    return conv1d_layer_names(_factory_model(config, model_config))
 
 
 _probes: dict[tuple[str, int, int], ProbeSet] = {}

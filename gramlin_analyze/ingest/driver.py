@@ -393,7 +393,7 @@ def _task_context(o: _Options, target: Target, staged: _Staged) -> TaskContext:
         run_token=uuid.uuid4().hex,
         template=plan.template,
         stored_dtypes=written.stored_dtypes,
-        reader_options=request.reader_options,
+        reader_options=plan.reader_options,  # (with the model source's Conv1D layers)
         capture=plan.capture.for_tasks().to_json() if plan.capture is not None else None,
         activation_layers=written.activation_layers,
         external_dir=task_path(request.activations) if request.activations is not None else None,

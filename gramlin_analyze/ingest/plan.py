@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gramlin_analyze.dask_target import task_path
 from gramlin_analyze.errors import GramlinError, UsageError
 from gramlin_analyze.ingest.checks import (
     ExternalPlan,
@@ -95,6 +96,9 @@ class Plan:
     kept: dict[int, str]  # ok steps whose new checkpoint is unusable: they keep what they hold
     capture_counts: dict[str, tuple[int, int]] | None  # activation arrays to declare for capture
     external_plan: ExternalPlan | None
+    # the request's, plus ``conv1d_layers`` when a model source turns Conv1D weights: tasks
+    # read with these, so they see the checkpoints as the plan did
+    reader_options: dict[str, Any]
 
 
 def make_plan(req: Request, gs: GramlinStore | None, *, call: Callable[..., Any] = _here) -> Plan:
@@ -113,6 +117,7 @@ def make_plan(req: Request, gs: GramlinStore | None, *, call: Callable[..., Any]
     capture, need_all = resolve_capture(st, req.capture)
     ok_fp = ok_fingerprints(st.manifest)
     todo = list(sources) if need_all else [s for s in sources if ok_fp.get(s.step) != s.fingerprint]
+    req = _oriented_by_module(req, gs, capture, todo, call)
     listed, errors = _list_layers(req, todo)
     template = st.template or new_template(req, listed)
     check_layer_selection(req, st)
@@ -139,6 +144,7 @@ def make_plan(req: Request, gs: GramlinStore | None, *, call: Callable[..., Any]
         kept=kept,
         capture_counts=check_capture(req, st, capture, runnable, template, call),
         external_plan=check_external(req, st, external, template),
+        reader_options=req.reader_options,
     )
 
 
@@ -198,6 +204,38 @@ def _moved(
         and (man["source_path"][step_row[s.step]], stat_keys[step_row[s.step]])
         != (str(s.path), s.stat_key)
     ]
+
+
+def _oriented_by_module(
+    req: Request,
+    gs: GramlinStore | None,
+    capture: CaptureConfig | None,
+    todo: list[CheckpointSource],
+    call: Callable[..., Any],
+) -> Request:
+    """``req`` reading the model source's ``Conv1D`` weights ``(out, in)`` (``conv1d_layers``).
+
+    A store that holds layers keeps its orientation: the layers it stored with
+    ``orientation_source`` "module" (no model is built, and no flag is needed).
+    A new store learns them from the capture model, built once where the tasks
+    run (weights alone cannot tell, so weights-only ingest lists them as stored).
+    """
+    if gs is not None and gs.layer_names():
+        layers = sorted(
+            n
+            for n in gs.layer_names()
+            if dict(gs.layer(n).attrs).get("orientation_source") == "module"
+        )
+    elif capture is not None and capture.model and todo:
+        from gramlin_analyze.capture.task import conv1d_layers
+
+        first = (todo[0].format, task_path(todo[0].path))
+        layers = call(conv1d_layers, capture.for_tasks().to_json(), first)
+    else:
+        layers = []
+    if not layers:
+        return req
+    return replace(req, reader_options={**req.reader_options, "conv1d_layers": tuple(layers)})
 
 
 def _list_layers(

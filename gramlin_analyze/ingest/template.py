@@ -19,8 +19,8 @@ class LayerSpec:
     bias: str | None
     shape: tuple[int, ...]  # (out, in, *kernel) as the reader returns it
     dtype: str
-    # How (out, in) was decided: "config" (config.json's model_type) or "default"
-    # (the format's own convention).
+    # How (out, in) was decided: "config" (config.json's model_type), "module" (the
+    # model source's module is a Conv1D) or "default" (the format's own convention).
     orientation_source: str = "default"
     tied_to: str | None = None  # the layer sharing this weight (a declared tie)
 

@@ -14,12 +14,18 @@ not, and ``pytorch_model.bin``) take :class:`ReadsModelConfig`: a
 their tensors the same way (:class:`ConfiguredHandle`). The Trainer reader
 opens them raw (:meth:`ReadsModelConfig.open_raw`) and applies the conventions
 itself, so nothing is transposed twice.
+
+A model source (``ingest --model``) knows more than any config: its ``Conv1D``
+modules, by parameter name. :class:`ModuleOrientedReader` wraps any reader so
+that those weights are presented ``(out, in)`` too (orientation ``"module"``),
+whatever the file or its config says; a weight a config already turned keeps
+``"config"``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +33,7 @@ import numpy as np
 
 from gramlin_analyze.errors import CheckpointFormatError
 from gramlin_analyze.io.base import CheckpointHandle, CheckpointMeta, CheckpointReader, TensorInfo
+from gramlin_analyze.io.names import common_wrapper_prefix, split_param_name
 from gramlin_analyze.io.remote import RemotePath
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "ConfiguredHandle",
     "Conventions",
     "HFTensorInfo",
+    "ModuleOrientedReader",
     "ReadsModelConfig",
     "conventions_for",
     "read_model_config",
@@ -73,9 +81,9 @@ class HFTensorInfo(TensorInfo):
     """A tensor as a Hugging Face checkpoint presents it, with how that was decided.
 
     ``orientation`` is ``"config"`` when ``config.json`` names a ``model_type``
-    (transformers' modeling code then says which weights are ``Conv1D``), else
-    ``"default"``; ``tied_to`` names the tensor this one
-    shares its values with.
+    (transformers' modeling code then says which weights are ``Conv1D``),
+    ``"module"`` for a weight the model source's ``Conv1D`` module turned, else
+    ``"default"``; ``tied_to`` names the tensor this one shares its values with.
     """
 
     orientation: str = "default"
@@ -125,10 +133,16 @@ def _ties(model_type: str | None, raw: Mapping[str, TensorInfo]) -> dict[str, st
 
 @dataclass(frozen=True)
 class Conventions:
-    """How one checkpoint's raw tensors become gramlin's: transposed, tied, or as they are."""
+    """How one checkpoint's raw tensors become gramlin's: transposed, tied, or as they are.
+
+    ``by_module`` (a subset of ``transposed``) are the weights turned because the
+    model source's module is a ``Conv1D``; the others keep the orientation (and
+    tie) their raw listing already says, else ``orientation``.
+    """
 
     orientation: str = "default"
     transposed: frozenset[str] = frozenset()
+    by_module: frozenset[str] = frozenset()
     virtual: Mapping[str, str] = field(default_factory=dict)  # listed name -> raw name
     tied: Mapping[str, str] = field(default_factory=dict)  # both directions
 
@@ -154,21 +168,54 @@ class Conventions:
             shape,
             info.dtype,
             source_layout=layout,
-            orientation=self.orientation,
-            tied_to=self.tied.get(name),
+            orientation="module"
+            if name in self.by_module
+            else getattr(info, "orientation", self.orientation),
+            tied_to=self.tied.get(name, getattr(info, "tied_to", None)),
         )
 
 
-def conventions_for(config: Mapping | None, raw: Mapping[str, TensorInfo]) -> Conventions:
-    """The conventions ``config`` declares for the raw tensors ``raw``."""
+def _module_weights(
+    raw: Mapping[str, TensorInfo], layers: frozenset[str], done: frozenset[str]
+) -> frozenset[str]:
+    """Raw ``(in, out)`` weights of the layers ``layers`` names (normalized, as
+    :func:`~gramlin_analyze.io.names.split_param_name` gives them), unless in ``done``."""
+    if not layers:
+        return frozenset()
+    prefix = common_wrapper_prefix(raw)
+
+    def turned(name: str, info: TensorInfo) -> bool:
+        layer, role = split_param_name(name, prefix)
+        return role == "weight" and layer in layers and len(info.shape) == 2
+
+    return frozenset(
+        n
+        for n, info in raw.items()
+        if n not in done and info.source_layout != "in_out" and turned(n, info)
+    )
+
+
+def conventions_for(
+    config: Mapping | None,
+    raw: Mapping[str, TensorInfo],
+    conv1d_layers: Iterable[str] = (),
+) -> Conventions:
+    """The conventions ``config`` declares for the raw tensors ``raw``.
+
+    ``conv1d_layers`` names layers whose module the model source says is a
+    ``Conv1D``: their weights are turned too (orientation ``"module"``) unless
+    the config turned them already.
+    """
     if config is None:
-        return Conventions()
+        by_module = _module_weights(raw, frozenset(conv1d_layers), frozenset())
+        return Conventions(transposed=by_module, by_module=by_module)
     model_type = config.get("model_type")
     model_type = model_type if isinstance(model_type, str) else None
     endings = CONV1D_MODULES.get(model_type or "", ())
     transposed = frozenset(
         n for n, info in raw.items() if len(info.shape) == 2 and _is_conv1d(n, endings)
     )
+    by_module = _module_weights(raw, frozenset(conv1d_layers), transposed)
     archs = config.get("architectures")
     lm_head = isinstance(archs, list) and any(
         isinstance(a, str) and any(h in a for h in _LM_HEADS) for a in archs
@@ -177,7 +224,8 @@ def conventions_for(config: Mapping | None, raw: Mapping[str, TensorInfo]) -> Co
     ties = {out: src for out, src in ties.items() if out in raw or lm_head}
     return Conventions(
         orientation="config" if model_type else "default",
-        transposed=transposed,
+        transposed=transposed | by_module,
+        by_module=by_module,
         virtual={out: src for out, src in ties.items() if out not in raw},
         tied={**ties, **{src: out for out, src in ties.items()}},
     )
@@ -185,18 +233,27 @@ def conventions_for(config: Mapping | None, raw: Mapping[str, TensorInfo]) -> Co
 
 class ConfiguredHandle(CheckpointHandle):
     """An open checkpoint whose tensors are presented as a ``config.json`` declares
-    (``Conv1D`` weights ``(out, in)``, declared ties listed); ``inner`` reads the raw ones."""
+    (``Conv1D`` weights ``(out, in)``, declared ties listed) and, with ``conv1d_layers``,
+    as the model source's ``Conv1D`` modules say; ``inner`` reads the raw ones."""
 
-    def __init__(self, inner: CheckpointHandle, config: Mapping | None):
+    def __init__(
+        self,
+        inner: CheckpointHandle,
+        config: Mapping | None,
+        conv1d_layers: Iterable[str] = (),
+    ):
         super().__init__(inner.reader, inner.path)
         self.inner = inner
         self.config = config
+        self.conv1d_layers = frozenset(conv1d_layers)
         self._conventions: Conventions | None = None
 
     def conventions(self) -> Conventions:
-        """What the config says about the raw tensors (orientation, ties)."""
+        """What the config and the model source say about the raw tensors (orientation, ties)."""
         if self._conventions is None:
-            self._conventions = conventions_for(self.config, self.inner.list_tensors())
+            self._conventions = conventions_for(
+                self.config, self.inner.list_tensors(), self.conv1d_layers
+            )
         return self._conventions
 
     def list_tensors(self) -> dict[str, TensorInfo]:
@@ -241,3 +298,43 @@ class ReadsModelConfig(CheckpointReader):
         if config is None or not isinstance(config.get("model_type"), str):
             return handle
         return ConfiguredHandle(handle, config)
+
+
+class ModuleOrientedReader(CheckpointReader):
+    """``inner``, its tensors presented as the model source's ``Conv1D`` modules say.
+
+    ``conv1d_layers`` are normalized layer names (wrapper prefixes such as
+    ``module.`` stripped on both sides, so a DDP checkpoint matches the bare
+    model). Their ``(in, out)`` weights are listed and read ``(out, in)`` with
+    ``source_layout="in_out"`` and orientation ``"module"``, so the layer
+    template, the stored weights and capture's loading see one view.
+    """
+
+    def __init__(self, inner: CheckpointReader, conv1d_layers: Iterable[str]):
+        super().__init__(storage_options=inner.storage_options)
+        self.inner = inner
+        self.conv1d_layers = frozenset(conv1d_layers)
+        self.name = inner.name
+        self.suffixes = inner.suffixes
+        self.is_directory_format = inner.is_directory_format
+        self.reads_urls = inner.reads_urls
+
+    def guess_can_read(self, path) -> bool:
+        return self.inner.guess_can_read(path)
+
+    def files(self, path) -> list[Path]:
+        return self.inner.files(path)
+
+    def read_metadata(self, path) -> CheckpointMeta:
+        return self.inner.read_metadata(path)
+
+    def open(self, path) -> CheckpointHandle:
+        return ConfiguredHandle(self.inner.open(path), None, self.conv1d_layers)
+
+    def list_tensors(self, path) -> dict[str, TensorInfo]:
+        with self.open(path) as handle:
+            return handle.list_tensors()
+
+    def read_tensor(self, path, name: str) -> np.ndarray:
+        with self.open(path) as handle:
+            return handle.read_tensor(name)

@@ -132,6 +132,9 @@ def reader_for(name: str, options: dict | None = None) -> CheckpointReader:
 
     Options are shared across formats (``state_dict_key`` for pickles,
     ``allow_code`` for TorchScript); each reader gets the ones it accepts.
+    ``conv1d_layers`` (the layers a model source says are ``Conv1D``) wraps any
+    reader so those weights are presented ``(out, in)``
+    (:class:`~gramlin_analyze.io.hf_conventions.ModuleOrientedReader`).
     """
     import inspect
 
@@ -140,7 +143,12 @@ def reader_for(name: str, options: dict | None = None) -> CheckpointReader:
     cls = type(get_reader(name))
     params = inspect.signature(cls.__init__).parameters
     accepted = {k: v for k, v in options.items() if k in params and v is not None}
-    return get_reader(name, **accepted) if accepted else get_reader(name)
+    reader = get_reader(name, **accepted) if accepted else get_reader(name)
+    if options.get("conv1d_layers"):
+        from gramlin_analyze.io.hf_conventions import ModuleOrientedReader
+
+        return ModuleOrientedReader(reader, options["conv1d_layers"])
+    return reader
 
 
 def guess_reader(path: str | os.PathLike, *, format: str | None = None) -> CheckpointReader:

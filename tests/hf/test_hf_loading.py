@@ -55,30 +55,23 @@ def test_hf_directory_lists_conv1d_out_in_and_the_tied_head(tmp_path):
     assert not untied.virtual and untied.orientation == "config"
 
 
-def test_conv1d_weights_nothing_declares_are_refused(tmp_path, capsys):
+def test_conv1d_weights_a_store_holds_as_listed_are_refused(tmp_path, capsys):
+    """Weights-only ingest stores a bare ``torch.save`` of Conv1D weights as listed;
+    capturing into that store would pair ``h`` with ``W`` transposed."""
     torch.manual_seed(11)
     model = runs.build_gpt2()
     run = tmp_path / "run"
     run.mkdir()
     torch.save(model.state_dict(), run / "step_1.pt")
     probe = runs.token_probe(tmp_path / "probe.npz", per_token=True, seed=12)
-    code = main(
-        [
-            "ingest",
-            str(run),
-            "--store",
-            str(tmp_path / "s.zarr"),
-            "--probe",
-            str(probe),
-            "--model",
-            "tests.hf.trainer_runs:build_gpt2",
-            "-q",
-        ]
-    )
+    store = str(tmp_path / "s.zarr")
+    assert main(["ingest", str(run), "--store", store, "-q"]) == 0
+    model_args = ["--probe", str(probe), "--model", "tests.hf.trainer_runs:build_gpt2"]
+    code = main(["ingest", str(run), "--store", store, *model_args, "-q"])
     assert code == 2
     err = capsys.readouterr().err
     assert "transformer.h.0.attn.c_attn" in err and "(in, out)" in err
-    assert not (tmp_path / "s.zarr").exists()  # refused before anything is stored
+    assert not (tmp_path / "s.zarr" / "probe").exists()  # refused before anything is stored
 
 
 def test_key_mismatch_names_the_common_prefix():
