@@ -294,34 +294,50 @@ def _stream_activations(
         ex = rows_ if t.labels_per_example == per and per > 1 else rows_ // per
         if not np.isfinite(np.add.reduce(h, axis=None)):
             sums.nonfinite = True
+        # sum h h^T of the block, once for every family that needs it (NumPy's
+        # syrk: exactly symmetric, so each family's sym() would be a no-op).
+        hh = h.T @ h
         if "vc" in fams:
             g = np.asarray(G_arr[index, start:stop], dtype=np.float64)
             if not np.isfinite(np.add.reduce(g, axis=None)):
                 sums.nonfinite = True
-            stats = dict(zip(("hh", "gh", "gg"), vc_stats_np(h, g), strict=True))
+            stats = dict(zip(("hh", "gh", "gg"), vc_stats_np(h, g, hh=hh), strict=True))
             sums.vc = _add(sums.vc, stats)
         if "tl" in fams or "nc" in fams:
             hs, exs = (setup.view(h), ex[::per]) if setup.grouped else (h, ex)
-            _add_labelled(sums, fams, hs, exs, t)
+            _add_labelled(sums, fams, hs, exs, t, None if setup.grouped else hh)
         if "cka" in fams:
             hf = np.asarray(H_arr[ctx.final_index, start:stop], dtype=np.float64)
-            sums.cka = _add(sums.cka, cka_stats_np(h, hf))
+            sums.cka = _add(sums.cka, cka_stats_np(h, hf, xx=hh))
     return sums
 
 
 def _add_labelled(
-    sums: _Sums, fams: AbstractSet[str], h: np.ndarray, ex: np.ndarray, t: ProbeTargets
+    sums: _Sums,
+    fams: AbstractSet[str],
+    h: np.ndarray,
+    ex: np.ndarray,
+    t: ProbeTargets,
+    hh: np.ndarray | None,
 ) -> None:
-    """Add one block's TL and NC statistics (samples ``h`` of examples ``ex``)."""
+    """Add one block's TL and NC statistics (samples ``h`` of examples ``ex``, ``hh``
+    their ``h^T h`` when known); with labels, NC's sums are TL's (the same products)."""
+    if hh is None:
+        hh = h.T @ h
+    tl = None
     if "tl" in fams:
         tl = (
-            tl_stats_np(h, t.Y[ex])
+            tl_stats_np(h, t.Y[ex], hh=hh)
             if t.labels is None
-            else tl_label_stats_np(h, t.labels[ex], t.n_classes)
+            else tl_label_stats_np(h, t.labels[ex], t.n_classes, hh=hh)
         )
         sums.tl = _add(sums.tl, tl)
     if "nc" in fams:
-        sums.nc = _add(sums.nc, collapse_stats_np(h, t.labels[ex], t.n_classes))
+        if tl is not None and t.labels is not None:
+            nc = {"counts": tl["sum_y"], "class_sums": tl["hy"].T, "scatter": tl["hh"]}
+        else:
+            nc = collapse_stats_np(h, t.labels[ex], t.n_classes, hh=hh)
+        sums.nc = _add(sums.nc, nc)
 
 
 def _finish_activations(

@@ -59,13 +59,17 @@ def _t(a: np.ndarray) -> np.ndarray:
 
 
 @quiet
-def cka_stats_np(x: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
+def cka_stats_np(
+    x: npt.ArrayLike, y: npt.ArrayLike, *, xx: FloatArray | None = None
+) -> dict[str, FloatArray]:
     """Additive statistics of linear CKA over the sample axis.
 
     Parameters
     ----------
     x : array_like, shape (..., n_samples, d_x)
     y : array_like, shape (..., n_samples, d_y)
+    xx : numpy.ndarray, optional
+        ``sym(x^T x)`` when the caller already has it.
 
     Returns
     -------
@@ -84,7 +88,7 @@ def cka_stats_np(x: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
         "n": np.full((1,), float(x.shape[-2])),
         "sum_x": x.sum(axis=-2),
         "sum_y": y.sum(axis=-2),
-        "xx": sym(_t(x) @ x),
+        "xx": sym(_t(x) @ x) if xx is None else xx,
         "yy": sym(_t(y) @ y),
         "yx": _t(y) @ x,
     }

@@ -33,14 +33,15 @@ from gramlin_analyze.reducers._common import (
     apply,
     as_float64,
     batch_bad,
+    default_rtol,
     layout_size,
     mask_nonfinite,
     pack,
-    pinvh,
     poison,
     quiet,
     require_dims,
     resolve_targets,
+    sanitize,
     stream_sum,
     sym,
     unpack,
@@ -71,7 +72,7 @@ def _t(a: np.ndarray) -> np.ndarray:
 
 @quiet
 def collapse_stats_np(
-    h: npt.ArrayLike, labels: npt.ArrayLike, n_classes: int
+    h: npt.ArrayLike, labels: npt.ArrayLike, n_classes: int, *, hh: FloatArray | None = None
 ) -> dict[str, FloatArray]:
     """Additive statistics over the sample axis: counts, per-class sums, ``sum h h^T``.
 
@@ -82,6 +83,8 @@ def collapse_stats_np(
     h : array_like, shape (..., n_samples, d)
     labels : array_like, shape (..., n_samples)
         Integer classes in ``[0, n_classes)``; an invalid label poisons the result.
+    hh : numpy.ndarray, optional
+        ``sym(h^T h)`` of these rows when the caller already has it (the scatter).
 
     Returns
     -------
@@ -101,7 +104,7 @@ def collapse_stats_np(
     parts = {
         "counts": class_counts_np(np.broadcast_to(index, lead + index.shape[-1:]), int(n_classes)),
         "class_sums": class_sums_np(h, index, int(n_classes)),
-        "scatter": sym(_t(h) @ h),
+        "scatter": sym(_t(h) @ h) if hh is None else hh,
     }
     core = {"counts": 1, "class_sums": 2, "scatter": 2}
     return {
@@ -154,8 +157,7 @@ def collapse_from_stats_np(
     counts = s["counts"]
     sigma_w = (s["scatter"] - _t(mu) @ (counts[..., :, None] * mu)) / n[..., None, None]
     m = mu - mu_g[..., None, :]  # (..., C, d): rows mu_c - mu_G
-    sigma_b = sym(_t(m) @ m) / c
-    nc1 = np.trace(sym(sigma_w) @ pinvh(sigma_b, rtol=rcond), axis1=-2, axis2=-1) / c
+    nc1 = _trace_pinv_between(sym(sigma_w), m, c, rcond) / c
     norms = np.sqrt(np.sum(m * m, axis=-1))
     equinorm = norms.std(axis=-1) / norms.mean(axis=-1)
     cos = (m @ _t(m)) / (norms[..., :, None] * norms[..., None, :])
@@ -170,6 +172,22 @@ def collapse_from_stats_np(
         "nc2_equinorm": mask_nonfinite(equinorm, 0, *checked),
         "nc2_equiangularity": mask_nonfinite(angular, 0, *checked),
     }
+
+
+def _trace_pinv_between(sigma_w: FloatArray, m: FloatArray, c: int, rcond: float | None):
+    """``tr(Sigma_W Sigma_B^+)`` with ``Sigma_B = m^T m / C``, from the thin SVD of ``m``.
+
+    ``Sigma_B`` has rank at most ``C``: its eigenpairs are those of the ``C x d``
+    matrix ``m`` (``O(C^2 d)``), where an ``eigh`` of ``Sigma_B`` costs ``O(d^3)``.
+    The cutoff is ``eigh``'s: ``rcond`` (default ``10 d eps``) of the largest eigenvalue.
+    """
+    clean, bad = sanitize(m, 2)
+    _, s, vt = np.linalg.svd(clean, full_matrices=False)  # s descending
+    ev = s * s / c
+    tol = (default_rtol(m.shape[-1]) if rcond is None else rcond) * ev[..., :1]
+    inv = np.where(ev > tol, 1.0 / np.where(ev > tol, ev, 1.0), 0.0)
+    quad = np.sum((vt @ sigma_w) * vt, axis=-1)  # v_k^T Sigma_W v_k
+    return poison(np.array(np.sum(inv * quad, axis=-1)), bad, 0)
 
 
 @quiet

@@ -76,7 +76,9 @@ def _t(a: np.ndarray) -> np.ndarray:
 
 
 @quiet
-def tl_stats_np(h: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
+def tl_stats_np(
+    h: npt.ArrayLike, y: npt.ArrayLike, *, hh: FloatArray | None = None
+) -> dict[str, FloatArray]:
     """Additive sufficient statistics of TL over the sample axis.
 
     Parameters
@@ -85,6 +87,8 @@ def tl_stats_np(h: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
         Features (layer inputs).
     y : array_like, shape (..., n_samples, c)
         Targets (one-hot labels or real targets), not centered.
+    hh : numpy.ndarray, optional
+        ``sym(h^T h)`` of these rows when the caller already has it.
 
     Returns
     -------
@@ -107,7 +111,7 @@ def tl_stats_np(h: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
         "n": np.full(lead + (1,), float(h.shape[-2])),
         "sum_h": h.sum(axis=-2),
         "sum_y": y.sum(axis=-2),
-        "hh": sym(_t(h) @ h),
+        "hh": sym(_t(h) @ h) if hh is None else hh,
         "hy": _t(h) @ y,
         "yy": sym(_t(y) @ y),
     }
@@ -121,7 +125,7 @@ def tl_stats_np(h: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, FloatArray]:
 
 @quiet
 def tl_label_stats_np(
-    h: npt.ArrayLike, labels: npt.ArrayLike, n_classes: int
+    h: npt.ArrayLike, labels: npt.ArrayLike, n_classes: int, *, hh: FloatArray | None = None
 ) -> dict[str, FloatArray]:
     """:func:`tl_stats_np` for one-hot targets of integer class labels, without the one-hot.
 
@@ -135,6 +139,8 @@ def tl_label_stats_np(
     labels : array_like, shape (..., n_samples)
         Classes in ``[0, n_classes)``; an invalid label makes its batch entry NaN.
     n_classes : int
+    hh : numpy.ndarray, optional
+        ``sym(h^T h)`` of these rows when the caller already has it.
 
     Returns
     -------
@@ -157,7 +163,7 @@ def tl_label_stats_np(
         "n": np.full(lead + (1,), float(h.shape[-2])),
         "sum_h": h.sum(axis=-2),
         "sum_y": counts,
-        "hh": sym(_t(h) @ h),
+        "hh": sym(_t(h) @ h) if hh is None else hh,
         "hy": np.ascontiguousarray(_t(class_sums_np(h, index, int(n_classes)))),
         "yy_diag": counts.copy(),
     }

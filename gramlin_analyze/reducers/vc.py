@@ -58,13 +58,18 @@ def _t(a: np.ndarray) -> np.ndarray:
 
 
 @quiet
-def vc_stats_np(h: npt.ArrayLike, g: npt.ArrayLike) -> tuple[FloatArray, FloatArray, FloatArray]:
+def vc_stats_np(
+    h: npt.ArrayLike, g: npt.ArrayLike, *, hh: FloatArray | None = None
+) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Sufficient statistics of the virtual covariance over the sample axis.
 
     Parameters
     ----------
     h, g : array_like, shape (..., n_samples, d)
         Layer inputs and their gradients through the layer.
+    hh : numpy.ndarray, optional
+        ``sym(h^T h)`` of these rows when the caller already has it (shared
+        among the families that stream the same block).
 
     Returns
     -------
@@ -81,7 +86,7 @@ def vc_stats_np(h: npt.ArrayLike, g: npt.ArrayLike) -> tuple[FloatArray, FloatAr
     """
     h, g = as_float64(h), as_float64(g)
     bad = batch_bad(h, 2) | batch_bad(g, 2)
-    hh = poison(sym(_t(h) @ h), bad, 2)
+    hh = poison(sym(_t(h) @ h) if hh is None else hh, bad, 2)
     gh = poison(_t(g) @ h, bad, 2)
     gg = poison(sym(_t(g) @ g), bad, 2)
     return hh, gh, gg

@@ -133,3 +133,13 @@ def test_many_classes_never_build_the_one_hot(rng):
     assert _peak(tl) < one_hot_bytes / 4
     assert _peak(lambda: collapse_stats_np(h, labels, c)) < one_hot_bytes / 4
     np.testing.assert_allclose(result["tl"], ref_tl(h, one_hot(labels, c)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("c", [3, 700])  # the one-hot product (few classes) and the scatter
+def test_class_sums_both_routes_match_the_one_hot(rng, c):
+    from gramlin_analyze.reducers import _labels
+
+    n, d = _labels.ONEHOT_ROWS + 37, 5  # more rows than one block of the one-hot
+    labels, h = rng.integers(0, c, n), rng.standard_normal((n, d))
+    got = _labels.class_sums_np(h, labels, c)
+    np.testing.assert_allclose(got, one_hot(labels, c).T @ h, rtol=1e-12, atol=1e-12)
