@@ -166,15 +166,6 @@ def default_rtol(n: int) -> float:
     return 10.0 * max(n, 1) * EPS
 
 
-def pinvh(a: FloatArray, *, rtol: float | None = None) -> FloatArray:
-    """Batched pseudo-inverse of symmetric PSD matrices by ``eigh`` with a relative cutoff."""
-    w, v = eigh_desc(a)
-    n = a.shape[-1]
-    tol = (default_rtol(n) if rtol is None else rtol) * np.abs(w[..., :1])
-    inv = np.where(w > tol, 1.0 / np.where(w > tol, w, 1.0), 0.0)
-    return (v * inv[..., None, :]) @ np.swapaxes(v, -1, -2)
-
-
 # ----------------------------------------------------------------------------
 # xarray / Dask plumbing
 # ----------------------------------------------------------------------------
