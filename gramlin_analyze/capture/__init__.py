@@ -15,27 +15,7 @@ The pieces an ingest needs, without any store writing:
   :func:`read_activation_file` (layout in :mod:`gramlin_analyze.capture.external`).
 """
 
-from gramlin_analyze.capture.engine import (
-    CaptureResult,
-    Sink,
-    capture_layers,
-    capture_step,
-    sample_counts,
-)
-from gramlin_analyze.capture.external import discover_activation_files, read_activation_file
-from gramlin_analyze.capture.layers import CaptureLayer, ConvGeometry
-from gramlin_analyze.capture.losses import LossFunction, resolve_loss
-from gramlin_analyze.capture.lr import LRSchedule, load_lr_schedule, resolve_lr
-from gramlin_analyze.capture.models import (
-    ACTIVATIONS,
-    RebuiltMLP,
-    StateDictDiff,
-    load_factory,
-    load_state_dict_strict,
-    load_torchscript,
-    rebuild_mlp,
-)
-from gramlin_analyze.capture.probe import ProbeSet, load_probe, make_probe, probe_summary
+from gramlin_analyze._lazy import lazy_attributes
 
 __all__ = [
     "ACTIVATIONS",
@@ -64,3 +44,33 @@ __all__ = [
     "resolve_lr",
     "sample_counts",
 ]
+
+# Loaded on first use: the driver reads the torch-free parts without importing torch.
+_LAZY = {
+    "ACTIVATIONS": "gramlin_analyze.capture.models",
+    "CaptureLayer": "gramlin_analyze.capture.layers",
+    "CaptureResult": "gramlin_analyze.capture.engine",
+    "ConvGeometry": "gramlin_analyze.capture.layers",
+    "LRSchedule": "gramlin_analyze.capture.lr",
+    "LossFunction": "gramlin_analyze.capture.losses",
+    "ProbeSet": "gramlin_analyze.capture.probe",
+    "RebuiltMLP": "gramlin_analyze.capture.models",
+    "Sink": "gramlin_analyze.capture.engine",
+    "StateDictDiff": "gramlin_analyze.capture.models",
+    "capture_layers": "gramlin_analyze.capture.engine",
+    "capture_step": "gramlin_analyze.capture.engine",
+    "discover_activation_files": "gramlin_analyze.capture.external",
+    "load_factory": "gramlin_analyze.capture.models",
+    "load_lr_schedule": "gramlin_analyze.capture.lr",
+    "load_probe": "gramlin_analyze.capture.probe",
+    "load_state_dict_strict": "gramlin_analyze.capture.models",
+    "load_torchscript": "gramlin_analyze.capture.models",
+    "make_probe": "gramlin_analyze.capture.probe",
+    "probe_summary": "gramlin_analyze.capture.probe",
+    "read_activation_file": "gramlin_analyze.capture.external",
+    "rebuild_mlp": "gramlin_analyze.capture.models",
+    "resolve_loss": "gramlin_analyze.capture.losses",
+    "resolve_lr": "gramlin_analyze.capture.lr",
+    "sample_counts": "gramlin_analyze.capture.engine",
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, __all__, globals())

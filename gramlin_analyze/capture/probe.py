@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -31,7 +33,7 @@ import numpy as np
 from gramlin_analyze.errors import ProbeError, UnsafeCheckpointError
 from gramlin_analyze.io.remote import RemotePath, is_url
 
-__all__ = ["ProbeSet", "load_probe", "make_probe", "probe_summary", "PROBE_KEYS"]
+__all__ = ["ProbeSet", "cached_probe", "load_probe", "make_probe", "probe_summary", "PROBE_KEYS"]
 
 #: Array names a probe file may hold, in fingerprint order.
 PROBE_KEYS = ("inputs", "labels", "targets", "sample_id")
@@ -442,3 +444,25 @@ def _load_remote(remote: RemotePath, reader) -> ProbeSet:
             raise ProbeError(str(err).replace(str(local), str(remote))) from err
     # Messages and ProbeSet.path name the URL (RemotePath has the Path operations used).
     return _build(arrays, cast(Path, remote))
+
+
+_probes: dict[tuple[str, int, int], ProbeSet] = {}
+_probe_lock = threading.Lock()
+
+
+def cached_probe(path: str | os.PathLike) -> ProbeSet:
+    """:func:`load_probe`, kept for the file's current version (path, size, mtime).
+
+    The driver reads the probe to check it and to store it, and every task of
+    the process runs it: one read and one validation instead of one each.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_probe(path)  # its error names the file and what to do
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    with _probe_lock:
+        if key not in _probes:
+            _probes.clear()
+            _probes[key] = load_probe(path)
+        return _probes[key]

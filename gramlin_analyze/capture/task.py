@@ -1,18 +1,14 @@
-"""Capture as one step of ingest: the configuration, and one checkpoint's pass.
+"""Capture as one step of ingest: one checkpoint's pass, and the checks before any.
 
-:class:`CaptureConfig` is what ``ingest --probe … --model …`` says; it is
-recorded in ``/probe`` attrs so a later ``ingest`` of new checkpoints into
-the same store captures them the same way without repeating the flags.
-:func:`capture_checkpoint` builds the model for one checkpoint from an open
+:class:`~gramlin_analyze.capture.config.CaptureConfig` (torch-free, the
+driver's) says how; :func:`capture_checkpoint` builds the model for one checkpoint from an open
 reader handle and hands ``h``/``g`` batches to a sink (the store's writer).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from gramlin_analyze.capture.config import CaptureConfig
 from gramlin_analyze.capture.engine import CaptureResult, Sink, capture_step, sample_counts
 from gramlin_analyze.capture.losses import resolve_loss
 from gramlin_analyze.capture.models import load_factory, load_state_dict_strict, rebuild_mlp
-from gramlin_analyze.capture.probe import ProbeSet, load_probe
-from gramlin_analyze.dask_target import task_path
+from gramlin_analyze.capture.probe import cached_probe
 from gramlin_analyze.errors import ModelError, UsageError
 from gramlin_analyze.io.base import CheckpointHandle
 
@@ -37,89 +33,6 @@ __all__ = [
     "conv1d_layers",
     "plan_capture",
 ]
-
-#: Config keys that change what is stored (a store keeps one of each).
-_IDENTITY_KEYS = (
-    "model",
-    "mlp_activation",
-    "torchscript",
-    "loss",
-    "reduction",
-    "dtype",
-    "pool",
-    "layers",
-    "extra_layers",
-)
-
-
-@dataclass
-class CaptureConfig:
-    """How to capture activations and gradients for each checkpoint."""
-
-    probe: str
-    model: str | None = None
-    mlp_activation: str | None = None
-    torchscript: bool = False
-    model_config: dict | None = None
-    loss: str = "cross_entropy"
-    reduction: str = "mean"
-    batch_size: int = 256
-    dtype: str = "float32"
-    layers: list[str] | None = None
-    extra_layers: list[str] = field(default_factory=list)
-    pool: str | None = None
-    agop: bool = False
-    agop_projections: int = 64
-    strict: bool = True
-
-    def __post_init__(self) -> None:
-        sources = [bool(self.model), bool(self.mlp_activation), bool(self.torchscript)]
-        if sum(sources) != 1:
-            raise UsageError(
-                "capture needs exactly one model source: --model pkg.module:build (or file.py:build), "
-                "--mlp-activation NAME (plain MLP state dicts), or --model torchscript"
-            )
-        if self.dtype not in ("float32", "float16", "float64"):
-            raise UsageError(
-                f"--activations-dtype must be float32, float16 or float64, not {self.dtype!r}"
-            )
-        if self.reduction not in ("mean", "sum"):
-            raise UsageError(f"--reduction must be mean or sum, not {self.reduction!r}")
-        if self.batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CaptureConfig:
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def identity(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _IDENTITY_KEYS}
-
-    def for_tasks(self) -> CaptureConfig:
-        """This config with its probe and a ``file.py:build`` factory as absolute paths.
-
-        Tasks may run on workers in another directory; the stored config keeps
-        the spelling given.
-        """
-        model = self.model
-        if model:
-            module_part, sep, attr = model.rpartition(":")
-            if sep and (module_part.endswith(".py") or "/" in module_part or "\\" in module_part):
-                model = f"{task_path(module_part)}:{attr}"
-        return replace(self, probe=task_path(self.probe), model=model)
-
-    def describe_model(self) -> str:
-        if self.torchscript:
-            return "torchscript archive per checkpoint"
-        if self.model:
-            return f"factory {self.model}"
-        return f"MLP rebuilt from weights ({self.mlp_activation})"
-
 
 _local = threading.local()
 
@@ -189,28 +102,6 @@ def conv1d_layers(config_json: str, checkpoint: tuple[str, str] | None) -> list[
     if model_config is None and checkpoint is not None:
         model_config = checkpoint_config(checkpoint[1])
     return conv1d_layer_names(_factory_model(config, model_config))
-
-
-_probes: dict[tuple[str, int, int], ProbeSet] = {}
-_probe_lock = threading.Lock()
-
-
-def cached_probe(path: str | os.PathLike) -> ProbeSet:
-    """:func:`load_probe`, kept for the file's current version (path, size, mtime).
-
-    The driver reads the probe to check it and to store it, and every task of
-    the process runs it: one read and one validation instead of one each.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return load_probe(path)  # its error names the file and what to do
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    with _probe_lock:
-        if key not in _probes:
-            _probes.clear()
-            _probes[key] = load_probe(path)
-        return _probes[key]
 
 
 def plan_capture(

@@ -194,7 +194,7 @@ def _capture_config(args: argparse.Namespace):
                 "or --mlp-activation relu|gelu|tanh|… for plain MLP state dicts (or --activations DIR)"
             )
         return None
-    from gramlin_analyze.capture.task import CaptureConfig
+    from gramlin_analyze.capture.config import CaptureConfig
 
     # Without --probe, the store's probe (the plan refuses a store that holds none).
     return CaptureConfig(

@@ -25,7 +25,7 @@ from gramlin_analyze.store.location import is_remote
 from gramlin_analyze.store.provenance import describe_run, holds_run_from
 
 if TYPE_CHECKING:
-    from gramlin_analyze.capture.task import CaptureConfig
+    from gramlin_analyze.capture.config import CaptureConfig
     from gramlin_analyze.ingest.plan import Request
     from gramlin_analyze.ingest.stored import Stored
 
@@ -168,7 +168,7 @@ def resolve_capture(st: Stored, capture: CaptureConfig | None) -> tuple[CaptureC
     attrs = st.probe_attrs or {}
     if capture is None and not attrs.get("capture_config"):
         return None, False  # weights only: no need to import the capture code (and torch)
-    from gramlin_analyze.capture.task import CaptureConfig
+    from gramlin_analyze.capture.config import CaptureConfig
 
     stored = (
         _usable(CaptureConfig.from_json(attrs["capture_config"]), st.url)
@@ -182,7 +182,7 @@ def resolve_capture(st: Stored, capture: CaptureConfig | None) -> tuple[CaptureC
         if stored is None:
             raise UsageError("capturing activations needs a probe set: pass --probe FILE")
         capture = replace(capture, probe=stored.probe)
-    from gramlin_analyze.capture.task import cached_probe
+    from gramlin_analyze.capture.probe import cached_probe
 
     probe = cached_probe(capture.probe)
     if st.probe_attrs is not None and attrs.get("fingerprint") != probe.fingerprint:
@@ -286,7 +286,7 @@ def check_capture(
     """
     if capture is None or (st.probe_attrs is not None and st.activation_layers):
         return None  # none, or declared (and checked) by an earlier ingest
-    from gramlin_analyze.capture.task import check_setup
+    from gramlin_analyze.capture.remote import check_setup
 
     first = (runnable[0].format, task_path(runnable[0].path)) if runnable else None
     setup = capture.for_tasks().to_json()

@@ -32,7 +32,7 @@ from gramlin_analyze.store.provenance import (
 )
 
 if TYPE_CHECKING:
-    from gramlin_analyze.capture.task import CaptureConfig
+    from gramlin_analyze.capture.config import CaptureConfig
 
 __all__ = ["IngestReport", "default_store_path", "ingest"]
 

@@ -33,7 +33,7 @@ from gramlin_analyze.store import GramlinStore
 from gramlin_analyze.store.location import is_remote
 
 if TYPE_CHECKING:
-    from gramlin_analyze.capture.task import CaptureConfig
+    from gramlin_analyze.capture.config import CaptureConfig
 
 __all__ = ["Plan", "Request", "is_store", "lr_for", "make_plan"]
 
@@ -227,7 +227,7 @@ def _oriented_by_module(
             if dict(gs.layer(n).attrs).get("orientation_source") == "module"
         )
     elif capture is not None and capture.model and todo:
-        from gramlin_analyze.capture.task import conv1d_layers
+        from gramlin_analyze.capture.remote import conv1d_layers
 
         first = (todo[0].format, task_path(todo[0].path))
         layers = call(conv1d_layers, capture.for_tasks().to_json(), first)

@@ -18,7 +18,7 @@ from gramlin_analyze.store import GramlinStore, declare_activations, write_probe
 from gramlin_analyze.store import layout as L
 
 if TYPE_CHECKING:
-    from gramlin_analyze.capture.task import CaptureConfig
+    from gramlin_analyze.capture.config import CaptureConfig
     from gramlin_analyze.ingest.checks import ExternalPlan
     from gramlin_analyze.ingest.plan import Plan, Request
     from gramlin_analyze.ingest.template import LayerSpec
@@ -134,7 +134,7 @@ def _declare_capture(
 
     The capture setup is recorded with its paths resolved (:func:`~gramlin_analyze.ingest.checks.settled`).
     """
-    from gramlin_analyze.capture.task import cached_probe
+    from gramlin_analyze.capture.probe import cached_probe
     from gramlin_analyze.ingest.checks import settled
 
     probe = cached_probe(capture.probe)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -357,3 +360,23 @@ def test_a_capture_that_cannot_start_gives_its_write_behind_slot_back(tmp_path):
         with pytest.raises(KeyError):
             T._capture(ctx, job, None, root)
     assert T._write_behind_slots._value == before
+
+
+def test_the_driver_side_of_capture_never_imports_torch(tmp_path):
+    """Planning, checking and recording capture (the driver's part on a cluster) run
+    without torch: the config, the probe and the checks sent to the workers."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "probe.npz", inputs=rng.standard_normal((8, 3)), labels=np.arange(8) % 2)
+    script = f"""
+import sys
+import gramlin_analyze.cli.ingest, gramlin_analyze.ingest.driver, gramlin_analyze.ingest.plan
+from gramlin_analyze.capture.config import CaptureConfig
+from gramlin_analyze.capture.probe import cached_probe
+from gramlin_analyze.capture.remote import check_setup, conv1d_layers
+cfg = CaptureConfig.from_json(CaptureConfig(probe="p.npz", model="m.py:build").to_json())
+assert cfg.for_tasks().model.endswith("m.py:build")
+assert cached_probe({str(tmp_path / "probe.npz")!r}).inputs.shape == (8, 3)
+print("torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
