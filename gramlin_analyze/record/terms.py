@@ -61,6 +61,7 @@ class LayerSums:
         self.diag = layer.mode == "diag"
         self.route: str | None = None
         self.second: str | None = None
+        self.free_g: bool | None = None
         shape = (layer.d_in,) if self.diag else (layer.d_in, layer.d_in)
         # "first_half" is sum_t -gamma A (diag: its diagonal); vcs_first = it + its transpose,
         # vcs = vcs_first + vcs_second, formed when read: no transposes per step
@@ -73,6 +74,9 @@ class LayerSums:
             if exact
             else {q: torch.zeros(shape, dtype=self.dtype, device=w.device) for q in names}
         )
+        # diag terms of the step's gradient (diag(G^T G), diag(W^T G)) pile up elementwise,
+        # d_out x d_in, and are summed over outputs at the flush: one fused pass over G per step
+        self.pending_rows: dict[str, torch.Tensor] = {}
         self.pending_steps = 0
         self._bufs: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -97,11 +101,14 @@ class LayerSums:
         self.gh: torch.Tensor | None = None
         self.dd: torch.Tensor | None = None
         self.rows = 0
+        self.kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.kept_rows = 0
 
     def plan(self, rows: int, *, free_g: bool) -> None:
         """Once, at the first forward: the cheaper ``second`` and ``route`` for ``rows`` samples."""
         if self.second is not None:
             return
+        self.free_g = free_g
         o, i, b = self.layer.d_out, self.layer.d_in, max(int(rows), 1)
         g_cost = 0 if free_g else b * o * i
         if self.diag:
@@ -116,21 +123,40 @@ class LayerSums:
         """Whether the next backward needs the layer input (the ``gh`` route)."""
         return self.route == "gh"
 
-    def _mm(self, current: torch.Tensor | None, key: str, a: torch.Tensor, b: torch.Tensor):
-        """``current + a @ b``, or ``a @ b`` into a buffer kept across steps (no fresh memory)."""
+    def _mm(
+        self,
+        current: torch.Tensor | None,
+        key: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        alpha: float = 1.0,
+    ):
+        """``current + alpha a @ b``, or ``a @ b`` into a buffer kept across steps (no fresh memory)."""
         if current is not None:
-            return current.addmm_(a, b)
+            return current.addmm_(a, b, alpha=alpha)
         buf = self._bufs.get(key)
         shape = (a.shape[0], b.shape[1])
         if buf is None or buf.shape != shape or buf.dtype != a.dtype or buf.device != a.device:
             buf = self._bufs[key] = torch.empty(shape, dtype=a.dtype, device=a.device)
         return torch.mm(a, b, out=buf)
 
-    def _sym(self, current: torch.Tensor | None, key: str, a: torch.Tensor, b: torch.Tensor):
-        """:meth:`_mm` for a symmetric ``a @ b`` (``d x d``); the bottom-left block stays zero."""
+    def _sym(
+        self,
+        current: torch.Tensor | None,
+        key: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        alpha: float = 1.0,
+    ):
+        """:meth:`_mm` for a symmetric ``a @ b`` (``d x d``); the bottom-left block stays zero.
+
+        ``alpha`` scales the product when it is added to ``current``.
+        """
         d = a.shape[0]
         if d < SYM_MIN:
-            return self._mm(current, key, a, b)
+            return self._mm(current, key, a, b, alpha=alpha)
         h = d // 2
         if current is None:
             current = self._bufs.get(key)
@@ -139,8 +165,8 @@ class LayerSums:
             torch.mm(a[:h], b, out=current[:h])
             torch.mm(a[h:], b[:, h:], out=current[h:, h:])
             return current
-        current[:h].addmm_(a[:h], b)
-        current[h:, h:].addmm_(a[h:], b[:, h:])
+        current[:h].addmm_(a[:h], b, alpha=alpha)
+        current[h:, h:].addmm_(a[h:], b[:, h:], alpha=alpha)
         return current
 
     def _symmetric(self, t: torch.Tensor) -> torch.Tensor:
@@ -163,19 +189,48 @@ class LayerSums:
         """Add one backward pass's rows ``g_i`` (and ``h_i`` for the ``gh`` route)."""
         g = g.reshape(-1, g.shape[-1]).to(self.dtype)
         self.plan(g.shape[0], free_g=True)
-        if self.diag:
-            gg = torch.linalg.vecdot(g, g, dim=0)
-            self.gg = gg if self.gg is None else self.gg.add_(gg)
-        else:
-            self.gg = self._sym(self.gg, "gg", g.t(), g)
-        if self.route == "gh" and h is not None:
-            h = h.reshape(-1, h.shape[-1]).to(self.dtype)
-            if self.diag:
-                gh = torch.linalg.vecdot(g, h, dim=0)
-                self.gh = gh if self.gh is None else self.gh.add_(gh)
-            else:
-                self.gh = self._mm(self.gh, "gh", g.t(), h)
+        h = (
+            h.reshape(-1, h.shape[-1]).to(self.dtype)
+            if self.route == "gh" and h is not None
+            else None
+        )
         self.rows += g.shape[0]
+        if not self.diag:  # multiplied at the step, straight into the sums (_add_kept)
+            self.kept.append((g, h))
+            self.kept_rows += g.shape[0]
+            if self.kept_rows > self.layer.d_in:  # rows now outweigh two d_in x d_in buffers
+                self._materialize()
+            return
+        gg = torch.linalg.vecdot(g, g, dim=0)
+        self.gg = gg if self.gg is None else self.gg.add_(gg)
+        if h is not None:
+            gh = torch.linalg.vecdot(g, h, dim=0)
+            self.gh = gh if self.gh is None else self.gh.add_(gh)
+
+    def _materialize(self) -> None:
+        """Multiply the kept rows into the step buffers ``gg`` and ``gh``."""
+        for g, h in self.kept:
+            self.gg = self._sym(self.gg, "gg", g.t(), g)
+            if h is not None:
+                self.gh = self._mm(self.gh, "gh", g.t(), h)
+        self.kept.clear()
+        self.kept_rows = 0
+
+    def _add_kept(self, into: dict, first: float, second: float) -> None:
+        """Full mode: the kept rows' (or ``D``'s) products straight into the sums, scaled.
+
+        Saves a ``d_in x d_in`` buffer write and its re-read per product and step.
+        """
+        for g, h in self.kept:
+            self._sym(into["vcs_second"], "gg", g.t(), g, alpha=second)
+            if h is not None:
+                into["first_half"].addmm_(g.t(), h, alpha=first)
+        self.kept.clear()
+        self.kept_rows = 0
+        if self.dd is not None:
+            W = self.layer.weight(self.dtype)
+            self._sym(into["vcs_second"], "gg", W.t(), self.dd @ W, alpha=second)
+            self.dd = None
 
     def add_dz(self, dz: torch.Tensor) -> None:
         """Add one backward pass's output gradients (the ``dz`` route: ``D = sum_i dz_i dz_i^T``)."""
@@ -197,6 +252,7 @@ class LayerSums:
     def local_buffers(self) -> list[torch.Tensor]:
         """The step's products to be summed over data-parallel ranks, flattened, float64."""
         self._finish_second()
+        self._materialize()
         shape = self.sums["first_half"].shape
         zero = torch.zeros(shape, dtype=torch.float64, device=self.device)
         gg = zero if self.gg is None else self.gg.double()
@@ -212,17 +268,30 @@ class LayerSums:
         self.gh = flat[n : 2 * n].reshape(shape).to(self.dtype) if self.route == "gh" else None
         self.rows = int(round(float(flat[2 * n])))
 
-    def _first(self, W: torch.Tensor, G: torch.Tensor, per_sample: float) -> tuple:
-        """``(A, its scale)`` by this layer's route, and ``G^T G`` when recorded."""
-        if self.diag:  # (no vector_norm(dim=0): a strided reduction, 10x slower on CPU)
-            sgd = self._colsum(G, G, "sgd") if self.sgd else None
+    def _add_first(self, into: dict, W: torch.Tensor, G: torch.Tensor, alpha: float) -> None:
+        """Add ``alpha A`` (diag: its diagonal) to ``into["first_half"]`` by the ``wg`` route."""
+        if not self.diag:
+            into["first_half"].addmm_(W.t(), G, alpha=alpha)
+        elif self.pending is None:
+            into["first_half"].add_(self._colsum(W, G, "wg"), alpha=alpha)
         else:
-            sgd = self._sym(None, "sgd", G.t(), G) if self.sgd else None
-        if self.route == "gh" and self.gh is not None:
-            return self.gh, per_sample, sgd
-        if self.diag:
-            return self._colsum(W, G, "wg"), 1.0, sgd
-        return self._mm(None, "wg", W.t(), G), 1.0, sgd
+            self._rows("first_half", G).addcmul_(W, G, value=alpha)
+
+    def _add_sgd(self, into: dict, G: torch.Tensor, alpha: float) -> None:
+        """Add ``alpha G^T G`` (diag: its diagonal) to ``into["sgd_second"]``."""
+        if not self.diag:
+            self._sym(into["sgd_second"], "sgd", G.t(), G, alpha=alpha)
+        elif self.pending is None:
+            into["sgd_second"].add_(self._colsum(G, G, "sgd"), alpha=alpha)
+        else:
+            self._rows("sgd_second", G).addcmul_(G, G, value=alpha)
+
+    def _rows(self, q: str, like: torch.Tensor) -> torch.Tensor:
+        """The elementwise (``d_out x d_in``) pending buffer of diag quantity ``q``."""
+        buf = self.pending_rows.get(q)
+        if buf is None:
+            buf = self.pending_rows[q] = torch.zeros_like(like)
+        return buf
 
     def step(self, lr: float, *, scale: float, ranks: int) -> bool:
         """Add this step's terms to the running sums; False when the weight has no gradient.
@@ -236,16 +305,22 @@ class LayerSums:
             self.reset()
             return False
         self._warn_unseen()
-        self._finish_second()
-        W = self.layer.weight(self.dtype)
         per_sample = 1.0 / (scale * ranks)
-        A, a_scale, sgd = self._first(W, G, per_sample)
         into = self.sums if self.pending is None else self.pending
-        into["first_half"].add_(A, alpha=-lr * a_scale)
+        from_rows = self.route == "gh" and (
+            self.gh is not None or any(h is not None for _, h in self.kept)
+        )
+        if not self.diag:
+            self._add_kept(into, -lr * per_sample, (lr * per_sample) ** 2)
+        self._finish_second()
+        if self.gh is not None:
+            into["first_half"].add_(self.gh, alpha=-lr * per_sample)
+        if not from_rows:
+            self._add_first(into, self.layer.weight(self.dtype), G, -lr)
         if self.gg is not None:
             into["vcs_second"].add_(self.gg, alpha=(lr * per_sample) ** 2)
-        if sgd is not None:
-            into["sgd_second"].add_(sgd, alpha=lr**2)
+        if self.sgd:
+            self._add_sgd(into, G, lr**2)
         self.pending_steps += 1
         if self.pending is not None and self.pending_steps >= self.flush_every:
             self.flush()
@@ -260,6 +335,9 @@ class LayerSums:
         if self.pending is not None and self.pending_steps:
             for q, t in self.pending.items():
                 self.sums[q].add_(t)
+                t.zero_()
+            for q, t in self.pending_rows.items():
+                self.sums[q].add_(t.sum(0, dtype=torch.float64))
                 t.zero_()
         self.pending_steps = 0
 
@@ -296,7 +374,7 @@ class LayerSums:
             if q in own:
                 self.sums[q] = own[q].to(device=device, dtype=torch.float64).clone()
         if self.pending is not None:
-            for t in self.pending.values():
+            for t in [*self.pending.values(), *self.pending_rows.values()]:
                 t.zero_()
         self.pending_steps = 0
         self.gram0 = self.gram() - tensors["dgram"].to(device=device, dtype=torch.float64)

@@ -29,12 +29,15 @@ def batches(n: int, size: int, d_in: int, classes: int, *, seed: int, dtype=torc
     ]
 
 
-def reference_step(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict:
+def reference_step(
+    model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, lr: float, *, sgd: bool = False
+) -> dict:
     """One step's VCS parts per layer from explicit per-sample gradients (float64 autograd).
 
     The network is re-run functionally from its parameters (no hooks): ``z_k = h_k W_k^T + b_k``;
     ``dL/dz_k`` of the mean cross-entropy comes from ``torch.autograd.grad``, and
-    ``g_i = W^T dL/dz_i`` row by row.
+    ``g_i = W^T dL/dz_i`` row by row. With ``sgd``, also ``sgd_second = lr^2 G^T G`` from
+    ``G = sum_i dL/dz_i h_i^T``.
     """
     linears = [(str(i), m) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
     h = x.double()
@@ -57,6 +60,9 @@ def reference_step(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, lr: f
             first -= lr * (torch.outer(g, hk[i]) + torch.outer(hk[i], g))
             second += lr**2 * torch.outer(g, g)
         out[name] = {"vcs_first": first, "vcs_second": second, "vcs": first + second}
+        if sgd:
+            G = dz.t() @ hk
+            out[name]["sgd_second"] = lr**2 * G.t() @ G
     return out
 
 

@@ -15,8 +15,9 @@ def _record(model, data, lr, **options):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     rec = Recorder(model, opt, **options)
     expected: dict[str, dict[str, torch.Tensor]] = {}
+    sgd = bool(options.get("sgd_terms"))
     for x, y in data:
-        for name, terms in reference_step(model, x, y, lr).items():
+        for name, terms in reference_step(model, x, y, lr, sgd=sgd).items():
             for q, t in terms.items():
                 expected.setdefault(name, {}).setdefault(q, torch.zeros_like(t)).add_(t)
         opt.zero_grad()
@@ -61,18 +62,23 @@ def test_wide_symmetric_products_are_formed_by_halves():
 
 @pytest.mark.parametrize("mode", ["full", "diag"])
 def test_float32_steps_summed_before_float64_stay_accurate(mode):
-    """float32 models: steps pile up in float32 for ``FLUSH_EVERY`` steps, then go to float64."""
+    """float32 models: steps pile up in float32 for ``FLUSH_EVERY`` steps, then go to float64.
+
+    (diag: ``diag(G^T G)`` and ``diag(W^T G)`` pile up elementwise, summed over outputs at
+    the flush; full: ``W^T G`` and ``G^T G`` are multiplied straight into the pending sums.)
+    """
     widths = (6, 16, 12, 3)
     steps = FLUSH_EVERY + 5
     model = mlp(widths, seed=35, dtype=torch.float32)
     data = batches(steps, 8, widths[0], widths[-1], seed=36, dtype=torch.float32)
-    rec, expected = _record(model, data[:-3], 0.1, mode=mode)
+    rec, expected = _record(model, data[:-3], 0.1, mode=mode, sgd_terms=True)
+    assert rec.core.sums["4"].route == "wg"
     assert all(s.pending_steps == steps - 3 - FLUSH_EVERY for s in rec.core.sums.values())
     mid = rec.sums()  # reading flushes; the sums go on from there
     assert all(s.pending_steps == 0 for s in rec.core.sums.values())
     opt = rec.core.optimizers[0]
     for x, y in data[-3:]:
-        for name, terms in reference_step(model, x, y, 0.1).items():
+        for name, terms in reference_step(model, x, y, 0.1, sgd=True).items():
             for q, t in terms.items():
                 expected[name][q] += t
         opt.zero_grad()
