@@ -29,7 +29,7 @@ identical (the same tasks on other processes): any array that is not
 bitwise equal is listed with its largest relative difference.
 
 Run: ``.venv/bin/python benchmarks/scaling.py [--n 12] [--probe 2000]
-[--width 1024] [--repeats 3] [--api] [--threads-per-task 1]``. Several minutes
+[--width 1024] [--repeats 3] [--api] [--threads-per-task 1] [--only ingest|analyze]``. Several minutes
 per round at the defaults, most of it analyze; size runs so that each command's
 work is minutes, or the commands' start (a few seconds of driver CPU) hides
 the scaling.
@@ -197,7 +197,13 @@ def timed_api(fn) -> dict:
 
 
 def measure(
-    n_workers: int, work: Path, flags: list, tag: str, api: bool, per_task: int
+    n_workers: int,
+    work: Path,
+    flags: list,
+    tag: str,
+    api: bool,
+    per_task: int,
+    only: tuple[str, ...] = ("ingest", "analyze"),
 ) -> tuple[dict, Path]:
     """Start the cluster, time ingest + analyze by CLI (and by API), end it; return the store.
 
@@ -207,7 +213,7 @@ def measure(
     comparison this benchmark makes.
     """
     import gramlin_analyze as ga
-    from gramlin_analyze.capture.task import CaptureConfig
+    from gramlin_analyze.capture.config import CaptureConfig
 
     store = work / f"store-{n_workers}w-{tag}.zarr"
     out: dict[str, dict] = {}
@@ -227,6 +233,10 @@ def measure(
             "analyze": ["analyze", store, *on],
         }
         for name, args in commands.items():
+            if name not in only:  # analyze needs the store: its ingest runs, untimed
+                if name == "ingest":
+                    run_cli(args, scratch=work / "scratch")
+                continue
             c0 = workers_cpu(pids)
             out[f"cli_{name}"] = run_cli(args, scratch=work / "scratch")
             out[f"cli_{name}"]["workers_cpu_s"] = workers_cpu(pids) - c0
@@ -240,6 +250,10 @@ def measure(
                 "analyze": lambda: ga.analyze(api_store, client=procs.address, **akw),
             }
             for name, fn in calls.items():
+                if name not in only:
+                    if name == "ingest":
+                        fn()
+                    continue
                 c0 = workers_cpu(pids)
                 out[f"api_{name}"] = timed_api(fn)
                 out[f"api_{name}"]["workers_cpu_s"] = workers_cpu(pids) - c0
@@ -311,13 +325,15 @@ def work_rates(rounds: list[dict], n: int, sizes: tuple[int, ...], probe: int) -
     ``G^T G``, ``(H - gamma G)^T (H - gamma G)`` are each ``N d^2``), summed
     over the layers. Worker CPU time, not wall time: no driver start in it.
     """
-    ingest = statistics.median(r["cli_ingest"]["workers_cpu_s"] for r in rounds)
-    analyze = statistics.median(r["cli_analyze"]["workers_cpu_s"] for r in rounds)
-    units = n * probe * sum(d * d for d in sizes[:-1])
-    return {
-        "capture_worker_gflop_per_cpu_s": round(n * capture_gflop(sizes, probe) / ingest, 2),
-        "analyze_worker_ns_per_sample_in2": round(1e9 * analyze / units, 4),
-    }
+    out = {}
+    if "cli_ingest" in rounds[0]:
+        ingest = statistics.median(r["cli_ingest"]["workers_cpu_s"] for r in rounds)
+        out["capture_worker_gflop_per_cpu_s"] = round(n * capture_gflop(sizes, probe) / ingest, 2)
+    if "cli_analyze" in rounds[0]:
+        analyze = statistics.median(r["cli_analyze"]["workers_cpu_s"] for r in rounds)
+        units = n * probe * sum(d * d for d in sizes[:-1])
+        out["analyze_worker_ns_per_sample_in2"] = round(1e9 * analyze / units, 4)
+    return out
 
 
 def summarize(rounds: dict[int, list[dict]], workers: tuple[int, ...]) -> dict:
@@ -369,6 +385,11 @@ def main() -> None:
         default=1,
         help="kernel threads per task, passed to both commands (0: the package's default)",
     )
+    p.add_argument(
+        "--only",
+        choices=("ingest", "analyze"),
+        help="time one command (analyze still needs its store ingested, untimed)",
+    )
     p.add_argument("--work", default=str(HERE / "_work" / "scaling"))
     a = p.parse_args()
     sizes = (a.input, *[a.width] * a.hidden_layers, 10)
@@ -378,10 +399,13 @@ def main() -> None:
     work.mkdir(parents=True)
     flags = write_run(work, a.n, sizes, a.probe)
     rounds: dict[int, list[dict]] = {n: [] for n in workers}
+    only_all = ("ingest", "analyze")
     stores: dict[int, Path] = {}
     for k in range(a.repeats):
         for n in workers if k % 2 == 0 else workers[::-1]:
-            result, store = measure(n, work, flags, str(k), a.api, a.threads_per_task)
+            result, store = measure(
+                n, work, flags, str(k), a.api, a.threads_per_task, (a.only,) if a.only else only_all
+            )
             rounds[n].append(result)
             if n in stores:
                 shutil.rmtree(store)
@@ -400,7 +424,11 @@ def main() -> None:
         **summarize(rounds, workers),
         "store_files": store_files(first),
         # arrays not bitwise equal to the 1-worker store's, with the largest relative difference
-        "metrics_differing": {f"{n}w": differing(first, stores[n], "metrics") for n in workers[1:]},
+        "metrics_differing": {
+            f"{n}w": differing(first, stores[n], "metrics")
+            for n in workers[1:]
+            if a.only != "ingest"
+        },
         "layers_differing": {f"{n}w": differing(first, stores[n], "layers") for n in workers[1:]},
     }
     res.update(work_rates(rounds[workers[0]], a.n, sizes, a.probe))
