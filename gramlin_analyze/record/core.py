@@ -54,6 +54,8 @@ class RecordCore:
             for layer in self.layers
         }
         self.optimizers: list[torch.optim.Optimizer] = []
+        self._groups: dict[str, dict] = {}
+        self._groups_key: tuple = ()
         self.step_count = 0
         self.lr_trace: list[tuple[int, list[float]]] = []
         self._handles: list[Any] = []
@@ -174,15 +176,27 @@ class RecordCore:
             return dict.fromkeys(self.sums, float(lr))
         if not self.optimizers:
             raise UsageError("gramlin record: step() needs lr= when no optimizer is attached")
-        found: dict[int, float] = {}
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    found[id(p)] = float(group["lr"])
-        missing = [layer.name for layer in self.layers if id(layer.param) not in found]
-        if missing:
-            raise UsageError(f"gramlin record: no optimizer holds the weights of layers {missing}")
-        return {layer.name: found[id(layer.param)] for layer in self.layers}
+        return {name: float(group["lr"]) for name, group in self._layer_groups().items()}
+
+    def _layer_groups(self) -> dict[str, dict]:
+        """Each layer's optimizer param group, looked up again only when groups are added
+        (a scheduler changes ``group["lr"]``, read at every step; the lookup walks every
+        parameter of the model)."""
+        key = tuple((id(o), len(o.param_groups)) for o in self.optimizers)
+        if self._groups_key != key:
+            found: dict[int, dict] = {}
+            for opt in self.optimizers:
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        found[id(p)] = group
+            missing = [layer.name for layer in self.layers if id(layer.param) not in found]
+            if missing:
+                raise UsageError(
+                    f"gramlin record: no optimizer holds the weights of layers {missing}"
+                )
+            self._groups = {layer.name: found[id(layer.param)] for layer in self.layers}
+            self._groups_key = key
+        return self._groups
 
     def _scale(self) -> float:
         scaler = self.scaler

@@ -192,3 +192,22 @@ def test_scan_finds_the_checkpoints_not_their_records(tmp_path):
     result = scan(tmp_path)
     assert [s.step for s in result] == [1, 2, 3]
     assert all(s.path.suffix == ".pt" for s in result) and not result.skipped
+
+
+def test_each_layer_takes_its_own_group_lr_as_groups_and_lrs_change():
+    """Per-layer param groups, a group added mid-run and lrs changed by hand: every
+    step's lr is its layer's group's lr at that step (the group lookup is cached)."""
+    model = mlp(WIDTHS, seed=5)
+    opt = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters()}],
+        lr=0.3,
+    )
+    rec = Recorder(model, opt, layers=["0", "2"])
+    data = batches(4, 8, WIDTHS[0], WIDTHS[-1], seed=6)
+    _train(model, data[:2], rec, None)
+    opt.add_param_group({"params": model[4].parameters(), "lr": 0.05})
+    opt.param_groups[1]["lr"] = 0.2
+    _train(model, data[2:], rec, None)
+    got = rec.sums()
+    assert float(got["0"]["lr_sum"]) == pytest.approx(4 * 0.1)
+    assert float(got["2"]["lr_sum"]) == pytest.approx(2 * 0.3 + 2 * 0.2)
