@@ -409,8 +409,9 @@ def _finish_nc(
         out["nc3"] = out["nc4"] = float("nan")
         return out
     counts, sums = nc["counts"], nc["class_sums"]
-    mu = sums / counts[:, None]
-    mu_g = sums.sum(axis=0) / counts.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):  # a class no probe sample has: NaN
+        mu = sums / counts[:, None]
+        mu_g = sums.sum(axis=0) / counts.sum()
     out["nc3"] = float(nc3_np(W, mu, mu_g))
     # NC4 compares each sample with the class means: a second pass over the chunks.
     n, rows = H_arr.shape[1], H_arr.chunks[1]
