@@ -399,13 +399,11 @@ def main() -> None:
     work.mkdir(parents=True)
     flags = write_run(work, a.n, sizes, a.probe)
     rounds: dict[int, list[dict]] = {n: [] for n in workers}
-    only_all = ("ingest", "analyze")
+    only = (a.only,) if a.only else ("ingest", "analyze")
     stores: dict[int, Path] = {}
     for k in range(a.repeats):
         for n in workers if k % 2 == 0 else workers[::-1]:
-            result, store = measure(
-                n, work, flags, str(k), a.api, a.threads_per_task, (a.only,) if a.only else only_all
-            )
+            result, store = measure(n, work, flags, str(k), a.api, a.threads_per_task, only)
             rounds[n].append(result)
             if n in stores:
                 shutil.rmtree(store)
