@@ -125,9 +125,9 @@ def _construct(name: str, stack: list) -> bool:
         if isinstance(stack[-1], _Object):
             stack[-1].state = state
     elif name in ("BINPERSID", "PERSID"):
-        if name == "BINPERSID":
-            stack.pop()
-        stack.append(_Object("<persistent>"))  # a tensor's storage: not read
+        # a tensor's storage, by its persistent id (torch: ("storage", type, key, device, numel))
+        pid = stack.pop() if name == "BINPERSID" else None
+        stack.append(_Object("<persistent>", (pid,) if pid is not None else ()))
     elif name in _NEW:
         stack.append(_NEW[name]())
     elif name in _TUPLES:

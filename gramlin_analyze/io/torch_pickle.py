@@ -45,6 +45,7 @@ from gramlin_analyze.io.hf_conventions import ReadsModelConfig
 from gramlin_analyze.io.limits import FLOOR, check_zip
 from gramlin_analyze.io.pickle_scan import pickle_bytes, unsafe_globals
 from gramlin_analyze.io.remote import RemotePath, as_path
+from gramlin_analyze.io.torch_listing import list_state_dict
 
 if TYPE_CHECKING:
     import torch
@@ -368,7 +369,10 @@ class TorchFileHandle(CheckpointHandle):
 
     def list_tensors(self) -> dict[str, TensorInfo]:
         if self._tensors is None:
-            self._tensors = {name: tensor_info(name, t) for name, t in self._loaded().items()}
+            # A bare local state dict is listed from its pickle: planning needs no torch.
+            plain = self._state is None and self.reader.state_dict_key is None
+            listed = list_state_dict(self.path) if plain and isinstance(self.path, Path) else None
+            self._tensors = listed or {n: tensor_info(n, t) for n, t in self._loaded().items()}
         return self._tensors
 
     def read_tensor(self, name: str) -> np.ndarray:
