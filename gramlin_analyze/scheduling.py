@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from gramlin_analyze.allocator import keep_freed_memory, release_freed_memory
 from gramlin_analyze.dask_target import (
     CONNECT_TIMEOUT_S,
     SchedulerUnreachableError,
@@ -143,6 +144,7 @@ def _limited(budget: TaskBudget, fn: Callable[..., Any], *args: Any) -> Any:
         with kernel_threads(budget_here(budget)):
             return fn(*args)
     set_thread_budget(budget_here(budget), budget.preload)
+    keep_freed_memory()  # a worker that joined after the run's start did not get it yet
     return fn(*args)
 
 
@@ -346,6 +348,7 @@ def make_runner(
         budget = TaskBudget(per_worker, fixed, tuple(preload), os.getpid())
         client.run(set_process_budget, budget)
         run_on_cluster(client, tasks, on_done, budget)
+        client.run(release_freed_memory)  # what the workers kept for the run goes back
 
     def run_distributed(tasks: list, on_done: Callable[[dict], None]) -> None:
         from distributed import Client, LocalCluster

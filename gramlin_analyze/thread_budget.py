@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from gramlin_analyze.allocator import keep_freed_memory
 from gramlin_analyze.dask_target import worker_cores
 
 __all__ = [
@@ -147,13 +148,15 @@ def set_thread_budget(n: int, preload: tuple[str, ...]) -> None:
 
 
 def set_process_budget(budget: TaskBudget, dask_worker=None) -> None:
-    """On a worker, in its own thread (``client.run``): its BLAS pool's threads for the run.
+    """On a worker, in its own thread (``client.run``): its BLAS pool's threads for the run,
+    and its allocator's thresholds (:func:`~gramlin_analyze.allocator.keep_freed_memory`).
 
     A Dask nanny starts workers with ``OMP_NUM_THREADS=1``, so the limit is
     raised as well as lowered. (A worker that joins later keeps its own.)
     """
     if os.getpid() == budget.driver_pid:  # workers of threads in the driver: per task instead
         return
+    keep_freed_memory()
     _import(budget.preload)
     n = budget.fixed or budget.per_worker.get(dask_worker.address)
     if n is not None:
