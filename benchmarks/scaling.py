@@ -8,8 +8,9 @@ order each round (``--repeats``; medians):
 1. starts a real cluster as a user does: ``dask scheduler`` and ``dask worker
    --nworkers 1 --nthreads 1`` processes on loopback (``OMP_NUM_THREADS=1`` and
    the like in their environment, so that two workers do not oversubscribe two
-   cores), and imports torch and the package on them (a warm cluster: start-up
-   is not what is measured);
+   cores), imports torch and the package on them, and waits until the
+   cluster's processes are idle (a warm, settled cluster: start-up is not
+   what is measured; the scheduler's task stream is left off);
 2. runs ``gramlin-analyze ingest RUN --store NEW --probe --model --lr
    --scheduler tcp://… --threads-per-task 1`` then ``gramlin-analyze analyze
    NEW --scheduler … --threads-per-task 1`` as
@@ -177,6 +178,29 @@ def warm(address: str) -> None:
         client.run(exec, WARM)
 
 
+def settle(
+    pids: list[int], *, quiet: float = 0.05, window: float = 1.0, limit: float = 60.0
+) -> float:
+    """Wait until the cluster's processes together use under ``quiet`` of a core; return the wait.
+
+    A cluster just started keeps its scheduler and nannies busy for seconds
+    (1.1 s of the scheduler's CPU in its first 10 s, measured idle); a
+    long-lived cluster, which this benchmark stands for, has settled. With one
+    worker that start-up tail runs on the idle core; with two it would slow
+    the tasks. Gives up after ``limit`` seconds and times all the same.
+    """
+    import psutil
+
+    procs = [psutil.Process(p) for p in pids]
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        c0 = sum(sum(p.cpu_times()[:2]) for p in procs)
+        time.sleep(window)
+        if sum(sum(p.cpu_times()[:2]) for p in procs) - c0 < quiet * window:
+            break
+    return time.monotonic() - t0
+
+
 def workers_cpu(pids: dict[str, int]) -> float:
     """CPU seconds (user + system) the worker processes have used so far."""
     import psutil
@@ -218,8 +242,9 @@ def measure(
     store = work / f"store-{n_workers}w-{tag}.zarr"
     out: dict[str, dict] = {}
     with dask_processes(work / f"dask-{n_workers}w-{tag}", n_workers) as procs:
-        pids = procs.wait_for_workers(n_workers)
+        pids = procs.wait_for_workers(n_workers, task_stream=False)
         warm(procs.address)
+        settle(procs.processes())
         on = ["--scheduler", procs.address, "-q"]
         on += ["--threads-per-task", str(per_task)] if per_task else []
         kw = {"threads_per_task": per_task} if per_task else {}

@@ -145,18 +145,33 @@ class DaskProcesses:
         self.workers.append(proc)
         return proc
 
-    def wait_for_workers(self, n: int, timeout: float = START_TIMEOUT_S) -> dict[str, int]:
+    def wait_for_workers(
+        self, n: int, timeout: float = START_TIMEOUT_S, *, task_stream: bool = True
+    ) -> dict[str, int]:
         """Wait until ``n`` workers are connected; return worker address -> worker pid.
 
-        Also starts the scheduler's task stream, so that a client asking
-        later which tasks finished (``Client.get_task_stream``) sees all of them.
+        With ``task_stream``, also starts the scheduler's task stream, so that a
+        client asking later which tasks finished (``Client.get_task_stream``)
+        sees all of them (benchmarks leave it off: it costs scheduler CPU).
         """
         from distributed import Client
 
         with Client(self.address, timeout=timeout, set_as_default=False) as client:
             client.wait_for_workers(n, timeout=timeout)
-            client.get_task_stream()
+            if task_stream:
+                client.get_task_stream()
             return client.run(os.getpid)
+
+    def processes(self) -> list[int]:
+        """Every process of the cluster: the scheduler, each nanny and its worker."""
+        import psutil
+
+        out = []
+        for proc in [self.scheduler, *self.workers]:
+            if proc is not None:
+                top = psutil.Process(proc.pid)
+                out += [top.pid, *(c.pid for c in top.children(recursive=True))]
+        return out
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         """The end of a process's log: what a failed start says about itself."""
