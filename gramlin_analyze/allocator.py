@@ -8,13 +8,14 @@ as it sees large blocks freed, but a Dask nanny starts its worker with
 ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``),
 which fixes the trim threshold at 64 KiB and turns that adjustment off
 (mallopt(3)). An ``analyze`` worker then spent 40% of its CPU time zeroing
-pages in the kernel, and ran half as fast (docs/performance.md, finding e).
+pages in the kernel, and ran half as fast (docs/performance.md, e).
 
 :func:`keep_freed_memory` sets both thresholds for the worker's process
 through glibc's public ``mallopt`` when a run's tasks reach it;
 :func:`release_freed_memory` (``malloc_trim``) hands what is free back when
 the run ends, so a worker's memory between runs is what the nanny's setting
-would leave. (Trimming after every task instead cost 8% of analyze's time.)
+would leave. The thresholds stay for the worker's life (glibc cannot report
+the ones they replace). (Trimming after every task instead cost 8% of analyze's time.)
 Threads of the driver's own process are left as they are (glibc adjusts
 there, and a notebook's process is the user's). Elsewhere (musl, macOS,
 Windows) both are no-ops. ``GRAMLIN_MALLOPT=0`` in a worker's environment

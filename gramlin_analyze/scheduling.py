@@ -348,7 +348,8 @@ def make_runner(
         budget = TaskBudget(per_worker, fixed, tuple(preload), os.getpid())
         client.run(set_process_budget, budget)
         run_on_cluster(client, tasks, on_done, budget)
-        client.run(release_freed_memory)  # what the workers kept for the run goes back
+        # what the workers kept for the run goes back; a worker gone by now has nothing to give
+        client.run(release_freed_memory, on_error="ignore")
 
     def run_distributed(tasks: list, on_done: Callable[[dict], None]) -> None:
         from distributed import Client, LocalCluster
