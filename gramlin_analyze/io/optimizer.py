@@ -3,7 +3,7 @@
 An optimizer ``state_dict()`` has ``param_groups`` (``lr``, ``momentum``,
 ``betas``, ``weight_decay``, ...) and per-parameter buffers, but no class
 name: the family is inferred from those keys
-(:func:`gramlin_analyze.io.torch_pickle.optimizer_family`) and the record says
+(:func:`optimizer_family`) and the record says
 which keys decided it. Sources: a ``torch.save`` dict's ``optimizer`` entry,
 Lightning's ``optimizer_states``, and a Hugging Face Trainer directory's
 ``optimizer.pt`` (loaded with ``torch.load(weights_only=True)``: an untrusted
@@ -18,12 +18,14 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
     "HF_OPTIMIZER_FILE",
     "OptimizerInfo",
     "describe_state",
+    "find_optimizer_state",
+    "optimizer_family",
     "hf_optimizer",
     "training_args",
     "manifest_check",
@@ -31,6 +33,8 @@ __all__ = [
     "sgd_warning",
 ]
 
+#: Keys under which training scripts commonly store the optimizer's state dict, tried first.
+_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt")
 #: The optimizer state a ``transformers.Trainer`` checkpoint directory holds.
 HF_OPTIMIZER_FILE = "optimizer.pt"
 #: The pickled ``TrainingArguments`` beside it: read by parsing opcodes, never unpickled.
@@ -114,10 +118,59 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _is_optimizer_state(node: Any) -> TypeGuard[Mapping]:
+    return isinstance(node, Mapping) and "param_groups" in node and "state" in node
+
+
+def find_optimizer_state(obj: Mapping) -> Mapping | None:
+    """The first optimizer ``state_dict()`` stored in a checkpoint dict, if any."""
+    candidates = [obj.get(key) for key in _OPTIMIZER_KEYS] + list(obj.values())
+    for node in candidates:
+        if isinstance(node, list | tuple) and node:
+            node = node[0]
+        if _is_optimizer_state(node):
+            return node
+    return None
+
+
+def optimizer_family(state: Mapping) -> str | None:
+    """Name of the ``torch.optim`` class that wrote an optimizer ``state_dict()``.
+
+    Inferred from the per-parameter buffers and the param-group options; None
+    when they match no built-in optimizer.
+    """
+    groups = state.get("param_groups") or [{}]
+    group = groups[0] if isinstance(groups[0], Mapping) else {}
+    buffers: set[str] = set()
+    for per_param in (state.get("state") or {}).values():
+        if isinstance(per_param, Mapping):
+            buffers.update(per_param)
+    if "mu_product" in buffers or "momentum_decay" in group:
+        return "NAdam"
+    if "exp_inf" in buffers:
+        return "Adamax"
+    if "exp_avg" in buffers or "betas" in group:
+        if "amsgrad" in group:
+            # Adam and AdamW share buffers and options; only recent PyTorch records the flag.
+            decoupled: Any = group.get("decoupled_weight_decay")
+            return {True: "AdamW", False: "Adam"}.get(decoupled, "Adam/AdamW")
+        # Without amsgrad: RAdam records the flag; older RAdam and SparseAdam look alike.
+        return "RAdam" if "decoupled_weight_decay" in group else None
+    if "acc_delta" in buffers or "rho" in group and "alpha" not in group:
+        return "Adadelta"
+    if "square_avg" in buffers or "alpha" in group and "centered" in group:
+        return "RMSprop"
+    if "sum" in buffers or "lr_decay" in group:
+        return "Adagrad"
+    if "momentum_buffer" in buffers or "nesterov" in group:
+        return "SGD"
+    if "etas" in group:
+        return "Rprop"
+    return None
+
+
 def describe_state(state: Mapping, source: str) -> OptimizerInfo:
     """The family and hyper-parameters of an optimizer ``state_dict()`` read from ``source``."""
-    from gramlin_analyze.io.torch_pickle import optimizer_family
-
     groups = state.get("param_groups") or [{}]
     group = groups[0] if isinstance(groups[0], Mapping) else {}
     family = optimizer_family(state) or ""

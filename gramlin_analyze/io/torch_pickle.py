@@ -14,8 +14,8 @@ only the pickle, never the tensor bytes; legacy files are read whole.
 A file may hold a bare state dict or a training checkpoint such as
 ``{"model": state_dict, "optimizer": ..., "step": 7}``; the model's state dict
 is found by :meth:`TorchPickleReader.select_state_dict`. The helpers here
-(:func:`tensor_to_numpy`, :func:`tensor_info`, :func:`optimizer_family`) are
-shared by the other PyTorch-family readers.
+(:func:`tensor_to_numpy`, :func:`tensor_info`, and :func:`optimizer_family`
+from :mod:`.optimizer`) are shared by the other PyTorch-family readers.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from gramlin_analyze.io.base import (
 )
 from gramlin_analyze.io.hf_conventions import ReadsModelConfig
 from gramlin_analyze.io.limits import FLOOR, check_zip
+from gramlin_analyze.io.optimizer import describe_state, find_optimizer_state, optimizer_family
 from gramlin_analyze.io.pickle_scan import pickle_bytes, unsafe_globals
 from gramlin_analyze.io.remote import RemotePath, as_path
 from gramlin_analyze.io.torch_listing import list_state_dict
@@ -75,7 +76,6 @@ STATE_DICT_KEYS = (
     "weights",
 )
 _STEP_KEYS = ("global_step", "step", "iteration")
-_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt")
 _LR_KEYS = ("lr", "learning_rate")
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -301,57 +301,6 @@ def as_float(value: Any) -> float | None:
     return None
 
 
-def _is_optimizer_state(node: Any) -> TypeGuard[Mapping]:
-    return isinstance(node, Mapping) and "param_groups" in node and "state" in node
-
-
-def find_optimizer_state(obj: Mapping) -> Mapping | None:
-    """The first optimizer ``state_dict()`` stored in a checkpoint dict, if any."""
-    candidates = [obj.get(key) for key in _OPTIMIZER_KEYS] + list(obj.values())
-    for node in candidates:
-        if isinstance(node, list | tuple) and node:
-            node = node[0]
-        if _is_optimizer_state(node):
-            return node
-    return None
-
-
-def optimizer_family(state: Mapping) -> str | None:
-    """Name of the ``torch.optim`` class that wrote an optimizer ``state_dict()``.
-
-    Inferred from the per-parameter buffers and the param-group options; None
-    when they match no built-in optimizer.
-    """
-    groups = state.get("param_groups") or [{}]
-    group = groups[0] if isinstance(groups[0], Mapping) else {}
-    buffers: set[str] = set()
-    for per_param in (state.get("state") or {}).values():
-        if isinstance(per_param, Mapping):
-            buffers.update(per_param)
-    if "mu_product" in buffers or "momentum_decay" in group:
-        return "NAdam"
-    if "exp_inf" in buffers:
-        return "Adamax"
-    if "exp_avg" in buffers or "betas" in group:
-        if "amsgrad" in group:
-            # Adam and AdamW share buffers and options; only recent PyTorch records the flag.
-            decoupled: Any = group.get("decoupled_weight_decay")
-            return {True: "AdamW", False: "Adam"}.get(decoupled, "Adam/AdamW")
-        # Without amsgrad: RAdam records the flag; older RAdam and SparseAdam look alike.
-        return "RAdam" if "decoupled_weight_decay" in group else None
-    if "acc_delta" in buffers or "rho" in group and "alpha" not in group:
-        return "Adadelta"
-    if "square_avg" in buffers or "alpha" in group and "centered" in group:
-        return "RMSprop"
-    if "sum" in buffers or "lr_decay" in group:
-        return "Adagrad"
-    if "momentum_buffer" in buffers or "nesterov" in group:
-        return "SGD"
-    if "etas" in group:
-        return "Rprop"
-    return None
-
-
 class TorchFileHandle(CheckpointHandle):
     """An open ``torch.save`` file: loaded (memory-mapped) once, on first use."""
 
@@ -487,8 +436,6 @@ class TorchPickleReader(ReadsModelConfig):
             if groups and isinstance(groups[0], Mapping):
                 meta.lr = as_float(groups[0].get("lr"))
             meta.optimizer = optimizer_family(optimizer)
-            from gramlin_analyze.io.optimizer import describe_state
-
             meta.extra["optimizer_params"] = describe_state(optimizer, "optimizer state").to_json()
         if meta.lr is None:
             meta.lr = next(
